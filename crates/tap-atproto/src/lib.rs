@@ -1,0 +1,1 @@
+//! tap-atproto: protocol core.

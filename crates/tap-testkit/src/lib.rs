@@ -1,0 +1,1 @@
+//! tap-testkit: loopback fakes.
