@@ -15,12 +15,14 @@
 //   DATA_DIR=<fresh temp dir> PDS sqlite + blobs; a temp dir we made is removed on exit
 //   KEEP_DATA=1               keep DATA_DIR on exit
 //   ADMIN_PASSWORD=admin-pass PDS admin password (Basic auth, user "admin")
-//   LOG_ENABLED=true          PDS/PLC logs (always written to stderr)
+//   LOG_ENABLED=true          PDS/PLC logs, to stderr (or DATA_DIR/pds.log when stderr is a
+//                             socket); LOG_DESTINATION=<file> overrides
 //
 // The process exits on the "exit" command, on stdin EOF (so a dropped test
 // harness never leaves it behind), and on SIGINT/SIGTERM.
 //
 // See README.md for the full command list and field names.
+import { fstatSync } from 'node:fs'
 import fs from 'node:fs/promises'
 import net from 'node:net'
 import os from 'node:os'
@@ -28,9 +30,18 @@ import path from 'node:path'
 import readline from 'node:readline'
 
 // ---- keep stdout clean -------------------------------------------------------
-// The atproto loggers read LOG_DESTINATION when their modules load, so it must
-// be set before the dynamic imports below; pino would otherwise write to fd 1.
-process.env.LOG_DESTINATION = '/dev/stderr'
+// The atproto loggers (pino) are off unless LOG_ENABLED is true; when on they
+// write to fd 1 unless LOG_DESTINATION (read once, when their modules load,
+// hence the dynamic imports below) names a file. /dev/stderr cannot be opened
+// when fd 2 is a socket (ENXIO; node's own child_process pipes are sockets), so
+// then the log goes to a file in DATA_DIR instead.
+const env = process.env
+const ownDataDir = !env.DATA_DIR
+const DATA_DIR = env.DATA_DIR || (await fs.mkdtemp(path.join(os.tmpdir(), 'localnet-')))
+await fs.mkdir(DATA_DIR, { recursive: true })
+if (/^(true|t|1)$/i.test(env.LOG_ENABLED ?? '') && !env.LOG_DESTINATION) {
+  env.LOG_DESTINATION = fstatSync(2).isSocket() ? path.join(DATA_DIR, 'pds.log') : '/dev/stderr'
+}
 const writeProtocolLine = (line) => process.stdout.write(line + '\n')
 for (const m of ['log', 'info', 'debug', 'warn']) {
   console[m] = (...args) => console.error(...args)
@@ -41,14 +52,10 @@ const { cborToLex, readCarWithRoot } = await import('@atproto/repo')
 const { PDS } = await import('@atproto/pds')
 const plcServer = (await import('@did-plc/server')).default
 
-const env = process.env
 const HOST = '127.0.0.1'
 const ACCOUNTS = intEnv('ACCOUNTS', 2)
 const RECORDS = intEnv('RECORDS', 3)
 const ADMIN_PASSWORD = env.ADMIN_PASSWORD || 'admin-pass'
-const ownDataDir = !env.DATA_DIR
-const DATA_DIR = env.DATA_DIR || (await fs.mkdtemp(path.join(os.tmpdir(), 'localnet-')))
-await fs.mkdir(DATA_DIR, { recursive: true })
 
 function intEnv(name, dflt) {
   const raw = env[name]
