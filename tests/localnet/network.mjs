@@ -15,8 +15,8 @@
 //   DATA_DIR=<fresh temp dir> PDS sqlite + blobs; a temp dir we made is removed on exit
 //   KEEP_DATA=1               keep DATA_DIR on exit
 //   ADMIN_PASSWORD=admin-pass PDS admin password (Basic auth, user "admin")
-//   LOG_ENABLED=true          PDS/PLC logs, to stderr (or DATA_DIR/pds.log when stderr is a
-//                             socket); LOG_DESTINATION=<file> overrides
+//   LOG_ENABLED=true          PDS/PLC logs, to stderr when it is a pipe or terminal, else to
+//                             DATA_DIR/pds.log; LOG_DESTINATION=<file> overrides
 //
 // The process exits on the "exit" command, on stdin EOF (so a dropped test
 // harness never leaves it behind), and on SIGINT/SIGTERM.
@@ -32,15 +32,17 @@ import readline from 'node:readline'
 // ---- keep stdout clean -------------------------------------------------------
 // The atproto loggers (pino) are off unless LOG_ENABLED is true; when on they
 // write to fd 1 unless LOG_DESTINATION (read once, when their modules load,
-// hence the dynamic imports below) names a file. /dev/stderr cannot be opened
-// when fd 2 is a socket (ENXIO; node's own child_process pipes are sockets), so
-// then the log goes to a file in DATA_DIR instead.
+// hence the dynamic imports below) names a file. Reopening /dev/stderr only
+// works well for a pipe or a terminal: it fails with ENXIO on a socket (node's
+// own child_process pipes are sockets) and, for a regular file, gets its own
+// offset and overwrites our other stderr output. Otherwise log to DATA_DIR/pds.log.
 const env = process.env
 const ownDataDir = !env.DATA_DIR
 const DATA_DIR = env.DATA_DIR || (await fs.mkdtemp(path.join(os.tmpdir(), 'localnet-')))
 await fs.mkdir(DATA_DIR, { recursive: true })
 if (/^(true|t|1)$/i.test(env.LOG_ENABLED ?? '') && !env.LOG_DESTINATION) {
-  env.LOG_DESTINATION = fstatSync(2).isSocket() ? path.join(DATA_DIR, 'pds.log') : '/dev/stderr'
+  const st = fstatSync(2)
+  env.LOG_DESTINATION = st.isFIFO() || st.isCharacterDevice() ? '/dev/stderr' : path.join(DATA_DIR, 'pds.log')
 }
 const writeProtocolLine = (line) => process.stdout.write(line + '\n')
 for (const m of ['log', 'info', 'debug', 'warn']) {
