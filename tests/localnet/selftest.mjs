@@ -229,6 +229,13 @@ try {
   await mock.next((l) => l.kind === 'ack' && l.id === 6, 'ack 6')
   const st = await mock.cmd({ cmd: 'state' })
   check(JSON.stringify(st.acked) === '[1,2,3,6]', 'acks seen by server: 1,2,3,6 (none for the invalid 4 or withheld 5)', st.acked)
+  // TCP drop (client sees 1006): the client reconnects by itself and keeps going
+  await mock.cmd({ cmd: 'drop' })
+  const again = await mock.next((l) => l.kind === 'connection' && l.conn > conn.conn, 'reconnection')
+  check(again.auth === conn.auth, 'after a TCP drop (1006) the client reconnects', again)
+  await mock.cmd({ cmd: 'send', event: { ...events[0], id: 7 } })
+  const ack7 = await mock.next((l) => l.kind === 'ack' && l.id === 7, 'ack 7 after reconnect')
+  check(ack7.conn === again.conn, 'events flow and are acked on the new connection', ack7)
   // server closes with a close frame: the client ends (no reconnect)
   await mock.cmd({ cmd: 'close', code: 1000 })
   const closed = await consumer.next((l) => l.kind === 'closed', 'consumer closed')
