@@ -1,0 +1,216 @@
+//! SHA-256 and CID helpers: the single `sha256` every check goes through, CIDv1 construction,
+//! fast parsing of binary CIDs, base32 string encoding, and the block map keyed by CID.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use bytes::Bytes;
+use cid::Cid;
+use multihash::Multihash;
+use sha2::Digest;
+
+/// Multicodec code of DAG-CBOR blocks (commits, MST nodes, records).
+pub const DAG_CBOR: u64 = 0x71;
+/// Multicodec code of raw blocks (blobs).
+pub const RAW: u64 = 0x55;
+/// Multihash code of SHA-256.
+pub const SHA2_256: u64 = 0x12;
+
+/// SHA-256 of `data`. Everything hashes through here so the backend can be swapped in one
+/// place (sha2 uses SHA-NI when the CPU has it).
+#[must_use]
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    sha2::Sha256::digest(data).into()
+}
+
+/// The CIDv1 (SHA-256) of a block with the given codec.
+#[must_use]
+pub fn cid_for(codec: u64, data: &[u8]) -> Cid {
+    cid_from_digest(codec, &sha256(data))
+}
+
+/// The CIDv1 (DAG-CBOR, SHA-256) of an encoded DAG-CBOR block.
+#[must_use]
+pub fn cid_for_cbor(data: &[u8]) -> Cid {
+    cid_for(DAG_CBOR, data)
+}
+
+/// A CIDv1 with a SHA-256 digest.
+#[must_use]
+pub fn cid_from_digest(codec: u64, digest: &[u8; 32]) -> Cid {
+    // A 32-byte digest always fits the 64-byte multihash.
+    let mh = Multihash::<64>::wrap(SHA2_256, digest).unwrap_or_default();
+    Cid::new_v1(codec, mh)
+}
+
+/// Whether `data` hashes to `cid`. Only SHA-256 CIDs can match; anything else is `false`.
+#[must_use]
+pub fn block_matches_cid(cid: &Cid, data: &[u8]) -> bool {
+    let mh = cid.hash();
+    mh.code() == SHA2_256 && mh.size() == 32 && mh.digest() == sha256(data)
+}
+
+/// Reads an unsigned LEB128 varint (at most 9 bytes, minimal) from `buf`, returning the
+/// value and the number of bytes read.
+#[must_use]
+pub fn read_uvarint(buf: &[u8]) -> Option<(u64, usize)> {
+    let mut v = 0u64;
+    for (i, &b) in buf.iter().enumerate().take(9) {
+        v |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            // Reject non-minimal encodings (a trailing zero group).
+            if b == 0 && i > 0 {
+                return None;
+            }
+            return Some((v, i + 1));
+        }
+    }
+    None
+}
+
+/// Appends `v` as an unsigned LEB128 varint.
+pub fn write_uvarint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Parses a binary CIDv1 at the start of `buf`; returns it and its length in bytes.
+/// CIDv0 and digests longer than 64 bytes are rejected.
+#[must_use]
+pub fn parse_cid_prefix(buf: &[u8]) -> Option<(Cid, usize)> {
+    let (version, a) = read_uvarint(buf)?;
+    if version != 1 {
+        return None;
+    }
+    let (codec, b) = read_uvarint(&buf[a..])?;
+    let (code, c) = read_uvarint(&buf[a + b..])?;
+    let (len, d) = read_uvarint(&buf[a + b + c..])?;
+    let start = a + b + c + d;
+    let len = usize::try_from(len).ok()?;
+    if len > 64 {
+        return None;
+    }
+    let digest = buf.get(start..start + len)?;
+    let mh = Multihash::<64>::wrap(code, digest).ok()?;
+    Some((Cid::new_v1(codec, mh), start + len))
+}
+
+/// Parses a binary CIDv1 that spans all of `buf`.
+#[must_use]
+pub fn parse_cid_exact(buf: &[u8]) -> Option<Cid> {
+    match parse_cid_prefix(buf) {
+        Some((cid, n)) if n == buf.len() => Some(cid),
+        _ => None,
+    }
+}
+
+const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+
+/// Appends the multibase base32 string form (`b…`) of binary CID bytes to `out`.
+pub fn push_cid_string_from_bytes(cid_bytes: &[u8], out: &mut Vec<u8>) {
+    out.reserve(1 + cid_bytes.len().div_ceil(5) * 8);
+    out.push(b'b');
+    let mut buffer: u64 = 0;
+    let mut bits = 0u32;
+    for &b in cid_bytes {
+        buffer = (buffer << 8) | u64::from(b);
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(BASE32[((buffer >> bits) & 31) as usize]);
+        }
+    }
+    if bits > 0 {
+        out.push(BASE32[((buffer << (5 - bits)) & 31) as usize]);
+    }
+}
+
+/// Appends the `b…` string form of `cid` to `out`.
+pub fn push_cid_string(cid: &Cid, out: &mut Vec<u8>) {
+    let mut raw = [0u8; 80];
+    let n = write_cid_bytes(cid, &mut raw);
+    push_cid_string_from_bytes(&raw[..n], out);
+}
+
+/// Writes the binary form of `cid` into `out`, returning its length (at most 80 bytes).
+pub fn write_cid_bytes(cid: &Cid, out: &mut [u8; 80]) -> usize {
+    let mut v = Vec::with_capacity(40);
+    write_uvarint(&mut v, 1);
+    write_uvarint(&mut v, cid.codec());
+    write_uvarint(&mut v, cid.hash().code());
+    write_uvarint(&mut v, u64::from(cid.hash().size()));
+    v.extend_from_slice(cid.hash().digest());
+    let n = v.len().min(80);
+    out[..n].copy_from_slice(&v[..n]);
+    n
+}
+
+/// A hasher for CID keys: the digest is already uniformly random (SHA-256), so folding the
+/// bytes with a multiply is enough and much cheaper than SipHash.
+#[derive(Default, Clone, Copy)]
+pub struct CidHasher(u64);
+
+impl Hasher for CidHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..chunk.len()].copy_from_slice(chunk);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(w))
+                .wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_u8(&mut self, i: u8) {
+        self.write_u64(u64::from(i));
+    }
+    fn write_usize(&mut self, i: usize) {
+        self.write_u64(i as u64);
+    }
+}
+
+/// `BuildHasher` for maps keyed by [`Cid`].
+pub type BuildCidHasher = BuildHasherDefault<CidHasher>;
+
+/// Blocks by CID. Values are zero-copy slices of the buffer they were read from.
+pub type BlockMap = HashMap<Cid, Bytes, BuildCidHasher>;
+
+/// Read access to blocks by CID (a CAR's blocks, a repo store, ...).
+pub trait BlockSource {
+    /// The block's bytes, or `None` when it is not available.
+    fn get_block(&self, cid: &Cid) -> Option<&[u8]>;
+}
+
+impl BlockSource for BlockMap {
+    fn get_block(&self, cid: &Cid) -> Option<&[u8]> {
+        self.get(cid).map(Bytes::as_ref)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cid_string_matches_cid_crate() {
+        let cid = cid_for_cbor(b"\xa0");
+        let mut s = Vec::new();
+        push_cid_string(&cid, &mut s);
+        assert_eq!(String::from_utf8(s).unwrap(), cid.to_string());
+        assert_eq!(parse_cid_exact(&cid.to_bytes()), Some(cid));
+    }
+
+    #[test]
+    fn varint_rejects_overlong_and_truncated() {
+        assert_eq!(read_uvarint(&[0x80, 0x00]), None);
+        assert_eq!(read_uvarint(&[0x80]), None);
+        assert_eq!(read_uvarint(&[0xe7, 0x01]), Some((0xe7, 2)));
+    }
+}
