@@ -22,7 +22,7 @@
 // harness never leaves it behind), and on SIGINT/SIGTERM.
 //
 // See README.md for the full command list and field names.
-import { fstatSync } from 'node:fs'
+import { fstatSync, rmSync } from 'node:fs'
 import fs from 'node:fs/promises'
 import net from 'node:net'
 import os from 'node:os'
@@ -40,6 +40,10 @@ const env = process.env
 const ownDataDir = !env.DATA_DIR
 const DATA_DIR = env.DATA_DIR || (await fs.mkdtemp(path.join(os.tmpdir(), 'localnet-')))
 await fs.mkdir(DATA_DIR, { recursive: true })
+// Also on crashes (an uncaught error still runs 'exit' handlers); not on SIGKILL.
+process.on('exit', () => {
+  if (ownDataDir && env.KEEP_DATA !== '1') rmSync(DATA_DIR, { recursive: true, force: true })
+})
 if (/^(true|t|1)$/i.test(env.LOG_ENABLED ?? '') && !env.LOG_DESTINATION) {
   const st = fstatSync(2)
   env.LOG_DESTINATION = st.isFIFO() || st.isCharacterDevice() ? '/dev/stderr' : path.join(DATA_DIR, 'pds.log')
@@ -454,8 +458,7 @@ const shutdown = async (code = 0) => {
   } catch (err) {
     console.error('shutdown error:', err)
   }
-  if (ownDataDir && env.KEEP_DATA !== '1') await fs.rm(DATA_DIR, { recursive: true, force: true })
-  process.exit(code)
+  process.exit(code) // the 'exit' handler removes a temp DATA_DIR
 }
 process.on('SIGINT', () => shutdown(0))
 process.on('SIGTERM', () => shutdown(0))
