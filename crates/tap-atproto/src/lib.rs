@@ -6,11 +6,20 @@
 //! - [`hash`]: SHA-256, CID construction and parsing, `BlockMap`/`BlockSource`.
 //! - [`cbor`]: zero-copy DAG-CBOR reader and canonical writer (atproto subset).
 //! - [`atjson`]: DAG-CBOR record → atproto JSON transcoder (`record_to_json`) and back.
+//! - [`car`]: CAR v1 reader (zero-copy slice and incremental stream), writer for tests.
+//! - [`crypto`]: `PublicKey` (K-256, P-256; did:key / Multikey / legacy) and verification.
+//! - [`did_doc`]: DID-document parsing: `#atproto` key, `#atproto_pds`, handle.
+//! - [`commit`]: signed commit decode, unsigned re-encoding, signature check.
 
 pub mod atjson;
+pub mod car;
 pub mod cbor;
+pub mod commit;
+pub mod crypto;
+pub mod did_doc;
 pub mod hash;
 pub mod syntax;
 
 pub use atjson::record_to_json;
 pub use cid::Cid;
+pub use crypto::PublicKey;
