@@ -1,0 +1,842 @@
+//! Postgres backend: a `deadpool-postgres` pool sized by `--max-db-conn`. Every write is its
+//! own transaction; row locks (`FOR UPDATE`, `FOR UPDATE SKIP LOCKED`) serialize what the
+//! SQLite writer thread serializes by construction. Connections use no TLS (`NoTls`): run
+//! Postgres on the same host or a private network.
+
+use std::time::Duration;
+
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
+};
+use tokio_postgres::NoTls;
+use tokio_postgres::config::Host;
+
+use super::{
+    BufferedCommit, CLAIM_ORDER, EventId, Migration, OutboxRow, RecordRow, RepoChange, RepoRow,
+    RepoState, RepoWrite, ResyncFailure, StoreError, Table, WriteCondition, clamp_retry_count,
+    collapse_record_changes, event_id, parse_state, parse_status, resync_retry_after, to_i64,
+};
+
+/// Schema history, oldest first. Versions must be strictly increasing.
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "0001_initial",
+    sql: include_str!("migrations/postgres/0001_initial.sql"),
+}];
+
+#[cfg(test)]
+pub(super) fn migrations() -> &'static [Migration] {
+    MIGRATIONS
+}
+
+/// Key of the advisory lock that serializes migrations of several processes starting at once.
+const MIGRATION_LOCK: i64 = 0x7461_705f_6d69_6772; // "tap_migr"
+/// How long connecting may take before `open` (or a later reconnect) fails.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Ids per `DELETE … = ANY($1)` statement in `delete_acked`.
+const DELETE_CHUNK: usize = 10_000;
+
+const REPO_COLUMNS: &str =
+    "did, state, status, handle, rev, prev_data, error_msg, retry_count, retry_after";
+
+fn pg(op: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
+    move |source| StoreError::Postgres { op, source }
+}
+
+fn pool_err(op: &'static str) -> impl FnOnce(PoolError) -> StoreError {
+    move |source| StoreError::PostgresPool { op, source }
+}
+
+/// Whether a Postgres error may go away on retry: lost connection, I/O, connection-class and
+/// resource errors, serialization failures, deadlocks, server shutdown.
+pub(super) fn is_transient(err: &tokio_postgres::Error) -> bool {
+    if err.is_closed() {
+        return true;
+    }
+    match err.code() {
+        Some(code) => {
+            let code = code.code();
+            code.starts_with("08")
+                || code.starts_with("53")
+                || code.starts_with("57P")
+                || code == "40001"
+                || code == "40P01"
+        }
+        None => std::error::Error::source(err).is_some_and(|src| src.is::<std::io::Error>()),
+    }
+}
+
+/// `host:port/dbname` without credentials, for error messages.
+fn describe(config: &tokio_postgres::Config) -> String {
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let name = match host {
+                Host::Tcp(name) => name.clone(),
+                Host::Unix(path) => path.display().to_string(),
+            };
+            let port = config
+                .get_ports()
+                .get(i)
+                .or_else(|| config.get_ports().first())
+                .copied()
+                .unwrap_or(5432);
+            format!("{name}:{port}")
+        })
+        .collect();
+    format!(
+        "{}/{}",
+        hosts.join(","),
+        config.get_dbname().unwrap_or_default()
+    )
+}
+
+#[derive(Clone)]
+pub(super) struct PgStore {
+    pool: Pool,
+}
+
+impl PgStore {
+    pub(super) async fn open(url: &str, max_conns: usize) -> Result<Self, StoreError> {
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|source| StoreError::InvalidPostgresUrl { source })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        let target = describe(&config);
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(max_conns.max(1))
+            .runtime(Runtime::Tokio1)
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|err| StoreError::Worker {
+                op: "open",
+                detail: format!("cannot build the Postgres pool: {err}"),
+            })?;
+        let store = Self { pool };
+        let mut client = store
+            .pool
+            .get()
+            .await
+            .map_err(|source| StoreError::PostgresConnect {
+                target: target.clone(),
+                source,
+            })?;
+        migrate(&mut client, &target).await?;
+        Ok(store)
+    }
+
+    pub(super) async fn close(&self) {
+        self.pool.close();
+    }
+
+    async fn client(&self, op: &'static str) -> Result<Object, StoreError> {
+        if self.pool.is_closed() {
+            return Err(StoreError::Closed);
+        }
+        self.pool.get().await.map_err(|err| match err {
+            PoolError::Closed => StoreError::Closed,
+            err => pool_err(op)(err),
+        })
+    }
+
+    pub(super) async fn add_repos(&self, dids: Vec<String>) -> Result<u64, StoreError> {
+        const OP: &str = "add_repos";
+        let client = self.client(OP).await?;
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO repos (did) SELECT unnest($1::text[]) ON CONFLICT (did) DO NOTHING",
+            )
+            .await
+            .map_err(pg(OP))?;
+        client.execute(&stmt, &[&dids]).await.map_err(pg(OP))
+    }
+
+    pub(super) async fn remove_repos(&self, dids: Vec<String>) -> Result<u64, StoreError> {
+        const OP: &str = "remove_repos";
+        let mut client = self.client(OP).await?;
+        let tx = client.transaction().await.map_err(pg(OP))?;
+        // The repo rows go first: deleting them waits for any apply() holding their lock, so
+        // the record rows that apply() inserted are visible to (and removed by) the next two
+        // statements.
+        let removed = tx
+            .execute("DELETE FROM repos WHERE did = ANY($1)", &[&dids])
+            .await
+            .map_err(pg(OP))?;
+        tx.execute("DELETE FROM repo_records WHERE did = ANY($1)", &[&dids])
+            .await
+            .map_err(pg(OP))?;
+        tx.execute("DELETE FROM resync_buffer WHERE did = ANY($1)", &[&dids])
+            .await
+            .map_err(pg(OP))?;
+        tx.commit().await.map_err(pg(OP))?;
+        Ok(removed)
+    }
+
+    pub(super) async fn get_repo(&self, did: String) -> Result<Option<RepoRow>, StoreError> {
+        const OP: &str = "get_repo";
+        let client = self.client(OP).await?;
+        let stmt = client
+            .prepare_cached(&format!("SELECT {REPO_COLUMNS} FROM repos WHERE did = $1"))
+            .await
+            .map_err(pg(OP))?;
+        let row = client.query_opt(&stmt, &[&did]).await.map_err(pg(OP))?;
+        row.map(|row| read_repo(&row, OP)).transpose()
+    }
+
+    pub(super) async fn set_repo_state(
+        &self,
+        did: String,
+        state: RepoState,
+    ) -> Result<(), StoreError> {
+        const OP: &str = "set_repo_state";
+        let client = self.client(OP).await?;
+        client
+            .execute(
+                "UPDATE repos SET state = $2 WHERE did = $1",
+                &[&did, &state.as_str()],
+            )
+            .await
+            .map_err(pg(OP))?;
+        Ok(())
+    }
+
+    pub(super) async fn mark_desynchronized(
+        &self,
+        did: String,
+        reason: String,
+    ) -> Result<(), StoreError> {
+        const OP: &str = "mark_desynchronized";
+        let client = self.client(OP).await?;
+        client
+            .execute(
+                "UPDATE repos SET state = 'desynchronized', error_msg = $2, retry_after = 0 \
+                 WHERE did = $1",
+                &[&did, &reason],
+            )
+            .await
+            .map_err(pg(OP))?;
+        Ok(())
+    }
+
+    pub(super) async fn count_records_for(&self, did: String) -> Result<u64, StoreError> {
+        const OP: &str = "count_records_for";
+        let client = self.client(OP).await?;
+        let row = client
+            .query_one("SELECT COUNT(*) FROM repo_records WHERE did = $1", &[&did])
+            .await
+            .map_err(pg(OP))?;
+        let count: i64 = row.try_get(0).map_err(pg(OP))?;
+        Ok(count.unsigned_abs())
+    }
+
+    pub(super) async fn count_table(&self, table: Table) -> Result<u64, StoreError> {
+        const OP: &str = "count";
+        let client = self.client(OP).await?;
+        let row = client
+            .query_one(table.count_sql(), &[])
+            .await
+            .map_err(pg(OP))?;
+        let count: i64 = row.try_get(0).map_err(pg(OP))?;
+        Ok(count.unsigned_abs())
+    }
+
+    pub(super) async fn firehose_cursor(&self, url: String) -> Result<Option<i64>, StoreError> {
+        const OP: &str = "firehose_cursor";
+        let client = self.client(OP).await?;
+        let row = client
+            .query_opt(
+                "SELECT cursor FROM firehose_cursors WHERE url = $1",
+                &[&url],
+            )
+            .await
+            .map_err(pg(OP))?;
+        row.map(|row| row.try_get(0).map_err(pg(OP))).transpose()
+    }
+
+    pub(super) async fn save_firehose_cursor(
+        &self,
+        url: String,
+        seq: i64,
+    ) -> Result<(), StoreError> {
+        const OP: &str = "save_firehose_cursor";
+        let client = self.client(OP).await?;
+        client
+            .execute(
+                "INSERT INTO firehose_cursors (url, cursor) VALUES ($1, $2) \
+                 ON CONFLICT (url) DO UPDATE SET cursor = EXCLUDED.cursor",
+                &[&url, &seq],
+            )
+            .await
+            .map_err(pg(OP))?;
+        Ok(())
+    }
+
+    pub(super) async fn list_repos_cursor(
+        &self,
+        url: String,
+    ) -> Result<Option<String>, StoreError> {
+        const OP: &str = "list_repos_cursor";
+        let client = self.client(OP).await?;
+        let row = client
+            .query_opt(
+                "SELECT cursor FROM list_repos_cursors WHERE url = $1",
+                &[&url],
+            )
+            .await
+            .map_err(pg(OP))?;
+        row.map(|row| row.try_get(0).map_err(pg(OP))).transpose()
+    }
+
+    pub(super) async fn save_list_repos_cursor(
+        &self,
+        url: String,
+        cursor: String,
+    ) -> Result<(), StoreError> {
+        const OP: &str = "save_list_repos_cursor";
+        let client = self.client(OP).await?;
+        client
+            .execute(
+                "INSERT INTO list_repos_cursors (url, cursor) VALUES ($1, $2) \
+                 ON CONFLICT (url) DO UPDATE SET cursor = EXCLUDED.cursor",
+                &[&url, &cursor],
+            )
+            .await
+            .map_err(pg(OP))?;
+        Ok(())
+    }
+
+    pub(super) async fn collection_cursor(
+        &self,
+        url: String,
+        collection: String,
+    ) -> Result<Option<String>, StoreError> {
+        const OP: &str = "collection_cursor";
+        let client = self.client(OP).await?;
+        let row = client
+            .query_opt(
+                "SELECT cursor FROM collection_cursors WHERE url = $1 AND collection = $2",
+                &[&url, &collection],
+            )
+            .await
+            .map_err(pg(OP))?;
+        row.map(|row| row.try_get(0).map_err(pg(OP))).transpose()
+    }
+
+    pub(super) async fn save_collection_cursor(
+        &self,
+        url: String,
+        collection: String,
+        cursor: String,
+    ) -> Result<(), StoreError> {
+        const OP: &str = "save_collection_cursor";
+        let client = self.client(OP).await?;
+        client
+            .execute(
+                "INSERT INTO collection_cursors (url, collection, cursor) VALUES ($1, $2, $3) \
+                 ON CONFLICT (url, collection) DO UPDATE SET cursor = EXCLUDED.cursor",
+                &[&url, &collection, &cursor],
+            )
+            .await
+            .map_err(pg(OP))?;
+        Ok(())
+    }
+
+    pub(super) async fn apply(&self, w: RepoWrite) -> Result<Vec<EventId>, StoreError> {
+        const OP: &str = "apply";
+        let mut client = self.client(OP).await?;
+        let tx = client.transaction().await.map_err(pg(OP))?;
+
+        if w.condition != WriteCondition::Always {
+            // FOR UPDATE: a concurrent remove_repos waits for this transaction, then removes
+            // whatever it wrote.
+            let state: Option<String> = tx
+                .query_opt(
+                    "SELECT state FROM repos WHERE did = $1 FOR UPDATE",
+                    &[&w.did],
+                )
+                .await
+                .map_err(pg(OP))?
+                .map(|row| row.try_get(0))
+                .transpose()
+                .map_err(pg(OP))?;
+            let met = match (w.condition, state) {
+                (_, None) => false,
+                (WriteCondition::RepoInState(want), Some(state)) => state == want.as_str(),
+                (WriteCondition::Always | WriteCondition::RepoExists, Some(_)) => true,
+            };
+            if !met {
+                // Dropping the transaction rolls it back.
+                return Err(StoreError::ConditionNotMet {
+                    did: w.did,
+                    condition: w.condition,
+                });
+            }
+        }
+
+        if !w.records.is_empty() {
+            // Set operations need at most one change per key; the last change wins, which is
+            // what applying them in order would give.
+            let mut put = (Vec::new(), Vec::new(), Vec::new());
+            let mut delete = (Vec::new(), Vec::new());
+            for ((collection, rkey), cid) in collapse_record_changes(&w.records) {
+                match cid {
+                    Some(cid) => {
+                        put.0.push(collection);
+                        put.1.push(rkey);
+                        put.2.push(cid);
+                    }
+                    None => {
+                        delete.0.push(collection);
+                        delete.1.push(rkey);
+                    }
+                }
+            }
+            if !delete.0.is_empty() {
+                let stmt = tx
+                    .prepare_cached(
+                        "DELETE FROM repo_records WHERE did = $1 AND (collection, rkey) IN \
+                         (SELECT * FROM unnest($2::text[], $3::text[]))",
+                    )
+                    .await
+                    .map_err(pg(OP))?;
+                tx.execute(&stmt, &[&w.did, &delete.0, &delete.1])
+                    .await
+                    .map_err(pg(OP))?;
+            }
+            if !put.0.is_empty() {
+                let stmt = tx
+                    .prepare_cached(
+                        "INSERT INTO repo_records (did, collection, rkey, cid) \
+                         SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[]) \
+                         ON CONFLICT (did, collection, rkey) DO UPDATE SET cid = EXCLUDED.cid",
+                    )
+                    .await
+                    .map_err(pg(OP))?;
+                tx.execute(&stmt, &[&w.did, &put.0, &put.1, &put.2])
+                    .await
+                    .map_err(pg(OP))?;
+            }
+        }
+
+        if !w.resync_buffer_delete.is_empty() {
+            tx.execute(
+                "DELETE FROM resync_buffer WHERE did = $1 AND id = ANY($2)",
+                &[&w.did, &w.resync_buffer_delete],
+            )
+            .await
+            .map_err(pg(OP))?;
+        }
+
+        match &w.repo {
+            RepoChange::None => {}
+            RepoChange::Commit { rev, prev_data } => {
+                tx.execute(
+                    "UPDATE repos SET rev = $2, prev_data = $3 WHERE did = $1",
+                    &[&w.did, rev, prev_data],
+                )
+                .await
+                .map_err(pg(OP))?;
+            }
+            RepoChange::ResyncDone { rev, prev_data } => {
+                tx.execute(
+                    "UPDATE repos SET state = 'active', rev = $2, prev_data = $3, error_msg = '', \
+                     retry_count = 0, retry_after = 0 WHERE did = $1",
+                    &[&w.did, rev, prev_data],
+                )
+                .await
+                .map_err(pg(OP))?;
+            }
+            RepoChange::Handle(handle) => {
+                tx.execute(
+                    "UPDATE repos SET handle = $2 WHERE did = $1",
+                    &[&w.did, handle],
+                )
+                .await
+                .map_err(pg(OP))?;
+            }
+            RepoChange::Status(status) => {
+                tx.execute(
+                    "UPDATE repos SET status = $2 WHERE did = $1",
+                    &[&w.did, &status.as_str()],
+                )
+                .await
+                .map_err(pg(OP))?;
+            }
+            RepoChange::Delete => {
+                for sql in [
+                    "DELETE FROM repos WHERE did = $1",
+                    "DELETE FROM repo_records WHERE did = $1",
+                    "DELETE FROM resync_buffer WHERE did = $1",
+                ] {
+                    tx.execute(sql, &[&w.did]).await.map_err(pg(OP))?;
+                }
+            }
+        }
+
+        let mut ids = Vec::new();
+        if !w.events.is_empty() {
+            // Take the ids first, then insert with explicit ids: ascending ids map to events in
+            // order without relying on the evaluation order of an INSERT … SELECT.
+            let rows = tx
+                .query(
+                    "SELECT nextval('outbox_id_seq') FROM generate_series(1, $1::bigint)",
+                    &[&to_i64(w.events.len())],
+                )
+                .await
+                .map_err(pg(OP))?;
+            ids = rows
+                .iter()
+                .map(|row| row.try_get::<_, i64>(0))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(pg(OP))?;
+            ids.sort_unstable();
+            let live: Vec<bool> = w.events.iter().map(|e| e.live).collect();
+            let payload: Vec<&str> = w.events.iter().map(|e| e.payload.as_str()).collect();
+            let stmt = tx
+                .prepare_cached(
+                    "INSERT INTO outbox (id, did, live, payload) \
+                     SELECT e.id, $2, e.live, e.payload \
+                     FROM unnest($1::bigint[], $3::bool[], $4::text[]) AS e(id, live, payload)",
+                )
+                .await
+                .map_err(pg(OP))?;
+            tx.execute(&stmt, &[&ids, &w.did, &live, &payload])
+                .await
+                .map_err(pg(OP))?;
+        }
+        tx.commit().await.map_err(pg(OP))?;
+        ids.into_iter().map(|id| event_id(id, "outbox")).collect()
+    }
+
+    pub(super) async fn load_outbox(
+        &self,
+        after: Option<EventId>,
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        const OP: &str = "load_outbox";
+        let after = after.map_or(0, |id| i64::try_from(id.0).unwrap_or(i64::MAX));
+        let client = self.client(OP).await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT id, did, live, payload FROM outbox WHERE id > $1 ORDER BY id LIMIT $2",
+            )
+            .await
+            .map_err(pg(OP))?;
+        let rows = client
+            .query(&stmt, &[&after, &to_i64(limit)])
+            .await
+            .map_err(pg(OP))?;
+        rows.iter()
+            .map(|row| {
+                Ok(OutboxRow {
+                    id: event_id(row.try_get(0).map_err(pg(OP))?, "outbox")?,
+                    did: row.try_get(1).map_err(pg(OP))?,
+                    live: row.try_get(2).map_err(pg(OP))?,
+                    payload: row.try_get(3).map_err(pg(OP))?,
+                })
+            })
+            .collect()
+    }
+
+    pub(super) async fn delete_acked(&self, ids: Vec<EventId>) -> Result<u64, StoreError> {
+        const OP: &str = "delete_acked";
+        let ids: Vec<i64> = ids
+            .iter()
+            .filter_map(|id| i64::try_from(id.0).ok())
+            .collect();
+        let mut client = self.client(OP).await?;
+        let tx = client.transaction().await.map_err(pg(OP))?;
+        let mut deleted = 0;
+        for chunk in ids.chunks(DELETE_CHUNK) {
+            deleted += tx
+                .execute("DELETE FROM outbox WHERE id = ANY($1)", &[&chunk])
+                .await
+                .map_err(pg(OP))?;
+        }
+        tx.commit().await.map_err(pg(OP))?;
+        Ok(deleted)
+    }
+
+    pub(super) async fn max_event_id(&self) -> Result<Option<EventId>, StoreError> {
+        const OP: &str = "max_event_id";
+        let client = self.client(OP).await?;
+        let row = client
+            .query_one("SELECT last_value, is_called FROM outbox_id_seq", &[])
+            .await
+            .map_err(pg(OP))?;
+        let last: i64 = row.try_get(0).map_err(pg(OP))?;
+        let called: bool = row.try_get(1).map_err(pg(OP))?;
+        // Before the first nextval, last_value holds the start value but was never handed out.
+        called.then(|| event_id(last, "outbox_id_seq")).transpose()
+    }
+
+    pub(super) async fn reset_resyncing(&self) -> Result<u64, StoreError> {
+        const OP: &str = "reset_resyncing";
+        let client = self.client(OP).await?;
+        client
+            .execute(
+                "UPDATE repos SET state = 'desynchronized' WHERE state = 'resyncing'",
+                &[],
+            )
+            .await
+            .map_err(pg(OP))
+    }
+
+    pub(super) async fn claim_resync_job(
+        &self,
+        now_unix: i64,
+    ) -> Result<Option<RepoRow>, StoreError> {
+        const OP: &str = "claim_resync_job";
+        let client = self.client(OP).await?;
+        // SKIP LOCKED: concurrent claimers (other workers or processes) each take a different
+        // row instead of queueing behind the same one.
+        let stmt = client
+            .prepare_cached(&format!(
+                "UPDATE repos SET state = 'resyncing' WHERE did = ( \
+                   SELECT did FROM repos WHERE state = $1 AND retry_after < $2 \
+                   ORDER BY retry_after LIMIT 1 FOR UPDATE SKIP LOCKED) \
+                 RETURNING {REPO_COLUMNS}"
+            ))
+            .await
+            .map_err(pg(OP))?;
+        for state in CLAIM_ORDER {
+            let row = client
+                .query_opt(&stmt, &[&state.as_str(), &now_unix])
+                .await
+                .map_err(pg(OP))?;
+            if let Some(row) = row {
+                return read_repo(&row, OP).map(Some);
+            }
+        }
+        Ok(None)
+    }
+
+    pub(super) async fn mark_resync_failed(
+        &self,
+        did: String,
+        failure: ResyncFailure,
+        now_unix: i64,
+        jitter_ms: u64,
+    ) -> Result<(), StoreError> {
+        const OP: &str = "mark_resync_failed";
+        let mut client = self.client(OP).await?;
+        let tx = client.transaction().await.map_err(pg(OP))?;
+        let row = tx
+            .query_opt(
+                "SELECT retry_count FROM repos WHERE did = $1 AND state = 'resyncing' FOR UPDATE",
+                &[&did],
+            )
+            .await
+            .map_err(pg(OP))?;
+        let Some(row) = row else {
+            return Ok(()); // removed (or re-added) mid-resync: nothing to record
+        };
+        let count = clamp_retry_count(row.try_get(0).map_err(pg(OP))?);
+        let retry_after = resync_retry_after(now_unix, count, jitter_ms);
+        let (state, message) = match &failure {
+            ResyncFailure::RateLimited => (RepoState::Desynchronized, ""),
+            ResyncFailure::Failed(message) => (RepoState::Error, message.as_str()),
+        };
+        tx.execute(
+            "UPDATE repos SET state = $2, error_msg = $3, retry_count = $4, retry_after = $5 \
+             WHERE did = $1",
+            &[
+                &did,
+                &state.as_str(),
+                &message,
+                &i64::from(count.saturating_add(1)),
+                &retry_after,
+            ],
+        )
+        .await
+        .map_err(pg(OP))?;
+        tx.commit().await.map_err(pg(OP))
+    }
+
+    pub(super) async fn records_page(
+        &self,
+        did: String,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<RecordRow>, StoreError> {
+        const OP: &str = "records_page";
+        let client = self.client(OP).await?;
+        let limit = to_i64(limit);
+        let rows = match &after {
+            None => {
+                let stmt = client
+                    .prepare_cached(
+                        "SELECT collection, rkey, cid FROM repo_records WHERE did = $1 \
+                         ORDER BY collection, rkey LIMIT $2",
+                    )
+                    .await
+                    .map_err(pg(OP))?;
+                client.query(&stmt, &[&did, &limit]).await
+            }
+            Some((collection, rkey)) => {
+                let stmt = client
+                    .prepare_cached(
+                        "SELECT collection, rkey, cid FROM repo_records \
+                         WHERE did = $1 AND (collection, rkey) > ($2, $3) \
+                         ORDER BY collection, rkey LIMIT $4",
+                    )
+                    .await
+                    .map_err(pg(OP))?;
+                client.query(&stmt, &[&did, collection, rkey, &limit]).await
+            }
+        }
+        .map_err(pg(OP))?;
+        rows.iter()
+            .map(|row| {
+                Ok(RecordRow {
+                    collection: row.try_get(0)?,
+                    rkey: row.try_get(1)?,
+                    cid: row.try_get(2)?,
+                })
+            })
+            .collect::<Result<_, tokio_postgres::Error>>()
+            .map_err(pg(OP))
+    }
+
+    pub(super) async fn buffer_commit(
+        &self,
+        did: String,
+        rev: String,
+        data: String,
+    ) -> Result<(), StoreError> {
+        const OP: &str = "buffer_commit";
+        let client = self.client(OP).await?;
+        client
+            .execute(
+                "INSERT INTO resync_buffer (did, rev, data) VALUES ($1, $2, $3)",
+                &[&did, &rev, &data],
+            )
+            .await
+            .map_err(pg(OP))?;
+        Ok(())
+    }
+
+    pub(super) async fn buffered_commits(
+        &self,
+        did: String,
+    ) -> Result<Vec<BufferedCommit>, StoreError> {
+        const OP: &str = "buffered_commits";
+        let client = self.client(OP).await?;
+        let rows = client
+            .query(
+                "SELECT id, rev, data FROM resync_buffer WHERE did = $1 ORDER BY id",
+                &[&did],
+            )
+            .await
+            .map_err(pg(OP))?;
+        rows.iter()
+            .map(|row| {
+                Ok(BufferedCommit {
+                    id: row.try_get(0)?,
+                    rev: row.try_get(1)?,
+                    data: row.try_get(2)?,
+                })
+            })
+            .collect::<Result<_, tokio_postgres::Error>>()
+            .map_err(pg(OP))
+    }
+}
+
+fn read_repo(row: &tokio_postgres::Row, op: &'static str) -> Result<RepoRow, StoreError> {
+    let state: String = row.try_get(1).map_err(pg(op))?;
+    let status: String = row.try_get(2).map_err(pg(op))?;
+    Ok(RepoRow {
+        did: row.try_get(0).map_err(pg(op))?,
+        state: parse_state(&state)?,
+        status: parse_status(&status)?,
+        handle: row.try_get(3).map_err(pg(op))?,
+        rev: row.try_get(4).map_err(pg(op))?,
+        prev_data: row.try_get(5).map_err(pg(op))?,
+        error: row.try_get(6).map_err(pg(op))?,
+        retry_count: clamp_retry_count(row.try_get(7).map_err(pg(op))?),
+        retry_after: row.try_get(8).map_err(pg(op))?,
+    })
+}
+
+async fn migrate(client: &mut Object, target: &str) -> Result<(), StoreError> {
+    const OP: &str = "migrate";
+    let tx = client.transaction().await.map_err(pg(OP))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(pg(OP))?;
+    let exists = |name: &'static str| {
+        let tx = &tx;
+        async move {
+            let row = tx
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+                .await
+                .map_err(pg(OP))?;
+            row.try_get::<_, bool>(0).map_err(pg(OP))
+        }
+    };
+    if !exists("schema_migrations").await? {
+        if exists("repos").await? {
+            return Err(StoreError::ForeignSchema {
+                target: target.to_owned(),
+            });
+        }
+        tx.batch_execute(
+            "CREATE TABLE schema_migrations (
+                 version    BIGINT      NOT NULL PRIMARY KEY,
+                 name       TEXT        NOT NULL,
+                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+             )",
+        )
+        .await
+        .map_err(pg(OP))?;
+    }
+    let current: i64 = tx
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            &[],
+        )
+        .await
+        .map_err(pg(OP))?
+        .try_get(0)
+        .map_err(pg(OP))?;
+    let supported = MIGRATIONS.last().map_or(0, |m| m.version);
+    if current > supported {
+        return Err(StoreError::SchemaTooNew {
+            found: current,
+            supported,
+        });
+    }
+    for migration in MIGRATIONS.iter().filter(|m| m.version > current) {
+        let failed = |err: tokio_postgres::Error| StoreError::Migration {
+            version: migration.version,
+            name: migration.name,
+            reason: err
+                .as_db_error()
+                .map_or_else(|| err.to_string(), ToString::to_string),
+        };
+        tx.batch_execute(migration.sql).await.map_err(failed)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+            &[&migration.version, &migration.name],
+        )
+        .await
+        .map_err(failed)?;
+        tracing::info!(
+            version = migration.version,
+            name = migration.name,
+            "Applied Postgres schema migration."
+        );
+    }
+    tx.commit().await.map_err(pg(OP))
+}

@@ -1,0 +1,1239 @@
+//! Behaviour tests of the store. `test_each_store!` runs each one on SQLite (a temp file) and on
+//! Postgres (a fresh database per test, from `TAP_TEST_POSTGRES_URL`; skipped with a notice when
+//! unset, a failure when `CI=true`).
+
+use std::future::Future;
+use std::time::Duration;
+
+use super::*;
+
+/// Runs `$body` (an async block using `$store: Store` and `$url: DatabaseUrl`) once per
+/// backend, as `<name>::sqlite` and `<name>::postgres`.
+macro_rules! test_each_store {
+    ($name:ident, |$store:ident, $url:ident| $body:block) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                run_on_sqlite(|$store, $url| async move { $body }).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                run_on_postgres(|$store, $url| async move { $body }).await;
+            }
+        }
+    };
+}
+
+/// Runs `test` in its own task so a panic still lets the harness clean up, then re-raises it.
+async fn run_guarded<F, Fut>(store: Store, url: DatabaseUrl, test: F)
+where
+    F: FnOnce(Store, DatabaseUrl) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let outcome = tokio::spawn(test(store.clone(), url)).await;
+    store.close().await;
+    if let Err(err) = outcome {
+        std::panic::resume_unwind(err.into_panic());
+    }
+}
+
+async fn run_on_sqlite<F, Fut>(test: F)
+where
+    F: FnOnce(Store, DatabaseUrl) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let dir = tempfile::tempdir().unwrap();
+    let url = DatabaseUrl::Sqlite(dir.path().join("tap.db").display().to_string());
+    let store = Store::open(&url, StoreOptions::default()).await.unwrap();
+    run_guarded(store, url, test).await;
+    drop(dir);
+}
+
+async fn run_on_postgres<F, Fut>(test: F)
+where
+    F: FnOnce(Store, DatabaseUrl) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let Some(db) = TestPostgres::create().await else {
+        return;
+    };
+    let store = Store::open(&db.url, StoreOptions { max_pg_conns: 8 })
+        .await
+        .unwrap();
+    run_guarded(store, db.url.clone(), test).await;
+    db.drop_database().await;
+}
+
+/// A throwaway Postgres database.
+struct TestPostgres {
+    admin_url: String,
+    name: String,
+    url: DatabaseUrl,
+}
+
+impl TestPostgres {
+    /// Creates `tap_test_<random>` on the server of `TAP_TEST_POSTGRES_URL`; `None` (after a
+    /// notice) when the variable is unset outside CI.
+    async fn create() -> Option<Self> {
+        let Ok(admin_url) = std::env::var("TAP_TEST_POSTGRES_URL") else {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "TAP_TEST_POSTGRES_URL must be set when CI=true"
+            );
+            eprintln!("SKIP Postgres variant: TAP_TEST_POSTGRES_URL is not set");
+            return None;
+        };
+        let name = format!("tap_test_{:016x}", rand::random::<u64>());
+        admin_execute(&admin_url, &format!("CREATE DATABASE {name}")).await;
+        let mut url = url::Url::parse(&admin_url).unwrap();
+        url.set_path(&format!("/{name}"));
+        Some(Self {
+            admin_url,
+            name,
+            url: DatabaseUrl::Postgres(url.to_string()),
+        })
+    }
+
+    async fn drop_database(&self) {
+        admin_execute(
+            &self.admin_url,
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        )
+        .await;
+    }
+}
+
+async fn admin_execute(admin_url: &str, sql: &str) {
+    let (client, connection) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(connection);
+    client.batch_execute(sql).await.unwrap();
+    drop(client);
+    let _ = driver.await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+fn dids(names: &[&str]) -> Vec<String> {
+    names.iter().map(|n| format!("did:plc:{n}")).collect()
+}
+
+fn put(collection: &str, rkey: &str, cid: &str) -> RecordChange {
+    RecordChange::Put {
+        collection: collection.into(),
+        rkey: rkey.into(),
+        cid: cid.into(),
+    }
+}
+
+fn delete(collection: &str, rkey: &str) -> RecordChange {
+    RecordChange::Delete {
+        collection: collection.into(),
+        rkey: rkey.into(),
+    }
+}
+
+fn event(live: bool, n: usize) -> NewEvent {
+    NewEvent {
+        live,
+        payload: format!(r#"{{"type":"record","n":{n}}}"#),
+    }
+}
+
+async fn records_of(store: &Store, did: &str) -> Vec<(String, String, String)> {
+    store
+        .records_page(did, None, 10_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.collection, r.rkey, r.cid))
+        .collect()
+}
+
+fn triple(c: &str, r: &str, cid: &str) -> (String, String, String) {
+    (c.into(), r.into(), cid.into())
+}
+
+const NOW: i64 = 1_700_000_000;
+
+/// Claims the repo `did` (the only one due) for resync.
+async fn claim(store: &Store, now: i64) -> RepoRow {
+    store
+        .claim_resync_job(now)
+        .await
+        .unwrap()
+        .expect("a repo is due")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Repos
+
+test_each_store!(add_repos_inserts_new_and_ignores_existing, |store, _url| {
+    let first = dids(&["a", "b"]);
+    assert_eq!(store.add_repos(&first).await.unwrap(), 2);
+    // "a" exists already, "c" twice in one call counts once.
+    let second = dids(&["a", "c", "c"]);
+    assert_eq!(store.add_repos(&second).await.unwrap(), 1);
+    assert_eq!(store.repo_count().await.unwrap(), 3);
+    assert_eq!(store.add_repos(&[]).await.unwrap(), 0);
+
+    let repo = store.get_repo("did:plc:c").await.unwrap().unwrap();
+    assert_eq!(
+        repo,
+        RepoRow {
+            did: "did:plc:c".into(),
+            state: RepoState::Pending,
+            status: AccountStatus::Active,
+            handle: None,
+            rev: None,
+            prev_data: None,
+            error: String::new(),
+            retry_count: 0,
+            retry_after: 0,
+        }
+    );
+    assert_eq!(store.get_repo("did:plc:nope").await.unwrap(), None);
+});
+
+test_each_store!(
+    add_repos_leaves_an_existing_repo_untouched,
+    |store, _url| {
+        store.add_repos(&dids(&["a"])).await.unwrap();
+        store
+            .mark_desynchronized("did:plc:a", "prev mismatch")
+            .await
+            .unwrap();
+        assert_eq!(store.add_repos(&dids(&["a"])).await.unwrap(), 0);
+        let repo = store.get_repo("did:plc:a").await.unwrap().unwrap();
+        assert_eq!(repo.state, RepoState::Desynchronized);
+        assert_eq!(repo.error, "prev mismatch");
+    }
+);
+
+test_each_store!(ensure_repo_inserts_pending_only_once, |store, _url| {
+    assert!(store.ensure_repo("did:plc:a").await.unwrap());
+    store
+        .set_repo_state("did:plc:a", RepoState::Active)
+        .await
+        .unwrap();
+    assert!(!store.ensure_repo("did:plc:a").await.unwrap());
+    let repo = store.get_repo("did:plc:a").await.unwrap().unwrap();
+    assert_eq!(repo.state, RepoState::Active);
+});
+
+test_each_store!(
+    remove_repos_deletes_records_and_buffer_but_keeps_outbox,
+    |store, _url| {
+        store.add_repos(&dids(&["a", "b"])).await.unwrap();
+        for did in ["did:plc:a", "did:plc:b"] {
+            let mut write = RepoWrite::new(did);
+            write.records = vec![put("app.bsky.feed.post", "1", "c1")];
+            write.events = vec![event(true, 1)];
+            store.apply(write).await.unwrap();
+            store.buffer_commit(did, "rev1", "{}").await.unwrap();
+        }
+
+        assert_eq!(
+            store.remove_repos(&dids(&["a", "missing"])).await.unwrap(),
+            1
+        );
+        assert_eq!(store.get_repo("did:plc:a").await.unwrap(), None);
+        assert_eq!(store.count_records_for("did:plc:a").await.unwrap(), 0);
+        assert!(
+            store
+                .buffered_commits("did:plc:a")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // Other repos untouched; emitted events still await delivery.
+        assert_eq!(store.count_records_for("did:plc:b").await.unwrap(), 1);
+        assert_eq!(store.buffered_commits("did:plc:b").await.unwrap().len(), 1);
+        assert_eq!(store.outbox_count().await.unwrap(), 2);
+        assert_eq!(store.record_count().await.unwrap(), 1);
+        assert_eq!(store.resync_buffer_count().await.unwrap(), 1);
+    }
+);
+
+test_each_store!(
+    set_state_and_mark_desynchronized_update_the_row,
+    |store, _url| {
+        store.add_repos(&dids(&["a"])).await.unwrap();
+        store
+            .set_repo_state("did:plc:a", RepoState::Active)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.get_repo("did:plc:a").await.unwrap().unwrap().state,
+            RepoState::Active
+        );
+        store
+            .mark_desynchronized("did:plc:a", "prevData mismatch")
+            .await
+            .unwrap();
+        let repo = store.get_repo("did:plc:a").await.unwrap().unwrap();
+        assert_eq!(repo.state, RepoState::Desynchronized);
+        assert_eq!(repo.error, "prevData mismatch");
+        // Absent repos: no-op, no error.
+        store.mark_desynchronized("did:plc:zz", "x").await.unwrap();
+        store
+            .set_repo_state("did:plc:zz", RepoState::Active)
+            .await
+            .unwrap();
+        assert_eq!(store.repo_count().await.unwrap(), 1);
+    }
+);
+
+// ---------------------------------------------------------------------------------------------
+// apply
+
+test_each_store!(
+    apply_commit_writes_repo_meta_records_and_events_together,
+    |store, _url| {
+        store.add_repos(&dids(&["a"])).await.unwrap();
+        let mut write = RepoWrite::new("did:plc:a");
+        write.condition = WriteCondition::RepoExists;
+        write.repo = RepoChange::Commit {
+            rev: "rev1".into(),
+            prev_data: "data1".into(),
+        };
+        write.records = vec![
+            put("app.bsky.feed.post", "1", "c1"),
+            put("app.bsky.feed.like", "2", "c2"),
+        ];
+        write.events = vec![event(true, 1), event(true, 2)];
+        let ids = store.apply(write).await.unwrap();
+        assert_eq!(ids.len(), 2);
+        assert!(ids[0] < ids[1]);
+
+        let repo = store.get_repo("did:plc:a").await.unwrap().unwrap();
+        assert_eq!(repo.rev.as_deref(), Some("rev1"));
+        assert_eq!(repo.prev_data.as_deref(), Some("data1"));
+        assert_eq!(
+            records_of(&store, "did:plc:a").await,
+            [
+                triple("app.bsky.feed.like", "2", "c2"),
+                triple("app.bsky.feed.post", "1", "c1")
+            ]
+        );
+        let outbox = store.load_outbox(None, 10).await.unwrap();
+        assert_eq!(
+            outbox,
+            [
+                OutboxRow {
+                    id: ids[0],
+                    did: "did:plc:a".into(),
+                    live: true,
+                    payload: event(true, 1).payload,
+                },
+                OutboxRow {
+                    id: ids[1],
+                    did: "did:plc:a".into(),
+                    live: true,
+                    payload: event(true, 2).payload,
+                },
+            ]
+        );
+    }
+);
+
+test_each_store!(apply_upserts_and_deletes_records_in_order, |store, _url| {
+    store.add_repos(&dids(&["a"])).await.unwrap();
+    let mut first = RepoWrite::new("did:plc:a");
+    first.records = vec![
+        put("col.a", "1", "c1"),
+        put("col.a", "2", "c2"),
+        put("col.a", "3", "c3"),
+    ];
+    store.apply(first).await.unwrap();
+
+    let mut second = RepoWrite::new("did:plc:a");
+    second.records = vec![
+        put("col.a", "1", "c1b"),  // update
+        delete("col.a", "2"),      // delete
+        put("col.a", "3", "gone"), // put then delete: deleted
+        delete("col.a", "3"),
+        delete("col.a", "4"), // delete then put: present
+        put("col.a", "4", "c4"),
+        delete("col.b", "never"), // absent: no-op
+    ];
+    let ids = store.apply(second).await.unwrap();
+    assert!(ids.is_empty());
+    assert_eq!(
+        records_of(&store, "did:plc:a").await,
+        [triple("col.a", "1", "c1b"), triple("col.a", "4", "c4")]
+    );
+});
+
+test_each_store!(failing_apply_leaves_nothing_behind, |store, _url| {
+    store.add_repos(&dids(&["a"])).await.unwrap();
+    let mut good = RepoWrite::new("did:plc:a");
+    good.repo = RepoChange::Commit {
+        rev: "rev1".into(),
+        prev_data: "d1".into(),
+    };
+    good.records = vec![put("col", "1", "c1")];
+    good.events = vec![event(true, 1)];
+    store.apply(good).await.unwrap();
+
+    // The empty rkey violates a constraint after the repo update and the first record change
+    // already ran inside the transaction.
+    let mut bad = RepoWrite::new("did:plc:a");
+    bad.repo = RepoChange::Commit {
+        rev: "rev2".into(),
+        prev_data: "d2".into(),
+    };
+    bad.records = vec![put("col", "2", "c2"), put("col", "", "c3")];
+    bad.events = vec![event(true, 2)];
+    let err = store.apply(bad).await.unwrap_err();
+    assert!(!err.is_transient(), "{err}");
+    assert!(!err.is_condition_not_met(), "{err}");
+
+    let repo = store.get_repo("did:plc:a").await.unwrap().unwrap();
+    assert_eq!(repo.rev.as_deref(), Some("rev1"));
+    assert_eq!(repo.prev_data.as_deref(), Some("d1"));
+    assert_eq!(
+        records_of(&store, "did:plc:a").await,
+        [triple("col", "1", "c1")]
+    );
+    assert_eq!(store.outbox_count().await.unwrap(), 1);
+
+    // The store keeps working after the failure.
+    let mut next = RepoWrite::new("did:plc:a");
+    next.events = vec![event(true, 3)];
+    assert_eq!(store.apply(next).await.unwrap().len(), 1);
+});
+
+test_each_store!(apply_refuses_writes_whose_condition_fails, |store, _url| {
+    // Repo absent: nothing at all is written.
+    let mut orphan = RepoWrite::new("did:plc:gone");
+    orphan.condition = WriteCondition::RepoExists;
+    orphan.records = vec![put("col", "1", "c1")];
+    orphan.events = vec![event(false, 1)];
+    let err = store.apply(orphan).await.unwrap_err();
+    assert!(err.is_condition_not_met(), "{err}");
+    assert_eq!(store.record_count().await.unwrap(), 0);
+    assert_eq!(store.outbox_count().await.unwrap(), 0);
+
+    // Removed and re-added mid-resync: the stale worker's batch is refused.
+    store.add_repos(&dids(&["a"])).await.unwrap();
+    claim(&store, NOW).await;
+    store.remove_repos(&dids(&["a"])).await.unwrap();
+    store.add_repos(&dids(&["a"])).await.unwrap();
+    let mut stale = RepoWrite::new("did:plc:a");
+    stale.condition = WriteCondition::RepoInState(RepoState::Resyncing);
+    stale.records = vec![put("col", "1", "c1")];
+    stale.events = vec![event(false, 1)];
+    let err = store.apply(stale.clone()).await.unwrap_err();
+    assert!(err.is_condition_not_met(), "{err}");
+    assert_eq!(store.record_count().await.unwrap(), 0);
+    assert_eq!(store.outbox_count().await.unwrap(), 0);
+
+    // Once it is claimed again the same write goes through.
+    claim(&store, NOW).await;
+    assert_eq!(store.apply(stale).await.unwrap().len(), 1);
+});
+
+test_each_store!(
+    apply_repo_changes_update_handle_status_and_resync_state,
+    |store, _url| {
+        store.add_repos(&dids(&["a"])).await.unwrap();
+        let row = claim(&store, NOW).await;
+        assert_eq!(row.state, RepoState::Resyncing);
+
+        let mut handle = RepoWrite::new("did:plc:a");
+        handle.repo = RepoChange::Handle("alice.test".into());
+        handle.events = vec![event(false, 1)];
+        store.apply(handle).await.unwrap();
+
+        let mut status = RepoWrite::new("did:plc:a");
+        status.repo = RepoChange::Status(AccountStatus::Takendown);
+        store.apply(status).await.unwrap();
+
+        store
+            .mark_resync_failed("did:plc:a", ResyncFailure::Failed("boom".into()), NOW, 0)
+            .await
+            .unwrap();
+        claim(&store, NOW + 10_000).await;
+        let mut done = RepoWrite::new("did:plc:a");
+        done.condition = WriteCondition::RepoInState(RepoState::Resyncing);
+        done.repo = RepoChange::ResyncDone {
+            rev: "rev9".into(),
+            prev_data: "data9".into(),
+        };
+        store.apply(done).await.unwrap();
+
+        assert_eq!(
+            store.get_repo("did:plc:a").await.unwrap().unwrap(),
+            RepoRow {
+                did: "did:plc:a".into(),
+                state: RepoState::Active,
+                status: AccountStatus::Takendown,
+                handle: Some("alice.test".into()),
+                rev: Some("rev9".into()),
+                prev_data: Some("data9".into()),
+                error: String::new(),
+                retry_count: 0,
+                retry_after: 0,
+            }
+        );
+    }
+);
+
+test_each_store!(
+    apply_delete_removes_repo_records_and_buffer_and_keeps_its_event,
+    |store, _url| {
+        store.add_repos(&dids(&["a"])).await.unwrap();
+        let mut write = RepoWrite::new("did:plc:a");
+        write.records = vec![put("col", "1", "c1")];
+        store.apply(write).await.unwrap();
+        store.buffer_commit("did:plc:a", "r", "{}").await.unwrap();
+
+        let mut gone = RepoWrite::new("did:plc:a");
+        gone.repo = RepoChange::Delete;
+        gone.events = vec![event(true, 1)];
+        assert_eq!(store.apply(gone).await.unwrap().len(), 1);
+        assert_eq!(store.get_repo("did:plc:a").await.unwrap(), None);
+        assert_eq!(store.record_count().await.unwrap(), 0);
+        assert_eq!(store.resync_buffer_count().await.unwrap(), 0);
+        assert_eq!(store.outbox_count().await.unwrap(), 1);
+    }
+);
+
+// ---------------------------------------------------------------------------------------------
+// Outbox and event ids
+
+test_each_store!(outbox_pages_in_id_order_and_deletes_acked, |store, _url| {
+    let mut all = Vec::new();
+    for did in ["did:plc:b", "did:plc:a", "did:plc:c"] {
+        let mut write = RepoWrite::new(did);
+        write.events = (0..4).map(|n| event(n % 2 == 0, n)).collect();
+        all.extend(store.apply(write).await.unwrap());
+    }
+    assert!(all.windows(2).all(|w| w[0] < w[1]), "{all:?}");
+
+    let mut loaded = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.load_outbox(after, 5).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 5);
+        after = page.last().map(|row| row.id);
+        loaded.extend(page.into_iter().map(|row| row.id));
+    }
+    assert_eq!(loaded, all);
+
+    let acked: Vec<EventId> = all.iter().step_by(2).copied().collect();
+    let mut with_unknown = acked.clone();
+    with_unknown.push(EventId(u64::MAX));
+    with_unknown.push(EventId(999_999));
+    assert_eq!(
+        store.delete_acked(&with_unknown).await.unwrap(),
+        acked.len() as u64
+    );
+    let left: Vec<EventId> = store
+        .load_outbox(None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|row| row.id)
+        .collect();
+    let expected: Vec<EventId> = all.iter().skip(1).step_by(2).copied().collect();
+    assert_eq!(left, expected);
+    assert_eq!(store.delete_acked(&[]).await.unwrap(), 0);
+});
+
+test_each_store!(
+    event_ids_keep_increasing_after_ack_delete_and_restart,
+    |store, url| {
+        assert_eq!(store.max_event_id().await.unwrap(), None);
+        let mut write = RepoWrite::new("did:plc:a");
+        write.events = (0..3).map(|n| event(true, n)).collect();
+        let first = store.apply(write.clone()).await.unwrap();
+        assert_eq!(store.max_event_id().await.unwrap(), first.last().copied());
+
+        // Everything is acked and deleted, then the process restarts.
+        store.delete_acked(&first).await.unwrap();
+        assert_eq!(store.outbox_count().await.unwrap(), 0);
+        store.close().await;
+        assert!(matches!(
+            store.apply(write.clone()).await,
+            Err(StoreError::Closed)
+        ));
+        let reopened = Store::open(&url, StoreOptions::default()).await.unwrap();
+        assert_eq!(
+            reopened.max_event_id().await.unwrap(),
+            first.last().copied()
+        );
+        let second = reopened.apply(write).await.unwrap();
+        assert!(
+            second[0] > first[2],
+            "ids restarted: {first:?} then {second:?}"
+        );
+        reopened.close().await;
+    }
+);
+
+test_each_store!(
+    restart_keeps_rows_and_applies_migrations_once,
+    |store, url| {
+        store.add_repos(&dids(&["a"])).await.unwrap();
+        let mut write = RepoWrite::new("did:plc:a");
+        write.records = vec![put("col", "1", "c1")];
+        write.events = vec![event(false, 1)];
+        let ids = store.apply(write).await.unwrap();
+        store.save_firehose_cursor("wss://relay", 42).await.unwrap();
+        store.close().await;
+
+        for _ in 0..2 {
+            let reopened = Store::open(&url, StoreOptions::default()).await.unwrap();
+            assert_eq!(reopened.repo_count().await.unwrap(), 1);
+            assert_eq!(reopened.count_records_for("did:plc:a").await.unwrap(), 1);
+            assert_eq!(
+                reopened
+                    .load_outbox(None, 10)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|row| row.id)
+                    .collect::<Vec<_>>(),
+                ids
+            );
+            assert_eq!(
+                reopened.firehose_cursor("wss://relay").await.unwrap(),
+                Some(42)
+            );
+            reopened.close().await;
+        }
+    }
+);
+
+test_each_store!(
+    concurrent_applies_all_succeed_with_unique_ids,
+    |store, _url| {
+        let mut tasks = Vec::new();
+        for task in 0..64 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let did = format!("did:plc:t{task}");
+                store.add_repos(std::slice::from_ref(&did)).await.unwrap();
+                let mut ids = Vec::new();
+                for round in 0..5 {
+                    let mut write = RepoWrite::new(did.clone());
+                    write.condition = WriteCondition::RepoExists;
+                    write.records = vec![put("col", &format!("{round}"), "cid")];
+                    write.events = (0..3).map(|n| event(true, n)).collect();
+                    let got = store.apply(write).await.unwrap();
+                    assert_eq!(got.len(), 3);
+                    assert!(got.windows(2).all(|w| w[0] < w[1]));
+                    // Per repo, later writes get larger ids.
+                    if let Some(prev) = ids.last() {
+                        assert!(got[0] > *prev);
+                    }
+                    ids.extend(got);
+                }
+                ids
+            }));
+        }
+        let mut all = Vec::new();
+        for task in tasks {
+            all.extend(task.await.unwrap());
+        }
+        let count = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), count, "duplicate ids");
+        assert_eq!(count, 64 * 5 * 3);
+        assert_eq!(store.outbox_count().await.unwrap(), count as u64);
+        assert_eq!(store.record_count().await.unwrap(), 64 * 5);
+    }
+);
+
+// ---------------------------------------------------------------------------------------------
+// Resync queue
+
+test_each_store!(
+    claim_prefers_pending_then_desynchronized_then_error,
+    |store, _url| {
+        store
+            .add_repos(&dids(&["err", "desync", "pending", "active"]))
+            .await
+            .unwrap();
+        store
+            .set_repo_state("did:plc:err", RepoState::Error)
+            .await
+            .unwrap();
+        store
+            .set_repo_state("did:plc:desync", RepoState::Desynchronized)
+            .await
+            .unwrap();
+        store
+            .set_repo_state("did:plc:active", RepoState::Active)
+            .await
+            .unwrap();
+
+        let order: Vec<String> = [
+            claim(&store, NOW).await,
+            claim(&store, NOW).await,
+            claim(&store, NOW).await,
+        ]
+        .into_iter()
+        .map(|row| {
+            assert_eq!(row.state, RepoState::Resyncing);
+            row.did
+        })
+        .collect();
+        assert_eq!(order, dids(&["pending", "desync", "err"]));
+        // Active and resyncing repos are never claimed.
+        assert_eq!(store.claim_resync_job(NOW).await.unwrap(), None);
+        assert_eq!(
+            store
+                .get_repo("did:plc:pending")
+                .await
+                .unwrap()
+                .unwrap()
+                .state,
+            RepoState::Resyncing
+        );
+    }
+);
+
+test_each_store!(claim_waits_for_retry_after, |store, _url| {
+    store.add_repos(&dids(&["a"])).await.unwrap();
+    claim(&store, NOW).await;
+    store
+        .mark_resync_failed("did:plc:a", ResyncFailure::Failed("x".into()), NOW, 0)
+        .await
+        .unwrap();
+    let repo = store.get_repo("did:plc:a").await.unwrap().unwrap();
+    assert_eq!(repo.retry_after, NOW + 60);
+    assert_eq!(store.claim_resync_job(NOW + 59).await.unwrap(), None);
+    // Due strictly after retry_after.
+    assert_eq!(store.claim_resync_job(NOW + 60).await.unwrap(), None);
+    assert_eq!(claim(&store, NOW + 61).await.did, "did:plc:a");
+});
+
+test_each_store!(
+    concurrent_claims_never_hand_out_a_repo_twice,
+    |store, _url| {
+        let all = dids(&["1", "2", "3", "4", "5", "6", "7", "8", "9", "10"]);
+        store.add_repos(&all).await.unwrap();
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                while let Some(row) = store.claim_resync_job(NOW).await.unwrap() {
+                    got.push(row.did);
+                }
+                got
+            }));
+        }
+        let mut claimed = Vec::new();
+        for task in tasks {
+            claimed.extend(task.await.unwrap());
+        }
+        claimed.sort();
+        let mut expected = all.clone();
+        expected.sort();
+        assert_eq!(claimed, expected);
+    }
+);
+
+test_each_store!(
+    reset_resyncing_returns_repos_to_desynchronized,
+    |store, _url| {
+        store.add_repos(&dids(&["a", "b"])).await.unwrap();
+        claim(&store, NOW).await;
+        assert_eq!(store.reset_resyncing().await.unwrap(), 1);
+        assert_eq!(store.reset_resyncing().await.unwrap(), 0);
+        let mut states = Vec::new();
+        for did in dids(&["a", "b"]) {
+            states.push(store.get_repo(&did).await.unwrap().unwrap().state);
+        }
+        states.sort_by_key(|s| s.as_str());
+        assert_eq!(states, [RepoState::Desynchronized, RepoState::Pending]);
+    }
+);
+
+test_each_store!(
+    resync_failures_back_off_exponentially_and_cap_without_overflow,
+    |store, _url| {
+        store.add_repos(&dids(&["a"])).await.unwrap();
+        let mut now = NOW;
+        let mut delays = Vec::new();
+        for round in 0..100u32 {
+            claim(&store, now).await;
+            let failure = if round % 2 == 0 {
+                ResyncFailure::RateLimited
+            } else {
+                ResyncFailure::Failed(format!("fail {round}"))
+            };
+            store
+                .mark_resync_failed("did:plc:a", failure, now, 1_500)
+                .await
+                .unwrap();
+            let repo = store.get_repo("did:plc:a").await.unwrap().unwrap();
+            assert_eq!(repo.retry_count, round + 1);
+            if round % 2 == 0 {
+                assert_eq!(repo.state, RepoState::Desynchronized);
+                assert_eq!(repo.error, "");
+            } else {
+                assert_eq!(repo.state, RepoState::Error);
+                assert_eq!(repo.error, format!("fail {round}"));
+            }
+            delays.push(repo.retry_after - now);
+            now = repo.retry_after + 1;
+        }
+        // 1, 2, 4, … minutes (+2 s of rounded-up jitter), capped at an hour, for good.
+        assert_eq!(&delays[..7], &[62, 122, 242, 482, 962, 1922, 3602]);
+        assert!(delays[7..].iter().all(|d| *d == 3602), "{delays:?}");
+
+        // Success resets the counters.
+        claim(&store, now).await;
+        let mut done = RepoWrite::new("did:plc:a");
+        done.repo = RepoChange::ResyncDone {
+            rev: "r".into(),
+            prev_data: "d".into(),
+        };
+        store.apply(done).await.unwrap();
+        let repo = store.get_repo("did:plc:a").await.unwrap().unwrap();
+        assert_eq!((repo.retry_count, repo.retry_after), (0, 0));
+    }
+);
+
+test_each_store!(
+    mark_resync_failed_on_a_removed_repo_is_a_noop,
+    |store, _url| {
+        store.add_repos(&dids(&["a"])).await.unwrap();
+        claim(&store, NOW).await;
+        store.remove_repos(&dids(&["a"])).await.unwrap();
+        store
+            .mark_resync_failed("did:plc:a", ResyncFailure::Failed("x".into()), NOW, 0)
+            .await
+            .unwrap();
+        assert_eq!(store.get_repo("did:plc:a").await.unwrap(), None);
+
+        // Re-added meanwhile: the new pending row is not clobbered.
+        store.add_repos(&dids(&["a"])).await.unwrap();
+        store
+            .mark_resync_failed("did:plc:a", ResyncFailure::RateLimited, NOW, 0)
+            .await
+            .unwrap();
+        let repo = store.get_repo("did:plc:a").await.unwrap().unwrap();
+        assert_eq!(
+            (repo.state, repo.retry_count, repo.retry_after),
+            (RepoState::Pending, 0, 0)
+        );
+    }
+);
+
+// ---------------------------------------------------------------------------------------------
+// Cursors, record pages, resync buffer
+
+test_each_store!(
+    cursors_round_trip_per_relay_and_collection,
+    |store, _url| {
+        let relay = "wss://relay.example";
+        assert_eq!(store.firehose_cursor(relay).await.unwrap(), None);
+        store.save_firehose_cursor(relay, 7).await.unwrap();
+        store
+            .save_firehose_cursor(relay, 9_000_000_000)
+            .await
+            .unwrap();
+        store.save_firehose_cursor("wss://other", 1).await.unwrap();
+        assert_eq!(
+            store.firehose_cursor(relay).await.unwrap(),
+            Some(9_000_000_000)
+        );
+
+        assert_eq!(store.list_repos_cursor(relay).await.unwrap(), None);
+        store.save_list_repos_cursor(relay, "c1").await.unwrap();
+        store.save_list_repos_cursor(relay, "c2").await.unwrap();
+        assert_eq!(
+            store.list_repos_cursor(relay).await.unwrap().as_deref(),
+            Some("c2")
+        );
+
+        assert_eq!(store.collection_cursor(relay, "a.b.c").await.unwrap(), None);
+        store
+            .save_collection_cursor(relay, "a.b.c", "x")
+            .await
+            .unwrap();
+        store
+            .save_collection_cursor(relay, "a.b.d", "y")
+            .await
+            .unwrap();
+        store
+            .save_collection_cursor(relay, "a.b.c", "z")
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .collection_cursor(relay, "a.b.c")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("z")
+        );
+        assert_eq!(
+            store
+                .collection_cursor(relay, "a.b.d")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("y")
+        );
+        assert_eq!(
+            store
+                .collection_cursor("wss://other", "a.b.c")
+                .await
+                .unwrap(),
+            None
+        );
+    }
+);
+
+test_each_store!(records_page_walks_keys_in_byte_order, |store, _url| {
+    store.add_repos(&dids(&["a", "b"])).await.unwrap();
+    // Byte order puts upper case before lower case, unlike most locales.
+    let keys = [
+        ("app.bsky.feed.like", "3k2"),
+        ("app.bsky.feed.post", "Zed"),
+        ("app.bsky.feed.post", "abc"),
+        ("app.bsky.feed.post", "abd"),
+        ("app.bsky.feed.postgate", "1"),
+        ("app.bsky.graph.follow", "A"),
+        ("com.example.Thing", "x"),
+    ];
+    let mut write = RepoWrite::new("did:plc:a");
+    // Inserted in reverse to show the order comes from the query.
+    write.records = keys.iter().rev().map(|(c, r)| put(c, r, "cid")).collect();
+    store.apply(write).await.unwrap();
+    let mut other = RepoWrite::new("did:plc:b");
+    other.records = vec![put("app.bsky.feed.post", "abc", "cid")];
+    store.apply(other).await.unwrap();
+
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .records_page("did:plc:a", after.clone(), 3)
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 3);
+        let last = page.last().unwrap();
+        after = Some((last.collection.clone(), last.rkey.clone()));
+        seen.extend(page.into_iter().map(|r| (r.collection, r.rkey)));
+    }
+    let mut expected: Vec<(String, String)> = keys
+        .iter()
+        .map(|(c, r)| (c.to_string(), r.to_string()))
+        .collect();
+    expected
+        .sort_by(|x, y| (x.0.as_bytes(), x.1.as_bytes()).cmp(&(y.0.as_bytes(), y.1.as_bytes())));
+    assert_eq!(seen, expected);
+    assert!(
+        store
+            .records_page("did:plc:nobody", None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+});
+
+test_each_store!(
+    resync_buffer_round_trips_and_is_consumed_by_apply,
+    |store, _url| {
+        store.add_repos(&dids(&["a", "b"])).await.unwrap();
+        store
+            .buffer_commit("did:plc:a", "r1", r#"{"n":1}"#)
+            .await
+            .unwrap();
+        store
+            .buffer_commit("did:plc:b", "r1", r#"{"n":9}"#)
+            .await
+            .unwrap();
+        store
+            .buffer_commit("did:plc:a", "r2", r#"{"n":2}"#)
+            .await
+            .unwrap();
+        store
+            .buffer_commit("did:plc:a", "r3", r#"{"n":3}"#)
+            .await
+            .unwrap();
+
+        let buffered = store.buffered_commits("did:plc:a").await.unwrap();
+        assert_eq!(
+            buffered
+                .iter()
+                .map(|c| (c.rev.as_str(), c.data.as_str()))
+                .collect::<Vec<_>>(),
+            [
+                ("r1", r#"{"n":1}"#),
+                ("r2", r#"{"n":2}"#),
+                ("r3", r#"{"n":3}"#)
+            ]
+        );
+        assert!(buffered.windows(2).all(|w| w[0].id < w[1].id));
+        let other = store.buffered_commits("did:plc:b").await.unwrap();
+
+        // Drain r1 (already in the snapshot: discarded) and r2 (applied) in one write; a foreign
+        // id in the list is ignored.
+        let mut drain = RepoWrite::new("did:plc:a");
+        drain.repo = RepoChange::Commit {
+            rev: "r2".into(),
+            prev_data: "d2".into(),
+        };
+        drain.events = vec![event(true, 2)];
+        drain.resync_buffer_delete = vec![buffered[0].id, buffered[1].id, other[0].id];
+        store.apply(drain).await.unwrap();
+        let left = store.buffered_commits("did:plc:a").await.unwrap();
+        assert_eq!(left, [buffered[2].clone()]);
+        assert_eq!(store.buffered_commits("did:plc:b").await.unwrap(), other);
+
+        // A failed write consumes nothing.
+        let mut bad = RepoWrite::new("did:plc:a");
+        bad.records = vec![put("", "1", "c")];
+        bad.resync_buffer_delete = vec![buffered[2].id];
+        assert!(store.apply(bad).await.is_err());
+        assert_eq!(store.buffered_commits("did:plc:a").await.unwrap().len(), 1);
+    }
+);
+
+// ---------------------------------------------------------------------------------------------
+// Backend-specific behaviour
+
+/// Blocks the SQLite writer inside a job until `queued` more writes wait behind it, so the
+/// next group is known to hold them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_group_commit_isolates_a_failing_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = sqlite::SqliteStore::open(dir.path().join("g.db").display().to_string())
+        .await
+        .unwrap();
+    let sqlite = std::sync::Arc::new(sqlite);
+    sqlite.add_repos(vec!["did:plc:a".into()]).await.unwrap();
+
+    let (entered_tx, entered) = tokio::sync::oneshot::channel::<()>();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
+    let entered_tx = std::sync::Mutex::new(Some(entered_tx));
+    let release_rx = std::sync::Mutex::new(release_rx);
+    let blocker = {
+        let sqlite = std::sync::Arc::clone(&sqlite);
+        tokio::spawn(async move {
+            sqlite
+                .write(move |_conn| {
+                    if let Some(tx) = entered_tx.lock().unwrap().take() {
+                        let _ = tx.send(());
+                        let _ = release_rx
+                            .lock()
+                            .unwrap()
+                            .recv_timeout(Duration::from_secs(30));
+                    }
+                    Ok(())
+                })
+                .await
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(30), entered)
+        .await
+        .unwrap()
+        .unwrap();
+
+    // Queue 9 good writes and 1 bad one while the writer is blocked.
+    let mut tasks = Vec::new();
+    for n in 0..10 {
+        let sqlite = std::sync::Arc::clone(&sqlite);
+        tasks.push(tokio::spawn(async move {
+            let mut write = RepoWrite::new("did:plc:a");
+            let rkey = if n == 4 { String::new() } else { n.to_string() };
+            write.records = vec![put("col", &rkey, "cid")];
+            write.events = vec![event(true, n)];
+            sqlite.apply(write).await
+        }));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while sqlite_queue_len(&sqlite) < 10 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "writes never queued"
+        );
+        tokio::task::yield_now().await;
+    }
+    release.send(()).unwrap();
+    blocker.await.unwrap().unwrap();
+
+    let mut ok = 0;
+    for (n, task) in tasks.into_iter().enumerate() {
+        match task.await.unwrap() {
+            Ok(ids) => {
+                assert_eq!(ids.len(), 1);
+                ok += 1;
+            }
+            Err(err) => assert_eq!(n, 4, "unexpected failure {err}"),
+        }
+    }
+    assert_eq!(ok, 9);
+    assert_eq!(sqlite.count_table(Table::Outbox).await.unwrap(), 9);
+    assert_eq!(sqlite.count_table(Table::Records).await.unwrap(), 9);
+    use std::sync::atomic::Ordering;
+    assert!(sqlite.stats.groups.load(Ordering::Relaxed) >= 1);
+    assert!(sqlite.stats.grouped_jobs.load(Ordering::Relaxed) >= 10);
+    assert_eq!(sqlite.stats.fallbacks.load(Ordering::Relaxed), 0);
+    sqlite.close().await;
+}
+
+fn sqlite_queue_len(store: &sqlite::SqliteStore) -> usize {
+    store.queued()
+}
+
+#[tokio::test]
+async fn sqlite_memory_uri_works_without_a_reader_pool() {
+    for path in [":memory:", "file::memory:?cache=shared"] {
+        let url = DatabaseUrl::Sqlite(path.into());
+        let store = Store::open(&url, StoreOptions::default()).await.unwrap();
+        store.add_repos(&dids(&["a"])).await.unwrap();
+        let mut write = RepoWrite::new("did:plc:a");
+        write.events = vec![event(true, 1)];
+        store.apply(write).await.unwrap();
+        assert_eq!(store.repo_count().await.unwrap(), 1);
+        assert_eq!(store.load_outbox(None, 10).await.unwrap().len(), 1);
+        store.close().await;
+    }
+}
+
+#[tokio::test]
+async fn sqlite_file_uses_wal_and_the_configured_pragmas() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.db");
+    let store = Store::open(
+        &DatabaseUrl::Sqlite(path.display().to_string()),
+        StoreOptions::default(),
+    )
+    .await
+    .unwrap();
+    store.close().await;
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    let versions: Vec<i64> = conn
+        .prepare("SELECT version FROM schema_migrations ORDER BY version")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(versions, [1]);
+}
+
+#[tokio::test]
+async fn sqlite_open_in_a_missing_directory_names_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("no/such/dir/tap.db").display().to_string();
+    let err = Store::open(&DatabaseUrl::Sqlite(path.clone()), StoreOptions::default())
+        .await
+        .err()
+        .expect("open must fail");
+    assert!(matches!(err, StoreError::SqliteOpen { .. }), "{err}");
+    assert!(err.to_string().contains(&path), "{err}");
+}
+
+#[tokio::test]
+async fn sqlite_refuses_a_database_made_by_another_program() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("go.db");
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch("CREATE TABLE repos (did TEXT PRIMARY KEY, state TEXT)")
+        .unwrap();
+    let err = Store::open(
+        &DatabaseUrl::Sqlite(path.display().to_string()),
+        StoreOptions::default(),
+    )
+    .await
+    .err()
+    .expect("open must fail");
+    assert!(matches!(err, StoreError::ForeignSchema { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn sqlite_refuses_a_schema_newer_than_this_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = DatabaseUrl::Sqlite(dir.path().join("new.db").display().to_string());
+    Store::open(&url, StoreOptions::default())
+        .await
+        .unwrap()
+        .close()
+        .await;
+    rusqlite::Connection::open(dir.path().join("new.db"))
+        .unwrap()
+        .execute_batch("INSERT INTO schema_migrations (version, name) VALUES (999, 'future')")
+        .unwrap();
+    let err = Store::open(&url, StoreOptions::default())
+        .await
+        .err()
+        .expect("open must fail");
+    assert!(
+        matches!(err, StoreError::SchemaTooNew { found: 999, .. }),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn unreachable_postgres_is_a_clear_transient_error() {
+    // Port 1 on loopback: nothing listens there, so the connection is refused at once.
+    let url = DatabaseUrl::parse("postgres://tap:secret@127.0.0.1:1/tap").unwrap();
+    let err = Store::open(&url, StoreOptions::default())
+        .await
+        .err()
+        .expect("open must fail");
+    assert!(matches!(err, StoreError::PostgresConnect { .. }), "{err}");
+    let message = err.to_string();
+    assert!(message.contains("127.0.0.1:1/tap"), "{message}");
+    assert!(!message.contains("secret"), "{message}");
+    assert!(err.is_transient());
+}
+
+#[tokio::test]
+async fn postgres_refuses_a_database_made_by_another_program() {
+    let Some(db) = TestPostgres::create().await else {
+        return;
+    };
+    let DatabaseUrl::Postgres(raw) = &db.url else {
+        unreachable!()
+    };
+    admin_execute(raw, "CREATE TABLE repos (did TEXT PRIMARY KEY, state TEXT)").await;
+    let result = Store::open(&db.url, StoreOptions::default()).await;
+    db.drop_database().await;
+    let err = result.err().expect("open must fail");
+    assert!(matches!(err, StoreError::ForeignSchema { .. }), "{err}");
+}
+
+#[test]
+fn migrations_are_numbered_in_order() {
+    for list in [sqlite::migrations(), postgres::migrations()] {
+        assert!(!list.is_empty());
+        assert!(list.windows(2).all(|w| w[0].version < w[1].version));
+        for m in list {
+            assert!(
+                m.name.starts_with(&format!("{:04}_", m.version)),
+                "{} does not match version {}",
+                m.name,
+                m.version
+            );
+        }
+    }
+}
