@@ -1,1 +1,29 @@
-//! tap daemon library.
+//! tap: sync a chosen slice of the AT Protocol network for an application.
+//!
+//! Module map (data flows top to bottom; docs/architecture.md has the diagram):
+//! - [`config`]: the command line and `TAP_*` environment, parsed once into types.
+//! - [`app`]: wiring of every stage, task and channel; the shutdown order.
+//! - [`outbox`]: the durable event queue, per-DID ordering, acks, back-pressure.
+//! - [`delivery`]: `/channel` WebSocket sessions and webhook workers.
+//! - [`wire`]: the JSON events consumers receive (the public contract).
+//! - [`api`]: the HTTP surface (`/health`, `/channel`, `/repos/*`, `/info`, `/stats/*`).
+//! - [`store`]: SQLite and PostgreSQL state: repos, record index, outbox, cursors.
+//! - [`status`]: in-memory progress shared with the API.
+//! - [`telemetry`]: JSON logs and Prometheus metrics.
+//! - [`shutdown`]: cancellation tree and deadlines.
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod delivery;
+pub mod error;
+pub mod outbox;
+pub mod shutdown;
+pub mod status;
+pub mod store;
+pub mod telemetry;
+pub mod wire;
+
+pub use app::App;
+pub use config::Config;
+pub use error::AppError;

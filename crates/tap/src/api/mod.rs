@@ -1,0 +1,122 @@
+//! The HTTP surface: health, repo management, info and stats, with the Go tap's routes,
+//! JSON bodies and status codes. Handlers validate and translate; the store does the work.
+
+mod auth;
+mod channel;
+mod repos;
+mod stats;
+
+use std::sync::Arc;
+
+use axum::{
+    Router,
+    http::{StatusCode, header},
+    middleware,
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use serde::Serialize;
+
+pub use auth::{AdminAuth, UNAUTHORIZED_BODY, basic_header};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::TrackingScope;
+use crate::delivery::DeliveryHub;
+use crate::status::Progress;
+use crate::store::Store;
+
+/// Largest request body accepted (a `/repos/add` of ~100k DIDs).
+pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// What the handlers need, cheap to clone.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The state store.
+    pub store: Store,
+    /// Live progress (firehose position), shared with the pipeline.
+    pub progress: Arc<Progress>,
+    /// Relay URL as configured: the key of stored cursors.
+    pub relay_url: String,
+    /// Tracking scope, to pick which enumeration cursor `/stats/cursors` reports.
+    pub scope: TrackingScope,
+    /// Where `/channel` sessions take events from; `None` in webhook mode.
+    pub channel: Option<DeliveryHub>,
+    /// Cancelled when `/channel` sessions must end (shutdown).
+    pub stop: CancellationToken,
+}
+
+/// Builds the router. Admin auth, when configured, wraps every route and the fallbacks.
+pub fn router(state: ApiState, auth: Option<AdminAuth>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/channel", get(channel::channel))
+        .route("/repos/add", post(repos::add))
+        .route("/repos/remove", post(repos::remove))
+        .route("/info/{did}", get(repos::info))
+        .route("/stats/repo-count", get(stats::repo_count))
+        .route("/stats/record-count", get(stats::record_count))
+        .route("/stats/outbox-buffer", get(stats::outbox_buffer))
+        .route("/stats/resync-buffer", get(stats::resync_buffer))
+        .route("/stats/cursors", get(stats::cursors))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+        .layer(middleware::from_fn_with_state(auth, auth::require_admin))
+}
+
+async fn health() -> Response {
+    json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+}
+
+async fn not_found() -> Response {
+    ApiError::new(StatusCode::NOT_FOUND, "Not Found").into_response()
+}
+
+async fn method_not_allowed() -> Response {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed").into_response()
+}
+
+/// A JSON response terminated by a newline, as the Go tap (echo) writes them.
+pub(crate) fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
+    match serde_json::to_vec(body) {
+        Ok(mut bytes) => {
+            bytes.push(b'\n');
+            (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response()
+        }
+        Err(_) => ApiError::internal("Internal Server Error").into_response(),
+    }
+}
+
+/// An error answered as `{"message": …}` with its status code.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    /// An error with this status and message.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    /// 400.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    /// 500 with a fixed message; the cause is logged, never shown.
+    pub fn internal(message: &str) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        json(self.status, &serde_json::json!({ "message": self.message }))
+    }
+}

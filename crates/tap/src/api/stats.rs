@@ -1,0 +1,79 @@
+//! `GET /stats/*`: row counts and cursors, with the Go tap's keys.
+
+use axum::{extract::State, http::StatusCode, response::Response};
+use serde_json::json;
+
+use super::{ApiError, ApiState, json};
+use crate::config::TrackingScope;
+use crate::store::{Store, StoreError};
+
+async fn count(
+    state: &ApiState,
+    key: &str,
+    what: &str,
+    f: impl AsyncFnOnce(&Store) -> Result<u64, StoreError>,
+) -> Result<Response, ApiError> {
+    match f(&state.store).await {
+        Ok(n) => Ok(json(StatusCode::OK, &json!({ key: n }))),
+        Err(error) => {
+            tracing::error!(%error, "Failed to count {what}.");
+            Err(ApiError::internal(&format!("failed to get {what}")))
+        }
+    }
+}
+
+pub(super) async fn repo_count(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    count(&state, "repo_count", "repo count", async |s| {
+        s.repo_count().await
+    })
+    .await
+}
+
+pub(super) async fn record_count(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    count(&state, "record_count", "record count", async |s| {
+        s.record_count().await
+    })
+    .await
+}
+
+pub(super) async fn outbox_buffer(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    count(&state, "outbox_buffer", "outbox buffer", async |s| {
+        s.outbox_count().await
+    })
+    .await
+}
+
+pub(super) async fn resync_buffer(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    count(&state, "resync_buffer", "resync buffer", async |s| {
+        s.resync_buffer_count().await
+    })
+    .await
+}
+
+/// `{"firehose": <last processed seq>, "list_repos": "<enumeration cursor>"}`.
+pub(super) async fn cursors(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    let list_repos = match &state.scope {
+        TrackingScope::Dynamic => Ok(None),
+        TrackingScope::FullNetwork => state.store.list_repos_cursor(&state.relay_url).await,
+        TrackingScope::SignalCollections(collections) => match collections.first() {
+            Some(first) => {
+                state
+                    .store
+                    .collection_cursor(&state.relay_url, first.as_str())
+                    .await
+            }
+            None => Ok(None),
+        },
+    };
+    let list_repos = list_repos.map_err(|error| {
+        tracing::error!(%error, "Failed to read the list repos cursor.");
+        ApiError::internal("failed to get list repos cursor")
+    })?;
+    Ok(json(
+        StatusCode::OK,
+        &json!({
+            "firehose": state.progress.firehose_seq(),
+            "list_repos": list_repos.unwrap_or_default(),
+        }),
+    ))
+}

@@ -1,0 +1,353 @@
+//! Wiring: builds every component, creates every channel, spawns every task and owns the
+//! shutdown order. Nothing else in the crate constructs stages or reads `Config` whole.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::{Router, routing::get};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, AdminAuth, ApiState};
+use crate::config::{Config, DeliveryMode, listen_addr};
+use crate::delivery::{DeliveryHub, webhook};
+use crate::error::AppError;
+use crate::outbox::{AckMode, Delivery, Input, Outbox, OutboxSettings, acks, loader, scheduler};
+use crate::shutdown::{self, Shutdown};
+use crate::status::Progress;
+use crate::store::{EventId, Store, StoreOptions};
+use crate::telemetry;
+
+/// Capacity of the outbox actor's input channel.
+const ACTOR_INPUTS: usize = 4096;
+/// Capacity of the channel of acked ids on their way to the deleter.
+const ACKED_QUEUE: usize = 1024;
+
+/// The outbox's channel ends, created at bind time so producers and tests can hold an
+/// [`Outbox`] before the tasks run.
+struct OutboxParts {
+    handle: Outbox,
+    permits: Arc<Semaphore>,
+    inputs_tx: mpsc::Sender<Input>,
+    inputs_rx: mpsc::Receiver<Input>,
+    queue_tx: async_channel::Sender<Delivery>,
+    queue_rx: async_channel::Receiver<Delivery>,
+    acked_tx: mpsc::Sender<Vec<EventId>>,
+    acked_rx: mpsc::Receiver<Vec<EventId>>,
+    ready_tx: watch::Sender<bool>,
+    settings: OutboxSettings,
+}
+
+impl OutboxParts {
+    fn new(config: &Config, store: &Store) -> Self {
+        let ack_mode = match config.delivery {
+            DeliveryMode::WebSocketAck => AckMode::ClientAck,
+            DeliveryMode::FireAndForget => AckMode::OnWrite,
+            DeliveryMode::Webhook { .. } => AckMode::Webhook,
+        };
+        let settings = OutboxSettings {
+            capacity: config.outbox_capacity,
+            ack_mode,
+            retry_timeout: config.retry_timeout,
+        };
+        let permits = Arc::new(Semaphore::new(settings.capacity));
+        let (inputs_tx, inputs_rx) = mpsc::channel(ACTOR_INPUTS);
+        let (queue_tx, queue_rx) = async_channel::bounded(scheduler::DELIVERY_QUEUE);
+        let (acked_tx, acked_rx) = mpsc::channel(ACKED_QUEUE);
+        let (ready_tx, ready_rx) = watch::channel(false);
+        let handle = Outbox::new(
+            store.clone(),
+            Arc::clone(&permits),
+            settings.capacity,
+            inputs_tx.clone(),
+            ready_rx,
+        );
+        Self {
+            handle,
+            permits,
+            inputs_tx,
+            inputs_rx,
+            queue_tx,
+            queue_rx,
+            acked_tx,
+            acked_rx,
+            ready_tx,
+            settings,
+        }
+    }
+}
+
+/// A tap whose listeners are bound and whose database is open, ready to [`run`](Self::run).
+pub struct App {
+    config: Config,
+    store: Store,
+    http: TcpListener,
+    metrics: Option<TcpListener>,
+    progress: Arc<Progress>,
+    outbox: OutboxParts,
+}
+
+impl App {
+    /// Opens the store (applying migrations), recovers interrupted work, and binds the HTTP
+    /// and metrics listeners, so every start-up failure surfaces here, before anything runs.
+    ///
+    /// # Errors
+    /// [`AppError::Store`] if the database cannot be opened; [`AppError::Bind`] if a
+    /// listener cannot be bound.
+    pub async fn bind(config: Config) -> Result<Self, AppError> {
+        let http = bind_listener("http", &config.bind).await?;
+        let metrics = match &config.metrics_listen {
+            Some(addr) => Some(bind_listener("metrics", addr).await?),
+            None => None,
+        };
+        let store = Store::open(
+            &config.database,
+            StoreOptions {
+                max_pg_conns: config.max_db_conns,
+            },
+        )
+        .await?;
+        // A resync interrupted by a crash starts over (original-behaviour §5).
+        let reset = store.reset_resyncing().await?;
+        if reset > 0 {
+            tracing::info!(
+                repos = reset,
+                "Reset interrupted resyncs to desynchronized."
+            );
+        }
+        let outbox = OutboxParts::new(&config, &store);
+        Ok(Self {
+            config,
+            store,
+            http,
+            metrics,
+            progress: Arc::new(Progress::default()),
+            outbox,
+        })
+    }
+
+    /// The producers' handle on the outbox (the sync engine's way in; tests use it too).
+    #[must_use]
+    pub fn outbox(&self) -> Outbox {
+        self.outbox.handle.clone()
+    }
+
+    /// The bound address of the HTTP API.
+    ///
+    /// # Errors
+    /// The OS could not report the address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.http.local_addr()
+    }
+
+    /// The bound address of the metrics server, if enabled.
+    #[must_use]
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// A handle on the store (for tests and tools).
+    #[must_use]
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Runs until `shutdown_signal` resolves (or a server fails), then shuts down in order:
+    /// stop intake, stop HTTP and delivery sessions, stop the outbox actor, flush acked
+    /// deletions and close the store, each bounded by a deadline.
+    ///
+    /// # Errors
+    /// [`AppError::Serve`] if a server fails while running; [`AppError::Webhook`] if the
+    /// webhook client cannot be built.
+    pub async fn run(
+        self,
+        shutdown_signal: impl Future<Output = ()> + Send,
+    ) -> Result<(), AppError> {
+        let Self {
+            config,
+            store,
+            http,
+            metrics,
+            progress,
+            outbox,
+        } = self;
+        let shutdown = Shutdown::new();
+        // Producers (firehose, resync, crawler) stop first; delivery keeps running until
+        // they have drained, so what they committed can still go out.
+        let intake = shutdown.token().child_token();
+        let delivery_stop = CancellationToken::new();
+        let delivery_tasks = tokio_util::task::TaskTracker::new();
+        let addr = http
+            .local_addr()
+            .map_or_else(|_| config.bind.clone(), |a| a.to_string());
+        tracing::info!(
+            env = %config.env_name,
+            %addr,
+            delivery = config.delivery.name(),
+            outbox_only = config.outbox_only,
+            "Starting tap."
+        );
+
+        // Outbox: actor, deleter, backlog loader.
+        let OutboxParts {
+            handle: _,
+            permits,
+            inputs_tx,
+            inputs_rx,
+            queue_tx,
+            queue_rx,
+            acked_tx,
+            acked_rx,
+            ready_tx,
+            settings,
+        } = outbox;
+        let actor = scheduler::Actor::new(
+            settings,
+            inputs_rx,
+            queue_tx,
+            acked_tx,
+            Arc::clone(&permits),
+        );
+        let actor_task = tokio::spawn(actor.run(delivery_stop.clone()));
+        let deleter_task = tokio::spawn(acks::run_deleter(store.clone(), acked_rx));
+        shutdown.tracker().spawn(loader::run_loader(
+            store.clone(),
+            inputs_tx.clone(),
+            permits,
+            ready_tx,
+            config.outbox_only,
+            intake.clone(),
+        ));
+
+        let hub = DeliveryHub {
+            queue: queue_rx,
+            inputs: inputs_tx,
+            ack_mode: settings.ack_mode,
+        };
+        let channel = if let DeliveryMode::Webhook { url } = &config.delivery {
+            webhook::spawn(
+                webhook::WebhookSettings {
+                    url: url.clone(),
+                    authorization: config
+                        .admin_password
+                        .as_ref()
+                        .map(|p| api::basic_header("admin", p)),
+                    secret: config.webhook_secret.clone(),
+                    parallelism: config.webhook_parallelism,
+                },
+                hub,
+                &delivery_tasks,
+                delivery_stop.clone(),
+            )
+            .map_err(|e| AppError::Webhook(e.to_string()))?;
+            None
+        } else {
+            Some(hub)
+        };
+
+        let state = ApiState {
+            store: store.clone(),
+            progress,
+            relay_url: config.relay_url.to_string(),
+            scope: config.scope.clone(),
+            channel,
+            stop: delivery_stop.clone(),
+        };
+        let auth = config.admin_password.clone().map(AdminAuth::new);
+        let api = api::router(state, auth);
+
+        let mut servers = tokio::task::JoinSet::new();
+        servers.spawn(serve("http", http, api, delivery_stop.clone()));
+        if let Some(listener) = metrics {
+            let handle = telemetry::metrics_handle();
+            let router = Router::new().route(
+                "/metrics",
+                get(move || {
+                    let handle = handle.clone();
+                    async move { handle.render() }
+                }),
+            );
+            servers.spawn(serve("metrics", listener, router, delivery_stop.clone()));
+        }
+
+        let mut failure = None;
+        tokio::select! {
+            () = shutdown_signal => tracing::info!("Shutdown requested."),
+            Some(result) = servers.join_next() => {
+                failure = match result {
+                    Ok(Err(e)) => Some(e),
+                    Ok(Ok(())) => None,
+                    Err(join) => Some(AppError::Serve { what: "http", source: std::io::Error::other(join) }),
+                };
+            }
+        }
+
+        // 1. Stop intake and let producers finish what they started.
+        intake.cancel();
+        if !shutdown.wait_tasks(shutdown::DRAIN_DEADLINE).await {
+            tracing::warn!("Some tasks did not finish before the drain deadline.");
+        }
+        // 2. Stop delivery: sessions drop their connections (no close frame), servers stop.
+        delivery_stop.cancel();
+        if tokio::time::timeout(shutdown::DRAIN_DEADLINE, async {
+            while servers.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
+        {
+            tracing::warn!("HTTP connections still open after the drain deadline; closing them.");
+            servers.abort_all();
+        }
+        delivery_tasks.close();
+        if tokio::time::timeout(shutdown::DRAIN_DEADLINE, delivery_tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("Delivery workers did not stop before the drain deadline.");
+        }
+        // 3. The actor forwards the last acks and exits; the deleter then flushes and exits,
+        //    under the flush deadline (never the cancelled token).
+        let _ = actor_task.await;
+        if tokio::time::timeout(shutdown::FLUSH_DEADLINE, deleter_task)
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                "Acked events were not all deleted before the flush deadline; they will be redelivered."
+            );
+        }
+        shutdown.trigger();
+        if tokio::time::timeout(shutdown::FLUSH_DEADLINE, store.close())
+            .await
+            .is_err()
+        {
+            tracing::error!("The store did not close before the flush deadline.");
+        }
+        tracing::info!("Tap stopped.");
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+async fn bind_listener(what: &'static str, addr: &str) -> Result<TcpListener, AppError> {
+    TcpListener::bind(listen_addr(addr))
+        .await
+        .map_err(|source| AppError::Bind {
+            what,
+            addr: addr.to_owned(),
+            source,
+        })
+}
+
+async fn serve(
+    what: &'static str,
+    listener: TcpListener,
+    router: Router,
+    token: CancellationToken,
+) -> Result<(), AppError> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { token.cancelled().await })
+        .await
+        .map_err(|source| AppError::Serve { what, source })
+}

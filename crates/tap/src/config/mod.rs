@@ -1,0 +1,547 @@
+//! Configuration: the `tap` command line and `TAP_*` environment, parsed once into types.
+//!
+//! Precedence is flag > environment (first listed variable wins, then aliases) > `.env`
+//! file > default, as in the Go tap. Invalid combinations cannot be represented in
+//! [`Config`]: delivery mode, tracking scope and database URL are enums.
+
+mod goparse;
+pub mod settings;
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::path::Path;
+use std::time::Duration;
+
+use clap::{Arg, ArgAction, ArgMatches, Command, parser::ValueSource};
+use tap_atproto::syntax::{CollectionFilter, Nsid};
+use url::Url;
+
+pub use goparse::{parse_bool, parse_duration};
+use settings::{Kind, SETTINGS, Setting};
+
+use crate::store::DatabaseUrl;
+
+/// A configuration error: one line that names the offending flag and variable.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid --{flag} ({env}): {message}")]
+pub struct ConfigError {
+    /// Flag name without dashes.
+    pub flag: &'static str,
+    /// The documented environment variable of that flag.
+    pub env: &'static str,
+    /// What is wrong, including the rejected value.
+    pub message: String,
+}
+
+/// How events reach the consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryMode {
+    /// `/channel` WebSocket; an event is done when the client acks it.
+    WebSocketAck,
+    /// `/channel` WebSocket; an event is done once written (`--disable-acks`).
+    FireAndForget,
+    /// HTTP POST of each event; any 2xx is the ack (`--webhook-url`, wins over `--disable-acks`).
+    Webhook {
+        /// Receiver URL (http or https).
+        url: Url,
+    },
+}
+
+impl DeliveryMode {
+    /// Name used in logs and metrics.
+    #[must_use]
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::WebSocketAck => "websocket-ack",
+            Self::FireAndForget => "fire-and-forget",
+            Self::Webhook { .. } => "webhook",
+        }
+    }
+}
+
+/// Which repos tap tracks (the network boundary).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrackingScope {
+    /// Only repos added with `/repos/add`.
+    Dynamic,
+    /// Repos that have a record in any of these collections, discovered by enumeration and
+    /// by firehose commits touching them.
+    SignalCollections(Vec<Nsid>),
+    /// Every repo on the network. When signal collections are also given (the Go tap
+    /// accepts both), full-network tracking wins: it is a superset.
+    FullNetwork,
+}
+
+/// Log verbosity. Unknown values fall back to `info`, as in the Go tap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    /// Per-event detail.
+    Debug,
+    /// Normal operation.
+    Info,
+    /// Something is wrong but tap copes.
+    Warn,
+    /// An operator must act.
+    Error,
+}
+
+impl LogLevel {
+    fn parse(s: &str) -> Self {
+        match s.to_ascii_lowercase().as_str() {
+            "debug" => Self::Debug,
+            "warn" | "warning" => Self::Warn,
+            "error" => Self::Error,
+            _ => Self::Info,
+        }
+    }
+
+    /// The matching `tracing` level.
+    #[must_use]
+    pub fn as_tracing(self) -> tracing::Level {
+        match self {
+            Self::Debug => tracing::Level::DEBUG,
+            Self::Info => tracing::Level::INFO,
+            Self::Warn => tracing::Level::WARN,
+            Self::Error => tracing::Level::ERROR,
+        }
+    }
+}
+
+/// Everything `tap run` needs, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `--env`: free-form deployment name, logged at start-up.
+    pub env_name: String,
+    /// `--db-url`.
+    pub database: DatabaseUrl,
+    /// `--max-db-conn` (PostgreSQL pool size).
+    pub max_db_conns: usize,
+    /// `--bind`, as a `host:port` string (`:2480` means every interface).
+    pub bind: String,
+    /// `--plc-url`.
+    pub plc_url: Url,
+    /// `--relay-url` exactly as configured (the key of stored cursors).
+    pub relay_url: Url,
+    /// `--firehose-parallelism`.
+    pub firehose_parallelism: usize,
+    /// `--resync-parallelism`.
+    pub resync_parallelism: usize,
+    /// `--outbox-parallelism`.
+    pub outbox_parallelism: usize,
+    /// `--cursor-save-interval`.
+    pub cursor_save_interval: Duration,
+    /// `--no-replay` (applies at start-up only).
+    pub no_replay: bool,
+    /// `--repo-fetch-timeout`.
+    pub repo_fetch_timeout: Duration,
+    /// `--ident-cache-size`.
+    pub ident_cache_size: u64,
+    /// `--outbox-capacity`.
+    pub outbox_capacity: usize,
+    /// `--full-network` / `--signal-collection`.
+    pub scope: TrackingScope,
+    /// `--collection-filters`; empty means every collection.
+    pub collection_filters: Vec<CollectionFilter>,
+    /// `--webhook-url` / `--disable-acks`.
+    pub delivery: DeliveryMode,
+    /// `--webhook-parallelism`: concurrent webhook requests.
+    pub webhook_parallelism: usize,
+    /// `--webhook-secret`: HMAC key for signing webhook bodies; `None` when empty.
+    pub webhook_secret: Option<String>,
+    /// `--outbox-only`.
+    pub outbox_only: bool,
+    /// `--admin-password`; `None` when empty.
+    pub admin_password: Option<String>,
+    /// `--retry-timeout`.
+    pub retry_timeout: Duration,
+    /// `--log-level`.
+    pub log_level: LogLevel,
+    /// `--metrics-listen`; `None` when empty.
+    pub metrics_listen: Option<String>,
+}
+
+impl Config {
+    /// The defaults of every setting, for tests: they then override what they need
+    /// (typically `bind`, `database`, `relay_url`, `plc_url`).
+    ///
+    /// # Panics
+    /// Never: the built-in defaults are valid (a unit test checks it).
+    #[must_use]
+    #[expect(
+        clippy::expect_used,
+        reason = "the built-in defaults are tested to be valid"
+    )]
+    pub fn defaults() -> Self {
+        Self::from_values(&ResolvedValues::defaults()).expect("built-in defaults are valid")
+    }
+}
+
+/// What the command line asked for.
+#[derive(Debug)]
+pub enum Invocation {
+    /// `tap run …`.
+    Run(Box<Config>),
+    /// `tap` with no subcommand: print this help and exit successfully.
+    Help(String),
+}
+
+/// Why the command line could not be turned into an [`Invocation`].
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Usage error, `--help` or `--version`: clap prints and exits with the right code.
+    #[error(transparent)]
+    Clap(#[from] clap::Error),
+    /// A value or combination is invalid.
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+}
+
+/// A snapshot of the environment: process variables, plus a `.env` file's entries for
+/// names that are not already set (the file never overrides).
+#[derive(Debug, Clone, Default)]
+pub struct Environment {
+    vars: HashMap<String, String>,
+}
+
+impl Environment {
+    /// The process environment plus `./.env` if it exists.
+    #[must_use]
+    pub fn from_process_and_dotenv() -> Self {
+        let mut env = Self {
+            vars: std::env::vars().collect(),
+        };
+        env.merge_dotenv(Path::new(".env"));
+        env
+    }
+
+    /// An environment made of exactly these pairs (for tests).
+    pub fn from_pairs<I, K, V>(pairs: I) -> Self
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        Self {
+            vars: pairs
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        }
+    }
+
+    /// Adds the entries of a dotenv file that are not already set. A missing or unreadable
+    /// file is ignored, like godotenv's autoload.
+    pub fn merge_dotenv(&mut self, path: &Path) {
+        let Ok(iter) = dotenvy::from_path_iter(path) else {
+            return;
+        };
+        for (key, value) in iter.flatten() {
+            self.vars.entry(key).or_insert(value);
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        // An empty variable counts as unset, as with urfave/cli.
+        self.vars
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+}
+
+/// The clap command tree: `tap` with the `run` subcommand, built from [`SETTINGS`].
+#[must_use]
+pub fn command() -> Command {
+    let run = SETTINGS.iter().fold(
+        Command::new("run").about("start the tap server"),
+        |cmd, s| cmd.arg(arg_for(s)),
+    );
+    Command::new("tap")
+        .about(
+            "tap: sync a slice of the AT Protocol network, verified, with at-least-once delivery",
+        )
+        .version(env!("CARGO_PKG_VERSION"))
+        .subcommand(run)
+}
+
+fn arg_for(s: &'static Setting) -> Arg {
+    let envs = s.envs.join(", ");
+    let default = if s.default.is_empty() {
+        String::new()
+    } else {
+        format!(" [default: {}]", s.default)
+    };
+    let arg = Arg::new(s.flag)
+        .long(s.flag)
+        .help(format!("{}{default} [env: {envs}]", s.help));
+    match s.kind {
+        Kind::Value => arg.value_name("VALUE").action(ArgAction::Set),
+        // Go flags: `--x` means true, `--x=false` works, `--x false` does not consume `false`.
+        Kind::Bool => arg
+            .num_args(0..=1)
+            .require_equals(true)
+            .default_missing_value("true")
+            .action(ArgAction::Set),
+        Kind::List => arg.value_name("VALUE").action(ArgAction::Append),
+    }
+}
+
+/// Parses a command line (including the program name) against an environment.
+///
+/// # Errors
+/// [`CliError::Clap`] for usage errors, `--help` and `--version`; [`CliError::Invalid`] for
+/// a value that fails validation.
+pub fn parse<I, T>(args: I, env: &Environment) -> Result<Invocation, CliError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let mut cmd = command();
+    let matches = cmd.try_get_matches_from_mut(args)?;
+    match matches.subcommand() {
+        Some(("run", run)) => {
+            let values = ResolvedValues::resolve(run, env);
+            Ok(Invocation::Run(Box::new(Config::from_values(&values)?)))
+        }
+        _ => Ok(Invocation::Help(cmd.render_help().to_string())),
+    }
+}
+
+/// Each setting's raw value(s) after applying precedence.
+struct ResolvedValues {
+    values: HashMap<&'static str, Vec<String>>,
+}
+
+impl ResolvedValues {
+    fn defaults() -> Self {
+        let values = SETTINGS
+            .iter()
+            .map(|s| (s.flag, split_default(s)))
+            .collect();
+        Self { values }
+    }
+
+    fn resolve(matches: &ArgMatches, env: &Environment) -> Self {
+        let values = SETTINGS
+            .iter()
+            .map(|s| {
+                let from_cli = matches.value_source(s.flag) == Some(ValueSource::CommandLine);
+                let raw: Vec<String> = if from_cli {
+                    matches
+                        .get_many::<String>(s.flag)
+                        .map(|vals| vals.cloned().collect())
+                        .unwrap_or_default()
+                } else if let Some(v) = s.envs.iter().find_map(|name| env.get(name)) {
+                    vec![v.to_owned()]
+                } else {
+                    split_default(s)
+                };
+                let raw = if s.kind == Kind::List {
+                    // Both `--f a,b` and `TAP_F=a,b` split on commas; no trimming, like Go.
+                    raw.iter()
+                        .flat_map(|v| v.split(','))
+                        .filter(|v| !v.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                } else {
+                    raw
+                };
+                (s.flag, raw)
+            })
+            .collect();
+        Self { values }
+    }
+
+    fn one(&self, flag: &str) -> &str {
+        self.values
+            .get(flag)
+            .and_then(|v| v.last())
+            .map_or("", String::as_str)
+    }
+
+    fn many(&self, flag: &str) -> &[String] {
+        self.values.get(flag).map_or(&[], Vec::as_slice)
+    }
+}
+
+fn split_default(s: &Setting) -> Vec<String> {
+    if s.default.is_empty() {
+        Vec::new()
+    } else {
+        vec![s.default.to_owned()]
+    }
+}
+
+fn invalid(flag: &'static str, message: impl Into<String>) -> ConfigError {
+    let env = settings::setting(flag)
+        .and_then(|s| s.envs.first().copied())
+        .unwrap_or("");
+    ConfigError {
+        flag,
+        env,
+        message: message.into(),
+    }
+}
+
+impl Config {
+    fn from_values(v: &ResolvedValues) -> Result<Self, ConfigError> {
+        let bool_of = |flag: &'static str| parse_bool(v.one(flag)).map_err(|m| invalid(flag, m));
+        let duration_of =
+            |flag: &'static str| parse_duration(v.one(flag)).map_err(|m| invalid(flag, m));
+        let count_of = |flag: &'static str| -> Result<usize, ConfigError> {
+            match v.one(flag).parse::<usize>() {
+                Ok(0) => Err(invalid(flag, "must be at least 1")),
+                Ok(n) => Ok(n),
+                Err(_) => Err(invalid(
+                    flag,
+                    format!("{:?} is not a positive integer", v.one(flag)),
+                )),
+            }
+        };
+        let http_url_of = |flag: &'static str| -> Result<Url, ConfigError> {
+            let raw = v.one(flag);
+            let url =
+                Url::parse(raw).map_err(|e| invalid(flag, format!("{raw:?} is not a URL: {e}")))?;
+            if url.scheme() != "http" && url.scheme() != "https" {
+                return Err(invalid(
+                    flag,
+                    format!("{raw:?} must start with http:// or https://"),
+                ));
+            }
+            Ok(url)
+        };
+
+        let database =
+            DatabaseUrl::parse(v.one("db-url")).map_err(|e| invalid("db-url", e.to_string()))?;
+
+        let full_network = bool_of("full-network")?;
+        let no_replay = bool_of("no-replay")?;
+        if no_replay && full_network {
+            return Err(invalid(
+                "no-replay",
+                "cannot be combined with --full-network (a full-network mirror must not skip events)",
+            ));
+        }
+        let signal: Vec<Nsid> = v
+            .one("signal-collection")
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse::<Nsid>()
+                    .map_err(|e| invalid("signal-collection", format!("{s:?} is not an NSID: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        let scope = if full_network {
+            TrackingScope::FullNetwork
+        } else if signal.is_empty() {
+            TrackingScope::Dynamic
+        } else {
+            TrackingScope::SignalCollections(signal)
+        };
+
+        let collection_filters = v
+            .many("collection-filters")
+            .iter()
+            .map(|f| {
+                f.parse::<CollectionFilter>()
+                    .map_err(|e| invalid("collection-filters", format!("{f:?}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        // Parsed even when a webhook wins, so a typo never hides until the mode changes.
+        let disable_acks = bool_of("disable-acks")?;
+        let delivery = if !v.one("webhook-url").is_empty() {
+            DeliveryMode::Webhook {
+                url: http_url_of("webhook-url")?,
+            }
+        } else if disable_acks {
+            DeliveryMode::FireAndForget
+        } else {
+            DeliveryMode::WebSocketAck
+        };
+
+        let retry_timeout = duration_of("retry-timeout")?;
+        if retry_timeout.is_zero() {
+            return Err(invalid("retry-timeout", "must be greater than zero"));
+        }
+        let cursor_save_interval = duration_of("cursor-save-interval")?;
+        if cursor_save_interval.is_zero() {
+            return Err(invalid("cursor-save-interval", "must be greater than zero"));
+        }
+        let repo_fetch_timeout = match duration_of("repo-fetch-timeout")? {
+            // The Go tap treats a non-positive timeout as 30 s.
+            d if d.is_zero() => Duration::from_secs(30),
+            d => d,
+        };
+
+        let ident_cache_size = v.one("ident-cache-size").parse::<u64>().map_err(|_| {
+            invalid(
+                "ident-cache-size",
+                format!(
+                    "{:?} is not a non-negative integer",
+                    v.one("ident-cache-size")
+                ),
+            )
+        })?;
+
+        let non_empty = |flag: &str| Some(v.one(flag).to_owned()).filter(|s| !s.is_empty());
+
+        let bind = v.one("bind").to_owned();
+        validate_listen_addr(&bind).map_err(|m| invalid("bind", m))?;
+        let metrics_listen = non_empty("metrics-listen");
+        if let Some(addr) = &metrics_listen {
+            validate_listen_addr(addr).map_err(|m| invalid("metrics-listen", m))?;
+        }
+
+        Ok(Self {
+            env_name: v.one("env").to_owned(),
+            database,
+            max_db_conns: count_of("max-db-conn")?,
+            bind,
+            plc_url: http_url_of("plc-url")?,
+            relay_url: http_url_of("relay-url")?,
+            firehose_parallelism: count_of("firehose-parallelism")?,
+            resync_parallelism: count_of("resync-parallelism")?,
+            outbox_parallelism: count_of("outbox-parallelism")?,
+            cursor_save_interval,
+            no_replay,
+            repo_fetch_timeout,
+            ident_cache_size,
+            outbox_capacity: count_of("outbox-capacity")?,
+            scope,
+            collection_filters,
+            delivery,
+            webhook_parallelism: count_of("webhook-parallelism")?,
+            webhook_secret: non_empty("webhook-secret"),
+            outbox_only: bool_of("outbox-only")?,
+            admin_password: non_empty("admin-password"),
+            retry_timeout,
+            log_level: LogLevel::parse(v.one("log-level")),
+            metrics_listen,
+        })
+    }
+}
+
+/// Checks a Go-style listen address: `host:port`, `:port`, or `[v6]:port`.
+fn validate_listen_addr(addr: &str) -> Result<(), String> {
+    let (_, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{addr:?} must be host:port or :port"))?;
+    port.parse::<u16>()
+        .map(|_| ())
+        .map_err(|_| format!("{addr:?} has an invalid port"))
+}
+
+/// Turns a Go-style listen address into one `tokio::net::TcpListener::bind` accepts:
+/// `:2480` (every interface) becomes `0.0.0.0:2480`.
+#[must_use]
+pub fn listen_addr(addr: &str) -> String {
+    if addr.starts_with(':') {
+        format!("0.0.0.0{addr}")
+    } else {
+        addr.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,228 @@
+//! The table of every `tap run` setting: flag, environment variables, default and help.
+//!
+//! This table is the single source of truth. The clap command, the environment lookup
+//! (aliases included), `--help` and the README's configuration table (checked by the
+//! `config_docs` test) are all derived from it, so they cannot drift apart.
+
+/// How a setting's value is written on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `--flag value` or `--flag=value`.
+    Value,
+    /// Go-style boolean: `--flag`, `--flag=true`, `--flag=false` (env: Go `ParseBool` forms).
+    Bool,
+    /// Repeatable, and comma-separated both on the command line and in the environment.
+    List,
+}
+
+/// One `tap run` setting.
+#[derive(Debug, Clone, Copy)]
+pub struct Setting {
+    /// Long flag name without dashes; also the clap id.
+    pub flag: &'static str,
+    /// Environment variables, in precedence order. The first is the documented one.
+    pub envs: &'static [&'static str],
+    /// Default as the user would write it; `""` means "unset".
+    pub default: &'static str,
+    /// Command-line syntax.
+    pub kind: Kind,
+    /// One-line help text.
+    pub help: &'static str,
+    /// `true` for settings that the Go tap does not have (documented as extensions).
+    pub extension: bool,
+}
+
+const fn value(
+    flag: &'static str,
+    envs: &'static [&'static str],
+    default: &'static str,
+    help: &'static str,
+) -> Setting {
+    Setting {
+        flag,
+        envs,
+        default,
+        kind: Kind::Value,
+        help,
+        extension: false,
+    }
+}
+
+const fn boolean(flag: &'static str, envs: &'static [&'static str], help: &'static str) -> Setting {
+    Setting {
+        flag,
+        envs,
+        default: "false",
+        kind: Kind::Bool,
+        help,
+        extension: false,
+    }
+}
+
+/// Every setting of `tap run`, in the order `--help` shows them.
+pub const SETTINGS: &[Setting] = &[
+    value(
+        "env",
+        &["TAP_ENV"],
+        "dev",
+        "deployment environment name, for observability only",
+    ),
+    value(
+        "db-url",
+        &["TAP_DATABASE_URL"],
+        "sqlite://./tap.db",
+        "database URL: sqlite://<path> or postgres://…",
+    ),
+    value(
+        "max-db-conn",
+        &["TAP_MAX_DB_CONNS"],
+        "32",
+        "maximum number of PostgreSQL connections",
+    ),
+    value(
+        "bind",
+        &["TAP_BIND"],
+        ":2480",
+        "HTTP listen address for the API and /channel",
+    ),
+    value(
+        "plc-url",
+        &["TAP_PLC_URL", "ATP_PLC_HOST"],
+        "https://plc.directory",
+        "PLC directory HTTP/HTTPS URL",
+    ),
+    value(
+        "relay-url",
+        &["TAP_RELAY_URL"],
+        "https://relay1.us-east.bsky.network",
+        "AT Protocol relay HTTP/HTTPS URL (firehose and repo listing)",
+    ),
+    value(
+        "firehose-parallelism",
+        &["TAP_FIREHOSE_PARALLELISM"],
+        "10",
+        "concurrent firehose event processors",
+    ),
+    value(
+        "resync-parallelism",
+        &["TAP_RESYNC_PARALLELISM"],
+        "5",
+        "concurrent resync workers",
+    ),
+    value(
+        "outbox-parallelism",
+        &["TAP_OUTBOX_PARALLELISM"],
+        "1",
+        "concurrent outbox delivery workers",
+    ),
+    value(
+        "cursor-save-interval",
+        &["TAP_CURSOR_SAVE_INTERVAL"],
+        "1s",
+        "how often to persist the firehose cursor",
+    ),
+    boolean(
+        "no-replay",
+        &["TAP_NO_REPLAY"],
+        "ignore the saved cursor at start-up and connect at the firehose head; not with --full-network",
+    ),
+    value(
+        "repo-fetch-timeout",
+        &["TAP_REPO_FETCH_TIMEOUT"],
+        "300s",
+        "timeout for fetching a repo CAR from its PDS",
+    ),
+    value(
+        "ident-cache-size",
+        &["TAP_IDENT_CACHE_SIZE", "RELAY_IDENT_CACHE_SIZE"],
+        "2000000",
+        "size of the in-process identity cache",
+    ),
+    value(
+        "outbox-capacity",
+        &["TAP_OUTBOX_CAPACITY"],
+        "100000",
+        "events in flight in the outbox before back-pressure is applied",
+    ),
+    boolean(
+        "full-network",
+        &["TAP_FULL_NETWORK"],
+        "track every repo on the network",
+    ),
+    value(
+        "signal-collection",
+        &["TAP_SIGNAL_COLLECTION"],
+        "",
+        "track every repo with at least one record in this collection (comma-separated for several)",
+    ),
+    boolean(
+        "disable-acks",
+        &["TAP_DISABLE_ACKS"],
+        "fire-and-forget delivery: no client acks",
+    ),
+    value(
+        "webhook-url",
+        &["TAP_WEBHOOK_URL"],
+        "",
+        "deliver events by POST to this URL instead of the WebSocket",
+    ),
+    Setting {
+        flag: "webhook-parallelism",
+        envs: &["TAP_WEBHOOK_PARALLELISM"],
+        default: "16",
+        kind: Kind::Value,
+        help: "concurrent webhook requests (extension)",
+        extension: true,
+    },
+    Setting {
+        flag: "webhook-secret",
+        envs: &["TAP_WEBHOOK_SECRET"],
+        default: "",
+        kind: Kind::Value,
+        help: "sign webhook bodies with HMAC-SHA256 in the x-tap-signature header (extension)",
+        extension: true,
+    },
+    Setting {
+        flag: "collection-filters",
+        envs: &["TAP_COLLECTION_FILTERS"],
+        default: "",
+        kind: Kind::List,
+        help: "comma-separated collection filters; `*` only as a whole last segment (app.bsky.*)",
+        extension: false,
+    },
+    boolean(
+        "outbox-only",
+        &["TAP_OUTBOX_ONLY"],
+        "only deliver the outbox: no firehose, resync or enumeration",
+    ),
+    value(
+        "admin-password",
+        &["TAP_ADMIN_PASSWORD"],
+        "",
+        "require HTTP Basic auth (user admin) on every request; also sent to the webhook",
+    ),
+    value(
+        "retry-timeout",
+        &["TAP_RETRY_TIMEOUT"],
+        "60s",
+        "time before an unacked event is sent again",
+    ),
+    value(
+        "log-level",
+        &["TAP_LOG_LEVEL", "LOG_LEVEL"],
+        "info",
+        "log verbosity: debug, info, warn, error",
+    ),
+    value(
+        "metrics-listen",
+        &["TAP_METRICS_LISTEN"],
+        "",
+        "address of the Prometheus /metrics server (disabled if empty)",
+    ),
+];
+
+/// Looks a setting up by flag name.
+#[must_use]
+pub fn setting(flag: &str) -> Option<&'static Setting> {
+    SETTINGS.iter().find(|s| s.flag == flag)
+}

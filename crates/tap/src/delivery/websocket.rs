@@ -1,0 +1,146 @@
+//! One `/channel` WebSocket session: writes released events as text frames (one event per
+//! frame) and reads acks `{"type":"ack","id":N}`.
+//!
+//! The server never sends a close frame: the `@atproto/tap` client reconnects only after an
+//! abnormal closure, so ending a session (shutdown, malformed client frame, write error)
+//! just drops the connection. A malformed frame ends only that session.
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use axum::extract::ws::{Message, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use super::DeliveryHub;
+use crate::outbox::{AckMode, Input};
+use crate::store::EventId;
+use crate::telemetry as t;
+
+/// Largest client frame accepted (acks are ~30 bytes).
+pub const MAX_CLIENT_FRAME: usize = 64 * 1024;
+/// Frames written before one flush.
+const WRITE_BATCH: usize = 256;
+
+/// A client frame. Like the Go tap, absent fields take zero values and unknown keys are
+/// ignored; anything that is not an object with a string `type` and an unsigned `id` is
+/// malformed.
+#[derive(Debug, Deserialize)]
+struct ClientFrame {
+    #[serde(default, rename = "type")]
+    kind: String,
+    #[serde(default)]
+    id: u64,
+}
+
+/// Why a session ended (for the log).
+#[derive(Debug, Clone, Copy)]
+enum End {
+    ClientClosed,
+    Malformed,
+    WriteFailed,
+    Shutdown,
+}
+
+/// Runs one session until the client goes, a frame is malformed, a write fails or `stop`
+/// is cancelled.
+pub async fn run_session(socket: WebSocket, hub: DeliveryHub, stop: CancellationToken) {
+    if hub.inputs.send(Input::SessionOpened).await.is_err() {
+        return;
+    }
+    metrics::gauge!(t::CHANNEL_SESSIONS).increment(1.0);
+    let (mut sink, mut stream) = socket.split();
+    // Events taken from the shared queue and not yet confirmed written. Whatever is left
+    // here when the session ends goes back to the actor, whichever future was running.
+    let taken: Mutex<Vec<EventId>> = Mutex::new(Vec::new());
+
+    let reader = async {
+        while let Some(msg) = stream.next().await {
+            let bytes = match msg {
+                Ok(Message::Text(text)) => text.as_bytes().to_vec(),
+                Ok(Message::Binary(bin)) => bin.to_vec(),
+                Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+                Ok(Message::Close(_)) | Err(_) => return End::ClientClosed,
+            };
+            if hub.ack_mode != AckMode::ClientAck {
+                continue; // fire-and-forget: client messages are read and ignored
+            }
+            match serde_json::from_slice::<ClientFrame>(&bytes) {
+                Ok(frame) if frame.kind == "ack" => {
+                    if hub
+                        .inputs
+                        .send(Input::Acked(vec![EventId(frame.id)]))
+                        .await
+                        .is_err()
+                    {
+                        return End::Shutdown;
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::info!(%error, "Dropping /channel client after a malformed frame.");
+                    return End::Malformed;
+                }
+            }
+        }
+        End::ClientClosed
+    };
+
+    let writer = async {
+        loop {
+            let Ok(first) = hub.queue.recv().await else {
+                return End::Shutdown;
+            };
+            let mut batch = vec![first];
+            while batch.len() < WRITE_BATCH {
+                match hub.queue.try_recv() {
+                    Ok(d) => batch.push(d),
+                    Err(_) => break,
+                }
+            }
+            lock(&taken).extend(batch.iter().map(|d| d.id));
+            let mut ok = true;
+            for d in batch {
+                if sink.feed(Message::Text(d.text.into())).await.is_err() {
+                    ok = false;
+                    break;
+                }
+            }
+            if !ok || sink.flush().await.is_err() {
+                return End::WriteFailed;
+            }
+            let ids = std::mem::take(&mut *lock(&taken));
+            metrics::counter!(t::EVENTS_DELIVERED).increment(ids.len() as u64);
+            let report = match hub.ack_mode {
+                AckMode::OnWrite => Input::Acked(ids),
+                _ => Input::Sent(ids, Instant::now()),
+            };
+            if hub.inputs.send(report).await.is_err() {
+                return End::Shutdown;
+            }
+        }
+    };
+
+    let end = tokio::select! {
+        end = reader => end,
+        end = writer => end,
+        () = stop.cancelled() => End::Shutdown,
+    };
+    let unsent = std::mem::take(&mut *lock(&taken));
+    if !unsent.is_empty() {
+        let _ = hub.inputs.send(Input::Unsent(unsent)).await;
+    }
+    let _ = hub.inputs.send(Input::SessionClosed).await;
+    metrics::gauge!(t::CHANNEL_SESSIONS).decrement(1.0);
+    tracing::debug!(?end, "Channel session ended.");
+    // Dropping both halves closes the TCP connection without a close frame.
+}
+
+/// Locks the session's bookkeeping; a poisoned lock only means a panic elsewhere in this
+/// session, and the list is still valid.
+fn lock(taken: &Mutex<Vec<EventId>>) -> std::sync::MutexGuard<'_, Vec<EventId>> {
+    taken
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -1,0 +1,33 @@
+//! Start-up and fatal errors of the whole process. Each displays as one line that says what
+//! failed and where; `main` logs it and exits non-zero.
+
+use crate::store::StoreError;
+
+/// Why tap could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The database could not be opened or migrated.
+    #[error("cannot open the database: {0}")]
+    Store(#[from] StoreError),
+    /// A listener could not be bound (port in use, bad address, permission).
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Which server.
+        what: &'static str,
+        /// The address as configured.
+        addr: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The webhook HTTP client could not be built (TLS roots, system configuration).
+    #[error("cannot start webhook delivery: {0}")]
+    Webhook(String),
+    /// An HTTP server failed while running.
+    #[error("{what} server failed: {source}")]
+    Serve {
+        /// Which server.
+        what: &'static str,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}

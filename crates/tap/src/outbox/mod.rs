@@ -1,0 +1,163 @@
+//! The outbox: the durable queue of events not yet acked by a consumer.
+//!
+//! Producers call [`Outbox::append`], which commits a repo event (state, record index and
+//! outbox rows) in one transaction and hands the new events to the scheduler actor. The
+//! actor applies the per-DID ordering rules ([`ordering`]) and offers released events on
+//! one shared queue that every delivery session pulls from. Acks flow back to the actor,
+//! which frees capacity and passes the ids to the batched deleter ([`acks`]).
+//!
+//! Back-pressure: a semaphore of `--outbox-capacity` permits; every event holds one from
+//! append to ack, so producers wait when consumers fall behind. No queue is unbounded.
+
+pub mod acks;
+pub mod loader;
+pub mod ordering;
+pub mod scheduler;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc, watch};
+
+use crate::store::{EventId, RepoWrite, Store, StoreError};
+
+pub use scheduler::{Delivery, Input};
+
+/// How the consumer acknowledges events; decides when an event is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckMode {
+    /// Done when the client acks; resent after the retry timeout.
+    ClientAck,
+    /// Done once written to a connection.
+    OnWrite,
+    /// Done on a 2xx from the webhook; retried by the webhook sender itself.
+    Webhook,
+}
+
+/// Settings of the outbox stage.
+#[derive(Debug, Clone, Copy)]
+pub struct OutboxSettings {
+    /// Events in flight before producers wait (`--outbox-capacity`).
+    pub capacity: usize,
+    /// When an event counts as done.
+    pub ack_mode: AckMode,
+    /// Resend delay for unacked events in [`AckMode::ClientAck`] (`--retry-timeout`).
+    pub retry_timeout: Duration,
+}
+
+/// Why an append failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    /// The store rejected or failed the write; nothing was committed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Tap is shutting down.
+    #[error("the outbox is shut down")]
+    Closed,
+}
+
+impl OutboxError {
+    /// Whether retrying later may succeed.
+    #[must_use]
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Store(e) => e.is_transient(),
+            Self::Closed => false,
+        }
+    }
+}
+
+/// The producers' handle. Cheap to clone.
+#[derive(Clone)]
+pub struct Outbox {
+    store: Store,
+    permits: Arc<Semaphore>,
+    capacity: usize,
+    inputs: mpsc::Sender<Input>,
+    ready: watch::Receiver<bool>,
+}
+
+impl Outbox {
+    /// A handle over the given store, actor inputs and capacity semaphore.
+    pub(crate) fn new(
+        store: Store,
+        permits: Arc<Semaphore>,
+        capacity: usize,
+        inputs: mpsc::Sender<Input>,
+        ready: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            store,
+            permits,
+            capacity,
+            inputs,
+            ready,
+        }
+    }
+
+    /// Commits one repo event in one transaction and queues its events for delivery.
+    ///
+    /// Waits first until the backlog of a previous run is loaded (so per-DID order holds
+    /// across restarts) and until there is capacity for the events.
+    ///
+    /// # Errors
+    /// [`OutboxError::Store`] if the transaction failed (nothing was written);
+    /// [`OutboxError::Closed`] during shutdown.
+    pub async fn append(&self, write: RepoWrite) -> Result<Vec<EventId>, OutboxError> {
+        let mut ready = self.ready.clone();
+        ready
+            .wait_for(|r| *r)
+            .await
+            .map_err(|_| OutboxError::Closed)?;
+        let wanted = write.events.len().min(self.capacity);
+        let permits = u32::try_from(wanted).unwrap_or(u32::MAX);
+        if permits > 0 {
+            self.permits
+                .acquire_many(permits)
+                .await
+                .map_err(|_| OutboxError::Closed)?
+                .forget();
+        }
+        let did = write.did.clone();
+        let events: Vec<(bool, String)> = write
+            .events
+            .iter()
+            .map(|e| (e.live, e.payload.clone()))
+            .collect();
+        let ids = match self.store.apply(write).await {
+            Ok(ids) => ids,
+            Err(e) => {
+                self.permits.add_permits(wanted);
+                return Err(e.into());
+            }
+        };
+        if ids.len() < events.len() {
+            // The write was skipped by its precondition (e.g. the repo was removed).
+            self.permits.add_permits(wanted);
+            return Ok(ids);
+        }
+        let queued = ids
+            .iter()
+            .zip(events)
+            .enumerate()
+            .map(|(i, (&id, (live, payload)))| scheduler::Queued {
+                id,
+                did: did.clone(),
+                live,
+                payload,
+                holds_permit: i < wanted,
+            })
+            .collect();
+        self.inputs
+            .send(Input::Appended(queued))
+            .await
+            .map_err(|_| OutboxError::Closed)?;
+        Ok(ids)
+    }
+
+    /// The store behind the outbox (reads only; writes go through [`append`](Self::append)).
+    #[must_use]
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+}

@@ -1,0 +1,225 @@
+use super::*;
+use proptest::prelude::*;
+
+const H: Barrier = Barrier::Free;
+const L: Barrier = Barrier::Live;
+
+fn ids(v: &[u64]) -> Vec<EventId> {
+    v.iter().copied().map(EventId).collect()
+}
+
+#[test]
+fn readme_example_releases_in_the_documented_waves() {
+    // H1,H2,L1,H3,H4,L2,H5 → {H1,H2} → L1 → {H3,H4} → L2 → H5
+    let mut s = OrderingScheduler::new();
+    let mut released = Vec::new();
+    for (id, b) in [(1, H), (2, H), (3, L), (4, H), (5, H), (6, L), (7, H)] {
+        released.extend(s.push("did:plc:a", EventId(id), b));
+    }
+    assert_eq!(released, ids(&[1, 2]));
+    assert_eq!(s.ack(EventId(1)), ids(&[]));
+    assert_eq!(s.ack(EventId(2)), ids(&[3]));
+    assert_eq!(s.ack(EventId(3)), ids(&[4, 5]));
+    assert_eq!(s.ack(EventId(5)), ids(&[]));
+    assert_eq!(s.ack(EventId(4)), ids(&[6]));
+    assert_eq!(s.ack(EventId(6)), ids(&[7]));
+    assert_eq!(s.ack(EventId(7)), ids(&[]));
+    assert_eq!(s.did_count(), 0, "an idle DID costs no memory");
+}
+
+#[test]
+fn historical_events_fly_together() {
+    let mut s = OrderingScheduler::new();
+    assert_eq!(s.push("d", EventId(1), H), ids(&[1]));
+    assert_eq!(s.push("d", EventId(2), H), ids(&[2]));
+    assert_eq!(s.push("d", EventId(3), H), ids(&[3]));
+    assert_eq!(s.in_flight_len(), 3);
+}
+
+#[test]
+fn live_event_waits_for_inflight_historical() {
+    let mut s = OrderingScheduler::new();
+    s.push("d", EventId(1), H);
+    s.push("d", EventId(2), H);
+    assert_eq!(s.push("d", EventId(3), L), ids(&[]));
+    assert_eq!(s.push("d", EventId(4), H), ids(&[]), "H3 waits behind L1");
+    assert_eq!(s.ack(EventId(1)), ids(&[]));
+    assert_eq!(s.ack(EventId(2)), ids(&[3]));
+    assert_eq!(s.ack(EventId(3)), ids(&[4]));
+}
+
+#[test]
+fn consecutive_live_events_go_one_at_a_time() {
+    let mut s = OrderingScheduler::new();
+    assert_eq!(s.push("d", EventId(1), L), ids(&[1]));
+    assert_eq!(s.push("d", EventId(2), L), ids(&[]));
+    assert_eq!(s.push("d", EventId(3), L), ids(&[]));
+    assert_eq!(s.ack(EventId(1)), ids(&[2]));
+    assert_eq!(s.ack(EventId(2)), ids(&[3]));
+}
+
+#[test]
+fn a_first_live_event_blocks_a_later_historical_one() {
+    let mut s = OrderingScheduler::new();
+    assert_eq!(s.push("d", EventId(1), L), ids(&[1]));
+    assert_eq!(s.push("d", EventId(2), H), ids(&[]));
+    assert_eq!(s.ack(EventId(1)), ids(&[2]));
+}
+
+#[test]
+fn dids_are_independent() {
+    let mut s = OrderingScheduler::new();
+    assert_eq!(s.push("a", EventId(1), L), ids(&[1]));
+    assert_eq!(s.push("b", EventId(2), L), ids(&[2]));
+    assert_eq!(s.push("a", EventId(3), H), ids(&[]));
+    assert_eq!(s.push("b", EventId(4), H), ids(&[]));
+    assert_eq!(s.ack(EventId(2)), ids(&[4]));
+    assert_eq!(s.ack(EventId(1)), ids(&[3]));
+}
+
+#[test]
+fn unknown_and_duplicate_acks_are_ignored() {
+    let mut s = OrderingScheduler::new();
+    s.push("d", EventId(1), L);
+    s.push("d", EventId(2), L);
+    assert_eq!(s.ack(EventId(99)), ids(&[]));
+    assert_eq!(s.ack(EventId(1)), ids(&[2]));
+    assert_eq!(
+        s.ack(EventId(1)),
+        ids(&[]),
+        "a repeated ack releases nothing"
+    );
+    assert_eq!(s.in_flight_len(), 1);
+}
+
+#[test]
+fn resend_happens_once_per_timeout_from_the_last_send() {
+    let mut s = OrderingScheduler::new();
+    let t0 = Instant::now();
+    let timeout = Duration::from_secs(60);
+    s.push("d", EventId(1), H);
+    s.mark_sent(EventId(1), t0);
+    assert_eq!(
+        s.due_for_resend(t0 + Duration::from_secs(59), timeout),
+        ids(&[])
+    );
+    assert_eq!(s.due_for_resend(t0 + timeout, timeout), ids(&[1]));
+    // Not due again on the next tick: only after it is sent again and times out again.
+    assert_eq!(
+        s.due_for_resend(t0 + Duration::from_secs(61), timeout),
+        ids(&[])
+    );
+    s.mark_sent(EventId(1), t0 + Duration::from_secs(61));
+    assert_eq!(
+        s.due_for_resend(t0 + Duration::from_secs(120), timeout),
+        ids(&[])
+    );
+    assert_eq!(
+        s.due_for_resend(t0 + Duration::from_secs(121), timeout),
+        ids(&[1])
+    );
+}
+
+#[test]
+fn acked_events_are_never_due_for_resend() {
+    let mut s = OrderingScheduler::new();
+    let t0 = Instant::now();
+    s.push("d", EventId(1), H);
+    s.mark_sent(EventId(1), t0);
+    s.ack(EventId(1));
+    assert_eq!(
+        s.due_for_resend(t0 + Duration::from_secs(600), Duration::from_secs(1)),
+        ids(&[])
+    );
+}
+
+#[test]
+fn a_failed_write_hands_the_event_back_without_breaking_order() {
+    let mut s = OrderingScheduler::new();
+    s.push("d", EventId(1), L);
+    s.push("d", EventId(2), H);
+    let t0 = Instant::now();
+    s.mark_sent(EventId(1), t0);
+    s.mark_unsent(EventId(1));
+    assert_eq!(
+        s.due_for_resend(t0 + Duration::from_secs(600), Duration::from_secs(1)),
+        ids(&[]),
+        "the caller resends it; the timer must not add a second copy"
+    );
+    assert_eq!(s.in_flight_len(), 1);
+    assert_eq!(
+        s.ack(EventId(1)),
+        ids(&[2]),
+        "still in flight; its ack still releases"
+    );
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Push { did: u8, live: bool },
+    Ack { pick: usize },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0u8..4, any::<bool>()).prop_map(|(did, live)| Op::Push { did, live }),
+        any::<usize>().prop_map(|pick| Op::Ack { pick }),
+    ]
+}
+
+proptest! {
+    /// Invariants over random interleavings of pushes and acks:
+    /// a live event never flies alongside another event of its DID; events of a DID are
+    /// released in id order; everything pushed is eventually released once all is acked.
+    #[test]
+    fn ordering_invariants_hold_for_random_sequences(ops in proptest::collection::vec(op(), 1..200)) {
+        let mut s = OrderingScheduler::new();
+        let mut next = 1u64;
+        let mut flying: Vec<(EventId, u8, bool)> = Vec::new();
+        let mut released_per_did: HashMap<u8, Vec<u64>> = HashMap::new();
+        let mut pushed = 0usize;
+        let mut check = |rel: Vec<EventId>, flying: &mut Vec<(EventId, u8, bool)>, meta: &HashMap<u64, (u8, bool)>| {
+            for id in rel {
+                let (did, live) = meta[&id.0];
+                released_per_did.entry(did).or_default().push(id.0);
+                flying.push((id, did, live));
+            }
+            for did in 0u8..4 {
+                let mine: Vec<_> = flying.iter().filter(|f| f.1 == did).collect();
+                if mine.iter().any(|f| f.2) {
+                    prop_assert_eq!(mine.len(), 1, "a live event flew with another event of its DID");
+                }
+            }
+            Ok(())
+        };
+        let mut meta: HashMap<u64, (u8, bool)> = HashMap::new();
+        for op in ops {
+            match op {
+                Op::Push { did, live } => {
+                    meta.insert(next, (did, live));
+                    let rel = s.push(&did.to_string(), EventId(next), Barrier::from_live(live));
+                    next += 1;
+                    pushed += 1;
+                    check(rel, &mut flying, &meta)?;
+                }
+                Op::Ack { pick } => {
+                    if flying.is_empty() { continue; }
+                    let (id, _, _) = flying.remove(pick % flying.len());
+                    let rel = s.ack(id);
+                    check(rel, &mut flying, &meta)?;
+                }
+            }
+        }
+        while let Some((id, _, _)) = flying.pop() {
+            let rel = s.ack(id);
+            check(rel, &mut flying, &meta)?;
+        }
+        for ids in released_per_did.values() {
+            let mut sorted = ids.clone();
+            sorted.sort_unstable();
+            prop_assert_eq!(ids, &sorted, "released out of id order");
+        }
+        prop_assert_eq!(released_per_did.values().map(Vec::len).sum::<usize>(), pushed);
+        prop_assert_eq!(s.did_count(), 0);
+    }
+}

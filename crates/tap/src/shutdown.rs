@@ -1,0 +1,76 @@
+//! Designed shutdown: one root cancellation token, and a tracker so every spawned task is
+//! awaited. Order (docs/architecture.md): stop intake, drain in-flight work under a
+//! deadline, flush cursors and acks under their own deadline, stop HTTP, close the store.
+
+use std::time::Duration;
+
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+/// How long in-flight work may take to finish after shutdown is requested.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+/// How long the final flushes (cursor, acks, store) may take. Separate from the drain so a
+/// slow drain never eats the time needed to save state.
+pub const FLUSH_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The shutdown tree shared by every stage.
+#[derive(Clone, Debug, Default)]
+pub struct Shutdown {
+    token: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Shutdown {
+    /// A fresh, untriggered shutdown tree.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Token cancelled when shutdown starts; every loop selects on it.
+    #[must_use]
+    pub fn token(&self) -> CancellationToken {
+        self.token.clone()
+    }
+
+    /// Tracker that owns every spawned task.
+    #[must_use]
+    pub fn tracker(&self) -> &TaskTracker {
+        &self.tracker
+    }
+
+    /// Starts shutdown.
+    pub fn trigger(&self) {
+        self.token.cancel();
+    }
+
+    /// Waits for every tracked task, up to `deadline`. Returns `false` on timeout.
+    pub async fn wait_tasks(&self, deadline: Duration) -> bool {
+        self.tracker.close();
+        tokio::time::timeout(deadline, self.tracker.wait())
+            .await
+            .is_ok()
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

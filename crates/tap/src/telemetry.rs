@@ -1,0 +1,80 @@
+//! Logs and metrics in one house style: JSON log lines on stdout, Prometheus metric names
+//! as constants here with their descriptions, rendered at `/metrics`.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::config::LogLevel;
+
+/// Build information, always 1, labelled with the version.
+pub const BUILD_INFO: &str = "tap_build_info";
+
+/// Events written to a consumer (WebSocket frame or webhook 2xx), resends included.
+pub const EVENTS_DELIVERED: &str = "tap_events_delivered_total";
+/// Events the consumer is done with (ack, fire-and-forget write, webhook 2xx).
+pub const EVENTS_ACKED: &str = "tap_events_acked_total";
+/// Unacked events sent again after the retry timeout.
+pub const EVENTS_REDELIVERED: &str = "tap_events_redelivered_total";
+/// Events queued or in flight in the outbox actor.
+pub const OUTBOX_HELD: &str = "tap_outbox_events_held";
+/// Age of the oldest unacked event held by the outbox actor.
+pub const OUTBOX_OLDEST_UNACKED_SECONDS: &str = "tap_outbox_oldest_unacked_seconds";
+/// Connected `/channel` sessions.
+pub const CHANNEL_SESSIONS: &str = "tap_channel_sessions";
+/// Webhook requests by outcome (`success`, `non_2xx`, `rejected`, `error`).
+pub const WEBHOOK_REQUESTS: &str = "tap_webhook_requests_total";
+/// Webhook retries by cause (`non_2xx`, `rejected`, `error`).
+pub const WEBHOOK_RETRIES: &str = "tap_webhook_retries_total";
+
+/// Installs the JSON log subscriber on stdout. Later calls (tests starting several apps
+/// in one process) keep the first subscriber.
+pub fn init_logging(level: LogLevel) {
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_span_list(false)
+        .with_target(false)
+        .with_max_level(level.as_tracing())
+        .with_writer(std::io::stdout)
+        .try_init();
+}
+
+/// The process-wide Prometheus recorder (installed once) and its handle for rendering.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder was installed first (a test harness); the
+            // handle then renders an empty registry, which is harmless.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    metrics::describe_gauge!(BUILD_INFO, "Always 1; labelled with the tap version.");
+    metrics::describe_counter!(
+        EVENTS_DELIVERED,
+        "Events written to a consumer, resends included."
+    );
+    metrics::describe_counter!(EVENTS_ACKED, "Events the consumer is done with.");
+    metrics::describe_counter!(
+        EVENTS_REDELIVERED,
+        "Unacked events sent again after the retry timeout."
+    );
+    metrics::describe_gauge!(OUTBOX_HELD, "Events queued or in flight in the outbox.");
+    metrics::describe_gauge!(
+        OUTBOX_OLDEST_UNACKED_SECONDS,
+        "Age of the oldest unacked event."
+    );
+    metrics::describe_gauge!(CHANNEL_SESSIONS, "Connected /channel sessions.");
+    metrics::describe_counter!(WEBHOOK_REQUESTS, "Webhook requests by outcome.");
+    metrics::describe_counter!(WEBHOOK_RETRIES, "Webhook retries by cause.");
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}

@@ -1,0 +1,203 @@
+//! The `tap` binary as a user runs it: help and version, start-up failures that exit
+//! non-zero with one clear line, the default SQLite file, and graceful SIGTERM.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn tap() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tap"));
+    // Keep the user's environment from leaking into the test.
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    cmd
+}
+
+fn wait_with_deadline(child: &mut Child, deadline: Duration) -> ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            panic!("tap did not exit within {deadline:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn run_to_exit(cmd: &mut Command) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_with_deadline(&mut child, Duration::from_secs(30));
+    child.wait_with_output().unwrap()
+}
+
+fn lines(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .chain(String::from_utf8_lossy(&out.stderr).lines())
+        .map(str::to_owned)
+        .filter(|l| !l.trim().is_empty())
+        .collect()
+}
+
+#[test]
+fn version_and_help_describe_the_run_command() {
+    let out = run_to_exit(tap().arg("--version"));
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("tap {}", env!("CARGO_PKG_VERSION"))
+    );
+    let out = run_to_exit(tap().arg("--help"));
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("run"));
+    let out = run_to_exit(tap().args(["run", "--help"]));
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for s in tap::config::settings::SETTINGS {
+        assert!(
+            help.contains(&format!("--{}", s.flag)),
+            "--{} missing from help",
+            s.flag
+        );
+        assert!(help.contains(s.envs[0]), "{} missing from help", s.envs[0]);
+    }
+    // Bare `tap` prints help and succeeds, like the Go tap.
+    let out = run_to_exit(&mut tap());
+    assert!(out.status.success());
+}
+
+#[test]
+fn invalid_configuration_exits_non_zero_with_one_line_naming_the_flag() {
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case<'_>; 4] = [
+        (
+            &["run", "--relay-url=ftp://relay.example"],
+            &[],
+            "--relay-url",
+        ),
+        (
+            &["run", "--no-replay", "--full-network"],
+            &[],
+            "--no-replay",
+        ),
+        (&["run"], &[("TAP_DATABASE_URL", "mysql://x/y")], "--db-url"),
+        (
+            &["run", "--collection-filters=app.bsky.feed*"],
+            &[],
+            "--collection-filters",
+        ),
+    ];
+    for (args, envs, flag) in cases {
+        let out = run_to_exit(tap().args(args).envs(envs.iter().copied()));
+        assert!(!out.status.success(), "{args:?} should fail");
+        let lines = lines(&out);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].contains(flag), "{lines:?}");
+    }
+}
+
+#[test]
+fn a_port_in_use_exits_non_zero_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap();
+    let out = run_to_exit(
+        tap()
+            .args(["run", &format!("--bind={addr}")])
+            .current_dir(dir.path()),
+    );
+    assert!(!out.status.success());
+    let lines = lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("cannot listen on"), "{lines:?}");
+    assert!(lines[0].contains(&addr.to_string()), "{lines:?}");
+}
+
+#[test]
+fn an_unreachable_database_exits_non_zero_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on port 1.
+    let out = run_to_exit(
+        tap()
+            .args([
+                "run",
+                "--bind=127.0.0.1:0",
+                "--db-url=postgres://postgres@127.0.0.1:1/tap",
+            ])
+            .current_dir(dir.path()),
+    );
+    assert!(!out.status.success());
+    let lines = lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("cannot open the database"), "{lines:?}");
+}
+
+#[test]
+fn default_run_creates_tap_db_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = tap()
+        .args(["run", "--bind=127.0.0.1:0"])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let started = rx
+        .iter()
+        .find(|l| l.contains("Starting tap."))
+        .expect("start-up log line");
+    let log: serde_json::Value = serde_json::from_str(&started).expect("logs are JSON");
+    let addr = log["addr"]
+        .as_str()
+        .expect("start-up line carries the bound address");
+    let health = reqwest::blocking_get(&format!("http://{addr}/health"));
+    assert_eq!(health, r#"{"status":"ok"}"#);
+    assert!(
+        dir.path().join("tap.db").exists(),
+        "default database ./tap.db"
+    );
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let status = wait_with_deadline(&mut child, Duration::from_secs(20));
+    assert!(status.success(), "exit status {status:?}");
+    assert!(rx.iter().any(|l| l.contains("Tap stopped.")));
+}
+
+mod reqwest {
+    /// A tiny blocking GET over a fresh runtime (the test itself is synchronous).
+    pub fn blocking_get(url: &str) -> String {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            ::reqwest::get(url)
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+                .trim()
+                .to_owned()
+        })
+    }
+}

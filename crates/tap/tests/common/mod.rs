@@ -1,0 +1,175 @@
+//! Test harness: runs the real `App` in-process on 127.0.0.1:0 against a fresh database of
+//! either backend. PostgreSQL tests use `TAP_TEST_POSTGRES_URL` (a server URL whose user may
+//! create databases); each test gets its own database, dropped afterwards.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tap::Config;
+use tap::store::DatabaseUrl;
+use tokio::sync::oneshot;
+
+/// Which store backend a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A database that exists for one test.
+pub struct TestDb {
+    pub url: DatabaseUrl,
+    _dir: Option<tempfile::TempDir>,
+    pg: Option<(String, String)>,
+}
+
+impl TestDb {
+    /// A fresh database, or `None` (with a notice) when PostgreSQL is not configured outside
+    /// CI. Under `CI=true` a missing PostgreSQL fails the test.
+    pub async fn new(backend: Backend) -> Option<Self> {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("tap.db");
+                Some(Self {
+                    url: DatabaseUrl::Sqlite(path.to_string_lossy().into_owned()),
+                    _dir: Some(dir),
+                    pg: None,
+                })
+            }
+            Backend::Postgres => {
+                let Ok(admin) = std::env::var("TAP_TEST_POSTGRES_URL") else {
+                    assert!(
+                        std::env::var("CI").as_deref() != Ok("true"),
+                        "CI=true but TAP_TEST_POSTGRES_URL is not set: PostgreSQL tests must run"
+                    );
+                    eprintln!("skipping: TAP_TEST_POSTGRES_URL is not set");
+                    return None;
+                };
+                let name = format!("tap_test_{}_{}", std::process::id(), rand::random::<u32>());
+                let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+                    .await
+                    .expect("PostgreSQL at TAP_TEST_POSTGRES_URL is reachable");
+                tokio::spawn(conn);
+                client
+                    .batch_execute(&format!("CREATE DATABASE {name}"))
+                    .await
+                    .unwrap();
+                let mut url = url::Url::parse(&admin).unwrap();
+                url.set_path(&format!("/{name}"));
+                Some(Self {
+                    url: DatabaseUrl::Postgres(url.to_string()),
+                    _dir: None,
+                    pg: Some((admin, name)),
+                })
+            }
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some((admin, name)) = self.pg.take() else {
+            return;
+        };
+        // Drop runs outside any runtime guarantee; use a private one on a plain thread.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                if let Ok((client, conn)) =
+                    tokio_postgres::connect(&admin, tokio_postgres::NoTls).await
+                {
+                    tokio::spawn(conn);
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Test defaults: loopback port 0, nothing that reaches the internet.
+pub fn test_config(db: &TestDb) -> Config {
+    let mut cfg = Config::defaults();
+    cfg.bind = "127.0.0.1:0".into();
+    cfg.database = db.url.clone();
+    cfg.relay_url = url::Url::parse("http://127.0.0.1:1").unwrap();
+    cfg.plc_url = url::Url::parse("http://127.0.0.1:1").unwrap();
+    cfg
+}
+
+/// A running tap.
+pub struct TestTap {
+    pub addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    pub store: tap::store::Store,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), tap::AppError>>,
+}
+
+impl TestTap {
+    pub async fn start(config: Config) -> Self {
+        let app = tap::App::bind(config).await.expect("tap starts");
+        let addr = app.local_addr().unwrap();
+        let metrics_addr = app.metrics_addr();
+        let store = app.store().clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run(async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            metrics_addr,
+            store,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Requests shutdown and waits for a clean stop.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(30), &mut self.task)
+            .await
+            .expect("tap stops within 30 s")
+            .unwrap()
+            .expect("tap stops cleanly");
+    }
+}
+
+/// Runs one async scenario on both backends as two tests named `<name>::sqlite` and
+/// `<name>::postgres`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($name:ident, $scenario:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let db = $crate::common::TestDb::new($crate::common::Backend::Sqlite)
+                    .await
+                    .unwrap();
+                super::$scenario(db).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if let Some(db) =
+                    $crate::common::TestDb::new($crate::common::Backend::Postgres).await
+                {
+                    super::$scenario(db).await;
+                }
+            }
+        }
+    };
+}
