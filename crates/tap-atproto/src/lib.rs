@@ -10,6 +10,8 @@
 //! - [`crypto`]: `PublicKey` (K-256, P-256; did:key / Multikey / legacy) and verification.
 //! - [`did_doc`]: DID-document parsing: `#atproto` key, `#atproto_pds`, handle.
 //! - [`commit`]: signed commit decode, unsigned re-encoding, signature check.
+//! - [`mst`]: MST node codec, key heights, validating walk, mutable partial tree and Sync 1.1
+//!   inversion (`invert_ops`), diffs.
 
 pub mod atjson;
 pub mod car;
@@ -18,6 +20,7 @@ pub mod commit;
 pub mod crypto;
 pub mod did_doc;
 pub mod hash;
+pub mod mst;
 pub mod syntax;
 
 pub use atjson::record_to_json;

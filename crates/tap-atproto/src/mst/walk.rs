@@ -1,0 +1,92 @@
+//! Ordered, validating walk of a whole tree held in a [`BlockSource`]: keys come out in
+//! strictly increasing order; layers, emptiness and key syntax are checked; a missing node
+//! is an error.
+
+use cid::Cid;
+
+use super::node::decode_node;
+use super::{MstError, is_valid_mst_key, key_height, key_string};
+use crate::hash::BlockSource;
+
+/// Walks the tree rooted at `root` in key order, calling `f(key, value)` for every entry.
+///
+/// # Errors
+/// [`MstError`] on any structural problem or missing node, or `f`'s error converted.
+pub fn walk_tree<E: From<MstError>>(
+    root: &Cid,
+    src: &dyn BlockSource,
+    f: &mut dyn FnMut(&[u8], &Cid) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut last: Option<Vec<u8>> = None;
+    walk_node(root, None, true, src, &mut last, f)
+}
+
+/// Walks the tree and returns every `(key, value)` pair in order.
+///
+/// # Errors
+/// As [`walk_tree`].
+pub fn walk_tree_collect(
+    root: &Cid,
+    src: &dyn BlockSource,
+) -> Result<Vec<(String, Cid)>, MstError> {
+    let mut out = Vec::new();
+    walk_tree::<MstError>(root, src, &mut |k, v| {
+        out.push((key_string(k), *v));
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+fn walk_node<E: From<MstError>>(
+    cid: &Cid,
+    height: Option<u8>,
+    is_root: bool,
+    src: &dyn BlockSource,
+    last: &mut Option<Vec<u8>>,
+    f: &mut dyn FnMut(&[u8], &Cid) -> Result<(), E>,
+) -> Result<(), E> {
+    let bytes = src.get_block(cid).ok_or(MstError::MissingBlock(*cid))?;
+    let node = decode_node(bytes)?;
+    if node.entries.is_empty() {
+        if is_root && node.left.is_none() {
+            return Ok(());
+        }
+        if is_root {
+            return Err(MstError::NotCanonical("root has a subtree but no keys").into());
+        }
+        if node.left.is_none() {
+            return Err(MstError::EmptyNode(*cid).into());
+        }
+    }
+    let h = match (height, node.entries.first()) {
+        (Some(h), _) => h,
+        (None, Some(e)) => key_height(&e.key),
+        (None, None) => 0,
+    };
+    for e in &node.entries {
+        if !is_valid_mst_key(&e.key) {
+            return Err(MstError::InvalidKey(key_string(&e.key)).into());
+        }
+        if key_height(&e.key) != h {
+            return Err(MstError::WrongLayer(key_string(&e.key)).into());
+        }
+    }
+    let has_children = node.left.is_some() || node.entries.iter().any(|e| e.right.is_some());
+    if has_children && h == 0 {
+        return Err(MstError::NotCanonical("subtree below layer 0").into());
+    }
+    if let Some(l) = &node.left {
+        walk_node(l, Some(h - 1), false, src, last, f)?;
+    }
+    for e in &node.entries {
+        if last.as_ref().is_some_and(|p| *p >= e.key) {
+            return Err(MstError::KeyOrder(key_string(&e.key)).into());
+        }
+        f(&e.key, &e.value)?;
+        *last = Some(e.key.clone());
+        if let Some(r) = &e.right {
+            walk_node(r, Some(h - 1), false, src, last, f)?;
+        }
+    }
+    Ok(())
+}
