@@ -3,6 +3,11 @@
 //! Module map (data flows top to bottom; docs/architecture.md has the diagram):
 //! - [`config`]: the command line and `TAP_*` environment, parsed once into types.
 //! - [`app`]: wiring of every stage, task and channel; the shutdown order.
+//! - [`firehose`]: the relay connection, per-DID dispatch and the cursor.
+//! - [`repos`]: the tracked-repo state machine (pure decisions + one transaction each).
+//! - [`resync`]: whole-repo fetch, verification, diff and cutover.
+//! - [`crawler`]: discovering repos to track (signal collections, full network).
+//! - [`identity`]: DID → signing key, PDS and verified handle, cached.
 //! - [`outbox`]: the durable event queue, per-DID ordering, acks, back-pressure.
 //! - [`delivery`]: `/channel` WebSocket sessions and webhook workers.
 //! - [`wire`]: the JSON events consumers receive (the public contract).
@@ -15,9 +20,14 @@
 pub mod api;
 pub mod app;
 pub mod config;
+pub mod crawler;
 pub mod delivery;
 pub mod error;
+pub mod firehose;
+pub mod identity;
 pub mod outbox;
+pub mod repos;
+pub mod resync;
 pub mod shutdown;
 pub mod status;
 pub mod store;

@@ -26,6 +26,13 @@ pub const CHANNEL_SESSIONS: &str = "tap_channel_sessions";
 pub const WEBHOOK_REQUESTS: &str = "tap_webhook_requests_total";
 /// Webhook retries by cause (`non_2xx`, `rejected`, `error`).
 pub const WEBHOOK_RETRIES: &str = "tap_webhook_retries_total";
+/// Identity fetches by outcome (`ok`, `handle_invalid`, `not_found`, `error`).
+pub const IDENTITY_LOOKUPS: &str = "tap_identity_lookups_total";
+/// Identity cache requests by result (`hit`, `miss`; a look-up joining one in flight is a hit).
+pub const IDENTITY_CACHE: &str = "tap_identity_cache_requests_total";
+
+/// DIDs newly added by enumeration.
+pub const CRAWLER_REPOS_DISCOVERED: &str = "tap_crawler_repos_discovered_total";
 
 /// Installs the JSON log subscriber on stdout. Later calls (tests starting several apps
 /// in one process) keep the first subscriber.
@@ -76,5 +83,8 @@ fn describe() {
     metrics::describe_gauge!(CHANNEL_SESSIONS, "Connected /channel sessions.");
     metrics::describe_counter!(WEBHOOK_REQUESTS, "Webhook requests by outcome.");
     metrics::describe_counter!(WEBHOOK_RETRIES, "Webhook retries by cause.");
+    metrics::describe_counter!(IDENTITY_LOOKUPS, "Identity fetches by outcome.");
+    metrics::describe_counter!(IDENTITY_CACHE, "Identity cache requests by result.");
+    metrics::describe_counter!(CRAWLER_REPOS_DISCOVERED, "DIDs newly added by enumeration.");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }

@@ -1,0 +1,223 @@
+//! Discovering repos to track: in signal-collection mode, `listReposByCollection` on the
+//! relay for each signal collection; in full-network mode, `listRepos` (skipping inactive
+//! accounts). Found DIDs are added as `pending` (existing rows untouched).
+//!
+//! Cursors are saved after every page, so a restart resumes a pass. A finished pass clears
+//! its cursor, and passes repeat daily from the start, so repos created since are found
+//! (the Go tap resumed from its last cursor forever and never saw them).
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use tap_atproto::syntax::{Did, Nsid};
+use tokio_util::sync::CancellationToken;
+use url::Url;
+
+use crate::config::TrackingScope;
+use crate::store::{Store, StoreError};
+use crate::telemetry as t;
+
+/// Time between complete passes.
+pub const PASS_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
+/// Time before retrying a failed pass.
+pub const RETRY_INTERVAL: Duration = Duration::from_secs(60);
+/// Page size asked of the relay.
+pub const PAGE_LIMIT: u32 = 1000;
+/// Largest page body accepted.
+pub const MAX_PAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Per-request timeout.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a pass failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CrawlerError {
+    /// The relay could not be reached or answered badly.
+    #[error("listing repos at {url} failed: {reason}")]
+    Relay {
+        /// The request URL.
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Shutdown interrupted the pass.
+    #[error("stopped")]
+    Stopped,
+}
+
+/// What the crawler enumerates.
+#[derive(Debug, Clone)]
+pub struct CrawlerSettings {
+    /// Relay base URL (also the cursor key).
+    pub relay_url: Url,
+    /// Tracking scope; the crawler does nothing in dynamic mode.
+    pub scope: TrackingScope,
+}
+
+#[derive(Debug, Deserialize)]
+struct Page {
+    #[serde(default)]
+    cursor: Option<String>,
+    #[serde(default)]
+    repos: Vec<ListedRepo>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ListedRepo {
+    did: String,
+    #[serde(default)]
+    active: Option<bool>,
+}
+
+/// Which listing a pass walks.
+#[derive(Debug, Clone)]
+enum Listing {
+    All,
+    Collection(Nsid),
+}
+
+/// Runs passes until `stop` is cancelled. Does nothing in dynamic mode.
+pub async fn run_crawler(settings: CrawlerSettings, store: Store, stop: CancellationToken) {
+    let listings: Vec<Listing> = match &settings.scope {
+        TrackingScope::Dynamic => return,
+        TrackingScope::FullNetwork => vec![Listing::All],
+        TrackingScope::SignalCollections(c) => c.iter().cloned().map(Listing::Collection).collect(),
+    };
+    let client = match reqwest::Client::builder()
+        .timeout(REQUEST_TIMEOUT)
+        .user_agent(concat!("tap/", env!("CARGO_PKG_VERSION")))
+        .build()
+    {
+        Ok(c) => c,
+        Err(error) => {
+            tracing::error!(%error, "Cannot build the crawler's HTTP client; enumeration is off.");
+            return;
+        }
+    };
+    loop {
+        let mut failed = false;
+        for listing in &listings {
+            match crawl(&client, &settings.relay_url, listing, &store, &stop).await {
+                Ok(found) => tracing::info!(?listing, found, "Finished enumerating repos."),
+                Err(CrawlerError::Stopped) => return,
+                Err(error) => {
+                    tracing::warn!(%error, "Repo enumeration failed; retrying in a minute.");
+                    failed = true;
+                }
+            }
+        }
+        let wait = if failed {
+            RETRY_INTERVAL
+        } else {
+            PASS_INTERVAL
+        };
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// One pass over one listing, resuming from the saved cursor. Returns DIDs seen.
+async fn crawl(
+    client: &reqwest::Client,
+    relay: &Url,
+    listing: &Listing,
+    store: &Store,
+    stop: &CancellationToken,
+) -> Result<u64, CrawlerError> {
+    let key = relay.as_str();
+    let mut cursor = match listing {
+        Listing::All => store.list_repos_cursor(key).await?,
+        Listing::Collection(c) => store.collection_cursor(key, c.as_str()).await?,
+    }
+    .filter(|c| !c.is_empty());
+    let mut found = 0u64;
+    loop {
+        let mut url = match listing {
+            Listing::All => relay.join("/xrpc/com.atproto.sync.listRepos"),
+            Listing::Collection(_) => relay.join("/xrpc/com.atproto.sync.listReposByCollection"),
+        }
+        .map_err(|e| CrawlerError::Relay {
+            url: relay.to_string(),
+            reason: e.to_string(),
+        })?;
+        {
+            let mut q = url.query_pairs_mut();
+            if let Listing::Collection(c) = listing {
+                q.append_pair("collection", c.as_str());
+            }
+            q.append_pair("limit", &PAGE_LIMIT.to_string());
+            if let Some(c) = &cursor {
+                q.append_pair("cursor", c);
+            }
+        }
+        let page = tokio::select! {
+            () = stop.cancelled() => return Err(CrawlerError::Stopped),
+            page = fetch_page(client, &url) => page?,
+        };
+        let dids: Vec<String> = page
+            .repos
+            .into_iter()
+            // Only an explicit `active: false` means inactive, as in the Go tap.
+            .filter(|r| r.active != Some(false))
+            .filter_map(|r| match r.did.parse::<Did>() {
+                Ok(did) => Some(did.into_string()),
+                Err(_) => {
+                    tracing::debug!(did = %r.did, "Skipping a malformed DID from the relay.");
+                    None
+                }
+            })
+            .collect();
+        found += dids.len() as u64;
+        if !dids.is_empty() {
+            let added = store.add_repos(&dids).await?;
+            metrics::counter!(t::CRAWLER_REPOS_DISCOVERED).increment(added);
+        }
+        let next = page.cursor.filter(|c| !c.is_empty());
+        // An end of listing (no cursor) clears the saved one: the next pass starts over.
+        let saved = next.clone().unwrap_or_default();
+        match listing {
+            Listing::All => store.save_list_repos_cursor(key, &saved).await?,
+            Listing::Collection(c) => {
+                store
+                    .save_collection_cursor(key, c.as_str(), &saved)
+                    .await?
+            }
+        }
+        match next {
+            Some(n) if cursor_advanced(&cursor, &n) => cursor = Some(n),
+            _ => return Ok(found),
+        }
+    }
+}
+
+/// A relay that hands back the same cursor would loop forever; treat that as the end.
+fn cursor_advanced(previous: &Option<String>, next: &str) -> bool {
+    previous.as_deref() != Some(next)
+}
+
+async fn fetch_page(client: &reqwest::Client, url: &Url) -> Result<Page, CrawlerError> {
+    let fail = |reason: String| CrawlerError::Relay {
+        url: url.to_string(),
+        reason,
+    };
+    let mut resp = client
+        .get(url.clone())
+        .send()
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    if !resp.status().is_success() {
+        return Err(fail(format!("status {}", resp.status())));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| fail(e.to_string()))? {
+        if body.len() + chunk.len() > MAX_PAGE_BYTES {
+            return Err(fail(format!("page larger than {MAX_PAGE_BYTES} bytes")));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&body).map_err(|e| fail(format!("malformed page: {e}")))
+}

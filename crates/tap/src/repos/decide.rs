@@ -1,0 +1,299 @@
+//! The repo state machine's decisions, as pure functions of (stored repo, incoming event).
+//! No I/O and no clock: the caller verifies, persists and emits (original-behaviour.md §7,
+//! with decisions.md rows 2 and 4).
+
+use crate::store::{AccountStatus, RepoRow, RepoState};
+use crate::wire::IdentityStatus;
+
+/// First look at a `#commit`, before any verification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitGate {
+    /// Not tracked; `track` says whether to start tracking it (as `pending`).
+    Untracked {
+        /// Start tracking (full network, or a signal collection was touched).
+        track: bool,
+    },
+    /// Tracked but not `active`/`resyncing`: a resync will cover it.
+    SkipNotSyncing(RepoState),
+    /// Rev at or below the stored rev: a replay.
+    SkipReplay,
+    /// Verify it, then call [`after_verification`].
+    Verify,
+}
+
+/// Decides what to do with a `#commit` before verifying it.
+#[must_use]
+pub fn gate_commit(repo: Option<&RepoRow>, rev: &str, auto_track: bool) -> CommitGate {
+    let Some(repo) = repo else {
+        return CommitGate::Untracked { track: auto_track };
+    };
+    match repo.state {
+        RepoState::Active | RepoState::Resyncing => {}
+        other => return CommitGate::SkipNotSyncing(other),
+    }
+    // TIDs sort lexically in time order, so string comparison is rev comparison.
+    if repo.rev.as_deref().is_some_and(|stored| rev <= stored) {
+        return CommitGate::SkipReplay;
+    }
+    CommitGate::Verify
+}
+
+/// What to do with a commit that passed verification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitAction {
+    /// The repo is resyncing: keep the commit durably until the cutover.
+    Buffer,
+    /// It chains onto the stored state: apply it and emit live events.
+    Apply,
+    /// It does not chain (`prevData` differs): the copy is stale, resync.
+    Desynchronize(String),
+}
+
+/// Decides what to do with a verified commit (`prev_data` is the commit's `prevData`;
+/// `None` for legacy commits, which are accepted without a chain check).
+#[must_use]
+pub fn after_verification(repo: &RepoRow, prev_data: Option<&str>) -> CommitAction {
+    if repo.state == RepoState::Resyncing {
+        return CommitAction::Buffer;
+    }
+    match (prev_data, repo.prev_data.as_deref()) {
+        (Some(claimed), Some(stored)) if claimed != stored => CommitAction::Desynchronize(format!(
+            "commit prevData {claimed} does not match the stored data root {stored}"
+        )),
+        _ => CommitAction::Apply,
+    }
+}
+
+/// What a `#sync` does to a tracked repo (its signature already verified).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncAction {
+    /// Nothing to do (not active, replayed rev, or same data).
+    Ignore,
+    /// The repo is resyncing: remember it so the cutover can check it.
+    Buffer,
+    /// The repo's data changed outside the commit stream: resync.
+    Desynchronize(String),
+}
+
+/// Decides what a verified `#sync` (with commit `rev` and `data` root) does.
+#[must_use]
+pub fn decide_sync(repo: &RepoRow, rev: &str, data: &str) -> SyncAction {
+    match repo.state {
+        RepoState::Active => {}
+        RepoState::Resyncing => return SyncAction::Buffer,
+        _ => return SyncAction::Ignore,
+    }
+    if repo.rev.as_deref().is_some_and(|stored| rev <= stored) {
+        return SyncAction::Ignore;
+    }
+    if repo.prev_data.as_deref() == Some(data) {
+        return SyncAction::Ignore;
+    }
+    SyncAction::Desynchronize(format!("#sync announced data root {data} at rev {rev}"))
+}
+
+/// The status an `#account` event asks for, or `None` for statuses tap ignores
+/// (`throttled`, `desynchronized`, unknown, missing).
+#[must_use]
+pub fn account_target(active: bool, status: Option<&str>) -> Option<IdentityStatus> {
+    if active {
+        return Some(IdentityStatus::Active);
+    }
+    match status? {
+        "deactivated" => Some(IdentityStatus::Deactivated),
+        "takendown" => Some(IdentityStatus::Takendown),
+        "suspended" => Some(IdentityStatus::Suspended),
+        "deleted" => Some(IdentityStatus::Deleted),
+        _ => None,
+    }
+}
+
+/// What an `#account` event does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccountAction {
+    /// Nothing.
+    Ignore,
+    /// Start tracking the repo (full network, active account).
+    Track,
+    /// Emit an identity event with this status and store it (or delete the repo for
+    /// `Deleted`).
+    Change(IdentityStatus),
+}
+
+/// Decides what an `#account` event does.
+#[must_use]
+pub fn decide_account(
+    repo: Option<&RepoRow>,
+    active: bool,
+    status: Option<&str>,
+    full_network: bool,
+) -> AccountAction {
+    let Some(repo) = repo else {
+        return if full_network && active {
+            AccountAction::Track
+        } else {
+            AccountAction::Ignore
+        };
+    };
+    let Some(target) = account_target(active, status) else {
+        return AccountAction::Ignore;
+    };
+    if target != IdentityStatus::Deleted && stored_status(repo.status) == target {
+        return AccountAction::Ignore;
+    }
+    AccountAction::Change(target)
+}
+
+/// The wire status of a stored account status.
+#[must_use]
+pub fn stored_status(status: AccountStatus) -> IdentityStatus {
+    match status {
+        AccountStatus::Active => IdentityStatus::Active,
+        AccountStatus::Takendown => IdentityStatus::Takendown,
+        AccountStatus::Suspended => IdentityStatus::Suspended,
+        AccountStatus::Deactivated => IdentityStatus::Deactivated,
+    }
+}
+
+/// The stored status for a wire status (`Deleted` is not stored: the repo is removed).
+#[must_use]
+pub fn status_to_store(status: IdentityStatus) -> Option<AccountStatus> {
+    match status {
+        IdentityStatus::Active => Some(AccountStatus::Active),
+        IdentityStatus::Takendown => Some(AccountStatus::Takendown),
+        IdentityStatus::Suspended => Some(AccountStatus::Suspended),
+        IdentityStatus::Deactivated => Some(AccountStatus::Deactivated),
+        IdentityStatus::Deleted => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo(state: RepoState, rev: Option<&str>, prev: Option<&str>) -> RepoRow {
+        RepoRow {
+            did: "did:plc:a".into(),
+            state,
+            status: AccountStatus::Active,
+            handle: None,
+            rev: rev.map(Into::into),
+            prev_data: prev.map(Into::into),
+            error: String::new(),
+            retry_count: 0,
+            retry_after: 0,
+        }
+    }
+
+    #[test]
+    fn untracked_commit_is_tracked_only_when_the_scope_says_so() {
+        assert_eq!(
+            gate_commit(None, "3k", false),
+            CommitGate::Untracked { track: false }
+        );
+        assert_eq!(
+            gate_commit(None, "3k", true),
+            CommitGate::Untracked { track: true }
+        );
+    }
+
+    #[test]
+    fn commits_for_repos_not_syncing_are_skipped_without_verification() {
+        for state in [
+            RepoState::Pending,
+            RepoState::Desynchronized,
+            RepoState::Error,
+        ] {
+            let r = repo(state, None, None);
+            assert_eq!(
+                gate_commit(Some(&r), "3k", false),
+                CommitGate::SkipNotSyncing(state)
+            );
+        }
+    }
+
+    #[test]
+    fn replayed_revs_are_skipped() {
+        let r = repo(RepoState::Active, Some("3kb"), Some("bafy"));
+        assert_eq!(gate_commit(Some(&r), "3kb", false), CommitGate::SkipReplay);
+        assert_eq!(gate_commit(Some(&r), "3ka", false), CommitGate::SkipReplay);
+        assert_eq!(gate_commit(Some(&r), "3kc", false), CommitGate::Verify);
+    }
+
+    #[test]
+    fn chained_commit_applies_and_broken_chain_desynchronizes() {
+        let r = repo(RepoState::Active, Some("3kb"), Some("bafyA"));
+        assert_eq!(after_verification(&r, Some("bafyA")), CommitAction::Apply);
+        assert!(matches!(
+            after_verification(&r, Some("bafyB")),
+            CommitAction::Desynchronize(_)
+        ));
+        assert_eq!(
+            after_verification(&r, None),
+            CommitAction::Apply,
+            "legacy commit"
+        );
+    }
+
+    #[test]
+    fn commits_during_resync_are_buffered() {
+        let r = repo(RepoState::Resyncing, None, None);
+        assert_eq!(after_verification(&r, Some("x")), CommitAction::Buffer);
+    }
+
+    #[test]
+    fn sync_event_desynchronizes_only_on_newer_different_data() {
+        let r = repo(RepoState::Active, Some("3kb"), Some("bafyA"));
+        assert_eq!(decide_sync(&r, "3ka", "bafyZ"), SyncAction::Ignore);
+        assert_eq!(decide_sync(&r, "3kc", "bafyA"), SyncAction::Ignore);
+        assert!(matches!(
+            decide_sync(&r, "3kc", "bafyZ"),
+            SyncAction::Desynchronize(_)
+        ));
+        let resyncing = repo(RepoState::Resyncing, None, None);
+        assert_eq!(decide_sync(&resyncing, "3kc", "bafyZ"), SyncAction::Buffer);
+        let pending = repo(RepoState::Pending, None, None);
+        assert_eq!(decide_sync(&pending, "3kc", "bafyZ"), SyncAction::Ignore);
+    }
+
+    #[test]
+    fn account_events_follow_the_go_status_rules() {
+        let r = repo(RepoState::Active, None, None);
+        assert_eq!(
+            decide_account(Some(&r), true, None, false),
+            AccountAction::Ignore,
+            "same status"
+        );
+        assert_eq!(
+            decide_account(Some(&r), false, Some("deactivated"), false),
+            AccountAction::Change(IdentityStatus::Deactivated)
+        );
+        assert_eq!(
+            decide_account(Some(&r), false, Some("throttled"), false),
+            AccountAction::Ignore
+        );
+        assert_eq!(
+            decide_account(Some(&r), false, None, false),
+            AccountAction::Ignore
+        );
+        assert_eq!(
+            decide_account(Some(&r), false, Some("deleted"), false),
+            AccountAction::Change(IdentityStatus::Deleted)
+        );
+        let mut deact = r.clone();
+        deact.status = AccountStatus::Deactivated;
+        assert_eq!(
+            decide_account(Some(&deact), true, Some("active"), false),
+            AccountAction::Change(IdentityStatus::Active)
+        );
+        assert_eq!(decide_account(None, true, None, true), AccountAction::Track);
+        assert_eq!(
+            decide_account(None, false, Some("deactivated"), true),
+            AccountAction::Ignore
+        );
+        assert_eq!(
+            decide_account(None, true, None, false),
+            AccountAction::Ignore
+        );
+    }
+}

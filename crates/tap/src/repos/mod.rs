@@ -1,0 +1,5 @@
+//! The tracked-repo state machine: what each firehose event or resync result does to a
+//! repo, decided by pure functions ([`decide`], [`filter`]) and applied in one transaction.
+
+pub mod decide;
+pub mod filter;
