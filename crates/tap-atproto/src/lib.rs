@@ -12,6 +12,9 @@
 //! - [`commit`]: signed commit decode, unsigned re-encoding, signature check.
 //! - [`mst`]: MST node codec, key heights, validating walk, mutable partial tree and Sync 1.1
 //!   inversion (`invert_ops`), diffs.
+//! - [`firehose`]: frame decoding (`decode_frame`) and `verify_commit_frame` (Sync 1.1).
+//! - [`writer`]: in-memory repo writer (signed commits, CAR exports, `#commit` frames with
+//!   proofs) for tests, fixtures and tools; signing is supplied by the caller.
 
 pub mod atjson;
 pub mod car;
@@ -19,10 +22,13 @@ pub mod cbor;
 pub mod commit;
 pub mod crypto;
 pub mod did_doc;
+pub mod firehose;
 pub mod hash;
 pub mod mst;
 pub mod syntax;
+pub mod writer;
 
 pub use atjson::record_to_json;
 pub use cid::Cid;
 pub use crypto::PublicKey;
+pub use firehose::{Frame, VerifiedCommit, decode_frame, verify_commit_frame};

@@ -43,3 +43,40 @@ pub fn vector_lines(dir: &std::path::Path, rel: &str) -> Vec<String> {
 pub fn json(dir: &std::path::Path, rel: &str) -> serde_json::Value {
     serde_json::from_str(&read(dir, rel)).unwrap_or_else(|e| panic!("parsing {rel}: {e}"))
 }
+
+/// A deterministic K-256 key: the verifying `PublicKey` and a signer closure for
+/// `tap_atproto::writer`.
+pub fn k256_signer(seed: u8) -> (tap_atproto::PublicKey, impl Fn(&[u8]) -> Vec<u8>) {
+    use k256::ecdsa::signature::Signer as _;
+    let sk = k256::ecdsa::SigningKey::from_slice(&[seed.max(1); 32]).unwrap();
+    let pk = tap_atproto::PublicKey::from_sec1(
+        tap_atproto::crypto::KeyType::K256,
+        sk.verifying_key().to_sec1_point(true).as_bytes(),
+    )
+    .unwrap();
+    (pk, move |msg: &[u8]| {
+        let sig: k256::ecdsa::Signature = sk.sign(msg);
+        sig.to_bytes().to_vec()
+    })
+}
+
+/// A small like record as DAG-CBOR; `n` makes it unique.
+pub fn like_record(n: u64) -> Vec<u8> {
+    tap_atproto::atjson::json_to_cbor(&serde_json::json!({
+        "$type": "app.bsky.feed.like",
+        "createdAt": format!("2024-01-01T00:00:{:02}.{:06}Z", n % 60, n),
+        "subject": {
+            "cid": "bafyreie5cvv4h45feadgeuwhbcutmh6t2ceseocckahdoe6uat64zmz454",
+            "uri": format!("at://did:plc:abc/app.bsky.feed.post/{n}")
+        }
+    }))
+    .unwrap()
+}
+
+/// The MST path of the `n`-th like.
+pub fn like_path(n: u64) -> String {
+    format!(
+        "app.bsky.feed.like/{}",
+        tap_atproto::syntax::Tid::from_parts(1_700_000_000_000_000 + n * 1000, 0)
+    )
+}
