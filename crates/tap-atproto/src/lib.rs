@@ -13,6 +13,8 @@
 //! - [`mst`]: MST node codec, key heights, validating walk, mutable partial tree and Sync 1.1
 //!   inversion (`invert_ops`), diffs.
 //! - [`firehose`]: frame decoding (`decode_frame`) and `verify_commit_frame` (Sync 1.1).
+//! - [`stream`]: bounded-memory streaming walk of a repo CAR (`RepoWalker`), any block
+//!   order (spills to a temp file beyond a memory budget).
 //! - [`writer`]: in-memory repo writer (signed commits, CAR exports, `#commit` frames with
 //!   proofs) for tests, fixtures and tools; signing is supplied by the caller.
 
@@ -25,6 +27,7 @@ pub mod did_doc;
 pub mod firehose;
 pub mod hash;
 pub mod mst;
+pub mod stream;
 pub mod syntax;
 pub mod writer;
 
@@ -32,3 +35,4 @@ pub use atjson::record_to_json;
 pub use cid::Cid;
 pub use crypto::PublicKey;
 pub use firehose::{Frame, VerifiedCommit, decode_frame, verify_commit_frame};
+pub use stream::{RepoWalker, WalkLimits, WalkedRecord};
