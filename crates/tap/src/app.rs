@@ -14,6 +14,7 @@ use crate::api::{self, AdminAuth, ApiState};
 use crate::config::{Config, DeliveryMode, listen_addr};
 use crate::delivery::{DeliveryHub, webhook};
 use crate::error::AppError;
+use crate::identity::{Identity, IdentityOptions};
 use crate::outbox::{AckMode, Delivery, Input, Outbox, OutboxSettings, acks, loader, scheduler};
 use crate::shutdown::{self, Shutdown};
 use crate::status::Progress;
@@ -87,6 +88,7 @@ pub struct App {
     metrics: Option<TcpListener>,
     progress: Arc<Progress>,
     outbox: OutboxParts,
+    identity: Identity,
 }
 
 impl App {
@@ -95,7 +97,8 @@ impl App {
     ///
     /// # Errors
     /// [`AppError::Store`] if the database cannot be opened; [`AppError::Bind`] if a
-    /// listener cannot be bound.
+    /// listener cannot be bound; [`AppError::Identity`] if the identity resolver cannot be
+    /// built.
     pub async fn bind(config: Config) -> Result<Self, AppError> {
         let http = bind_listener("http", &config.bind).await?;
         let metrics = match &config.metrics_listen {
@@ -118,6 +121,10 @@ impl App {
             );
         }
         let outbox = OutboxParts::new(&config, &store);
+        let identity = Identity::new(IdentityOptions {
+            handle_resolver: config.handle_resolver_url.clone(),
+            ..IdentityOptions::new(config.plc_url.clone(), config.ident_cache_size)
+        })?;
         Ok(Self {
             config,
             store,
@@ -125,6 +132,7 @@ impl App {
             metrics,
             progress: Arc::new(Progress::default()),
             outbox,
+            identity,
         })
     }
 
@@ -172,6 +180,7 @@ impl App {
             metrics,
             progress,
             outbox,
+            identity,
         } = self;
         let shutdown = Shutdown::new();
         // Producers (firehose, resync, crawler) stop first; delivery keeps running until
@@ -254,6 +263,7 @@ impl App {
             scope: config.scope.clone(),
             channel,
             stop: delivery_stop.clone(),
+            identity,
         };
         let auth = config.admin_password.clone().map(AdminAuth::new);
         let api = api::router(state, auth);

@@ -22,6 +22,9 @@ pub enum AppError {
     /// The webhook HTTP client could not be built (TLS roots, system configuration).
     #[error("cannot start webhook delivery: {0}")]
     Webhook(String),
+    /// The identity resolver could not be built (TLS, system configuration).
+    #[error("cannot start identity resolution: {0}")]
+    Identity(#[from] crate::identity::IdentityError),
     /// An HTTP server failed while running.
     #[error("{what} server failed: {source}")]
     Serve {

@@ -4,6 +4,7 @@
 mod auth;
 mod channel;
 mod repos;
+mod resolve;
 mod stats;
 
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::TrackingScope;
 use crate::delivery::DeliveryHub;
+use crate::identity::Identity;
 use crate::status::Progress;
 use crate::store::Store;
 
@@ -44,6 +46,8 @@ pub struct ApiState {
     pub channel: Option<DeliveryHub>,
     /// Cancelled when `/channel` sessions must end (shutdown).
     pub stop: CancellationToken,
+    /// The cached identity resolver behind `/resolve/{did}`.
+    pub identity: Identity,
 }
 
 /// Builds the router. Admin auth, when configured, wraps every route and the fallbacks.
@@ -54,6 +58,7 @@ pub fn router(state: ApiState, auth: Option<AdminAuth>) -> Router {
         .route("/repos/add", post(repos::add))
         .route("/repos/remove", post(repos::remove))
         .route("/info/{did}", get(repos::info))
+        .route("/resolve/{did}", get(resolve::resolve))
         .route("/stats/repo-count", get(stats::repo_count))
         .route("/stats/record-count", get(stats::record_count))
         .route("/stats/outbox-buffer", get(stats::outbox_buffer))

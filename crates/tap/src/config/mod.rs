@@ -136,6 +136,9 @@ pub struct Config {
     pub repo_fetch_timeout: Duration,
     /// `--ident-cache-size`.
     pub ident_cache_size: u64,
+    /// `--handle-resolver-url`: a `com.atproto.identity.resolveHandle` endpoint that replaces
+    /// DNS and HTTPS handle resolution; `None` when empty (the normal, public resolution).
+    pub handle_resolver_url: Option<Url>,
     /// `--outbox-capacity`.
     pub outbox_capacity: usize,
     /// `--full-network` / `--signal-collection`.
@@ -507,6 +510,11 @@ impl Config {
             no_replay,
             repo_fetch_timeout,
             ident_cache_size,
+            handle_resolver_url: if v.one("handle-resolver-url").is_empty() {
+                None
+            } else {
+                Some(http_url_of("handle-resolver-url")?)
+            },
             outbox_capacity: count_of("outbox-capacity")?,
             scope,
             collection_filters,

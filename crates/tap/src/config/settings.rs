@@ -138,6 +138,14 @@ pub const SETTINGS: &[Setting] = &[
         "2000000",
         "size of the in-process identity cache",
     ),
+    Setting {
+        flag: "handle-resolver-url",
+        envs: &["TAP_HANDLE_RESOLVER_URL"],
+        default: "",
+        kind: Kind::Value,
+        help: "resolve handles with com.atproto.identity.resolveHandle at this URL instead of DNS and HTTPS, for test networks (extension)",
+        extension: true,
+    },
     value(
         "outbox-capacity",
         &["TAP_OUTBOX_CAPACITY"],
