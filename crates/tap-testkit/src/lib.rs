@@ -1,1 +1,2 @@
 //! tap-testkit: loopback fakes.
+pub mod repo_builder;
