@@ -1,2 +1,3 @@
 //! tap-testkit: loopback fakes.
+pub mod webhook_sink;
 pub mod repo_builder;
