@@ -34,6 +34,24 @@ pub const IDENTITY_CACHE: &str = "tap_identity_cache_requests_total";
 /// DIDs newly added by enumeration.
 pub const CRAWLER_REPOS_DISCOVERED: &str = "tap_crawler_repos_discovered_total";
 
+/// Firehose commits that passed verification.
+pub const COMMITS_VERIFIED: &str = "tap_commits_verified_total";
+/// Firehose commits (and syncs) that failed verification, by reason.
+pub const COMMITS_REJECTED: &str = "tap_commits_rejected_total";
+
+/// Firehose events handled, by outcome.
+pub const FIREHOSE_EVENTS: &str = "tap_firehose_events_total";
+/// Firehose reconnects.
+pub const FIREHOSE_RECONNECTS: &str = "tap_firehose_reconnects_total";
+/// Frames that could not be decoded.
+pub const FIREHOSE_BAD_FRAMES: &str = "tap_firehose_bad_frames_total";
+/// Seconds between the latest event's time and now.
+pub const FIREHOSE_LAG_SECONDS: &str = "tap_firehose_lag_seconds";
+/// Seq of the latest frame read.
+pub const FIREHOSE_LAST_SEQ: &str = "tap_firehose_last_seq";
+/// Bytes downloaded, by source (`relay`, or a PDS host).
+pub const BYTES_DOWNLOADED: &str = "tap_bytes_downloaded_total";
+
 /// Installs the JSON log subscriber on stdout. Later calls (tests starting several apps
 /// in one process) keep the first subscriber.
 pub fn init_logging(level: LogLevel) {
@@ -86,5 +104,22 @@ fn describe() {
     metrics::describe_counter!(IDENTITY_LOOKUPS, "Identity fetches by outcome.");
     metrics::describe_counter!(IDENTITY_CACHE, "Identity cache requests by result.");
     metrics::describe_counter!(CRAWLER_REPOS_DISCOVERED, "DIDs newly added by enumeration.");
+    metrics::describe_counter!(
+        COMMITS_VERIFIED,
+        "Firehose commits that passed verification."
+    );
+    metrics::describe_counter!(
+        COMMITS_REJECTED,
+        "Firehose commits that failed verification, by reason."
+    );
+    metrics::describe_counter!(FIREHOSE_EVENTS, "Firehose events handled, by outcome.");
+    metrics::describe_counter!(FIREHOSE_RECONNECTS, "Firehose reconnects.");
+    metrics::describe_counter!(FIREHOSE_BAD_FRAMES, "Frames that could not be decoded.");
+    metrics::describe_gauge!(
+        FIREHOSE_LAG_SECONDS,
+        "Seconds between the latest event's time and now."
+    );
+    metrics::describe_gauge!(FIREHOSE_LAST_SEQ, "Seq of the latest frame read.");
+    metrics::describe_counter!(BYTES_DOWNLOADED, "Bytes downloaded, by source.");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }

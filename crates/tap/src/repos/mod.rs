@@ -2,4 +2,7 @@
 //! repo, decided by pure functions ([`decide`], [`filter`]) and applied in one transaction.
 
 pub mod decide;
+pub mod engine;
 pub mod filter;
+pub mod locks;
+pub mod prepared;

@@ -1,0 +1,443 @@
+//! The I/O shell of the repo state machine: looks the repo up, verifies against its
+//! identity, asks [`super::decide`] what to do, and applies the decision in one
+//! transaction through the outbox. Firehose workers and resync workers share it, under
+//! the same per-DID lock.
+
+use std::sync::Arc;
+
+use tap_atproto::PublicKey;
+use tap_atproto::commit::CommitError;
+use tap_atproto::firehose::{
+    AccountFrame, CommitFrame, IdentityFrame, SyncFrame, VerifyError, verify_commit_frame,
+    verify_sync_frame,
+};
+use tap_atproto::syntax::Did;
+
+use super::decide::{self, AccountAction, CommitAction, CommitGate, SyncAction};
+use super::filter::Scope;
+use super::locks::DidLocks;
+use super::prepared::{Buffered, PreparedCommit};
+use crate::identity::{Identity, IdentityError};
+use crate::outbox::{Outbox, OutboxError};
+use crate::store::{RepoChange, RepoRow, RepoState, RepoWrite, Store, StoreError, WriteCondition};
+use crate::telemetry as t;
+use crate::wire::{IdentityEvent, IdentityStatus};
+
+/// Failures that stop an event from being handled; the firehose retries transient ones
+/// (the cursor does not pass the event meanwhile).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The outbox failed.
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    /// A buffered entry could not be encoded or decoded.
+    #[error("resync buffer entry for {did}: {reason}")]
+    Buffer {
+        /// The repo.
+        did: String,
+        /// What failed.
+        reason: String,
+    },
+}
+
+impl EngineError {
+    /// Whether retrying may succeed.
+    #[must_use]
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Store(e) => e.is_transient(),
+            Self::Outbox(e) => e.is_transient(),
+            Self::Buffer { .. } => false,
+        }
+    }
+}
+
+/// What happened to an event (for metrics and tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Applied: events emitted (possibly none after filtering).
+    Applied,
+    /// Buffered until the repo's resync finishes.
+    Buffered,
+    /// The repo was marked desynchronized, for this reason.
+    Desynchronized(String),
+    /// The repo is now tracked (pending its backfill).
+    Tracked,
+    /// Nothing to do, for this reason.
+    Skipped(&'static str),
+}
+
+/// Shared by every worker; cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    store: Store,
+    outbox: Outbox,
+    identity: Identity,
+    scope: Arc<Scope>,
+    locks: DidLocks,
+}
+
+impl Engine {
+    /// Builds the engine.
+    #[must_use]
+    pub fn new(
+        store: Store,
+        outbox: Outbox,
+        identity: Identity,
+        scope: Scope,
+        locks: DidLocks,
+    ) -> Self {
+        Self {
+            store,
+            outbox,
+            identity,
+            scope: Arc::new(scope),
+            locks,
+        }
+    }
+
+    /// The per-DID locks (the resync cutover takes them too).
+    #[must_use]
+    pub fn locks(&self) -> &DidLocks {
+        &self.locks
+    }
+
+    /// The tracking scope and filters.
+    #[must_use]
+    pub fn scope(&self) -> &Scope {
+        &self.scope
+    }
+
+    /// The outbox (resync workers append historical events through it).
+    #[must_use]
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    /// The identity directory.
+    #[must_use]
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Handles a `#commit`.
+    ///
+    /// # Errors
+    /// Store or outbox failures; the caller retries transient ones.
+    pub async fn handle_commit(&self, frame: &CommitFrame) -> Result<Outcome, EngineError> {
+        let did = frame.repo.as_str();
+        let _guard = self.locks.lock(did).await;
+        let repo = self.store.get_repo(did).await?;
+        let auto = repo.is_none()
+            && self
+                .scope
+                .tracks_on_commit(frame.ops.iter().map(|op| collection_of(&op.path)));
+        let repo = match decide::gate_commit(repo.as_ref(), frame.rev.as_str(), auto) {
+            CommitGate::Untracked { track: true } => return self.track(did).await,
+            CommitGate::Untracked { track: false } => return Ok(Outcome::Skipped("untracked")),
+            CommitGate::SkipNotSyncing(_) => return Ok(Outcome::Skipped("repo not syncing")),
+            CommitGate::SkipReplay => return Ok(Outcome::Skipped("replayed rev")),
+            CommitGate::Verify => match repo {
+                Some(repo) => repo,
+                None => return Ok(Outcome::Skipped("untracked")),
+            },
+        };
+        let verified = match self
+            .verify_with_refresh(&frame.repo, |key| verify_commit_frame(frame, key))
+            .await
+        {
+            Ok(v) => v,
+            Err(reason) => {
+                metrics::counter!(t::COMMITS_REJECTED, "reason" => reason.kind).increment(1);
+                return self.desynchronize(did, &reason.message).await;
+            }
+        };
+        metrics::counter!(t::COMMITS_VERIFIED).increment(1);
+        let prepared = PreparedCommit::from_verified(&verified, |c| self.scope.wants_collection(c));
+        match decide::after_verification(&repo, Some(&prepared.prev_data)) {
+            CommitAction::Buffer => {
+                let data =
+                    serde_json::to_string(&Buffered::Commit(prepared.clone())).map_err(|e| {
+                        EngineError::Buffer {
+                            did: did.to_owned(),
+                            reason: e.to_string(),
+                        }
+                    })?;
+                self.store.buffer_commit(did, &prepared.rev, &data).await?;
+                Ok(Outcome::Buffered)
+            }
+            CommitAction::Desynchronize(reason) => self.desynchronize(did, &reason).await,
+            CommitAction::Apply => {
+                self.apply_commit(
+                    did,
+                    &prepared,
+                    WriteCondition::RepoInState(RepoState::Active),
+                    Vec::new(),
+                )
+                .await?;
+                Ok(Outcome::Applied)
+            }
+        }
+    }
+
+    /// Applies a prepared commit as live events in one transaction; a write refused by its
+    /// condition (the repo was removed or changed state meanwhile) is a no-op.
+    ///
+    /// # Errors
+    /// Store or outbox failures.
+    pub async fn apply_commit(
+        &self,
+        did: &str,
+        commit: &PreparedCommit,
+        condition: WriteCondition,
+        consumed_buffer: Vec<i64>,
+    ) -> Result<bool, EngineError> {
+        let write = RepoWrite {
+            did: did.to_owned(),
+            condition,
+            repo: RepoChange::Commit {
+                rev: commit.rev.clone(),
+                prev_data: commit.data.clone(),
+            },
+            records: commit.record_changes(),
+            events: commit.events(did),
+            resync_buffer_delete: consumed_buffer,
+        };
+        match self.outbox.append(write).await {
+            Ok(_) => Ok(true),
+            Err(OutboxError::Store(e)) if e.is_condition_not_met() => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Handles a `#sync`.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn handle_sync(&self, frame: &SyncFrame) -> Result<Outcome, EngineError> {
+        let did = frame.did.as_str();
+        let _guard = self.locks.lock(did).await;
+        let Some(repo) = self.store.get_repo(did).await? else {
+            if self.scope.tracks_on_other_events() {
+                return self.track(did).await;
+            }
+            return Ok(Outcome::Skipped("untracked"));
+        };
+        if !matches!(repo.state, RepoState::Active | RepoState::Resyncing) {
+            return Ok(Outcome::Skipped("repo not syncing"));
+        }
+        let verified = match self
+            .verify_with_refresh(&frame.did, |key| verify_sync_frame(frame, key))
+            .await
+        {
+            Ok(v) => v,
+            Err(reason) => {
+                metrics::counter!(t::COMMITS_REJECTED, "reason" => reason.kind).increment(1);
+                return Ok(Outcome::Skipped("sync failed verification"));
+            }
+        };
+        let data = verified.data.to_string();
+        match decide::decide_sync(&repo, verified.rev.as_str(), &data) {
+            SyncAction::Ignore => Ok(Outcome::Skipped("sync changes nothing")),
+            SyncAction::Buffer => {
+                let rev = verified.rev.as_str().to_owned();
+                let entry = serde_json::to_string(&Buffered::Sync {
+                    rev: rev.clone(),
+                    data,
+                })
+                .map_err(|e| EngineError::Buffer {
+                    did: did.to_owned(),
+                    reason: e.to_string(),
+                })?;
+                self.store.buffer_commit(did, &rev, &entry).await?;
+                Ok(Outcome::Buffered)
+            }
+            SyncAction::Desynchronize(reason) => self.desynchronize(did, &reason).await,
+        }
+    }
+
+    /// Handles an `#identity`: re-resolves the DID and announces a changed handle.
+    ///
+    /// # Errors
+    /// Store or outbox failures.
+    pub async fn handle_identity(&self, frame: &IdentityFrame) -> Result<Outcome, EngineError> {
+        let did = frame.did.as_str();
+        let _guard = self.locks.lock(did).await;
+        let Some(repo) = self.store.get_repo(did).await? else {
+            if self.scope.tracks_on_other_events() {
+                return self.track(did).await;
+            }
+            return Ok(Outcome::Skipped("untracked"));
+        };
+        self.refresh_handle(&frame.did, &repo).await
+    }
+
+    /// Re-resolves `did` (purging the cache) and, if the verified handle differs from the
+    /// stored one, stores it and emits an identity event in one transaction. Resolution
+    /// failures leave the repo as it is.
+    ///
+    /// # Errors
+    /// Store or outbox failures.
+    pub async fn refresh_handle(&self, did: &Did, repo: &RepoRow) -> Result<Outcome, EngineError> {
+        let handle = match self.identity.refresh(did).await {
+            Ok(ident) => ident.handle_or_invalid().to_owned(),
+            Err(error) => {
+                tracing::info!(%did, %error, "Identity refresh failed.");
+                return Ok(Outcome::Skipped("identity unavailable"));
+            }
+        };
+        if repo.handle.as_deref() == Some(handle.as_str()) {
+            return Ok(Outcome::Skipped("handle unchanged"));
+        }
+        let status = decide::stored_status(repo.status);
+        let event = IdentityEvent {
+            did: did.as_str(),
+            handle: &handle,
+            is_active: status == IdentityStatus::Active,
+            status,
+        };
+        let mut write = RepoWrite::new(did.as_str());
+        write.condition = WriteCondition::RepoExists;
+        write.repo = RepoChange::Handle(handle.clone());
+        write.events.push(crate::store::NewEvent {
+            live: false,
+            payload: event.payload(),
+        });
+        match self.outbox.append(write).await {
+            Ok(_) => Ok(Outcome::Applied),
+            Err(OutboxError::Store(e)) if e.is_condition_not_met() => {
+                Ok(Outcome::Skipped("repo removed"))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Handles an `#account`.
+    ///
+    /// # Errors
+    /// Store or outbox failures.
+    pub async fn handle_account(&self, frame: &AccountFrame) -> Result<Outcome, EngineError> {
+        let did = frame.did.as_str();
+        let _guard = self.locks.lock(did).await;
+        let repo = self.store.get_repo(did).await?;
+        match decide::decide_account(
+            repo.as_ref(),
+            frame.active,
+            frame.status.as_deref(),
+            self.scope.tracks_on_other_events(),
+        ) {
+            AccountAction::Ignore => Ok(Outcome::Skipped("account status unchanged or ignored")),
+            AccountAction::Track => self.track(did).await,
+            AccountAction::Change(status) => {
+                let Some(repo) = repo else {
+                    return Ok(Outcome::Skipped("untracked"));
+                };
+                let handle = repo.handle.clone().unwrap_or_default();
+                let event = IdentityEvent {
+                    did,
+                    handle: &handle,
+                    is_active: frame.active,
+                    status,
+                };
+                let mut write = RepoWrite::new(did);
+                write.condition = WriteCondition::RepoExists;
+                write.repo = match decide::status_to_store(status) {
+                    Some(s) => RepoChange::Status(s),
+                    None => RepoChange::Delete,
+                };
+                write.events.push(crate::store::NewEvent {
+                    live: false,
+                    payload: event.payload(),
+                });
+                match self.outbox.append(write).await {
+                    Ok(_) => Ok(Outcome::Applied),
+                    Err(OutboxError::Store(e)) if e.is_condition_not_met() => {
+                        Ok(Outcome::Skipped("repo removed"))
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
+        }
+    }
+
+    async fn track(&self, did: &str) -> Result<Outcome, EngineError> {
+        if self.store.ensure_repo(did).await? {
+            tracing::debug!(%did, "Tracking a newly seen repo.");
+        }
+        Ok(Outcome::Tracked)
+    }
+
+    async fn desynchronize(&self, did: &str, reason: &str) -> Result<Outcome, EngineError> {
+        tracing::info!(%did, reason, "Repo desynchronized.");
+        self.store.mark_desynchronized(did, reason).await?;
+        Ok(Outcome::Desynchronized(reason.to_owned()))
+    }
+
+    /// Verifies with the cached key; on a signature failure, purges the identity and tries
+    /// once more with a freshly resolved key (the account may have rotated it).
+    async fn verify_with_refresh<T>(
+        &self,
+        did: &Did,
+        verify: impl Fn(&PublicKey) -> Result<T, VerifyError>,
+    ) -> Result<T, Rejection> {
+        let first = self
+            .identity
+            .resolve(did)
+            .await
+            .map_err(Rejection::identity)?;
+        let key = first.require_signing_key().map_err(Rejection::identity)?;
+        match verify(key) {
+            Ok(v) => Ok(v),
+            Err(VerifyError::Commit(CommitError::Signature(_))) => {
+                let fresh = self
+                    .identity
+                    .refresh(did)
+                    .await
+                    .map_err(Rejection::identity)?;
+                let key = fresh.require_signing_key().map_err(Rejection::identity)?;
+                verify(key).map_err(Rejection::verify)
+            }
+            Err(e) => Err(Rejection::verify(e)),
+        }
+    }
+}
+
+/// Why an event could not be verified.
+#[derive(Debug)]
+struct Rejection {
+    kind: &'static str,
+    message: String,
+}
+
+impl Rejection {
+    fn identity(e: IdentityError) -> Self {
+        Self {
+            kind: "identity",
+            message: format!("cannot verify: identity lookup failed: {e}"),
+        }
+    }
+
+    fn verify(e: VerifyError) -> Self {
+        let kind = match &e {
+            VerifyError::Commit(CommitError::Signature(_)) => "signature",
+            VerifyError::PrevDataMismatch { .. } => "inversion",
+            VerifyError::Mst(_) => "mst",
+            VerifyError::Car(_) => "car",
+            VerifyError::MissingPrevData => "no_prev_data",
+            VerifyError::TooBig => "too_big",
+            _ => "malformed",
+        };
+        Self {
+            kind,
+            message: format!("commit failed verification: {e}"),
+        }
+    }
+}
+
+/// The collection part of an op path (`collection/rkey`).
+fn collection_of(path: &str) -> &str {
+    path.split_once('/').map_or(path, |(c, _)| c)
+}
