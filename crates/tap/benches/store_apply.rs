@@ -10,6 +10,9 @@
 //! - a fresh temp-file database per benchmark, WAL, `synchronous=NORMAL`; it grows during the run
 //!   (no acks), as during a backfill.
 //!
+//! - a second group, `store_apply_sqlite_live`, sends live-commit-sized writes (1 record +
+//!   1 event, `RepoChange::Commit`) with 1 or 16 in flight: the case group commit exists for.
+//!
 //! Throughput is reported in events (= records) per second.
 
 use std::sync::Arc;
@@ -18,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tap::store::{
-    DatabaseUrl, NewEvent, RecordChange, RepoWrite, Store, StoreOptions, WriteCondition,
+    DatabaseUrl, NewEvent, RecordChange, RepoChange, RepoWrite, Store, StoreOptions, WriteCondition,
 };
 
 const EVENTS_PER_WRITE: usize = 100;
@@ -58,18 +61,24 @@ impl Fixture {
         }
     }
 
-    fn batch(&self) -> RepoWrite {
+    fn batch(&self, events: usize) -> RepoWrite {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let mut write = RepoWrite::new(did(n % REPOS));
         write.condition = WriteCondition::RepoExists;
-        write.records = (0..EVENTS_PER_WRITE as u64)
+        if events == 1 {
+            write.repo = RepoChange::Commit {
+                rev: format!("3l{n:011}"),
+                prev_data: "bafyreig2fjxi3rptqdgylg7e5hmjl6mcke7rn2b6cugzlqq3i4zu6rq52q".into(),
+            };
+        }
+        write.records = (0..events as u64)
             .map(|i| RecordChange::Put {
                 collection: "app.bsky.feed.like".into(),
-                rkey: format!("3l{:011}", n * EVENTS_PER_WRITE as u64 + i),
+                rkey: format!("3l{:011}", n * events as u64 + i),
                 cid: "bafyreig2fjxi3rptqdgylg7e5hmjl6mcke7rn2b6cugzlqq3i4zu6rq52q".into(),
             })
             .collect();
-        write.events = (0..EVENTS_PER_WRITE)
+        write.events = (0..events)
             .map(|_| NewEvent {
                 live: false,
                 payload: self.payload.clone(),
@@ -83,48 +92,65 @@ fn did(n: u64) -> String {
     format!("did:plc:bench{n:019}")
 }
 
+/// Runs `iters` applies of `events`-event writes with `in_flight` outstanding at once.
+fn run_applies(
+    runtime: &tokio::runtime::Runtime,
+    fixture: &Arc<Fixture>,
+    iters: u64,
+    in_flight: u64,
+    events: usize,
+) -> Duration {
+    let fixture = Arc::clone(fixture);
+    runtime.block_on(async move {
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for worker in 0..in_flight {
+            let fixture = Arc::clone(&fixture);
+            // Split `iters` applies over the workers.
+            let share = iters / in_flight + u64::from(worker < iters % in_flight);
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..share {
+                    let write = fixture.batch(events);
+                    fixture.store.apply(write).await.expect("apply");
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.expect("bench task");
+        }
+        start.elapsed()
+    })
+}
+
 fn store_apply(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
-    let mut group = c.benchmark_group("store_apply_sqlite");
-    group
-        .throughput(Throughput::Elements(EVENTS_PER_WRITE as u64))
-        .sample_size(10)
-        .warm_up_time(Duration::from_secs(2))
-        .measurement_time(Duration::from_secs(10));
-
-    for in_flight in [1_u64, 4] {
-        let fixture = Arc::new(runtime.block_on(Fixture::new()));
-        group.bench_function(format!("100x540B_in_flight_{in_flight}"), |b| {
-            b.iter_custom(|iters| {
-                let fixture = Arc::clone(&fixture);
-                runtime.block_on(async move {
-                    let start = Instant::now();
-                    let mut tasks = Vec::new();
-                    for worker in 0..in_flight {
-                        let fixture = Arc::clone(&fixture);
-                        // Split `iters` applies over the workers.
-                        let share = iters / in_flight + u64::from(worker < iters % in_flight);
-                        tasks.push(tokio::spawn(async move {
-                            for _ in 0..share {
-                                let write = fixture.batch();
-                                fixture.store.apply(write).await.expect("apply");
-                            }
-                        }));
-                    }
-                    for task in tasks {
-                        task.await.expect("bench task");
-                    }
-                    start.elapsed()
-                })
-            });
-        });
-        runtime.block_on(fixture.store.close());
+    let cases: [(&str, usize, [u64; 2]); 2] = [
+        ("store_apply_sqlite", EVENTS_PER_WRITE, [1, 4]),
+        ("store_apply_sqlite_live", 1, [1, 16]),
+    ];
+    for (name, events, in_flights) in cases {
+        let mut group = c.benchmark_group(name);
+        group
+            .throughput(Throughput::Elements(events as u64))
+            .sample_size(10)
+            .warm_up_time(Duration::from_secs(2))
+            .measurement_time(Duration::from_secs(10));
+        for in_flight in in_flights {
+            let fixture = Arc::new(runtime.block_on(Fixture::new()));
+            group.bench_function(
+                format!("{events}x{PAYLOAD_BYTES}B_in_flight_{in_flight}"),
+                |b| {
+                    b.iter_custom(|iters| run_applies(&runtime, &fixture, iters, in_flight, events))
+                },
+            );
+            runtime.block_on(fixture.store.close());
+        }
+        group.finish();
     }
-    group.finish();
 }
 
 criterion_group!(benches, store_apply);
