@@ -417,3 +417,126 @@ pub fn assert_order_allowed(received: &[u64], events: &HashMap<u64, (String, boo
         }
     }
 }
+
+/// The `tap` binary running as a child process (killed when dropped). Its JSON log lines
+/// are collected; the bound address comes from the start-up line.
+pub struct TapProcess {
+    child: std::process::Child,
+    pub addr: SocketAddr,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+/// `--db-url` for a test database.
+pub fn db_url_arg(url: &tap::store::DatabaseUrl) -> String {
+    match url {
+        tap::store::DatabaseUrl::Sqlite(path) => format!("sqlite://{path}"),
+        tap::store::DatabaseUrl::Postgres(url) => url.clone(),
+    }
+}
+
+impl TapProcess {
+    /// Starts `tap run` on `db` bound to `bind` (e.g. `127.0.0.1:0`) with `extra` flags; the
+    /// relay and PLC point at a closed loopback port, so nothing leaves the machine.
+    pub async fn spawn(db: &tap::store::DatabaseUrl, bind: &str, extra: &[&str]) -> Self {
+        use std::io::{BufRead, BufReader};
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tap"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .arg("run")
+            .arg(format!("--db-url={}", db_url_arg(db)))
+            .arg(format!("--bind={bind}"))
+            .arg("--relay-url=http://127.0.0.1:1")
+            .arg("--plc-url=http://127.0.0.1:1")
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit());
+        let mut child = cmd.spawn().expect("tap binary starts");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let started = tokio::time::timeout(SOON, async {
+            while let Some(line) = lines.recv().await {
+                if line.contains("Starting tap.") {
+                    return Some(line);
+                }
+            }
+            None
+        })
+        .await
+        .expect("tap logs its start-up line in time")
+        .expect("tap logs its start-up line before exiting");
+        let log: Value = serde_json::from_str(&started).unwrap();
+        let addr = log["addr"].as_str().unwrap().parse().unwrap();
+        Self { child, addr, lines }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `kill -KILL`, then reaps the process.
+    pub fn kill9(&mut self) {
+        let status = std::process::Command::new("kill")
+            .args(["-KILL", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let status = self.child.wait().unwrap();
+        assert!(!status.success(), "killed, not exited: {status:?}");
+    }
+
+    /// `kill -TERM` and waits for a clean exit.
+    pub async fn terminate(&mut self) {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "tap exits cleanly on SIGTERM: {status:?}");
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "tap did not stop");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Log lines printed so far (drains them).
+    pub fn drain_logs(&mut self) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(line) = self.lines.try_recv() {
+            out.push(line);
+        }
+        out
+    }
+
+    /// `outbox_buffer` from `/stats/outbox-buffer`.
+    pub async fn outbox_buffer(&self, password: Option<&str>) -> u64 {
+        let mut req = reqwest::Client::new().get(self.url("/stats/outbox-buffer"));
+        if let Some(pw) = password {
+            req = req.basic_auth("admin", Some(pw));
+        }
+        let v: Value = req.send().await.unwrap().json().await.unwrap();
+        v["outbox_buffer"].as_u64().unwrap()
+    }
+}
+
+impl Drop for TapProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
