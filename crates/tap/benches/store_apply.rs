@@ -15,6 +15,8 @@
 //!
 //! Throughput is reported in events (= records) per second.
 
+#![expect(clippy::expect_used, reason = "a benchmark has nobody to report setup errors to")]
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
