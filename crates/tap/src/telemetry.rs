@@ -52,6 +52,15 @@ pub const FIREHOSE_LAST_SEQ: &str = "tap_firehose_last_seq";
 /// Bytes downloaded, by source (`relay`, or a PDS host).
 pub const BYTES_DOWNLOADED: &str = "tap_bytes_downloaded_total";
 
+/// Resyncs started.
+pub const RESYNCS_STARTED: &str = "tap_resyncs_started_total";
+/// Resyncs completed.
+pub const RESYNCS_COMPLETED: &str = "tap_resyncs_completed_total";
+/// Resyncs failed (rate limits included).
+pub const RESYNCS_FAILED: &str = "tap_resyncs_failed_total";
+/// Resync durations.
+pub const RESYNC_DURATION_SECONDS: &str = "tap_resync_duration_seconds";
+
 /// Installs the JSON log subscriber on stdout. Later calls (tests starting several apps
 /// in one process) keep the first subscriber.
 pub fn init_logging(level: LogLevel) {
@@ -71,7 +80,18 @@ pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
+            // Buckets as the Go tap: 0.1 s doubling, 12 buckets (without them the exporter
+            // renders histograms as summaries).
+            let buckets: Vec<f64> = (0..12).map(|i| 0.1 * f64::from(1u32 << i)).collect();
+            let builder = PrometheusBuilder::new();
+            let builder = match builder.set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(RESYNC_DURATION_SECONDS.to_owned()),
+                &buckets,
+            ) {
+                Ok(b) => b,
+                Err(_) => PrometheusBuilder::new(),
+            };
+            let recorder = builder.build_recorder();
             let handle = recorder.handle();
             // Fails only if another recorder was installed first (a test harness); the
             // handle then renders an empty registry, which is harmless.
@@ -121,5 +141,9 @@ fn describe() {
     );
     metrics::describe_gauge!(FIREHOSE_LAST_SEQ, "Seq of the latest frame read.");
     metrics::describe_counter!(BYTES_DOWNLOADED, "Bytes downloaded, by source.");
+    metrics::describe_counter!(RESYNCS_STARTED, "Resyncs started.");
+    metrics::describe_counter!(RESYNCS_COMPLETED, "Resyncs completed.");
+    metrics::describe_counter!(RESYNCS_FAILED, "Resyncs failed, rate limits included.");
+    metrics::describe_histogram!(RESYNC_DURATION_SECONDS, "Resync durations.");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }

@@ -37,6 +37,7 @@ pub enum Change {
 pub struct CollectionMerge {
     stored: VecDeque<(String, String)>,
     exhausted: bool,
+    last_fed: Option<String>,
 }
 
 impl CollectionMerge {
@@ -52,15 +53,18 @@ impl CollectionMerge {
         self.stored.is_empty() && !self.exhausted
     }
 
-    /// The record key after which the next stored page starts.
+    /// The record key after which the next stored page starts (the last one fed).
     #[must_use]
     pub fn stored_resume_key(&self) -> Option<&str> {
-        self.stored.back().map(|(k, _)| k.as_str())
+        self.last_fed.as_deref()
     }
 
     /// Adds a page of stored `(rkey, cid)` rows; `last` when no more exist.
     pub fn feed_stored(&mut self, page: impl IntoIterator<Item = (String, String)>, last: bool) {
         self.stored.extend(page);
+        if let Some((k, _)) = self.stored.back() {
+            self.last_fed = Some(k.clone());
+        }
         self.exhausted |= last;
     }
 
@@ -133,7 +137,11 @@ mod tests {
         let mut m = CollectionMerge::new();
         let mut out = Vec::new();
         let mut refill = |m: &mut CollectionMerge| {
+            // Pages come back in order, as the store pages after `stored_resume_key`.
             let p = pages.pop_front().unwrap_or_default();
+            if let (Some(resume), Some((first, _))) = (m.stored_resume_key(), p.first()) {
+                assert!(first.as_str() > resume, "page must start after the resume key");
+            }
             let last = pages.is_empty();
             m.feed_stored(p, last);
         };

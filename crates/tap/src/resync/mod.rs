@@ -1,4 +1,555 @@
 //! Resync: fetch a whole repo from its PDS, verify it, diff it against the record index,
 //! emit historical events, then cut over to live processing atomically.
+//!
+//! A worker claims a repo (pending first, then desynchronized, then error repos whose
+//! retry time has come), refreshes its identity (announcing a new or changed handle before
+//! any record), streams `getRepo` through the bounded-memory walker, and writes the diff
+//! in batches, each one transaction guarded by "the repo is still resyncing" (so a repo
+//! removed mid-resync gets nothing written). The cutover, under the repo's lock, replays
+//! the live commits buffered meanwhile and marks the repo active in the same breath.
 
 pub mod diff;
+pub mod fetch;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tap_atproto::stream::{RepoWalker, WalkError, WalkLimits};
+use tap_atproto::syntax::Did;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::outbox::OutboxError;
+use crate::repos::engine::Engine;
+use crate::repos::prepared::Buffered;
+use crate::store::{
+    NewEvent, RecordChange, RepoChange, RepoRow, RepoState, RepoWrite, ResyncFailure, Store,
+    StoreError, WriteCondition,
+};
+use crate::telemetry as t;
+use crate::wire::{Action, RecordEvent};
+use diff::{Change, CollectionMerge};
+use fetch::{FetchError, PdsClient};
+
+/// How long an idle worker waits before looking for work again.
+pub const IDLE_POLL: Duration = Duration::from_secs(1);
+/// Historical events per transaction.
+pub const BATCH: usize = 100;
+/// Stored index rows read per page.
+const INDEX_PAGE: usize = 1000;
+/// Memory a walk may use for blocks that arrive before they are needed; beyond it they
+/// spill to a temporary file. Per worker, so the total is bounded by the parallelism.
+pub const WALK_MEMORY_BUDGET: usize = 8 << 20;
+
+/// Settings of the resync stage.
+#[derive(Debug, Clone)]
+pub struct ResyncSettings {
+    /// Workers (`--resync-parallelism`).
+    pub parallelism: usize,
+    /// Whole-request timeout of `getRepo` (`--repo-fetch-timeout`).
+    pub fetch_timeout: Duration,
+    /// Largest repo CAR accepted, in bytes.
+    pub max_repo_bytes: u64,
+}
+
+/// Why a resync failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ResyncError {
+    /// The PDS asked us to slow down: back to desynchronized, retried later.
+    #[error("rate limited")]
+    RateLimited,
+    /// The repo cannot be synced now (identity, PDS, verification…): error state.
+    #[error("{0}")]
+    Failed(String),
+    /// The repo was removed or re-added while resyncing: stop quietly.
+    #[error("repo removed during resync")]
+    Abandoned,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Shutdown.
+    #[error("stopped")]
+    Stopped,
+}
+
+impl From<OutboxError> for ResyncError {
+    fn from(e: OutboxError) -> Self {
+        match e {
+            OutboxError::Store(s) if s.is_condition_not_met() => Self::Abandoned,
+            OutboxError::Store(s) => Self::Store(s),
+            OutboxError::Closed => Self::Stopped,
+        }
+    }
+}
+
+impl From<WalkError> for ResyncError {
+    fn from(e: WalkError) -> Self {
+        Self::Failed(format!("repo verification failed: {e}"))
+    }
+}
+
+impl From<FetchError> for ResyncError {
+    fn from(e: FetchError) -> Self {
+        match e {
+            FetchError::RateLimited { .. } => Self::RateLimited,
+            other => Self::Failed(other.to_string()),
+        }
+    }
+}
+
+/// Starts the workers on `tracker`; they stop claiming when `intake` is cancelled and
+/// abandon a resync in progress (the repo is reset at the next start).
+///
+/// # Errors
+/// The HTTP client cannot be built.
+pub fn spawn(
+    settings: &ResyncSettings,
+    engine: Engine,
+    store: Store,
+    tracker: &TaskTracker,
+    intake: CancellationToken,
+) -> Result<(), reqwest::Error> {
+    let pds = std::sync::Arc::new(PdsClient::new(settings.fetch_timeout)?);
+    for _ in 0..settings.parallelism.max(1) {
+        tracker.spawn(run_worker(
+            engine.clone(),
+            store.clone(),
+            std::sync::Arc::clone(&pds),
+            settings.max_repo_bytes,
+            intake.clone(),
+        ));
+    }
+    Ok(())
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+async fn run_worker(
+    engine: Engine,
+    store: Store,
+    pds: std::sync::Arc<PdsClient>,
+    max_repo_bytes: u64,
+    stop: CancellationToken,
+) {
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        let job = match store.claim_resync_job(now_unix()).await {
+            Ok(job) => job,
+            Err(error) => {
+                tracing::warn!(%error, "Failed to claim a resync job.");
+                None
+            }
+        };
+        let Some(repo) = job else {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(IDLE_POLL) => continue,
+            }
+        };
+        let did = repo.did.clone();
+        metrics::counter!(t::RESYNCS_STARTED).increment(1);
+        let started = std::time::Instant::now();
+        let result = tokio::select! {
+            () = stop.cancelled() => Err(ResyncError::Stopped),
+            r = resync_repo(&engine, &store, &pds, &repo, max_repo_bytes) => r,
+        };
+        metrics::histogram!(t::RESYNC_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
+        let failure = match result {
+            Ok(records) => {
+                metrics::counter!(t::RESYNCS_COMPLETED).increment(1);
+                tracing::info!(%did, records, elapsed = ?started.elapsed(), "Resync complete.");
+                continue;
+            }
+            Err(ResyncError::Stopped) => return,
+            Err(ResyncError::Abandoned) => {
+                tracing::info!(%did, "Repo removed during its resync; stopped.");
+                continue;
+            }
+            Err(ResyncError::RateLimited) => ResyncFailure::RateLimited,
+            Err(ResyncError::Failed(reason)) => ResyncFailure::Failed(reason),
+            Err(ResyncError::Store(e)) => ResyncFailure::Failed(format!("store: {e}")),
+        };
+        metrics::counter!(t::RESYNCS_FAILED).increment(1);
+        tracing::info!(%did, ?failure, "Resync failed.");
+        if let Err(error) = store
+            .mark_resync_failed(&did, failure, now_unix(), rand::random::<u64>() % 60_000)
+            .await
+        {
+            tracing::warn!(%did, %error, "Failed to record a resync failure.");
+        }
+    }
+}
+
+/// One resync. Returns the number of records in the snapshot.
+async fn resync_repo(
+    engine: &Engine,
+    store: &Store,
+    pds: &PdsClient,
+    repo: &RepoRow,
+    max_repo_bytes: u64,
+) -> Result<u64, ResyncError> {
+    let did: Did = repo
+        .did
+        .parse()
+        .map_err(|e| ResyncError::Failed(format!("invalid DID: {e}")))?;
+    // Refresh the identity first (the cache is purged before every resync) and announce a
+    // new or changed handle before any record of the repo.
+    engine
+        .refresh_handle(&did, repo)
+        .await
+        .map_err(|e| ResyncError::Failed(e.to_string()))?;
+    let ident = engine
+        .identity()
+        .resolve(&did)
+        .await
+        .map_err(|e| ResyncError::Failed(format!("identity: {e}")))?;
+    let key = ident
+        .require_signing_key()
+        .map_err(|e| ResyncError::Failed(e.to_string()))?
+        .clone();
+    let pds_url = ident
+        .require_pds()
+        .map_err(|e| ResyncError::Failed(e.to_string()))?
+        .clone();
+    let host = fetch::host_of(&pds_url);
+
+    let mut resp = pds.get_repo(&pds_url, &did).await?;
+    let mut limits = WalkLimits {
+        memory_budget: WALK_MEMORY_BUDGET,
+        ..WalkLimits::default()
+    };
+    limits.car.max_total_bytes = max_repo_bytes;
+    let mut walker = RepoWalker::new(Some(did.clone()), Some(key), limits);
+    let mut sink = Snapshot::new(engine, store, &did, repo.rev.clone());
+    loop {
+        let chunk = resp.chunk().await.map_err(|e| {
+            ResyncError::Failed(format!("getRepo from {host} failed while reading: {e}"))
+        })?;
+        let Some(chunk) = chunk else { break };
+        metrics::counter!(t::BYTES_DOWNLOADED, "source" => host.clone()).increment(chunk.len() as u64);
+        walker.push(&chunk)?;
+        sink.drain(&mut walker).await?;
+    }
+    walker.finish()?;
+    sink.drain(&mut walker).await?;
+    let (rev, data) = match walker.commit() {
+        Some(c) => (c.rev.as_str().to_owned(), c.data.to_string()),
+        None => return Err(ResyncError::Failed("repo CAR has no commit".into())),
+    };
+    sink.check_rev(&rev)?;
+    let records = walker.records_emitted();
+    sink.finish().await?;
+    cut_over(engine, store, &did, &rev, &data).await?;
+    Ok(records)
+}
+
+/// Turns the walked snapshot into index changes and historical events.
+struct Snapshot<'a> {
+    engine: &'a Engine,
+    store: &'a Store,
+    did: &'a Did,
+    stored_rev: Option<String>,
+    rev: Option<String>,
+    /// Collection being merged, and its merge state.
+    current: Option<(String, CollectionMerge)>,
+    /// Collections seen in the snapshot (to find stored collections that vanished).
+    seen: Vec<String>,
+    write: RepoWrite,
+}
+
+impl<'a> Snapshot<'a> {
+    fn new(engine: &'a Engine, store: &'a Store, did: &'a Did, stored_rev: Option<String>) -> Self {
+        Self {
+            engine,
+            store,
+            did,
+            stored_rev,
+            rev: None,
+            current: None,
+            seen: Vec::new(),
+            write: Self::empty_write(did),
+        }
+    }
+
+    fn empty_write(did: &Did) -> RepoWrite {
+        let mut w = RepoWrite::new(did.as_str());
+        w.condition = WriteCondition::RepoInState(RepoState::Resyncing);
+        w
+    }
+
+    /// The snapshot must not be older than what tap already applied.
+    fn check_rev(&self, rev: &str) -> Result<(), ResyncError> {
+        match &self.stored_rev {
+            Some(stored) if rev < stored.as_str() => Err(ResyncError::Failed(format!(
+                "snapshot rev {rev} is older than the stored rev {stored}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    async fn drain(&mut self, walker: &mut RepoWalker) -> Result<(), ResyncError> {
+        while let Some(record) = walker.next_record()? {
+            if self.rev.is_none() {
+                let rev = walker
+                    .commit()
+                    .map(|c| c.rev.as_str().to_owned())
+                    .ok_or_else(|| ResyncError::Failed("record before commit".into()))?;
+                self.check_rev(&rev)?;
+                self.rev = Some(rev);
+            }
+            let Some((collection, rkey)) = record.path.split_once('/') else {
+                continue; // not a record path; the Go tap skips these too
+            };
+            if !self.engine.scope().wants_collection(collection) {
+                continue;
+            }
+            if self.current.as_ref().is_none_or(|(c, _)| c != collection) {
+                self.finish_collection().await?;
+                self.seen.push(collection.to_owned());
+                self.current = Some((collection.to_owned(), CollectionMerge::new()));
+            }
+            let cid = record.cid.to_string();
+            let mut changes = Vec::new();
+            loop {
+                let done = match &mut self.current {
+                    Some((_, merge)) => merge.push(rkey, &cid, &mut changes),
+                    None => true,
+                };
+                if done {
+                    break;
+                }
+                self.refill().await?;
+            }
+            let json = {
+                let mut out = Vec::with_capacity(record.bytes.len() * 2);
+                tap_atproto::record_to_json(&record.bytes, &mut out)
+                    .ok()
+                    .and_then(|()| String::from_utf8(out).ok())
+            };
+            for change in changes {
+                self.add(collection, change, Some((&cid, json.as_deref()))).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the next page of the current collection's stored rows.
+    async fn refill(&mut self) -> Result<(), ResyncError> {
+        let Some((collection, merge)) = &mut self.current else {
+            return Ok(());
+        };
+        let after = (
+            collection.clone(),
+            merge.stored_resume_key().unwrap_or("").to_owned(),
+        );
+        let page = self
+            .store
+            .records_page(self.did.as_str(), Some(after), INDEX_PAGE)
+            .await?;
+        let mine: Vec<(String, String)> = page
+            .into_iter()
+            .take_while(|r| r.collection == *collection)
+            .map(|r| (r.rkey, r.cid))
+            .collect();
+        // A short page (the index ended, or ran into the next collection) is the last.
+        let last = mine.len() < INDEX_PAGE;
+        merge.feed_stored(mine, last);
+        Ok(())
+    }
+
+    async fn finish_collection(&mut self) -> Result<(), ResyncError> {
+        let Some((collection, mut merge)) = self.current.take() else {
+            return Ok(());
+        };
+        let mut changes = Vec::new();
+        while !merge.finish(&mut changes) {
+            self.current = Some((collection.clone(), merge));
+            self.refill().await?;
+            let Some((_, m)) = self.current.take() else {
+                return Ok(());
+            };
+            merge = m;
+        }
+        for change in changes {
+            self.add(&collection, change, None).await?;
+        }
+        Ok(())
+    }
+
+    /// Stored collections absent from the snapshot: every record in them was deleted.
+    async fn delete_vanished_collections(&mut self) -> Result<(), ResyncError> {
+        let mut after: Option<(String, String)> = None;
+        loop {
+            let page = self
+                .store
+                .records_page(self.did.as_str(), after.clone(), INDEX_PAGE)
+                .await?;
+            let Some(last) = page.last() else { return Ok(()) };
+            let next = (last.collection.clone(), last.rkey.clone());
+            let len = page.len();
+            for row in page {
+                if self.seen.contains(&row.collection) {
+                    continue;
+                }
+                if self.engine.scope().wants_collection(&row.collection) {
+                    self.add(&row.collection, Change::Delete { rkey: row.rkey }, None)
+                        .await?;
+                } else {
+                    // No longer wanted by the filters: forget it silently.
+                    self.write.records.push(RecordChange::Delete {
+                        collection: row.collection,
+                        rkey: row.rkey,
+                    });
+                }
+            }
+            if len < INDEX_PAGE {
+                return Ok(());
+            }
+            after = Some(next);
+        }
+    }
+
+    async fn add(
+        &mut self,
+        collection: &str,
+        change: Change,
+        record: Option<(&str, Option<&str>)>,
+    ) -> Result<(), ResyncError> {
+        let rev = self.rev.clone().unwrap_or_default();
+        let (action, rkey) = match change {
+            Change::Create { rkey } => (Action::Create, rkey),
+            Change::Update { rkey } => (Action::Update, rkey),
+            Change::Delete { rkey } => (Action::Delete, rkey),
+        };
+        let (cid, json) = match (action, record) {
+            (Action::Delete, _) | (_, None) => (None, None),
+            (_, Some((cid, json))) => (Some(cid), json),
+        };
+        self.write.records.push(match cid {
+            Some(cid) => RecordChange::Put {
+                collection: collection.to_owned(),
+                rkey: rkey.clone(),
+                cid: cid.to_owned(),
+            },
+            None => RecordChange::Delete {
+                collection: collection.to_owned(),
+                rkey: rkey.clone(),
+            },
+        });
+        self.write.events.push(NewEvent {
+            live: false,
+            payload: RecordEvent {
+                live: false,
+                did: self.did.as_str(),
+                rev: &rev,
+                collection,
+                rkey: &rkey,
+                action,
+                cid,
+                record_json: json,
+            }
+            .payload(),
+        });
+        if self.write.events.len() >= BATCH {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), ResyncError> {
+        if self.write.events.is_empty() && self.write.records.is_empty() {
+            return Ok(());
+        }
+        let write = std::mem::replace(&mut self.write, Self::empty_write(self.did));
+        self.engine.outbox().append(write).await?;
+        Ok(())
+    }
+
+    async fn finish(mut self) -> Result<(), ResyncError> {
+        self.finish_collection().await?;
+        self.delete_vanished_collections().await?;
+        self.flush().await
+    }
+}
+
+/// The cutover, under the repo's lock so no live commit interleaves: buffered commits at
+/// or below the snapshot are dropped, later ones that chain are applied as live events,
+/// and the repo becomes active with an empty buffer (decisions.md row 4). A buffered
+/// commit that does not chain, or a `#sync` with new data, sends the repo straight back
+/// to desynchronized.
+async fn cut_over(
+    engine: &Engine,
+    store: &Store,
+    did: &Did,
+    snapshot_rev: &str,
+    snapshot_data: &str,
+) -> Result<(), ResyncError> {
+    let _guard = engine.locks().lock(did.as_str()).await;
+    let buffered = store.buffered_commits(did.as_str()).await?;
+    let mut rev = snapshot_rev.to_owned();
+    let mut data = snapshot_data.to_owned();
+    let mut leftover = Vec::new();
+    let mut desync: Option<String> = None;
+    for entry in buffered {
+        if desync.is_some() {
+            leftover.push(entry.id);
+            continue;
+        }
+        match serde_json::from_str::<Buffered>(&entry.data) {
+            Ok(Buffered::Commit(commit)) if commit.rev.as_str() <= rev.as_str() => {
+                leftover.push(entry.id); // already in the snapshot
+            }
+            Ok(Buffered::Commit(commit)) if commit.prev_data == data => {
+                let applied = engine
+                    .apply_commit(
+                        did.as_str(),
+                        &commit,
+                        WriteCondition::RepoInState(RepoState::Resyncing),
+                        vec![entry.id],
+                    )
+                    .await
+                    .map_err(|e| ResyncError::Failed(e.to_string()))?;
+                if !applied {
+                    return Err(ResyncError::Abandoned);
+                }
+                rev = commit.rev;
+                data = commit.data;
+            }
+            Ok(Buffered::Commit(commit)) => {
+                desync = Some(format!(
+                    "buffered commit {} does not chain onto {data}",
+                    commit.rev
+                ));
+                leftover.push(entry.id);
+            }
+            Ok(Buffered::Sync { rev: sync_rev, data: sync_data }) => {
+                if sync_rev.as_str() > rev.as_str() && sync_data != data {
+                    desync = Some(format!("#sync announced new data at rev {sync_rev} during the resync"));
+                }
+                leftover.push(entry.id);
+            }
+            Err(e) => {
+                tracing::warn!(%did, error = %e, "Dropping an unreadable resync buffer entry.");
+                leftover.push(entry.id);
+            }
+        }
+    }
+    let mut done = RepoWrite::new(did.as_str());
+    done.condition = WriteCondition::RepoInState(RepoState::Resyncing);
+    done.repo = RepoChange::ResyncDone {
+        rev,
+        prev_data: data,
+    };
+    done.resync_buffer_delete = leftover;
+    engine.outbox().append(done).await?;
+    if let Some(reason) = desync {
+        tracing::info!(%did, reason, "Repo changed during its resync; resyncing again.");
+        store.mark_desynchronized(did.as_str(), &reason).await?;
+    }
+    Ok(())
+}
