@@ -10,7 +10,9 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Write};
+#[cfg(not(unix))]
+use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 
 use bytes::Bytes;
@@ -28,7 +30,9 @@ use crate::syntax::Did;
 pub struct WalkLimits {
     /// CAR size caps.
     pub car: CarLimits,
-    /// Bytes of early-arriving blocks kept in memory before spilling to disk.
+    /// Bytes of early-arriving blocks kept in memory before spilling to disk (default
+    /// 16 MiB). Measured peak RSS of a shuffled 300 MB walk: ~1.1 × this plus 12 bytes per
+    /// spilled block (the index) plus ~10 MB of process baseline.
     pub memory_budget: usize,
     /// Bytes of already-emitted record blocks kept to serve duplicate record CIDs (two
     /// paths with identical records share one block, which a CAR carries once).
@@ -41,7 +45,7 @@ impl Default for WalkLimits {
     fn default() -> Self {
         Self {
             car: CarLimits::repo(),
-            memory_budget: 32 << 20,
+            memory_budget: 16 << 20,
             recent_records_budget: 1 << 20,
             spill_dir: None,
         }
@@ -110,21 +114,35 @@ impl Pending {
     }
 }
 
-/// Blocks spilled to an unlinked temporary file, indexed compactly by a digest prefix.
+/// Blocks spilled to an unlinked temporary file. Each record is `[u32 len][u8 cid_len][cid]
+/// [data]`; the index holds 12 bytes per block (4 digest bytes, big-endian, then the 8-byte
+/// offset) so it sorts by digest prefix and stays small (about 13 MB for a million blocks).
 struct Spill {
-    file: File,
+    out: BufWriter<File>,
     len: u64,
-    /// (first 8 digest bytes, offset); sorted once input is complete.
-    index: Vec<(u64, u64)>,
+    index: Vec<[u8; 12]>,
     sorted: bool,
 }
 
-fn digest_key(cid: &Cid) -> u64 {
+fn digest_key(cid: &Cid) -> [u8; 4] {
     let d = cid.hash().digest();
-    let mut w = [0u8; 8];
-    let n = d.len().min(8);
+    let mut w = [0u8; 4];
+    let n = d.len().min(4);
     w[..n].copy_from_slice(&d[..n]);
-    u64::from_le_bytes(w)
+    w
+}
+
+fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+    }
+    #[cfg(not(unix))]
+    {
+        let mut f = file;
+        f.seek(SeekFrom::Start(offset))?;
+        f.read_exact(buf)
+    }
 }
 
 impl Spill {
@@ -134,7 +152,7 @@ impl Spill {
             None => tempfile::tempfile()?,
         };
         Ok(Self {
-            file,
+            out: BufWriter::with_capacity(256 << 10, file),
             len: 0,
             index: Vec::new(),
             sorted: false,
@@ -143,44 +161,46 @@ impl Spill {
 
     fn put(&mut self, cid: &Cid, data: &[u8]) -> Result<(), WalkError> {
         let c = cid.to_bytes();
-        let mut rec = Vec::with_capacity(1 + c.len() + 4 + data.len());
-        rec.push(c.len() as u8);
-        rec.extend_from_slice(&c);
-        rec.extend_from_slice(&(data.len() as u32).to_le_bytes());
-        rec.extend_from_slice(data);
-        self.file.seek(SeekFrom::Start(self.len))?;
-        self.file.write_all(&rec)?;
-        self.index.push((digest_key(cid), self.len));
-        self.len += rec.len() as u64;
+        let rest = 1 + c.len() + data.len();
+        self.out.write_all(&(rest as u32).to_le_bytes())?;
+        self.out.write_all(&[c.len() as u8])?;
+        self.out.write_all(&c)?;
+        self.out.write_all(data)?;
+        let mut entry = [0u8; 12];
+        entry[..4].copy_from_slice(&digest_key(cid));
+        entry[4..].copy_from_slice(&self.len.to_be_bytes());
+        self.index.push(entry);
+        self.len += 4 + rest as u64;
         self.sorted = false;
         Ok(())
     }
 
     fn get(&mut self, cid: &Cid) -> Result<Option<Bytes>, WalkError> {
         if !self.sorted {
+            self.out.flush()?;
             self.index.sort_unstable();
             self.sorted = true;
         }
         let key = digest_key(cid);
-        let start = self.index.partition_point(|(k, _)| *k < key);
+        let start = self.index.partition_point(|e| e[..4] < key[..]);
         let want = cid.to_bytes();
-        for &(k, off) in &self.index[start..] {
-            if k != key {
+        let file = self.out.get_ref();
+        for e in &self.index[start..] {
+            if e[..4] != key[..] {
                 break;
             }
-            self.file.seek(SeekFrom::Start(off))?;
-            let mut l = [0u8; 1];
-            self.file.read_exact(&mut l)?;
-            let mut c = vec![0u8; usize::from(l[0])];
-            self.file.read_exact(&mut c)?;
+            let mut off = [0u8; 8];
+            off.copy_from_slice(&e[4..]);
+            let off = u64::from_be_bytes(off);
             let mut n = [0u8; 4];
-            self.file.read_exact(&mut n)?;
-            if c != want {
+            read_at(file, &mut n, off)?;
+            let mut rec = vec![0u8; u32::from_le_bytes(n) as usize];
+            read_at(file, &mut rec, off + 4)?;
+            let cid_len = usize::from(*rec.first().unwrap_or(&0));
+            if rec.get(1..1 + cid_len) != Some(want.as_slice()) {
                 continue;
             }
-            let mut data = vec![0u8; u32::from_le_bytes(n) as usize];
-            self.file.read_exact(&mut data)?;
-            return Ok(Some(Bytes::from(data)));
+            return Ok(Some(Bytes::from(rec).slice(1 + cid_len..)));
         }
         Ok(None)
     }
@@ -218,8 +238,9 @@ impl std::fmt::Debug for RepoWalker {
     }
 }
 
-/// Per-entry bookkeeping overhead counted against the memory budget.
-const ENTRY_OVERHEAD: usize = 96;
+/// Per-entry bookkeeping (hash-map slot with its CID key, `Bytes` handle, allocation header)
+/// counted against the memory budget.
+const ENTRY_OVERHEAD: usize = 160;
 
 impl RepoWalker {
     /// A walker that checks the commit's DID against `expected_did` and its signature with
