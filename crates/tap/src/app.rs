@@ -12,10 +12,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AdminAuth, ApiState};
 use crate::config::{Config, DeliveryMode, listen_addr};
+use crate::crawler::{self, CrawlerSettings};
 use crate::delivery::{DeliveryHub, webhook};
 use crate::error::AppError;
+use crate::firehose::{self, FirehoseSettings};
 use crate::identity::{Identity, IdentityOptions};
 use crate::outbox::{AckMode, Delivery, Input, Outbox, OutboxSettings, acks, loader, scheduler};
+use crate::repos::engine::Engine;
+use crate::repos::filter::Scope;
+use crate::repos::locks::DidLocks;
+use crate::resync::{self, ResyncSettings};
 use crate::shutdown::{self, Shutdown};
 use crate::status::Progress;
 use crate::store::{EventId, Store, StoreOptions};
@@ -167,8 +173,8 @@ impl App {
     /// deletions and close the store, each bounded by a deadline.
     ///
     /// # Errors
-    /// [`AppError::Serve`] if a server fails while running; [`AppError::Webhook`] if the
-    /// webhook client cannot be built.
+    /// [`AppError::Serve`] if a server fails while running; [`AppError::HttpClient`] if an
+    /// HTTP client cannot be built.
     pub async fn run(
         self,
         shutdown_signal: impl Future<Output = ()> + Send,
@@ -201,7 +207,7 @@ impl App {
 
         // Outbox: actor, deleter, backlog loader.
         let OutboxParts {
-            handle: _,
+            handle: outbox_handle,
             permits,
             inputs_tx,
             inputs_rx,
@@ -250,11 +256,65 @@ impl App {
                 &delivery_tasks,
                 delivery_stop.clone(),
             )
-            .map_err(|e| AppError::Webhook(e.to_string()))?;
+            .map_err(|e| AppError::HttpClient {
+                what: "webhook delivery",
+                reason: e.to_string(),
+            })?;
             None
         } else {
             Some(hub)
         };
+
+        // The sync engine: firehose, resync workers, crawler (not in outbox-only mode).
+        let mut firehose_handle = None;
+        if !config.outbox_only {
+            let engine = Engine::new(
+                store.clone(),
+                outbox_handle,
+                identity.clone(),
+                Scope::new(config.scope.clone(), config.collection_filters.clone()),
+                DidLocks::new(),
+            );
+            resync::spawn(
+                &ResyncSettings {
+                    parallelism: config.resync_parallelism,
+                    fetch_timeout: config.repo_fetch_timeout,
+                    max_repo_bytes: config.max_repo_bytes,
+                },
+                engine.clone(),
+                store.clone(),
+                shutdown.tracker(),
+                intake.clone(),
+            )
+            .map_err(|e| AppError::HttpClient {
+                what: "resync",
+                reason: e.to_string(),
+            })?;
+            shutdown.tracker().spawn(crawler::run_crawler(
+                CrawlerSettings {
+                    relay_url: config.relay_url.clone(),
+                    scope: config.scope.clone(),
+                },
+                store.clone(),
+                intake.clone(),
+            ));
+            firehose_handle = Some(
+                firehose::spawn(
+                    FirehoseSettings {
+                        relay_url: config.relay_url.clone(),
+                        no_replay: config.no_replay,
+                        parallelism: config.firehose_parallelism,
+                        cursor_save_interval: config.cursor_save_interval,
+                    },
+                    engine,
+                    store.clone(),
+                    Arc::clone(&progress),
+                    shutdown.tracker(),
+                    intake.clone(),
+                )
+                .await?,
+            );
+        }
 
         let state = ApiState {
             store: store.clone(),
@@ -298,6 +358,14 @@ impl App {
         intake.cancel();
         if !shutdown.wait_tasks(shutdown::DRAIN_DEADLINE).await {
             tracing::warn!("Some tasks did not finish before the drain deadline.");
+        }
+        // The firehose's last cursor save covers everything its workers finished.
+        if let Some(handle) = firehose_handle
+            && tokio::time::timeout(shutdown::FLUSH_DEADLINE, handle.flush())
+                .await
+                .is_err()
+        {
+            tracing::error!("The firehose cursor was not saved before the flush deadline.");
         }
         // 2. Stop delivery: sessions drop their connections (no close frame), servers stop.
         delivery_stop.cancel();

@@ -19,9 +19,14 @@ pub enum AppError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// The webhook HTTP client could not be built (TLS roots, system configuration).
-    #[error("cannot start webhook delivery: {0}")]
-    Webhook(String),
+    /// An HTTP client could not be built (TLS roots, system configuration).
+    #[error("cannot start {what}: {reason}")]
+    HttpClient {
+        /// Which component.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// The identity resolver could not be built (TLS, system configuration).
     #[error("cannot start identity resolution: {0}")]
     Identity(#[from] crate::identity::IdentityError),

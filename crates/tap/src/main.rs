@@ -30,8 +30,10 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        // Install the signal handlers before anything else can be interrupted.
+        let stop = tap::shutdown::signal();
         let app = tap::App::bind(config).await?;
-        app.run(tap::shutdown::signal()).await
+        app.run(stop).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{TestDb, TestTap, test_config};
+use common::{TestDb, TestTap, api_only_config as test_config};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 

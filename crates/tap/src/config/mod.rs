@@ -147,6 +147,8 @@ pub struct Config {
     pub collection_filters: Vec<CollectionFilter>,
     /// `--webhook-url` / `--disable-acks`.
     pub delivery: DeliveryMode,
+    /// `--max-repo-bytes`: largest repo CAR accepted from a PDS.
+    pub max_repo_bytes: u64,
     /// `--webhook-parallelism`: concurrent webhook requests.
     pub webhook_parallelism: usize,
     /// `--webhook-secret`: HMAC key for signing webhook bodies; `None` when empty.
@@ -519,6 +521,20 @@ impl Config {
             scope,
             collection_filters,
             delivery,
+            max_repo_bytes: v
+                .one("max-repo-bytes")
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| {
+                    invalid(
+                        "max-repo-bytes",
+                        format!(
+                            "{:?} is not a positive number of bytes",
+                            v.one("max-repo-bytes")
+                        ),
+                    )
+                })?,
             webhook_parallelism: count_of("webhook-parallelism")?,
             webhook_secret: non_empty("webhook-secret"),
             outbox_only: bool_of("outbox-only")?,

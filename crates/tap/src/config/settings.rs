@@ -175,6 +175,14 @@ pub const SETTINGS: &[Setting] = &[
         "deliver events by POST to this URL instead of the WebSocket",
     ),
     Setting {
+        flag: "max-repo-bytes",
+        envs: &["TAP_MAX_REPO_BYTES"],
+        default: "4294967296",
+        kind: Kind::Value,
+        help: "largest repo CAR fetched from a PDS, in bytes (extension)",
+        extension: true,
+    },
+    Setting {
         flag: "webhook-parallelism",
         envs: &["TAP_WEBHOOK_PARALLELISM"],
         default: "16",

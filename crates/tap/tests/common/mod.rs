@@ -94,13 +94,22 @@ impl Drop for TestDb {
     }
 }
 
-/// Test defaults: loopback port 0, nothing that reaches the internet.
+/// Test defaults: loopback port 0, nothing that reaches the internet (the relay and PLC
+/// point at a closed port; sync-engine tests point them at fakes).
 pub fn test_config(db: &TestDb) -> Config {
     let mut cfg = Config::defaults();
     cfg.bind = "127.0.0.1:0".into();
     cfg.database = db.url.clone();
     cfg.relay_url = url::Url::parse("http://127.0.0.1:1").unwrap();
     cfg.plc_url = url::Url::parse("http://127.0.0.1:1").unwrap();
+    cfg
+}
+
+/// [`test_config`] without the sync engine (`--outbox-only`): for API tests that must not
+/// race a resync worker claiming the repos they add.
+pub fn api_only_config(db: &TestDb) -> Config {
+    let mut cfg = test_config(db);
+    cfg.outbox_only = true;
     cfg
 }
 
