@@ -92,6 +92,10 @@ impl FakePlc {
     ///
     /// # Panics
     /// If the loopback listener cannot be bound.
+    #[expect(
+        clippy::expect_used,
+        reason = "a test fixture: failing loudly is the point"
+    )]
     pub async fn start() -> Self {
         let shared = Arc::new(Shared {
             config: Mutex::new(Config::default()),
@@ -297,6 +301,10 @@ pub struct TestKey {
 /// # Panics
 /// If `seed` is 0.
 #[must_use]
+#[expect(
+    clippy::expect_used,
+    reason = "a test fixture: failing loudly is the point"
+)]
 pub fn k256_key(seed: u8) -> TestKey {
     let signing = k256::ecdsa::SigningKey::from_slice(&[seed; 32]).expect("valid K-256 scalar");
     let point = signing.verifying_key().to_sec1_point(false);
@@ -312,6 +320,10 @@ pub fn k256_key(seed: u8) -> TestKey {
 /// # Panics
 /// If `seed` is 0.
 #[must_use]
+#[expect(
+    clippy::expect_used,
+    reason = "a test fixture: failing loudly is the point"
+)]
 pub fn p256_key(seed: u8) -> TestKey {
     let signing = p256::ecdsa::SigningKey::from_slice(&[seed; 32]).expect("valid P-256 scalar");
     let point = signing.verifying_key().to_sec1_point(false);
@@ -322,6 +334,10 @@ pub fn p256_key(seed: u8) -> TestKey {
     )
 }
 
+#[expect(
+    clippy::expect_used,
+    reason = "a test fixture: failing loudly is the point"
+)]
 fn test_key(key_type: KeyType, uncompressed: &[u8], legacy_type: &'static str) -> TestKey {
     let public = PublicKey::from_sec1(key_type, uncompressed).expect("a point on the curve");
     TestKey {

@@ -39,7 +39,7 @@ pub(super) enum HandleLookup {
 #[derive(Debug, Clone)]
 enum Method {
     /// DNS TXT (when a resolver could be built), then HTTPS well-known.
-    Public { dns: Option<TokioResolver> },
+    Public { dns: Option<Box<TokioResolver>> },
     /// `GET {base}/xrpc/com.atproto.identity.resolveHandle?handle=…` only.
     Xrpc { base: Url },
 }
@@ -55,7 +55,11 @@ impl HandleResolver {
     /// Public resolution (DNS from the system configuration, then HTTPS). `use_dns = false`
     /// skips DNS (tests on loopback, where no resolver may be asked).
     pub(super) fn public(http: Http, use_dns: bool) -> Self {
-        let dns = if use_dns { system_dns() } else { None };
+        let dns = if use_dns {
+            system_dns().map(Box::new)
+        } else {
+            None
+        };
         Self {
             http,
             method: Method::Public { dns },
