@@ -6,6 +6,11 @@
 //! - `repo_walk/verified_100k`: the verified whole-repo walk of a 100 000-record tree-order
 //!   CAR fed in 64 KiB chunks: hash every block, verify the commit signature (K-256), walk
 //!   and validate the MST, transcode every record to JSON. Throughput is in records.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benches fail loudly on broken fixtures"
+)]
 use std::hint::black_box;
 
 use bytes::Bytes;

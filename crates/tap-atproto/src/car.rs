@@ -309,12 +309,12 @@ impl CarStream {
     /// # Errors
     /// [`CarError`] when the header is malformed.
     pub fn header(&mut self) -> Result<Option<&CarHeader>, CarError> {
-        if self.header.is_none() {
-            if let Some((h, n)) = parse_header(&self.buf[self.start..], &self.limits)? {
-                self.header = Some(h);
-                self.start += n;
-                self.offset += n as u64;
-            }
+        if self.header.is_none()
+            && let Some((h, n)) = parse_header(&self.buf[self.start..], &self.limits)?
+        {
+            self.header = Some(h);
+            self.start += n;
+            self.offset += n as u64;
         }
         Ok(self.header.as_ref())
     }

@@ -505,9 +505,9 @@ pub enum VerifyError {
     #[error("inverted root {computed} does not match prevData {expected}")]
     PrevDataMismatch {
         /// `prevData` from the frame.
-        expected: Cid,
+        expected: Box<Cid>,
         /// Root computed by inversion.
-        computed: Cid,
+        computed: Box<Cid>,
     },
 }
 
@@ -640,8 +640,8 @@ pub fn verify_commit_frame_with(
     let computed = mst::invert_ops(&mut tree, &tree_ops, &car.blocks)?;
     if computed != prev_data {
         return Err(VerifyError::PrevDataMismatch {
-            expected: prev_data,
-            computed,
+            expected: Box::new(prev_data),
+            computed: Box::new(computed),
         });
     }
     Ok(VerifiedCommit {

@@ -81,6 +81,13 @@ pub fn write_uvarint(out: &mut Vec<u8>, mut v: u64) {
 /// CIDv0 and digests longer than 64 bytes are rejected.
 #[must_use]
 pub fn parse_cid_prefix(buf: &[u8]) -> Option<(Cid, usize)> {
+    // Fast path: CIDv1, DAG-CBOR or raw, SHA-256 (every block atproto writes).
+    if let [1, codec @ (0x71 | 0x55), 0x12, 0x20, rest @ ..] = buf
+        && rest.len() >= 32
+    {
+        let mh = Multihash::<64>::wrap(SHA2_256, &rest[..32]).ok()?;
+        return Some((Cid::new_v1(u64::from(*codec), mh), 36));
+    }
     let (version, a) = read_uvarint(buf)?;
     if version != 1 {
         return None;

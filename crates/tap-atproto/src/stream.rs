@@ -218,7 +218,7 @@ pub struct RepoWalker {
     stack: Vec<Pending>,
     started: bool,
     finished: bool,
-    last_key: Option<Vec<u8>>,
+    last_key: Vec<u8>,
     mem: HashMap<Cid, Bytes, BuildCidHasher>,
     mem_bytes: usize,
     spill: Option<Spill>,
@@ -256,7 +256,7 @@ impl RepoWalker {
             stack: Vec::new(),
             started: false,
             finished: false,
-            last_key: None,
+            last_key: Vec::new(),
             mem: HashMap::default(),
             mem_bytes: 0,
             spill: None,
@@ -355,14 +355,16 @@ impl RepoWalker {
                 Pending::Commit(_) => self.process_commit(&block)?,
                 Pending::Node { cid, height } => self.process_node(&cid, height, &block)?,
                 Pending::Record { key, cid } => {
-                    if self.last_key.as_ref().is_some_and(|l| *l >= key) {
+                    if self.records > 0 && self.last_key >= key {
                         return Err(MstError::KeyOrder(key_string(&key)).into());
                     }
                     self.remember(cid, block.clone());
                     self.records += 1;
-                    let path = String::from_utf8(key.clone())
-                        .map_err(|_| MstError::InvalidKey(key_string(&key)))?;
-                    self.last_key = Some(key);
+                    // Reuse the buffer: no allocation per record for the order check.
+                    self.last_key.clear();
+                    self.last_key.extend_from_slice(&key);
+                    let path = String::from_utf8(key)
+                        .map_err(|e| MstError::InvalidKey(key_string(e.as_bytes())))?;
                     return Ok(Some(WalkedRecord {
                         path,
                         cid,

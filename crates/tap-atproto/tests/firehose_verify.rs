@@ -1,4 +1,9 @@
 //! Frame decoding and `verify_commit_frame` over commits built with `writer::RepoWriter`.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benches fail loudly on broken fixtures"
+)]
 mod common;
 
 use bytes::Bytes;
@@ -39,8 +44,7 @@ fn seeded() -> RepoWriter {
 fn create_update_delete_sequences_verify_and_return_records() {
     let (pk, sign) = common::k256_signer(1);
     let mut w = seeded();
-    let mut seq = 1;
-    for step in 0..20u64 {
+    for (seq, step) in (1..).zip(0..20u64) {
         let ops = vec![
             WriteOp::Create {
                 path: common::like_path(1000 + step),
@@ -74,7 +78,6 @@ fn create_update_delete_sequences_verify_and_return_records() {
         assert!(matches!(v.ops[1].action, OpAction::Update { .. }));
         assert!(v.ops[2].record.is_none());
         assert_eq!(v.ops[0].collection.as_str(), "app.bsky.feed.like");
-        seq += 1;
     }
 }
 

@@ -1,5 +1,10 @@
 //! Signature verification and did:key parsing against the interop `crypto/*.json` vectors,
 //! plus cross-checks with keys and signatures minted by the pure-Rust k256/p256 crates.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benches fail loudly on broken fixtures"
+)]
 mod common;
 
 use base64::Engine as _;

@@ -1,4 +1,9 @@
 //! DAG-CBOR ↔ atproto JSON against the interop `data-model/*.json` vectors.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benches fail loudly on broken fixtures"
+)]
 mod common;
 
 use base64::Engine as _;

@@ -1,4 +1,9 @@
 //! MST key heights, common prefixes and Sync 1.1 commit proofs against the interop vectors.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benches fail loudly on broken fixtures"
+)]
 mod common;
 
 use std::cell::RefCell;

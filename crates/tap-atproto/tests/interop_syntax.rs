@@ -1,4 +1,9 @@
 //! Syntax validators against the interop `syntax/*.txt` vectors.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benches fail loudly on broken fixtures"
+)]
 mod common;
 
 use tap_atproto::syntax::{

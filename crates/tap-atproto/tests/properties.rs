@@ -1,5 +1,10 @@
 //! Property tests: inversion returns the previous root, the root does not depend on
 //! insertion order, and parsers never panic on arbitrary or mutated bytes.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benches fail loudly on broken fixtures"
+)]
 mod common;
 
 use bytes::Bytes;

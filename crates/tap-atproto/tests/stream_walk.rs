@@ -1,4 +1,9 @@
 //! The streaming repo walker: tree-order and shuffled CARs, spilling, and every failure mode.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benches fail loudly on broken fixtures"
+)]
 mod common;
 
 use tap_atproto::Cid;

@@ -14,7 +14,7 @@ mod walk;
 pub use diff::{DiffAction, DiffOp, diff_sorted, diff_trees};
 pub use node::{Entry, NodeData, decode_node, encode_node};
 pub use tree::{Mst, OpAction, TreeOp, invert_ops};
-pub use walk::{walk_tree, walk_tree_collect};
+pub use walk::{Visit, walk_tree, walk_tree_collect};
 
 use cid::Cid;
 

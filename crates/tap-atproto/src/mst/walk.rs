@@ -8,6 +8,9 @@ use super::node::decode_node;
 use super::{MstError, is_valid_mst_key, key_height, key_string};
 use crate::hash::BlockSource;
 
+/// The callback of a walk: receives each key and value in order.
+pub type Visit<'a, E> = dyn FnMut(&[u8], &Cid) -> Result<(), E> + 'a;
+
 /// Walks the tree rooted at `root` in key order, calling `f(key, value)` for every entry.
 ///
 /// # Errors
@@ -15,7 +18,7 @@ use crate::hash::BlockSource;
 pub fn walk_tree<E: From<MstError>>(
     root: &Cid,
     src: &dyn BlockSource,
-    f: &mut dyn FnMut(&[u8], &Cid) -> Result<(), E>,
+    f: &mut Visit<'_, E>,
 ) -> Result<(), E> {
     let mut last: Option<Vec<u8>> = None;
     walk_node(root, None, true, src, &mut last, f)
@@ -43,7 +46,7 @@ fn walk_node<E: From<MstError>>(
     is_root: bool,
     src: &dyn BlockSource,
     last: &mut Option<Vec<u8>>,
-    f: &mut dyn FnMut(&[u8], &Cid) -> Result<(), E>,
+    f: &mut Visit<'_, E>,
 ) -> Result<(), E> {
     let bytes = src.get_block(cid).ok_or(MstError::MissingBlock(*cid))?;
     let node = decode_node(bytes)?;
