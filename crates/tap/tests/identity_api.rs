@@ -130,3 +130,39 @@ async fn lookups_and_cache_hits_are_counted_in_metrics() {
     }
     tap.stop().await;
 }
+
+#[test]
+fn handle_resolver_url_is_read_from_flag_or_environment_and_validated() {
+    use tap::config::{Environment, Invocation, parse};
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let argv = std::iter::once("tap")
+            .chain(std::iter::once("run"))
+            .chain(args.iter().copied());
+        parse(argv, &Environment::from_pairs(env.iter().copied()))
+    };
+    let url_of = |invocation| match invocation {
+        Ok(Invocation::Run(config)) => config.handle_resolver_url,
+        other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!(url_of(run(&[], &[])), None);
+    assert_eq!(
+        url_of(run(
+            &["--handle-resolver-url", "http://127.0.0.1:2583"],
+            &[]
+        ))
+        .unwrap()
+        .as_str(),
+        "http://127.0.0.1:2583/"
+    );
+    assert_eq!(
+        url_of(run(
+            &[],
+            &[("TAP_HANDLE_RESOLVER_URL", "http://127.0.0.1:2583")]
+        ))
+        .unwrap()
+        .as_str(),
+        "http://127.0.0.1:2583/"
+    );
+    let err = run(&["--handle-resolver-url", "ftp://x"], &[]).unwrap_err();
+    assert!(err.to_string().contains("handle-resolver-url"), "{err}");
+}
