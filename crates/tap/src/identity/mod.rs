@@ -340,7 +340,9 @@ impl Identity {
         entry.into_value().result
     }
 
-    /// Forgets `did`, so the next [`resolve`](Self::resolve) fetches it again.
+    /// Forgets `did`, so the next [`resolve`](Self::resolve) fetches it again. A look-up
+    /// already in flight may still store what it fetched; when the fetch must start after
+    /// the call, use [`refresh`](Self::refresh).
     pub async fn purge(&self, did: &Did) {
         self.inner.cache.invalidate(did).await;
     }

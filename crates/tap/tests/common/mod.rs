@@ -102,6 +102,9 @@ pub fn test_config(db: &TestDb) -> Config {
     cfg.database = db.url.clone();
     cfg.relay_url = url::Url::parse("http://127.0.0.1:1").unwrap();
     cfg.plc_url = url::Url::parse("http://127.0.0.1:1").unwrap();
+    // Handles are never looked up in public DNS/HTTPS from tests: point this at a fake
+    // (`FakePlc::url()` or the localnet PDS) to verify them; here they come out handle.invalid.
+    cfg.handle_resolver_url = Some(url::Url::parse("http://127.0.0.1:1").unwrap());
     cfg
 }
 
