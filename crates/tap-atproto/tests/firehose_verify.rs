@@ -340,3 +340,35 @@ fn frame_limits_are_enforced() {
         Err(FrameError::TooLarge("blocks"))
     );
 }
+
+#[test]
+fn sync_frames_verify_the_commit_they_carry() {
+    let (pk, _) = common::k256_signer(1);
+    let w = seeded();
+    let (cid, commit) = w.head().unwrap().clone();
+    let car_bytes = car::write_car(&[cid], [(&cid, w.blocks()[&cid].as_ref())]);
+    #[derive(serde::Serialize)]
+    struct SyncBody<'a> {
+        seq: i64,
+        did: &'a str,
+        #[serde(with = "serde_bytes")]
+        blocks: &'a [u8],
+        rev: String,
+        time: &'a str,
+    }
+    let body = SyncBody {
+        seq: 9,
+        did: "did:plc:testrepo",
+        blocks: &car_bytes,
+        rev: commit.rev.to_string(),
+        time: "t",
+    };
+    let f = writer::encode_frame("#sync", &body);
+    let Frame::Sync(s) = decode_frame(&Bytes::from(f), &FrameLimits::default()).unwrap() else {
+        panic!("not sync")
+    };
+    let v = tap_atproto::firehose::verify_sync_frame(&s, &pk).unwrap();
+    assert_eq!(v.data, commit.data);
+    let (other, _) = common::k256_signer(2);
+    assert!(tap_atproto::firehose::verify_sync_frame(&s, &other).is_err());
+}

@@ -105,3 +105,81 @@ pub fn diff_trees(
         walk_tree_collect(new_root, src)?,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::{self, BlockMap};
+    use crate::mst::Mst;
+
+    fn c(n: u8) -> Cid {
+        hash::cid_for_cbor(&[n])
+    }
+
+    #[test]
+    fn sorted_diff_emits_creates_updates_and_deletes_in_path_order() {
+        let old = vec![
+            ("a/1".to_owned(), c(1)),
+            ("a/2".to_owned(), c(2)),
+            ("a/4".to_owned(), c(4)),
+        ];
+        let new = vec![
+            ("a/2".to_owned(), c(9)),
+            ("a/3".to_owned(), c(3)),
+            ("a/4".to_owned(), c(4)),
+        ];
+        let d = diff_sorted(old, new);
+        assert_eq!(
+            d,
+            vec![
+                DiffOp {
+                    path: "a/1".into(),
+                    action: DiffAction::Delete { prev: c(1) }
+                },
+                DiffOp {
+                    path: "a/2".into(),
+                    action: DiffAction::Update {
+                        prev: c(2),
+                        cid: c(9)
+                    }
+                },
+                DiffOp {
+                    path: "a/3".into(),
+                    action: DiffAction::Create { cid: c(3) }
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn tree_diff_matches_the_changes_made() {
+        let empty = BlockMap::default();
+        let mut blocks = BlockMap::default();
+        let mut t = Mst::new();
+        for i in 0..100u8 {
+            t.insert(format!("col/k{i:03}").as_bytes(), c(i), &empty)
+                .unwrap();
+        }
+        let mut out = Vec::new();
+        let before = t.root_cid_with_blocks(&mut out);
+        t.remove(b"col/k005", &empty).unwrap();
+        t.update(b"col/k050", c(200), &empty).unwrap();
+        t.insert(b"col/k500", c(201), &empty).unwrap();
+        let after = t.root_cid_with_blocks(&mut out);
+        for (cid, b) in out {
+            blocks.insert(cid, b.into());
+        }
+        let d = diff_trees(&before, &after, &blocks).unwrap();
+        assert_eq!(d.len(), 3);
+        assert_eq!(d[0].action, DiffAction::Delete { prev: c(5) });
+        assert_eq!(
+            d[1].action,
+            DiffAction::Update {
+                prev: c(50),
+                cid: c(200)
+            }
+        );
+        assert_eq!(d[2].action, DiffAction::Create { cid: c(201) });
+        assert!(diff_trees(&after, &after, &blocks).unwrap().is_empty());
+    }
+}
