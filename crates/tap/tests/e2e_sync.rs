@@ -80,9 +80,7 @@ async fn backfill_equals_the_pds_and_live_writes_follow_in_order(db: TestDb) {
     write_notes(&mut net, &did, "com.example.note", 130).await;
     let expected = net.records(&did).await;
     assert_eq!(expected.len(), 1 + 3 + 130);
-    let pds_rev = net
-        .command(json!({"cmd": "listRecords", "did": did}))
-        .await["rev"]
+    let pds_rev = net.command(json!({"cmd": "listRecords", "did": did})).await["rev"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -94,7 +92,11 @@ async fn backfill_equals_the_pds_and_live_writes_follow_in_order(db: TestDb) {
 
     // 1. Identity first, with the real handle; then exactly the PDS's records.
     let first = &events[0];
-    assert!(first.is_identity(), "first event is identity: {:?}", first.0);
+    assert!(
+        first.is_identity(),
+        "first event is identity: {:?}",
+        first.0
+    );
     assert_eq!(first.ident("handle"), net.handle(0).as_str());
     assert_eq!(first.ident("status"), "active");
     assert_eq!(first.ident("is_active"), true);
@@ -129,17 +131,23 @@ async fn backfill_equals_the_pds_and_live_writes_follow_in_order(db: TestDb) {
 
     // 2. Live writes, in order.
     let created = net
-        .command(json!({"cmd": "createRecord", "did": did, "collection": "app.bsky.feed.post",
-                        "record": post("live one")}))
+        .command(
+            json!({"cmd": "createRecord", "did": did, "collection": "app.bsky.feed.post",
+                        "record": post("live one")}),
+        )
         .await;
     let rkey = created["rkey"].as_str().unwrap().to_owned();
     let updated = net
-        .command(json!({"cmd": "putRecord", "did": did, "collection": "app.bsky.feed.post",
-                        "rkey": rkey, "record": post("live one, edited")}))
+        .command(
+            json!({"cmd": "putRecord", "did": did, "collection": "app.bsky.feed.post",
+                        "rkey": rkey, "record": post("live one, edited")}),
+        )
         .await;
     let deleted = net
-        .command(json!({"cmd": "deleteRecord", "did": did, "collection": "app.bsky.feed.post",
-                        "rkey": rkey}))
+        .command(
+            json!({"cmd": "deleteRecord", "did": did, "collection": "app.bsky.feed.post",
+                        "rkey": rkey}),
+        )
         .await;
     let multi = net
         .command(json!({"cmd": "applyWrites", "did": did, "writes": [
@@ -184,7 +192,12 @@ async fn backfill_equals_the_pds_and_live_writes_follow_in_order(db: TestDb) {
                 updated["cid"].as_str(),
                 rev(&updated).as_str()
             ),
-            ("delete".to_owned(), path.clone(), None, rev(&deleted).as_str()),
+            (
+                "delete".to_owned(),
+                path.clone(),
+                None,
+                rev(&deleted).as_str()
+            ),
         ]
     );
     // One commit of three ops: all with its rev, after the single writes.
@@ -222,4 +235,170 @@ async fn backfill_equals_the_pds_and_live_writes_follow_in_order(db: TestDb) {
 on_both_backends!(
     backfill_equals_the_pds_and_live_writes_follow_in_order,
     backfill_equals_the_pds_and_live_writes_follow_in_order
+);
+
+/// A record deleted while tap was stopped: with the saved cursor the firehose replays the
+/// delete (live); with `--no-replay` the delete is never seen, so the next commit's
+/// `prevData` no longer chains onto the stored data root, the repo is desynchronized and
+/// resynced, and the resync emits the delete (and the update made meanwhile) as historical
+/// events. The record index ends equal to the PDS either way.
+async fn records_changed_while_tap_was_stopped_are_caught_up(db: TestDb) {
+    let Some(mut net) = LocalNet::start(1, 3).await else {
+        return;
+    };
+    let did = net.did(0);
+    let expected = net.records(&did).await;
+    let posts: Vec<String> = expected
+        .keys()
+        .filter(|p| p.starts_with("app.bsky.feed.post/"))
+        .cloned()
+        .collect();
+    assert_eq!(posts.len(), 3);
+    let config = net.tap_config(&db);
+
+    let tap = TestTap::start(config.clone()).await;
+    let mut channel = Channel::connect(tap.addr, &[]).await;
+    add_repos(&tap.url(""), &[&did]).await;
+    await_backfill(&tap, &mut channel, &did, &expected).await;
+    // A live write proves the firehose is connected before tap stops.
+    net.command(
+        json!({"cmd": "createRecord", "did": did, "collection": "com.example.note",
+                       "rkey": "live0", "record": note("live0")}),
+    )
+    .await;
+    channel
+        .until("the first live write", |seen| {
+            seen.iter()
+                .any(|e| e.is_record() && e.path() == "com.example.note/live0")
+        })
+        .await;
+    tap.stop().await;
+    let seen = channel.seen.clone();
+    drop(channel);
+
+    // A. Deleted while stopped; the firehose replays from the saved cursor.
+    let (collection, rkey) = posts[0].split_once('/').unwrap();
+    net.command(json!({"cmd": "deleteRecord", "did": did, "collection": collection, "rkey": rkey}))
+        .await;
+    let seen = {
+        let tap = TestTap::start(config.clone()).await;
+        let mut channel = Channel::connect(tap.addr, &seen).await;
+        channel
+            .until("the replayed delete", |seen| {
+                seen.iter()
+                    .any(|e| e.is_record() && e.path() == posts[0] && e.action() == "delete")
+            })
+            .await;
+        let delete = channel
+            .seen
+            .iter()
+            .find(|e| e.is_record() && e.path() == posts[0] && e.action() == "delete")
+            .unwrap();
+        assert!(delete.live(), "a replayed firehose commit is live");
+        let n = net.records(&did).await.len() as u64;
+        wait_info(&tap.url(""), &did, "the replayed delete", |i| {
+            i.is_some_and(|i| i["records"] == n && i["state"] == "active")
+        })
+        .await;
+        tap.stop().await;
+        channel.seen.clone()
+    };
+
+    // B. Deleted and updated while stopped, and tap restarts with --no-replay: the
+    //    firehose never shows these commits.
+    let (collection, rkey) = posts[1].split_once('/').unwrap();
+    net.command(json!({"cmd": "deleteRecord", "did": did, "collection": collection, "rkey": rkey}))
+        .await;
+    let profile = net
+        .command(json!({"cmd": "putRecord", "did": did, "collection": "app.bsky.actor.profile",
+                        "rkey": "self", "record": {"$type": "app.bsky.actor.profile", "displayName": "renamed"}}))
+        .await;
+    let mut no_replay = config.clone();
+    no_replay.no_replay = true;
+    let tap = TestTap::start(no_replay).await;
+    let mut channel = Channel::connect(tap.addr, &seen).await;
+    let before = seen.len();
+    // The first commit tap sees after connecting does not chain; the firehose may not be
+    // connected yet when a trigger is written, so write triggers until something arrives.
+    let mut triggered = false;
+    for i in 0..30 {
+        net.command(
+            json!({"cmd": "createRecord", "did": did, "collection": "com.example.note",
+                           "rkey": format!("t{i}"), "record": note("trigger")}),
+        )
+        .await;
+        if channel
+            .until_within(std::time::Duration::from_secs(3), |seen| {
+                seen.len() > before
+            })
+            .await
+        {
+            triggered = true;
+            break;
+        }
+    }
+    assert!(triggered, "a commit after the restart reached tap");
+    channel
+        .until("the resync's delete and update", |seen| {
+            let has = |path: &str, action: &str| {
+                seen.iter()
+                    .any(|e| e.is_record() && e.path() == path && e.action() == action)
+            };
+            has(&posts[1], "delete") && has("app.bsky.actor.profile/self", "update")
+        })
+        .await;
+    let resynced = &channel.seen[before..];
+    for e in resynced.iter().filter(|e| {
+        e.is_record() && (e.path() == posts[1] || e.path() == "app.bsky.actor.profile/self")
+    }) {
+        assert!(!e.live(), "the resync's events are historical: {:?}", e.0);
+    }
+    let update = resynced
+        .iter()
+        .find(|e| e.is_record() && e.path() == "app.bsky.actor.profile/self")
+        .unwrap();
+    assert_eq!(update.action(), "update");
+    assert_eq!(update.cid(), profile["cid"].as_str());
+    assert!(
+        !resynced
+            .iter()
+            .any(|e| e.is_record() && e.path() == posts[2]),
+        "an unchanged record is not re-sent"
+    );
+
+    // The record index and a consumer replaying every event both equal the PDS.
+    let now = net.records(&did).await;
+    let pds_rev = net.command(json!({"cmd": "listRecords", "did": did})).await["rev"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let n = now.len() as u64;
+    let info = wait_info(&tap.url(""), &did, "the resynced repo", |i| {
+        i.is_some_and(|i| {
+            i["state"] == "active" && i["records"] == n && i["rev"] == pds_rev.as_str()
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(info["error"], "");
+    channel
+        .until("every event, replayed, to equal the PDS's repo", |seen| {
+            replay(seen) == now
+        })
+        .await;
+    let count = reqwest::get(tap.url("/stats/record-count"))
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(count["record_count"], n, "{count}");
+
+    tap.stop().await;
+    net.stop().await;
+}
+
+on_both_backends!(
+    records_changed_while_tap_was_stopped_are_caught_up,
+    records_changed_while_tap_was_stopped_are_caught_up
 );

@@ -291,6 +291,22 @@ impl Channel {
         }
     }
 
+    /// Like [`Self::until`] but gives up after `within`, returning whether `done` held.
+    pub async fn until_within(
+        &mut self,
+        within: Duration,
+        mut done: impl FnMut(&[Event]) -> bool,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while !done(&self.seen) {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(event)) => self.seen.push(event),
+                Ok(None) | Err(_) => return false,
+            }
+        }
+        true
+    }
+
     /// Takes whatever has already arrived (non-blocking).
     pub fn drain_ready(&mut self) {
         while let Ok(event) = self.events.try_recv() {
@@ -300,7 +316,11 @@ impl Channel {
 
     /// Events of `did`, in arrival order.
     pub fn of(&self, did: &str) -> Vec<Event> {
-        self.seen.iter().filter(|e| e.did() == did).cloned().collect()
+        self.seen
+            .iter()
+            .filter(|e| e.did() == did)
+            .cloned()
+            .collect()
     }
 }
 
