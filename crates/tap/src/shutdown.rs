@@ -56,9 +56,6 @@ impl Shutdown {
 /// when the future is first polled, so a signal that arrives during start-up is not lost
 /// (and does not kill the process with the default action).
 ///
-/// # Panics
-/// Never in practice: installing a handler fails only without a signal driver.
-#[must_use]
 pub fn signal() -> impl std::future::Future<Output = ()> + Send {
     #[cfg(unix)]
     {

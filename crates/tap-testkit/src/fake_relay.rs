@@ -1,0 +1,234 @@
+//! A loopback stand-in for a relay: `subscribeRepos` over WebSocket (a replayable log of
+//! frames, resumed by cursor, plus frames pushed live) and the `listRepos` /
+//! `listReposByCollection` enumeration endpoints, with knobs for hostile behaviour
+//! (garbage frames, connections cut mid-stream).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use axum::Router;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::get;
+use bytes::Bytes;
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+/// What a connected subscriber receives.
+#[derive(Debug, Clone)]
+enum Push {
+    Frame(i64, Bytes),
+    Raw(Bytes),
+    Drop,
+}
+
+#[derive(Default)]
+struct Inner {
+    log: Vec<(i64, Bytes)>,
+    /// Pages served by the list endpoints: key = "" (listRepos) or the collection.
+    pages: HashMap<String, Vec<Value>>,
+    list_requests: Vec<String>,
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    live: broadcast::Sender<Push>,
+    connections: AtomicUsize,
+    cursors: Mutex<Vec<Option<i64>>>,
+}
+
+/// The fake relay. Dropping it stops the server.
+pub struct FakeRelay {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeRelay {
+    /// Starts on 127.0.0.1 on a free port.
+    ///
+    /// # Panics
+    /// If binding loopback fails.
+    #[expect(clippy::expect_used, reason = "test fixture")]
+    pub async fn start() -> Self {
+        let (live, _) = broadcast::channel(4096);
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner::default()),
+            live,
+            connections: AtomicUsize::new(0),
+            cursors: Mutex::new(Vec::new()),
+        });
+        let app = Router::new()
+            .route("/xrpc/com.atproto.sync.subscribeRepos", get(subscribe))
+            .route("/xrpc/com.atproto.sync.listRepos", get(list_repos))
+            .route(
+                "/xrpc/com.atproto.sync.listReposByCollection",
+                get(list_by_collection),
+            )
+            .with_state(Arc::clone(&shared));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { addr, shared, task }
+    }
+
+    /// `http://127.0.0.1:port` (what `--relay-url` takes).
+    #[must_use]
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Appends a frame to the log and sends it to connected subscribers.
+    pub fn push_frame(&self, seq: i64, frame: Vec<u8>) {
+        let bytes = Bytes::from(frame);
+        lock(&self.shared.inner).log.push((seq, bytes.clone()));
+        let _ = self.shared.live.send(Push::Frame(seq, bytes));
+    }
+
+    /// Sends raw bytes (e.g. garbage) to connected subscribers, without logging them.
+    pub fn push_raw(&self, bytes: Vec<u8>) {
+        let _ = self.shared.live.send(Push::Raw(Bytes::from(bytes)));
+    }
+
+    /// Cuts every connection (no close frame).
+    pub fn drop_connections(&self) {
+        let _ = self.shared.live.send(Push::Drop);
+    }
+
+    /// WebSocket connections accepted so far.
+    #[must_use]
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::SeqCst)
+    }
+
+    /// The `cursor` parameter of every connection, in order.
+    #[must_use]
+    pub fn cursors(&self) -> Vec<Option<i64>> {
+        lock(&self.shared.cursors).clone()
+    }
+
+    /// Sets the pages of `listRepos` (`collection = None`) or `listReposByCollection`:
+    /// page `i` answers cursor `"i"` (no cursor = page 0); the last page has no cursor.
+    pub fn set_pages(&self, collection: Option<&str>, pages: Vec<Vec<Value>>) {
+        let n = pages.len();
+        let bodies = pages
+            .into_iter()
+            .enumerate()
+            .map(|(i, repos)| {
+                if i + 1 < n {
+                    json!({"cursor": (i + 1).to_string(), "repos": repos})
+                } else {
+                    json!({"repos": repos})
+                }
+            })
+            .collect();
+        lock(&self.shared.inner)
+            .pages
+            .insert(collection.unwrap_or("").to_owned(), bodies);
+    }
+
+    /// Query strings of list requests received so far.
+    #[must_use]
+    pub fn list_requests(&self) -> Vec<String> {
+        lock(&self.shared.inner).list_requests.clone()
+    }
+}
+
+impl Drop for FakeRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+async fn subscribe(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<HashMap<String, String>>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let cursor = q.get("cursor").and_then(|c| c.parse::<i64>().ok());
+    shared.connections.fetch_add(1, Ordering::SeqCst);
+    lock(&shared.cursors).push(cursor);
+    ws.on_upgrade(move |socket| serve_socket(socket, shared, cursor))
+}
+
+async fn serve_socket(mut socket: WebSocket, shared: Arc<Shared>, cursor: Option<i64>) {
+    // Subscribe before reading the log so nothing falls between the two.
+    let mut live = shared.live.subscribe();
+    let backlog: Vec<(i64, Bytes)> = lock(&shared.inner)
+        .log
+        .iter()
+        .filter(|(seq, _)| cursor.is_none_or(|c| *seq > c))
+        .cloned()
+        .collect();
+    let mut last = cursor.unwrap_or(0);
+    for (seq, frame) in backlog {
+        if socket.send(Message::Binary(frame)).await.is_err() {
+            return;
+        }
+        last = last.max(seq);
+    }
+    loop {
+        tokio::select! {
+            push = live.recv() => match push {
+                Ok(Push::Frame(seq, frame)) if seq > last => {
+                    if socket.send(Message::Binary(frame)).await.is_err() {
+                        return;
+                    }
+                    last = seq;
+                }
+                Ok(Push::Frame(..)) => {}
+                Ok(Push::Raw(bytes)) => {
+                    if socket.send(Message::Binary(bytes)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Push::Drop) | Err(_) => return,
+            },
+            msg = socket.recv() => if msg.is_none() { return },
+        }
+    }
+}
+
+async fn list_repos(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    page(&shared, "", &q)
+}
+
+async fn list_by_collection(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let collection = q.get("collection").cloned().unwrap_or_default();
+    page(&shared, &collection, &q)
+}
+
+fn page(shared: &Shared, key: &str, q: &HashMap<String, String>) -> Response {
+    let mut inner = lock(&shared.inner);
+    let mut query: Vec<String> = q.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    query.sort();
+    inner.list_requests.push(query.join("&"));
+    let index = q
+        .get("cursor")
+        .and_then(|c| c.parse::<usize>().ok())
+        .unwrap_or(0);
+    let body = inner
+        .pages
+        .get(key)
+        .and_then(|p| p.get(index))
+        .cloned()
+        .unwrap_or_else(|| json!({"repos": []}));
+    Json(body).into_response()
+}

@@ -1,0 +1,603 @@
+//! The sync engine against loopback fakes (relay, PDS, PLC from `tap-testkit`): backfill,
+//! live commits, resync deletes, hostile peers, and repo discovery.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{Backend, TestDb, TestTap, test_config};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tap::Config;
+use tap_atproto::syntax::Did;
+use tap_atproto::writer::WriteOp;
+use tap_testkit::fake_pds::{FakePds, RepoReply};
+use tap_testkit::fake_plc::FakePlc;
+use tap_testkit::fake_relay::FakeRelay;
+use tap_testkit::repo_builder::{RepoBuilder, TestKey};
+use tokio_tungstenite::tungstenite::Message;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Polls `check` until it returns `Some`, or panics after `WAIT` naming `what`.
+async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+struct Net {
+    relay: FakeRelay,
+    pds: FakePds,
+    plc: FakePlc,
+}
+
+impl Net {
+    async fn start() -> Self {
+        Self {
+            relay: FakeRelay::start().await,
+            pds: FakePds::start().await,
+            plc: FakePlc::start().await,
+        }
+    }
+
+    fn config(&self, db: &TestDb) -> Config {
+        let mut cfg = test_config(db);
+        cfg.relay_url = url::Url::parse(&self.relay.url()).unwrap();
+        cfg.plc_url = url::Url::parse(&self.plc.url()).unwrap();
+        cfg.handle_resolver_url = Some(url::Url::parse(&self.plc.url()).unwrap());
+        cfg.cursor_save_interval = Duration::from_millis(50);
+        cfg
+    }
+
+    /// Publishes `repo`'s DID document (Multikey form) and handle.
+    fn publish(&self, repo: &RepoBuilder, handle: &str) {
+        let did = repo.did().as_str();
+        let multikey = repo
+            .key()
+            .did_key()
+            .trim_start_matches("did:key:")
+            .to_owned();
+        self.plc.set_plc_doc(
+            did,
+            json!({
+                "id": did,
+                "alsoKnownAs": [format!("at://{handle}")],
+                "verificationMethod": [{
+                    "id": format!("{did}#atproto"),
+                    "type": "Multikey",
+                    "controller": did,
+                    "publicKeyMultibase": multikey,
+                }],
+                "service": [{
+                    "id": "#atproto_pds",
+                    "type": "AtprotoPersonalDataServer",
+                    "serviceEndpoint": self.pds.url(),
+                }],
+            }),
+        );
+        self.plc.set_handle(handle, did);
+    }
+}
+
+fn did(n: u32) -> Did {
+    format!("did:plc:{:0>24}", format!("test{n}"))
+        .parse()
+        .unwrap()
+}
+
+/// A `/channel` consumer that acks everything and keeps what it received.
+struct Consumer {
+    events: Arc<Mutex<Vec<Value>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Consumer {
+    async fn connect(tap: &TestTap) -> Self {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/channel", tap.addr))
+            .await
+            .unwrap();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink_events = Arc::clone(&events);
+        let task = tokio::spawn(async move {
+            let (mut tx, mut rx) = ws.split();
+            while let Some(Ok(msg)) = rx.next().await {
+                if let Message::Text(text) = msg {
+                    let v: Value = serde_json::from_str(&text).unwrap();
+                    let id = v["id"].as_u64().unwrap();
+                    sink_events.lock().unwrap().push(v);
+                    let ack = json!({"type": "ack", "id": id}).to_string();
+                    if tx.send(Message::Text(ack.into())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Self { events, task }
+    }
+
+    fn events(&self) -> Vec<Value> {
+        self.events.lock().unwrap().clone()
+    }
+
+    fn records(&self) -> Vec<Value> {
+        self.events()
+            .into_iter()
+            .filter(|e| e["type"] == "record")
+            .map(|e| e["record"].clone())
+            .collect()
+    }
+
+    async fn wait_records(&self, n: usize) -> Vec<Value> {
+        wait_for(&format!("{n} record events"), || async {
+            let r = self.records();
+            (r.len() >= n).then_some(r)
+        })
+        .await
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn add(tap: &TestTap, did: &Did) {
+    let resp = reqwest::Client::new()
+        .post(tap.url("/repos/add"))
+        .json(&json!({"dids": [did.as_str()]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+async fn info(tap: &TestTap, did: &Did) -> Value {
+    reqwest::get(tap.url(&format!("/info/{did}")))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn wait_state(tap: &TestTap, did: &Did, state: &str) -> Value {
+    wait_for(&format!("{did} to be {state}"), || async {
+        let i = info(tap, did).await;
+        (i["state"] == state).then_some(i)
+    })
+    .await
+}
+
+fn paths_and_cids(records: &[Value]) -> BTreeMap<String, String> {
+    records
+        .iter()
+        .map(|r| {
+            (
+                format!(
+                    "{}/{}",
+                    r["collection"].as_str().unwrap(),
+                    r["rkey"].as_str().unwrap()
+                ),
+                r["cid"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn expected(repo: &RepoBuilder) -> BTreeMap<String, String> {
+    repo.records()
+        .iter()
+        .map(|(p, c)| (p.clone(), c.to_string()))
+        .collect()
+}
+
+async fn backfill_then_live(db: TestDb) {
+    let net = Net::start().await;
+    let mut repo = RepoBuilder::with_records(did(1), TestKey::k256(1), 11, 40);
+    net.publish(&repo, "alice.test");
+    // The reference PDS does not write CARs in tree order; neither does this one.
+    net.pds
+        .set_repo(repo.did().as_str(), RepoReply::Car(repo.car_shuffled(3)));
+    let tap = TestTap::start(net.config(&db)).await;
+    let consumer = Consumer::connect(&tap).await;
+    add(&tap, repo.did()).await;
+
+    let n = repo.records().len();
+    let historical = consumer.wait_records(n).await;
+    assert!(historical.iter().all(|r| r["live"] == false));
+    assert_eq!(
+        paths_and_cids(&historical),
+        expected(&repo),
+        "backfill equals the repo"
+    );
+    let first = &consumer.events()[0];
+    assert_eq!(
+        first["type"], "identity",
+        "identity event before any record"
+    );
+    assert_eq!(first["identity"]["handle"], "alice.test");
+    let i = wait_state(&tap, repo.did(), "active").await;
+    assert_eq!(i["records"], n);
+
+    // Live: create, update and delete in one commit, then another create.
+    let mut paths = repo.records().keys().cloned();
+    let upd = paths.next().unwrap();
+    let del = paths.next().unwrap();
+    let (new_path, new_rec) = repo.generator().next_record();
+    let (_, upd_rec) = repo.generator().next_record();
+    let frame = repo
+        .commit_frame(&[
+            WriteOp::Create {
+                path: new_path.clone(),
+                record: new_rec,
+            },
+            WriteOp::Update {
+                path: upd.clone(),
+                record: upd_rec,
+            },
+            WriteOp::Delete { path: del.clone() },
+        ])
+        .unwrap();
+    net.relay.push_frame(1, frame);
+    let all = consumer.wait_records(n + 3).await;
+    let live: Vec<&Value> = all[n..].iter().collect();
+    assert!(live.iter().all(|r| r["live"] == true), "{live:?}");
+    let actions: Vec<(&str, String)> = live
+        .iter()
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap(),
+                format!(
+                    "{}/{}",
+                    r["collection"].as_str().unwrap(),
+                    r["rkey"].as_str().unwrap()
+                ),
+            )
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        vec![("create", new_path), ("update", upd), ("delete", del)],
+        "live events in commit order"
+    );
+    assert!(live[2].get("cid").is_none() && live[2].get("record").is_none());
+    let i = wait_for("record count after the live commit", || async {
+        let i = info(&tap, repo.did()).await;
+        (i["records"] == n + 1 - 1).then_some(i)
+    })
+    .await;
+    assert_eq!(i["state"], "active");
+    // The cursor advanced past the commit.
+    wait_for("cursor saved", || async {
+        let c: Value = reqwest::get(tap.url("/stats/cursors"))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (c["firehose"] == 1).then_some(())
+    })
+    .await;
+    tap.stop().await;
+}
+on_both_backends!(
+    backfill_equals_the_repo_then_live_commits_arrive_in_order,
+    backfill_then_live
+);
+
+async fn resync_deletes(db: TestDb) {
+    let net = Net::start().await;
+    let mut repo = RepoBuilder::with_records(did(2), TestKey::p256(2), 12, 30);
+    net.publish(&repo, "bob.test");
+    net.pds
+        .set_repo(repo.did().as_str(), RepoReply::Car(repo.car_tree_order()));
+    let tap = TestTap::start(net.config(&db)).await;
+    let consumer = Consumer::connect(&tap).await;
+    add(&tap, repo.did()).await;
+    let n = repo.records().len();
+    consumer.wait_records(n).await;
+    wait_state(&tap, repo.did(), "active").await;
+
+    // While tap is not watching (the relay never carries it), three records are deleted.
+    let gone: Vec<String> = repo.records().keys().skip(5).take(3).cloned().collect();
+    let ops: Vec<WriteOp> = gone
+        .iter()
+        .map(|p| WriteOp::Delete { path: p.clone() })
+        .collect();
+    repo.commit(&ops).unwrap();
+    // The next commit does not chain onto what tap has: it must resync.
+    let (p, r) = repo.generator().next_record();
+    let frame = repo
+        .commit_frame(&[WriteOp::Create { path: p, record: r }])
+        .unwrap();
+    net.pds
+        .set_repo(repo.did().as_str(), RepoReply::Car(repo.car_shuffled(9)));
+    net.relay.push_frame(1, frame);
+
+    let records = consumer.wait_records(n + 4).await;
+    let after: Vec<&Value> = records[n..].iter().collect();
+    let deletes: Vec<String> = after
+        .iter()
+        .filter(|r| r["action"] == "delete")
+        .map(|r| {
+            format!(
+                "{}/{}",
+                r["collection"].as_str().unwrap(),
+                r["rkey"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(deletes, gone, "every vanished record is deleted");
+    assert!(
+        after.iter().all(|r| r["live"] == false),
+        "resync output is historical"
+    );
+    let i = wait_state(&tap, repo.did(), "active").await;
+    assert_eq!(
+        i["records"],
+        repo.records().len(),
+        "the index matches the repo"
+    );
+    assert_eq!(i["error"], "");
+    tap.stop().await;
+}
+on_both_backends!(
+    resync_after_a_broken_chain_emits_deletes_for_vanished_records,
+    resync_deletes
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_commit_desynchronizes_and_nothing_forged_is_delivered() {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    let net = Net::start().await;
+    let mut repo = RepoBuilder::with_records(did(3), TestKey::k256(3), 13, 10);
+    net.publish(&repo, "carol.test");
+    let honest_car = repo.car_tree_order();
+    net.pds
+        .set_repo(repo.did().as_str(), RepoReply::Car(honest_car));
+    let mut cfg = net.config(&db);
+    cfg.resync_parallelism = 1;
+    let tap = TestTap::start(cfg).await;
+    let consumer = Consumer::connect(&tap).await;
+    add(&tap, repo.did()).await;
+    let n = repo.records().len();
+    consumer.wait_records(n).await;
+    wait_state(&tap, repo.did(), "active").await;
+
+    // A commit signed by another key. The PDS then refuses service (500), so the repo stays
+    // in error with a reason instead of healing at once.
+    let (p, r) = repo.generator().next_record();
+    let forged = repo
+        .forged_signature_frame(
+            &[WriteOp::Create {
+                path: p.clone(),
+                record: r,
+            }],
+            &TestKey::k256(99),
+        )
+        .unwrap();
+    net.pds
+        .set_repo(repo.did().as_str(), RepoReply::Status(500));
+    net.relay.push_frame(1, forged);
+    let i = wait_for("the repo to fail its resync", || async {
+        let i = info(&tap, repo.did()).await;
+        (i["state"] == "error").then_some(i)
+    })
+    .await;
+    assert!(i["error"].as_str().unwrap().contains("500"), "{i}");
+    assert!(i["retries"].as_u64().unwrap() >= 1);
+    let forged_rkey = p.split('/').nth(1).unwrap();
+    assert!(
+        consumer.records().iter().all(|r| r["rkey"] != forged_rkey),
+        "the forged record was never delivered"
+    );
+    let health = reqwest::get(tap.url("/health")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    tap.stop().await;
+}
+
+/// Sets up one repo whose PDS misbehaves as `reply`, adds it, and returns its /info once
+/// it leaves `resyncing` for `state`.
+async fn hostile_pds(
+    reply: impl FnOnce(&RepoBuilder) -> RepoReply,
+    tweak: impl FnOnce(&mut Config),
+    state: &str,
+) -> Value {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    let net = Net::start().await;
+    let repo = RepoBuilder::with_records(did(4), TestKey::k256(4), 14, 20);
+    net.publish(&repo, "dave.test");
+    net.pds.set_repo(repo.did().as_str(), reply(&repo));
+    let mut cfg = net.config(&db);
+    tweak(&mut cfg);
+    let tap = TestTap::start(cfg).await;
+    let consumer = Consumer::connect(&tap).await;
+    add(&tap, repo.did()).await;
+    let i = wait_state(&tap, repo.did(), state).await;
+    assert!(
+        consumer.records().is_empty(),
+        "nothing delivered from a hostile PDS"
+    );
+    assert_eq!(
+        reqwest::get(tap.url("/health")).await.unwrap().status(),
+        200
+    );
+    tap.stop().await;
+    i
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_block_puts_the_repo_in_error_with_a_reason() {
+    let i = hostile_pds(|r| RepoReply::Car(r.car_lying_block()), |_| {}, "error").await;
+    assert!(
+        i["error"].as_str().unwrap().contains("verification failed"),
+        "{i}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_mst_node_puts_the_repo_in_error_with_a_reason() {
+    let i = hostile_pds(|r| RepoReply::Car(r.car_missing_node()), |_| {}, "error").await;
+    assert!(
+        i["error"].as_str().unwrap().contains("verification failed"),
+        "{i}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limiting_pds_leaves_the_repo_desynchronized_not_in_error() {
+    let i = hostile_pds(|_| RepoReply::Status(429), |_| {}, "desynchronized").await;
+    assert_eq!(i["error"], "");
+    assert!(i["retries"].as_u64().unwrap() >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_body_hits_the_fetch_timeout() {
+    let i = hostile_pds(
+        |r| RepoReply::Trickle(r.car_tree_order(), Duration::from_millis(200)),
+        |cfg| cfg.repo_fetch_timeout = Duration::from_secs(2),
+        "error",
+    )
+    .await;
+    assert!(i["error"].as_str().unwrap().contains("getRepo"), "{i}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_never_ends_is_cut_at_the_size_cap() {
+    let i = hostile_pds(
+        |r| {
+            let car = r.car_tree_order();
+            RepoReply::Endless {
+                prefix: car.clone(),
+                chunk: car[car.len() - 200..].to_vec(),
+            }
+        },
+        |cfg| cfg.max_repo_bytes = 1 << 20,
+        "error",
+    )
+    .await;
+    assert!(
+        i["error"].as_str().unwrap().contains("verification failed"),
+        "{i}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_sending_garbage_is_reconnected_and_tap_keeps_running() {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    let net = Net::start().await;
+    let tap = TestTap::start(net.config(&db)).await;
+    wait_for("first connection", || async {
+        (net.relay.connections() >= 1).then_some(())
+    })
+    .await;
+    net.relay.push_raw(b"\xff\x00 definitely not cbor".to_vec());
+    wait_for("reconnect after garbage", || async {
+        (net.relay.connections() >= 2).then_some(())
+    })
+    .await;
+    net.relay.drop_connections();
+    wait_for("reconnect after a drop", || async {
+        (net.relay.connections() >= 3).then_some(())
+    })
+    .await;
+    assert_eq!(
+        reqwest::get(tap.url("/health")).await.unwrap().status(),
+        200
+    );
+    tap.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signal_collection_mode_enumerates_every_page_then_clears_its_cursor() {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    let net = Net::start().await;
+    net.relay.set_pages(
+        Some("com.example.signal"),
+        vec![
+            vec![
+                json!({"did": did(10).as_str()}),
+                json!({"did": did(11).as_str()}),
+            ],
+            vec![
+                json!({"did": did(12).as_str()}),
+                json!({"did": "not a did"}),
+            ],
+        ],
+    );
+    let mut cfg = net.config(&db);
+    cfg.scope =
+        tap::config::TrackingScope::SignalCollections(vec!["com.example.signal".parse().unwrap()]);
+    let tap = TestTap::start(cfg).await;
+    wait_for("three repos discovered", || async {
+        (tap.store.repo_count().await.ok()? == 3).then_some(())
+    })
+    .await;
+    let requests = net.relay.list_requests();
+    assert!(
+        requests
+            .iter()
+            .all(|q| q.contains("collection=com.example.signal") && q.contains("limit=1000"))
+    );
+    assert!(
+        requests.iter().any(|q| q.contains("cursor=1")),
+        "{requests:?}"
+    );
+    let cursor = tap
+        .store
+        .collection_cursor(net.config(&db).relay_url.as_ref(), "com.example.signal")
+        .await
+        .unwrap();
+    assert_eq!(
+        cursor.as_deref(),
+        Some(""),
+        "a finished pass starts over next time"
+    );
+    tap.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_network_mode_skips_inactive_accounts() {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    let net = Net::start().await;
+    net.relay.set_pages(
+        None,
+        vec![vec![
+            json!({"did": did(20).as_str(), "active": true}),
+            json!({"did": did(21).as_str(), "active": false}),
+            json!({"did": did(22).as_str()}),
+        ]],
+    );
+    let mut cfg = net.config(&db);
+    cfg.scope = tap::config::TrackingScope::FullNetwork;
+    let tap = TestTap::start(cfg).await;
+    wait_for("two repos discovered", || async {
+        (tap.store.repo_count().await.ok()? == 2).then_some(())
+    })
+    .await;
+    assert!(
+        tap.store
+            .get_repo(did(21).as_str())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    tap.stop().await;
+}
