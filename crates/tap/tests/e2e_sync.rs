@@ -402,3 +402,122 @@ on_both_backends!(
     records_changed_while_tap_was_stopped_are_caught_up,
     records_changed_while_tap_was_stopped_are_caught_up
 );
+
+/// Handle change, deactivation, reactivation, takedown and its reversal, and deletion each
+/// become one identity event with the right handle, status and `is_active`; the repo keeps
+/// syncing through them and is gone after the deletion.
+async fn account_lifecycle_becomes_identity_events(db: TestDb) {
+    let Some(mut net) = LocalNet::start(1, 1).await else {
+        return;
+    };
+    let did = net.did(0);
+    let expected = net.records(&did).await;
+    let tap = TestTap::start(net.tap_config(&db)).await;
+    let url = tap.url("");
+    let mut channel = Channel::connect(tap.addr, &[]).await;
+    add_repos(&url, &[&did]).await;
+    await_backfill(&tap, &mut channel, &did, &expected).await;
+
+    let identities = |channel: &Channel| -> Vec<(String, String, bool)> {
+        channel
+            .of(&did)
+            .iter()
+            .filter(|e| e.is_identity())
+            .map(|e| {
+                (
+                    e.ident("handle").as_str().unwrap().to_owned(),
+                    e.ident("status").as_str().unwrap().to_owned(),
+                    e.ident("is_active").as_bool().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let mut want = vec![(net.handle(0), "active".to_owned(), true)];
+    assert_eq!(identities(&channel), want);
+
+    // Each step: one PDS action, one identity event.
+    let renamed = "renamed0.test".to_owned();
+    let steps: Vec<(Value, (String, &str, bool))> = vec![
+        (
+            json!({"cmd": "updateHandle", "did": did, "handle": renamed}),
+            (renamed.clone(), "active", true),
+        ),
+        (
+            json!({"cmd": "deactivateAccount", "did": did}),
+            (renamed.clone(), "deactivated", false),
+        ),
+        (
+            json!({"cmd": "activateAccount", "did": did}),
+            (renamed.clone(), "active", true),
+        ),
+        (
+            json!({"cmd": "takedownAccount", "did": did}),
+            (renamed.clone(), "takendown", false),
+        ),
+        (
+            json!({"cmd": "takedownAccount", "did": did, "applied": false}),
+            (renamed.clone(), "active", true),
+        ),
+    ];
+    for (command, (handle, status, active)) in steps {
+        net.command(command.clone()).await;
+        want.push((handle, status.to_owned(), active));
+        let n = want.len();
+        channel
+            .until(&format!("the identity event after {command}"), |seen| {
+                seen.iter()
+                    .filter(|e| e.did() == did && e.is_identity())
+                    .count()
+                    >= n
+            })
+            .await;
+        assert_eq!(identities(&channel), want, "after {command}");
+        let handle = want[n - 1].0.clone();
+        wait_info(&url, &did, "the new handle, still active", |i| {
+            i.is_some_and(|i| i["handle"] == handle.as_str() && i["state"] == "active")
+        })
+        .await;
+    }
+
+    // Still syncing after all that (the #sync of the reactivation changed nothing).
+    let created = net
+        .command(json!({"cmd": "createRecord", "did": did, "collection": "com.example.note",
+                        "rkey": "after", "record": note("after")}))
+        .await;
+    channel
+        .until("a live write after reactivation", |seen| {
+            seen.iter()
+                .any(|e| e.is_record() && e.path() == "com.example.note/after")
+        })
+        .await;
+    let after = channel
+        .of(&did)
+        .into_iter()
+        .find(|e| e.is_record() && e.path() == "com.example.note/after")
+        .unwrap();
+    assert!(after.live());
+    assert_eq!(after.cid(), created["cid"].as_str());
+
+    // Deletion: the last identity event, and the repo is forgotten.
+    net.command(json!({"cmd": "deleteAccount", "did": did})).await;
+    want.push((renamed.clone(), "deleted".to_owned(), false));
+    let n = want.len();
+    channel
+        .until("the deletion's identity event", |seen| {
+            seen.iter()
+                .filter(|e| e.did() == did && e.is_identity())
+                .count()
+                >= n
+        })
+        .await;
+    assert_eq!(identities(&channel), want);
+    wait_info(&url, &did, "the repo removed", |i| i.is_none()).await;
+
+    tap.stop().await;
+    net.stop().await;
+}
+
+on_both_backends!(
+    account_lifecycle_becomes_identity_events,
+    account_lifecycle_becomes_identity_events
+);
