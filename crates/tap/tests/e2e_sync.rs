@@ -19,8 +19,8 @@ use localnet::{Channel, Event, LocalNet, add_repos, info, replay, wait_info};
 use serde_json::{Value, json};
 
 /// A record of an unvalidated collection (the PDS stores those as given).
-fn note(text: &str) -> Value {
-    json!({"$type": "com.example.note", "text": text})
+fn note(collection: &str, text: &str) -> Value {
+    json!({"$type": collection, "text": text})
 }
 
 fn post(text: &str) -> Value {
@@ -32,7 +32,7 @@ async fn write_notes(net: &mut LocalNet, did: &str, collection: &str, count: usi
     let writes: Vec<Value> = (0..count)
         .map(|i| {
             json!({"action": "create", "collection": collection, "rkey": format!("n{i:03}"),
-                   "value": note(&format!("note {i}"))})
+                   "value": note(collection, &format!("note {i}"))})
         })
         .collect();
     for chunk in writes.chunks(50) {
@@ -151,8 +151,8 @@ async fn backfill_equals_the_pds_and_live_writes_follow_in_order(db: TestDb) {
         .await;
     let multi = net
         .command(json!({"cmd": "applyWrites", "did": did, "writes": [
-            {"action": "create", "collection": "com.example.note", "rkey": "z1", "value": note("z1")},
-            {"action": "update", "collection": "com.example.note", "rkey": "n005", "value": note("n5 v2")},
+            {"action": "create", "collection": "com.example.note", "rkey": "z1", "value": note("com.example.note", "z1")},
+            {"action": "update", "collection": "com.example.note", "rkey": "n005", "value": note("com.example.note", "n5 v2")},
             {"action": "delete", "collection": "com.example.note", "rkey": "n000"},
         ]}))
         .await;
@@ -263,7 +263,7 @@ async fn records_changed_while_tap_was_stopped_are_caught_up(db: TestDb) {
     // A live write proves the firehose is connected before tap stops.
     net.command(
         json!({"cmd": "createRecord", "did": did, "collection": "com.example.note",
-                       "rkey": "live0", "record": note("live0")}),
+                       "rkey": "live0", "record": note("com.example.note", "live0")}),
     )
     .await;
     channel
@@ -324,7 +324,7 @@ async fn records_changed_while_tap_was_stopped_are_caught_up(db: TestDb) {
     for i in 0..30 {
         net.command(
             json!({"cmd": "createRecord", "did": did, "collection": "com.example.note",
-                           "rkey": format!("t{i}"), "record": note("trigger")}),
+                           "rkey": format!("t{i}"), "record": note("com.example.note", "trigger")}),
         )
         .await;
         if channel
@@ -482,7 +482,7 @@ async fn account_lifecycle_becomes_identity_events(db: TestDb) {
     // Still syncing after all that (the #sync of the reactivation changed nothing).
     let created = net
         .command(json!({"cmd": "createRecord", "did": did, "collection": "com.example.note",
-                        "rkey": "after", "record": note("after")}))
+                        "rkey": "after", "record": note("com.example.note", "after")}))
         .await;
     channel
         .until("a live write after reactivation", |seen| {
@@ -520,4 +520,122 @@ async fn account_lifecycle_becomes_identity_events(db: TestDb) {
 on_both_backends!(
     account_lifecycle_becomes_identity_events,
     account_lifecycle_becomes_identity_events
+);
+
+/// `--collection-filters app.bsky.feed.post,com.example.keep.*`: history and live events
+/// carry exactly the matching collections (`com.example.keepx` does not match the
+/// whole-segment wildcard), the record index holds only those, and commits whose ops are
+/// all filtered out still advance the chain, so later commits apply live.
+async fn collection_filters_drop_exactly_the_unwanted_collections(db: TestDb) {
+    let Some(mut net) = LocalNet::start(1, 3).await else {
+        return;
+    };
+    let did = net.did(0);
+    for collection in [
+        "com.example.keep.a",
+        "com.example.keep.b",
+        "com.example.keepx",
+        "com.example.drop",
+    ] {
+        write_notes(&mut net, &did, collection, 3).await;
+    }
+    let wanted = |path: &str| {
+        path.starts_with("app.bsky.feed.post/") || path.starts_with("com.example.keep.")
+    };
+    let all = net.records(&did).await;
+    assert_eq!(all.len(), 1 + 3 + 4 * 3);
+    let expected: BTreeMap<String, String> = all
+        .iter()
+        .filter(|(p, _)| wanted(p))
+        .map(|(p, c)| (p.clone(), c.clone()))
+        .collect();
+    assert_eq!(expected.len(), 3 + 2 * 3);
+
+    let mut config = net.tap_config(&db);
+    config.collection_filters = ["app.bsky.feed.post", "com.example.keep.*"]
+        .iter()
+        .map(|f| f.parse().unwrap())
+        .collect();
+    let tap = TestTap::start(config).await;
+    let url = tap.url("");
+    let mut channel = Channel::connect(tap.addr, &[]).await;
+    add_repos(&url, &[&did]).await;
+    let events = await_backfill(&tap, &mut channel, &did, &expected).await;
+    assert!(events[0].is_identity(), "identity events are never filtered");
+    let historical: BTreeMap<String, String> = events
+        .iter()
+        .filter(|e| e.is_record())
+        .map(|e| (e.path(), e.cid().unwrap().to_owned()))
+        .collect();
+    assert_eq!(historical, expected);
+
+    // Live: one mixed commit, one commit with only unwanted ops, then a wanted sentinel.
+    net.command(json!({"cmd": "applyWrites", "did": did, "writes": [
+        {"action": "create", "collection": "com.example.keep.a", "rkey": "l1", "value": note("com.example.keep.a", "kept")},
+        {"action": "create", "collection": "com.example.keepx", "rkey": "l1", "value": note("com.example.keepx", "dropped")},
+        {"action": "create", "collection": "com.example.drop", "rkey": "l1", "value": note("com.example.drop", "dropped")},
+        {"action": "delete", "collection": "com.example.keep.b", "rkey": "n000"},
+        {"action": "delete", "collection": "com.example.keepx", "rkey": "n000"},
+    ]}))
+    .await;
+    net.command(json!({"cmd": "applyWrites", "did": did, "writes": [
+        {"action": "update", "collection": "com.example.drop", "rkey": "n001", "value": note("com.example.drop", "dropped v2")},
+        {"action": "delete", "collection": "com.example.keepx", "rkey": "n001"},
+    ]}))
+    .await;
+    net.command(json!({"cmd": "putRecord", "did": did, "collection": "app.bsky.actor.profile",
+                       "rkey": "self", "record": {"$type": "app.bsky.actor.profile", "displayName": "x"}}))
+        .await;
+    let sentinel = net
+        .command(json!({"cmd": "createRecord", "did": did, "collection": "app.bsky.feed.post",
+                        "record": post("sentinel")}))
+        .await;
+    let sentinel_path = format!(
+        "app.bsky.feed.post/{}",
+        sentinel["rkey"].as_str().unwrap()
+    );
+    channel
+        .until("the sentinel post", |seen| {
+            seen.iter()
+                .any(|e| e.is_record() && e.path() == sentinel_path)
+        })
+        .await;
+    let live: Vec<(String, String)> = channel.of(&did)[events.len()..]
+        .iter()
+        .map(|e| {
+            assert!(e.is_record() && e.live(), "{:?}", e.0);
+            (e.action().to_owned(), e.path())
+        })
+        .collect();
+    let mut mixed = live[..2].to_vec();
+    mixed.sort();
+    assert_eq!(
+        mixed,
+        [
+            ("create".to_owned(), "com.example.keep.a/l1".to_owned()),
+            ("delete".to_owned(), "com.example.keep.b/n000".to_owned()),
+        ]
+    );
+    assert_eq!(live[2..], [("create".to_owned(), sentinel_path.clone())]);
+
+    let now: BTreeMap<String, String> = net
+        .records(&did)
+        .await
+        .into_iter()
+        .filter(|(p, _)| wanted(p))
+        .collect();
+    assert_eq!(replay(&channel.of(&did)), now);
+    let n = now.len() as u64;
+    wait_info(&url, &did, "only the wanted records indexed", |i| {
+        i.is_some_and(|i| i["records"] == n && i["state"] == "active")
+    })
+    .await;
+
+    tap.stop().await;
+    net.stop().await;
+}
+
+on_both_backends!(
+    collection_filters_drop_exactly_the_unwanted_collections,
+    collection_filters_drop_exactly_the_unwanted_collections
 );
