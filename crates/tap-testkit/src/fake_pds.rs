@@ -53,19 +53,12 @@ impl FakePds {
     ///
     /// # Panics
     /// If binding loopback fails.
-    #[expect(clippy::expect_used, reason = "test fixture")]
     pub async fn start() -> Self {
         let shared = Arc::new(Shared::default());
         let app = Router::new()
             .route("/xrpc/com.atproto.sync.getRepo", get(get_repo))
             .with_state(Arc::clone(&shared));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind loopback");
-        let addr = listener.local_addr().expect("local addr");
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let (addr, task) = crate::serve_loopback(app).await;
         Self { addr, shared, task }
     }
 
@@ -130,19 +123,27 @@ async fn get_repo(
                         return None;
                     }
                     tokio::time::sleep(every).await;
-                    Some((Ok::<_, Infallible>(Bytes::copy_from_slice(&bytes[i..=i])), i + 1))
+                    Some((
+                        Ok::<_, Infallible>(Bytes::copy_from_slice(&bytes[i..=i])),
+                        i + 1,
+                    ))
                 }
             });
             (car, Body::from_stream(stream)).into_response()
         }
         Some(RepoReply::Endless { prefix, chunk }) => {
             let chunk = Bytes::from(chunk);
-            let first = futures_util::stream::once(async move { Ok::<_, Infallible>(Bytes::from(prefix)) });
+            let first =
+                futures_util::stream::once(async move { Ok::<_, Infallible>(Bytes::from(prefix)) });
             let rest = futures_util::stream::unfold(chunk, |chunk| async move {
                 tokio::task::yield_now().await;
                 Some((Ok::<_, Infallible>(chunk.clone()), chunk))
             });
-            (car, Body::from_stream(futures_util::StreamExt::chain(first, rest))).into_response()
+            (
+                car,
+                Body::from_stream(futures_util::StreamExt::chain(first, rest)),
+            )
+                .into_response()
         }
     }
 }

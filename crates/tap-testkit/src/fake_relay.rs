@@ -52,7 +52,6 @@ impl FakeRelay {
     ///
     /// # Panics
     /// If binding loopback fails.
-    #[expect(clippy::expect_used, reason = "test fixture")]
     pub async fn start() -> Self {
         let (live, _) = broadcast::channel(4096);
         let shared = Arc::new(Shared {
@@ -69,13 +68,7 @@ impl FakeRelay {
                 get(list_by_collection),
             )
             .with_state(Arc::clone(&shared));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind loopback");
-        let addr = listener.local_addr().expect("local addr");
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let (addr, task) = crate::serve_loopback(app).await;
         Self { addr, shared, task }
     }
 

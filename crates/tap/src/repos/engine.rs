@@ -299,9 +299,20 @@ impl Engine {
             is_active: status == IdentityStatus::Active,
             status,
         };
-        let mut write = RepoWrite::new(did.as_str());
+        self.emit_identity(&event, RepoChange::Handle(handle.clone()))
+            .await
+    }
+
+    /// Stores `change` and appends the identity event in one transaction, if the repo
+    /// still exists (it may have been removed meanwhile).
+    async fn emit_identity(
+        &self,
+        event: &IdentityEvent<'_>,
+        change: RepoChange,
+    ) -> Result<Outcome, EngineError> {
+        let mut write = RepoWrite::new(event.did);
         write.condition = WriteCondition::RepoExists;
-        write.repo = RepoChange::Handle(handle.clone());
+        write.repo = change;
         write.events.push(crate::store::NewEvent {
             live: false,
             payload: event.payload(),
@@ -342,23 +353,11 @@ impl Engine {
                     is_active: frame.active,
                     status,
                 };
-                let mut write = RepoWrite::new(did);
-                write.condition = WriteCondition::RepoExists;
-                write.repo = match decide::status_to_store(status) {
+                let change = match decide::status_to_store(status) {
                     Some(s) => RepoChange::Status(s),
                     None => RepoChange::Delete,
                 };
-                write.events.push(crate::store::NewEvent {
-                    live: false,
-                    payload: event.payload(),
-                });
-                match self.outbox.append(write).await {
-                    Ok(_) => Ok(Outcome::Applied),
-                    Err(OutboxError::Store(e)) if e.is_condition_not_met() => {
-                        Ok(Outcome::Skipped("repo removed"))
-                    }
-                    Err(e) => Err(e.into()),
-                }
+                self.emit_identity(&event, change).await
             }
         }
     }
