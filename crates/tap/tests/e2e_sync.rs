@@ -240,8 +240,9 @@ on_both_backends!(
 /// A record deleted while tap was stopped: with the saved cursor the firehose replays the
 /// delete (live); with `--no-replay` the delete is never seen, so the next commit's
 /// `prevData` no longer chains onto the stored data root, the repo is desynchronized and
-/// resynced, and the resync emits the delete (and the update made meanwhile) as historical
-/// events. The record index ends equal to the PDS either way.
+/// resynced, and the resync emits the delete (and the update made meanwhile, and a delete
+/// for each record of a collection that vanished entirely) as historical events. The
+/// record index ends equal to the PDS either way.
 async fn records_changed_while_tap_was_stopped_are_caught_up(db: TestDb) {
     let Some(mut net) = LocalNet::start(1, 3).await else {
         return;
@@ -260,6 +261,8 @@ async fn records_changed_while_tap_was_stopped_are_caught_up(db: TestDb) {
     let mut channel = Channel::connect(tap.addr, &[]).await;
     add_repos(&tap.url(""), &[&did]).await;
     await_backfill(&tap, &mut channel, &did, &expected).await;
+    // A collection that will vanish entirely while tap is stopped.
+    write_notes(&mut net, &did, "com.example.gone", 2).await;
     // A live write proves the firehose is connected before tap stops.
     net.command(
         json!({"cmd": "createRecord", "did": did, "collection": "com.example.note",
@@ -313,6 +316,12 @@ async fn records_changed_while_tap_was_stopped_are_caught_up(db: TestDb) {
         .command(json!({"cmd": "putRecord", "did": did, "collection": "app.bsky.actor.profile",
                         "rkey": "self", "record": {"$type": "app.bsky.actor.profile", "displayName": "renamed"}}))
         .await;
+    for rkey in ["n000", "n001"] {
+        net.command(
+            json!({"cmd": "deleteRecord", "did": did, "collection": "com.example.gone", "rkey": rkey}),
+        )
+        .await;
+    }
     let mut no_replay = config.clone();
     no_replay.no_replay = true;
     let tap = TestTap::start(no_replay).await;
@@ -344,12 +353,18 @@ async fn records_changed_while_tap_was_stopped_are_caught_up(db: TestDb) {
                 seen.iter()
                     .any(|e| e.is_record() && e.path() == path && e.action() == action)
             };
-            has(&posts[1], "delete") && has("app.bsky.actor.profile/self", "update")
+            has(&posts[1], "delete")
+                && has("app.bsky.actor.profile/self", "update")
+                && has("com.example.gone/n000", "delete")
+                && has("com.example.gone/n001", "delete")
         })
         .await;
     let resynced = &channel.seen[before..];
     for e in resynced.iter().filter(|e| {
-        e.is_record() && (e.path() == posts[1] || e.path() == "app.bsky.actor.profile/self")
+        e.is_record()
+            && (e.path() == posts[1]
+                || e.path() == "app.bsky.actor.profile/self"
+                || e.path().starts_with("com.example.gone/"))
     }) {
         assert!(!e.live(), "the resync's events are historical: {:?}", e.0);
     }
@@ -481,8 +496,10 @@ async fn account_lifecycle_becomes_identity_events(db: TestDb) {
 
     // Still syncing after all that (the #sync of the reactivation changed nothing).
     let created = net
-        .command(json!({"cmd": "createRecord", "did": did, "collection": "com.example.note",
-                        "rkey": "after", "record": note("com.example.note", "after")}))
+        .command(
+            json!({"cmd": "createRecord", "did": did, "collection": "com.example.note",
+                        "rkey": "after", "record": note("com.example.note", "after")}),
+        )
         .await;
     channel
         .until("a live write after reactivation", |seen| {
@@ -499,7 +516,8 @@ async fn account_lifecycle_becomes_identity_events(db: TestDb) {
     assert_eq!(after.cid(), created["cid"].as_str());
 
     // Deletion: the last identity event, and the repo is forgotten.
-    net.command(json!({"cmd": "deleteAccount", "did": did})).await;
+    net.command(json!({"cmd": "deleteAccount", "did": did}))
+        .await;
     want.push((renamed.clone(), "deleted".to_owned(), false));
     let n = want.len();
     channel
@@ -561,7 +579,10 @@ async fn collection_filters_drop_exactly_the_unwanted_collections(db: TestDb) {
     let mut channel = Channel::connect(tap.addr, &[]).await;
     add_repos(&url, &[&did]).await;
     let events = await_backfill(&tap, &mut channel, &did, &expected).await;
-    assert!(events[0].is_identity(), "identity events are never filtered");
+    assert!(
+        events[0].is_identity(),
+        "identity events are never filtered"
+    );
     let historical: BTreeMap<String, String> = events
         .iter()
         .filter(|e| e.is_record())
@@ -587,13 +608,12 @@ async fn collection_filters_drop_exactly_the_unwanted_collections(db: TestDb) {
                        "rkey": "self", "record": {"$type": "app.bsky.actor.profile", "displayName": "x"}}))
         .await;
     let sentinel = net
-        .command(json!({"cmd": "createRecord", "did": did, "collection": "app.bsky.feed.post",
-                        "record": post("sentinel")}))
+        .command(
+            json!({"cmd": "createRecord", "did": did, "collection": "app.bsky.feed.post",
+                        "record": post("sentinel")}),
+        )
         .await;
-    let sentinel_path = format!(
-        "app.bsky.feed.post/{}",
-        sentinel["rkey"].as_str().unwrap()
-    );
+    let sentinel_path = format!("app.bsky.feed.post/{}", sentinel["rkey"].as_str().unwrap());
     channel
         .until("the sentinel post", |seen| {
             seen.iter()
@@ -638,4 +658,90 @@ async fn collection_filters_drop_exactly_the_unwanted_collections(db: TestDb) {
 on_both_backends!(
     collection_filters_drop_exactly_the_unwanted_collections,
     collection_filters_drop_exactly_the_unwanted_collections
+);
+
+/// Writes made while a large repo is being backfilled (pending: covered by the snapshot;
+/// resyncing: buffered, then dropped if the snapshot has them or applied at the cutover;
+/// active: live) leave no gap and no duplicate: every live event comes after the history,
+/// replaying everything gives the PDS's repo, and the resync buffer ends empty.
+async fn writes_during_the_backfill_leave_no_gap(db: TestDb) {
+    let Some(mut net) = LocalNet::start(1, 0).await else {
+        return;
+    };
+    let did = net.did(0);
+    write_notes(&mut net, &did, "com.example.bulk", 1500).await;
+    let mut config = net.tap_config(&db);
+    config.firehose_parallelism = 4;
+    let tap = TestTap::start(config).await;
+    let url = tap.url("");
+    let mut channel = Channel::connect(tap.addr, &[]).await;
+    add_repos(&url, &[&did]).await;
+    let mut states = Vec::new();
+    let mut i = 0;
+    loop {
+        let state = info(&url, &did).await.unwrap()["state"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        if states.last() != Some(&state) {
+            states.push(state.clone());
+        }
+        net.command(json!({"cmd": "applyWrites", "did": did, "writes": [
+            {"action": "create", "collection": "com.example.during", "rkey": format!("w{i:03}"),
+             "value": note("com.example.during", "during")},
+            {"action": "update", "collection": "com.example.bulk", "rkey": format!("n{:03}", i % 1000),
+             "value": note("com.example.bulk", &format!("updated {i}"))},
+        ]}))
+        .await;
+        i += 1;
+        // Keep writing a little past the cutover so the last writes are live.
+        if states.last().is_some_and(|s| s == "active") && i >= 5 {
+            break;
+        }
+        assert!(i < 2000, "the backfill never finished: {states:?}");
+    }
+    eprintln!("repo states seen while writing: {states:?}; {i} commits");
+    let now = net.records(&did).await;
+    channel
+        .until("every event, replayed, to equal the PDS's repo", |seen| {
+            replay(seen) == now
+        })
+        .await;
+    let records: Vec<Event> = channel
+        .of(&did)
+        .into_iter()
+        .filter(Event::is_record)
+        .collect();
+    let first_live = records.iter().position(Event::live).unwrap();
+    assert!(
+        records[first_live..].iter().all(Event::live),
+        "no historical event after a live one"
+    );
+    // Live revs strictly increase (each commit once, in order).
+    let mut revs: Vec<&str> = records[first_live..]
+        .iter()
+        .map(|e| e.rec("rev").as_str().unwrap())
+        .collect();
+    revs.dedup();
+    assert!(revs.windows(2).all(|w| w[0] < w[1]), "{revs:?}");
+    let n = now.len() as u64;
+    wait_info(&url, &did, "active with every record", |i| {
+        i.is_some_and(|i| i["state"] == "active" && i["records"] == n)
+    })
+    .await;
+    let buffer = reqwest::get(tap.url("/stats/resync-buffer"))
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(buffer["resync_buffer"], 0, "{buffer}");
+
+    tap.stop().await;
+    net.stop().await;
+}
+
+on_both_backends!(
+    writes_during_the_backfill_leave_no_gap,
+    writes_during_the_backfill_leave_no_gap
 );

@@ -151,6 +151,7 @@ impl LocalNet {
     /// `subscribeRepos` itself), PLC is the directory, and `.test` handles resolve through
     /// the PDS's `resolveHandle`.
     pub fn tap_config(&self, db: &TestDb) -> tap::Config {
+        init_logs();
         let pds = Url::parse(&self.str("/pdsUrl")).unwrap();
         let mut cfg = test_config(db);
         cfg.relay_url = pds.clone();
@@ -175,6 +176,16 @@ impl LocalNet {
                 )
             })
             .collect()
+    }
+}
+
+/// With `TAP_TEST_LOG=<filter>` (e.g. `tap=debug`), tap's logs go to the test's stderr.
+fn init_logs() {
+    if let Ok(filter) = std::env::var("TAP_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
     }
 }
 
