@@ -745,3 +745,57 @@ on_both_backends!(
     writes_during_the_backfill_leave_no_gap,
     writes_during_the_backfill_leave_no_gap
 );
+
+/// A backfill interrupted by shutdown (here: stuck on a full outbox with no consumer)
+/// resumes after a restart: the batches it committed are delivered once, the new resync
+/// skips the records already indexed, and every record arrives exactly once.
+async fn interrupted_backfill_resumes_after_restart(db: TestDb) {
+    let Some(mut net) = LocalNet::start(1, 0).await else {
+        return;
+    };
+    let did = net.did(0);
+    write_notes(&mut net, &did, "com.example.bulk", 600).await;
+    let expected = net.records(&did).await;
+    let config = net.tap_config(&db);
+
+    let mut small = config.clone();
+    small.outbox_capacity = 250;
+    let tap = TestTap::start(small).await;
+    add_repos(&tap.url(""), &[&did]).await;
+    // Two batches of 100 fit; the third waits for acks that never come.
+    wait_info(&tap.url(""), &did, "a resync stuck on the full outbox", |i| {
+        i.is_some_and(|i| i["state"] == "resyncing" && i["records"] == 200)
+    })
+    .await;
+    tap.stop().await;
+
+    let tap = TestTap::start(config).await;
+    let mut channel = Channel::connect(tap.addr, &[]).await;
+    let events = await_backfill(&tap, &mut channel, &did, &expected).await;
+    channel
+        .until("every record", |seen| replay(seen) == expected)
+        .await;
+    assert_eq!(events.iter().filter(|e| e.is_identity()).count(), 1);
+    let mut paths: Vec<String> = channel
+        .of(&did)
+        .iter()
+        .filter(|e| e.is_record())
+        .map(|e| {
+            assert!(!e.live() && e.action() == "create", "{:?}", e.0);
+            e.path()
+        })
+        .collect();
+    let total = paths.len();
+    paths.sort();
+    paths.dedup();
+    assert_eq!(paths.len(), total, "no record sent twice");
+    assert_eq!(total, expected.len());
+
+    tap.stop().await;
+    net.stop().await;
+}
+
+on_both_backends!(
+    interrupted_backfill_resumes_after_restart,
+    interrupted_backfill_resumes_after_restart
+);
