@@ -763,9 +763,12 @@ async fn interrupted_backfill_resumes_after_restart(db: TestDb) {
     let tap = TestTap::start(small).await;
     add_repos(&tap.url(""), &[&did]).await;
     // Two batches of 100 fit; the third waits for acks that never come.
-    wait_info(&tap.url(""), &did, "a resync stuck on the full outbox", |i| {
-        i.is_some_and(|i| i["state"] == "resyncing" && i["records"] == 200)
-    })
+    wait_info(
+        &tap.url(""),
+        &did,
+        "a resync stuck on the full outbox",
+        |i| i.is_some_and(|i| i["state"] == "resyncing" && i["records"] == 200),
+    )
     .await;
     tap.stop().await;
 
