@@ -452,17 +452,13 @@ async fn account_lifecycle_becomes_identity_events(db: TestDb) {
 
     // Each step: one PDS action, one identity event.
     let renamed = "renamed0.test".to_owned();
+    // Order matters: reactivation also puts an #identity on the firehose, and tap resolves
+    // the handle when it processes that event; were the account taken down by then, the
+    // PDS would refuse to resolve its handle (handle.invalid). So the takedown comes first
+    // and the live write below, later in the same repo's stream, fences the reactivation.
     let steps: Vec<(Value, (String, &str, bool))> = vec![
         (
             json!({"cmd": "updateHandle", "did": did, "handle": renamed}),
-            (renamed.clone(), "active", true),
-        ),
-        (
-            json!({"cmd": "deactivateAccount", "did": did}),
-            (renamed.clone(), "deactivated", false),
-        ),
-        (
-            json!({"cmd": "activateAccount", "did": did}),
             (renamed.clone(), "active", true),
         ),
         (
@@ -471,6 +467,14 @@ async fn account_lifecycle_becomes_identity_events(db: TestDb) {
         ),
         (
             json!({"cmd": "takedownAccount", "did": did, "applied": false}),
+            (renamed.clone(), "active", true),
+        ),
+        (
+            json!({"cmd": "deactivateAccount", "did": did}),
+            (renamed.clone(), "deactivated", false),
+        ),
+        (
+            json!({"cmd": "activateAccount", "did": did}),
             (renamed.clone(), "active", true),
         ),
     ];
