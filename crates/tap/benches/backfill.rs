@@ -33,7 +33,11 @@ async fn run_once(repos: &[RepoBuilder], cars: &[Vec<u8>]) -> (f64, usize) {
     let plc = FakePlc::start().await;
     for (i, repo) in repos.iter().enumerate() {
         let did = repo.did().as_str();
-        let multikey = repo.key().did_key().trim_start_matches("did:key:").to_owned();
+        let multikey = repo
+            .key()
+            .did_key()
+            .trim_start_matches("did:key:")
+            .to_owned();
         plc.set_plc_doc(
             did,
             json!({"id": did, "alsoKnownAs": [format!("at://u{i}.test")],
@@ -106,17 +110,35 @@ fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing and expects a
     // quick run, so do one tiny iteration then.
     let quick = !std::env::args().any(|a| a == "--bench");
-    let n_repos = if quick { 2 } else { env_usize("BACKFILL_REPOS", 20) };
-    let n_records = if quick { 50 } else { env_usize("BACKFILL_RECORDS", 5000) };
-    let runs = if quick { 1 } else { env_usize("BACKFILL_RUNS", 3) };
+    let n_repos = if quick {
+        2
+    } else {
+        env_usize("BACKFILL_REPOS", 20)
+    };
+    let n_records = if quick {
+        50
+    } else {
+        env_usize("BACKFILL_RECORDS", 5000)
+    };
+    let runs = if quick {
+        1
+    } else {
+        env_usize("BACKFILL_RUNS", 3)
+    };
     let repos: Vec<RepoBuilder> = (0..n_repos)
         .map(|i| {
-            let did = format!("did:plc:{:0>24}", format!("bench{i}")).parse().unwrap();
+            let did = format!("did:plc:{:0>24}", format!("bench{i}"))
+                .parse()
+                .unwrap();
             RepoBuilder::with_records(did, TestKey::k256(i as u64 + 1), i as u64, n_records)
         })
         // The reference PDS does not write tree order: shuffled CARs exercise the spill path.
         .collect();
-    let cars: Vec<Vec<u8>> = repos.iter().enumerate().map(|(i, r)| r.car_shuffled(i as u64)).collect();
+    let cars: Vec<Vec<u8>> = repos
+        .iter()
+        .enumerate()
+        .map(|(i, r)| r.car_shuffled(i as u64))
+        .collect();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -125,7 +147,9 @@ fn main() {
     for run in 0..runs {
         let (secs, total) = rt.block_on(run_once(&repos, &cars));
         let rate = total as f64 / secs;
-        println!("backfill run {run}: {total} records from {n_repos} repos in {secs:.2} s = {rate:.0} records/s");
+        println!(
+            "backfill run {run}: {total} records from {n_repos} repos in {secs:.2} s = {rate:.0} records/s"
+        );
         rates.push(rate);
     }
     rates.sort_by(f64::total_cmp);

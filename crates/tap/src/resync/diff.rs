@@ -140,7 +140,10 @@ mod tests {
             // Pages come back in order, as the store pages after `stored_resume_key`.
             let p = pages.pop_front().unwrap_or_default();
             if let (Some(resume), Some((first, _))) = (m.stored_resume_key(), p.first()) {
-                assert!(first.as_str() > resume, "page must start after the resume key");
+                assert!(
+                    first.as_str() > resume,
+                    "page must start after the resume key"
+                );
             }
             let last = pages.is_empty();
             m.feed_stored(p, last);

@@ -78,12 +78,12 @@ impl PdsClient {
         if self.is_paused(&host) {
             return Err(FetchError::RateLimited { host });
         }
-        let mut url = pds
-            .join("/xrpc/com.atproto.sync.getRepo")
-            .map_err(|e| FetchError::Transport {
-                host: host.clone(),
-                reason: e.to_string(),
-            })?;
+        let mut url =
+            pds.join("/xrpc/com.atproto.sync.getRepo")
+                .map_err(|e| FetchError::Transport {
+                    host: host.clone(),
+                    reason: e.to_string(),
+                })?;
         url.query_pairs_mut().append_pair("did", did.as_str());
         let resp = self
             .http
@@ -103,10 +103,16 @@ impl PdsClient {
         if !status.is_success() {
             // XRPC errors carry a small JSON body naming the error (RepoNotFound, …).
             let detail = match tokio::time::timeout(Duration::from_secs(5), resp.bytes()).await {
-                Ok(Ok(body)) if body.len() <= 4096 => serde_json::from_slice::<serde_json::Value>(&body)
-                    .ok()
-                    .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(|e| format!(": {e}")))
-                    .unwrap_or_default(),
+                Ok(Ok(body)) if body.len() <= 4096 => {
+                    serde_json::from_slice::<serde_json::Value>(&body)
+                        .ok()
+                        .and_then(|v| {
+                            v.get("error")
+                                .and_then(|e| e.as_str())
+                                .map(|e| format!(": {e}"))
+                        })
+                        .unwrap_or_default()
+                }
                 _ => String::new(),
             };
             return Err(FetchError::Status {

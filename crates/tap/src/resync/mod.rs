@@ -231,7 +231,8 @@ async fn resync_repo(
             ResyncError::Failed(format!("getRepo from {host} failed while reading: {e}"))
         })?;
         let Some(chunk) = chunk else { break };
-        metrics::counter!(t::BYTES_DOWNLOADED, "source" => host.clone()).increment(chunk.len() as u64);
+        metrics::counter!(t::BYTES_DOWNLOADED, "source" => host.clone())
+            .increment(chunk.len() as u64);
         walker.push(&chunk)?;
         sink.drain(&mut walker).await?;
     }
@@ -332,7 +333,8 @@ impl<'a> Snapshot<'a> {
                     .and_then(|()| String::from_utf8(out).ok())
             };
             for change in changes {
-                self.add(collection, change, Some((&cid, json.as_deref()))).await?;
+                self.add(collection, change, Some((&cid, json.as_deref())))
+                    .await?;
             }
         }
         Ok(())
@@ -389,7 +391,9 @@ impl<'a> Snapshot<'a> {
                 .store
                 .records_page(self.did.as_str(), after.clone(), INDEX_PAGE)
                 .await?;
-            let Some(last) = page.last() else { return Ok(()) };
+            let Some(last) = page.last() else {
+                return Ok(());
+            };
             let next = (last.collection.clone(), last.rkey.clone());
             let len = page.len();
             for row in page {
@@ -527,9 +531,14 @@ async fn cut_over(
                 ));
                 leftover.push(entry.id);
             }
-            Ok(Buffered::Sync { rev: sync_rev, data: sync_data }) => {
+            Ok(Buffered::Sync {
+                rev: sync_rev,
+                data: sync_data,
+            }) => {
                 if sync_rev.as_str() > rev.as_str() && sync_data != data {
-                    desync = Some(format!("#sync announced new data at rev {sync_rev} during the resync"));
+                    desync = Some(format!(
+                        "#sync announced new data at rev {sync_rev} during the resync"
+                    ));
                 }
                 leftover.push(entry.id);
             }
