@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use axum::extract::ws::{Message, WebSocket};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -34,6 +34,41 @@ struct ClientFrame {
     id: u64,
 }
 
+/// Client frames read without waiting and reported as one batch of acks, at most.
+const ACK_BURST: usize = 1024;
+
+/// Handles one read from the client: an ack id is pushed onto `acks`; `Err` ends the session.
+fn read_one(
+    msg: Option<Result<Message, axum::Error>>,
+    ack_mode: AckMode,
+    acks: &mut Vec<EventId>,
+) -> Result<(), End> {
+    let msg = match msg {
+        Some(Ok(msg)) => msg,
+        Some(Err(_)) | None => return Err(End::ClientClosed),
+    };
+    let bytes: &[u8] = match &msg {
+        Message::Text(text) => text.as_bytes(),
+        Message::Binary(bin) => bin,
+        Message::Ping(_) | Message::Pong(_) => return Ok(()),
+        Message::Close(_) => return Err(End::ClientClosed),
+    };
+    if ack_mode != AckMode::ClientAck {
+        return Ok(()); // fire-and-forget: client messages are read and ignored
+    }
+    match serde_json::from_slice::<ClientFrame>(bytes) {
+        Ok(frame) if frame.kind == "ack" => {
+            acks.push(EventId(frame.id));
+            Ok(())
+        }
+        Ok(_) => Ok(()),
+        Err(error) => {
+            tracing::info!(%error, "Dropping /channel client after a malformed frame.");
+            Err(End::Malformed)
+        }
+    }
+}
+
 /// Why a session ended (for the log).
 #[derive(Debug, Clone, Copy)]
 enum End {
@@ -56,35 +91,31 @@ pub async fn run_session(socket: WebSocket, hub: DeliveryHub, stop: Cancellation
     let taken: Mutex<Vec<EventId>> = Mutex::new(Vec::new());
 
     let reader = async {
-        while let Some(msg) = stream.next().await {
-            let bytes = match msg {
-                Ok(Message::Text(text)) => text.as_bytes().to_vec(),
-                Ok(Message::Binary(bin)) => bin.to_vec(),
-                Ok(Message::Ping(_) | Message::Pong(_)) => continue,
-                Ok(Message::Close(_)) | Err(_) => return End::ClientClosed,
-            };
-            if hub.ack_mode != AckMode::ClientAck {
-                continue; // fire-and-forget: client messages are read and ignored
+        // Acks that arrived together go to the actor as one message: one actor wake-up per
+        // burst instead of per ack.
+        let mut acks: Vec<EventId> = Vec::new();
+        loop {
+            let first = stream.next().await;
+            let mut end = read_one(first, hub.ack_mode, &mut acks).err();
+            while end.is_none() && acks.len() < ACK_BURST {
+                match stream.next().now_or_never() {
+                    Some(msg) => end = read_one(msg, hub.ack_mode, &mut acks).err(),
+                    None => break,
+                }
             }
-            match serde_json::from_slice::<ClientFrame>(&bytes) {
-                Ok(frame) if frame.kind == "ack" => {
-                    if hub
-                        .inputs
-                        .send(Input::Acked(vec![EventId(frame.id)]))
-                        .await
-                        .is_err()
-                    {
-                        return End::Shutdown;
-                    }
-                }
-                Ok(_) => {}
-                Err(error) => {
-                    tracing::info!(%error, "Dropping /channel client after a malformed frame.");
-                    return End::Malformed;
-                }
+            if !acks.is_empty()
+                && hub
+                    .inputs
+                    .send(Input::Acked(std::mem::take(&mut acks)))
+                    .await
+                    .is_err()
+            {
+                return End::Shutdown;
+            }
+            if let Some(end) = end {
+                return end;
             }
         }
-        End::ClientClosed
     };
 
     let writer = async {
