@@ -6,6 +6,9 @@
 //! - `repo_walk/verified_100k`: the verified whole-repo walk of a 100 000-record tree-order
 //!   CAR fed in 64 KiB chunks: hash every block, verify the commit signature (K-256), walk
 //!   and validate the MST, transcode every record to JSON. Throughput is in records.
+//!
+//! Times are per-thread **CPU time** (`clock_gettime(CLOCK_THREAD_CPUTIME_ID)`), so other work on the machine does not inflate them; set
+//! `TAP_BENCH_WALL_TIME=1` for wall-clock time.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -14,12 +17,77 @@
 use std::hint::black_box;
 
 use bytes::Bytes;
+use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tap_atproto::firehose::{Frame, FrameLimits, decode_frame, verify_commit_frame};
 use tap_atproto::stream::{RepoWalker, WalkLimits};
 use tap_atproto::syntax::Did;
 use tap_atproto::{mst, record_to_json};
 use tap_testkit::repo_builder::{RecordGen, RepoBuilder, TestKey};
+
+/// Per-thread CPU time in nanoseconds (falls back to wall time if unavailable).
+struct ThreadCpu {
+    wall: bool,
+}
+
+static WALL: WallTime = WallTime;
+
+#[allow(
+    unsafe_code,
+    reason = "clock_gettime has no safe std wrapper; the timespec is a local"
+)]
+fn thread_cpu_ns() -> Option<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (rc == 0).then(|| ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+impl ThreadCpu {
+    fn new() -> Self {
+        Self {
+            wall: std::env::var_os("TAP_BENCH_WALL_TIME").is_some() || thread_cpu_ns().is_none(),
+        }
+    }
+    fn now(&self) -> u64 {
+        if self.wall {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            t.as_nanos() as u64
+        } else {
+            thread_cpu_ns().unwrap_or(0)
+        }
+    }
+}
+
+impl Measurement for ThreadCpu {
+    type Intermediate = u64;
+    type Value = u64;
+    fn start(&self) -> u64 {
+        self.now()
+    }
+    fn end(&self, i: u64) -> u64 {
+        self.now().saturating_sub(i)
+    }
+    fn add(&self, a: &u64, b: &u64) -> u64 {
+        a + b
+    }
+    fn zero(&self) -> u64 {
+        0
+    }
+    fn to_f64(&self, v: &u64) -> f64 {
+        *v as f64
+    }
+    fn formatter(&self) -> &dyn ValueFormatter {
+        WALL.formatter()
+    }
+}
+
+type C = Criterion<ThreadCpu>;
 
 fn commit_frames(key: TestKey, n: usize) -> (tap_atproto::PublicKey, Vec<Bytes>) {
     let mut b =
@@ -36,7 +104,7 @@ fn commit_frames(key: TestKey, n: usize) -> (tap_atproto::PublicKey, Vec<Bytes>)
     (key.public_key(), frames)
 }
 
-fn bench_verify(c: &mut Criterion) {
+fn bench_verify(c: &mut C) {
     let mut g = c.benchmark_group("verify_commit");
     for (name, key) in [("k256", TestKey::k256(1)), ("p256", TestKey::p256(1))] {
         let (pk, frames) = commit_frames(key, 64);
@@ -55,7 +123,20 @@ fn bench_verify(c: &mut Criterion) {
     g.finish();
 }
 
-fn bench_transcode(c: &mut Criterion) {
+fn bench_signature_only(c: &mut C) {
+    let mut g = c.benchmark_group("signature_verify");
+    for (name, key) in [("k256", TestKey::k256(1)), ("p256", TestKey::p256(1))] {
+        let msg = b"an unsigned commit of about one hundred and fifty bytes, the size a real commit has when encoded";
+        let sig = key.sign(msg);
+        let pk = key.public_key();
+        g.bench_function(name, |b| {
+            b.iter(|| pk.verify(black_box(msg), black_box(&sig)).unwrap())
+        });
+    }
+    g.finish();
+}
+
+fn bench_transcode(c: &mut C) {
     let recs: Vec<Vec<u8>> = RecordGen::new(3)
         .records(4096)
         .into_iter()
@@ -73,7 +154,7 @@ fn bench_transcode(c: &mut Criterion) {
     });
 }
 
-fn bench_node_decode(c: &mut Criterion) {
+fn bench_node_decode(c: &mut C) {
     let b = RepoBuilder::with_records(
         Did::new("did:plc:bench").unwrap(),
         TestKey::k256(1),
@@ -96,7 +177,7 @@ fn bench_node_decode(c: &mut Criterion) {
     });
 }
 
-fn bench_walk(c: &mut Criterion) {
+fn bench_walk(c: &mut C) {
     const N: usize = 100_000;
     let key = TestKey::k256(2);
     let did = Did::new("did:plc:bench").unwrap();
@@ -130,11 +211,9 @@ fn bench_walk(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(
-    benches,
-    bench_verify,
-    bench_transcode,
-    bench_node_decode,
-    bench_walk
-);
+criterion_group! {
+    name = benches;
+    config = Criterion::default().with_measurement(ThreadCpu::new());
+    targets = bench_signature_only, bench_verify, bench_transcode, bench_node_decode, bench_walk
+}
 criterion_main!(benches);

@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release -p tap-atproto --example repo_car -- generate OUT.car N [tree|shuffled|reversed] [SEED]
 //! cargo run --release -p tap-atproto --example repo_car -- walk IN.car [MEMORY_BUDGET_BYTES]
+//! cargo run --release -p tap-atproto --example repo_car -- frame OUT.bin N [SEED]
 //! ```
 //! `generate` prints the DID and the did:key of the signing key (seed-derived K-256), so
 //! other implementations (e.g. @atproto/repo) can verify the file. `walk` streams the file in
@@ -43,6 +44,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 key.did_key(),
                 t.elapsed().as_secs_f64()
             );
+        }
+        Some("frame") => {
+            // A #commit frame (random ops on a generated repo), e.g. as a fuzzing seed.
+            let out = args.get(1).ok_or("missing OUT")?;
+            let n: usize = args.get(2).ok_or("missing N")?.parse()?;
+            let seed: u64 = args.get(3).map_or(Ok(1), |s| s.parse())?;
+            let mut b =
+                RepoBuilder::with_records(Did::new("did:plc:frame")?, TestKey::k256(seed), seed, n);
+            let ops = b.random_ops(4);
+            std::fs::write(out, b.commit_frame(&ops)?)?;
+            println!("wrote {out}");
         }
         Some("walk") => {
             let path = args.get(1).ok_or("missing IN")?;

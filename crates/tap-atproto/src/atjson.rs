@@ -88,11 +88,10 @@ pub fn value_to_json(r: &mut Reader<'_>, out: &mut Vec<u8>, depth: usize) -> Res
         }
         major::TEXT => {
             let b = r.take(h.arg)?;
-            let s = std::str::from_utf8(b).map_err(|_| CborError::Invalid {
+            push_json_text(out, b).map_err(|()| CborError::Invalid {
                 pos: h.pos,
                 what: "text is not UTF-8",
             })?;
-            push_json_string(out, s);
         }
         major::ARRAY => {
             out.push(b'[');
@@ -147,15 +146,14 @@ fn map_to_json(
         if i > 0 && !cbor::canonical_key_less(prev, key) {
             return Err(DataError::KeyOrder);
         }
-        let key_str = std::str::from_utf8(key).map_err(|_| CborError::Invalid {
-            pos: kpos,
-            what: "key is not UTF-8",
-        })?;
         prev = key;
         if i > 0 {
             out.push(b',');
         }
-        push_json_string(out, key_str);
+        push_json_text(out, key).map_err(|()| CborError::Invalid {
+            pos: kpos,
+            what: "key is not UTF-8",
+        })?;
         out.push(b':');
         let next = r.peek()?;
         match key {
@@ -209,11 +207,54 @@ fn push_base64(out: &mut Vec<u8>, b: &[u8]) {
 
 /// Appends `s` as a JSON string literal, escaping exactly as serde_json does.
 pub fn push_json_string(out: &mut Vec<u8>, s: &str) {
+    // A &str is valid UTF-8, so the validating writer cannot fail.
+    let _ = push_json_text(out, s.as_bytes());
+}
+
+const LO: u64 = 0x0101_0101_0101_0101;
+const HI: u64 = 0x8080_8080_8080_8080;
+
+/// Whether any byte of `w` is zero (exact as a yes/no answer).
+#[inline]
+fn has_zero(w: u64) -> bool {
+    w.wrapping_sub(LO) & !w & HI != 0
+}
+
+/// Appends the UTF-8 `bytes` as a JSON string literal (serde_json's escaping), validating
+/// UTF-8 on the way. ASCII runs without special characters are scanned 8 bytes at a time;
+/// only strings containing non-ASCII bytes pay for a full UTF-8 check.
+///
+/// # Errors
+/// `Err(())` when `bytes` is not UTF-8 (`out` then holds a partial literal).
+#[expect(
+    clippy::result_unit_err,
+    reason = "callers attach their own position-carrying error"
+)]
+pub fn push_json_text(out: &mut Vec<u8>, bytes: &[u8]) -> Result<(), ()> {
     const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(bytes.len() + 2);
     out.push(b'"');
-    let bytes = s.as_bytes();
+    let mut ascii = true;
     let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
+    let mut i = 0;
+    while i < bytes.len() {
+        if i + 8 <= bytes.len() {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(&bytes[i..i + 8]);
+            let w = u64::from_le_bytes(word);
+            // Any byte < 0x20 (this test is exact for thresholds <= 0x80), '"' or '\\'.
+            let special = (w.wrapping_sub(LO * 0x20) & !w & HI != 0)
+                || has_zero(w ^ (LO * u64::from(b'"')))
+                || has_zero(w ^ (LO * u64::from(b'\\')));
+            if w & HI != 0 {
+                ascii = false;
+            }
+            if !special {
+                i += 8;
+                continue;
+            }
+        }
+        let b = bytes[i];
         let esc: &[u8] = match b {
             b'"' => b"\\\"",
             b'\\' => b"\\\\",
@@ -223,7 +264,15 @@ pub fn push_json_string(out: &mut Vec<u8>, s: &str) {
             0x08 => b"\\b",
             0x0c => b"\\f",
             0..=0x1f => b"",
-            _ => continue,
+            0x80.. => {
+                ascii = false;
+                i += 1;
+                continue;
+            }
+            _ => {
+                i += 1;
+                continue;
+            }
         };
         out.extend_from_slice(&bytes[start..i]);
         if esc.is_empty() {
@@ -238,10 +287,15 @@ pub fn push_json_string(out: &mut Vec<u8>, s: &str) {
         } else {
             out.extend_from_slice(esc);
         }
-        start = i + 1;
+        i += 1;
+        start = i;
+    }
+    if !ascii && std::str::from_utf8(bytes).is_err() {
+        return Err(());
     }
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
+    Ok(())
 }
 
 /// Converts an atproto JSON value (a record: the top level must be an object) to canonical
@@ -341,6 +395,26 @@ fn json_value_to_cbor(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escapes_every_byte_like_serde_json_and_rejects_bad_utf8() {
+        for len in 0..20 {
+            for b in 0u8..=0x7f {
+                let s: String = std::iter::repeat_n('a', len)
+                    .chain([b as char])
+                    .chain("xyz\u{e9}".chars())
+                    .collect();
+                let mut out = Vec::new();
+                push_json_string(&mut out, &s);
+                assert_eq!(
+                    String::from_utf8(out).unwrap(),
+                    serde_json::to_string(&s).unwrap()
+                );
+            }
+        }
+        assert!(push_json_text(&mut Vec::new(), b"abcdefgh\xff").is_err());
+        assert!(push_json_text(&mut Vec::new(), b"\xc3").is_err());
+    }
 
     #[test]
     fn escapes_like_serde_json() {

@@ -144,15 +144,27 @@ pub fn push_cid_string(cid: &Cid, out: &mut Vec<u8>) {
 
 /// Writes the binary form of `cid` into `out`, returning its length (at most 80 bytes).
 pub fn write_cid_bytes(cid: &Cid, out: &mut [u8; 80]) -> usize {
-    let mut v = Vec::with_capacity(40);
-    write_uvarint(&mut v, 1);
-    write_uvarint(&mut v, cid.codec());
-    write_uvarint(&mut v, cid.hash().code());
-    write_uvarint(&mut v, u64::from(cid.hash().size()));
-    v.extend_from_slice(cid.hash().digest());
-    let n = v.len().min(80);
-    out[..n].copy_from_slice(&v[..n]);
-    n
+    let mut n = 0;
+    let mut put = |v: u64, out: &mut [u8; 80]| {
+        let mut v = v;
+        while v >= 0x80 && n < 80 {
+            out[n] = (v as u8) | 0x80;
+            v >>= 7;
+            n += 1;
+        }
+        if n < 80 {
+            out[n] = v as u8;
+            n += 1;
+        }
+    };
+    put(1, out);
+    put(cid.codec(), out);
+    put(cid.hash().code(), out);
+    put(u64::from(cid.hash().size()), out);
+    let digest = cid.hash().digest();
+    let d = digest.len().min(80 - n);
+    out[n..n + d].copy_from_slice(&digest[..d]);
+    n + d
 }
 
 /// A hasher for CID keys: the digest is already uniformly random (SHA-256), so folding the

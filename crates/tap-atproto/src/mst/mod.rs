@@ -12,7 +12,7 @@ mod tree;
 mod walk;
 
 pub use diff::{DiffAction, DiffOp, diff_sorted, diff_trees};
-pub use node::{Entry, NodeData, decode_node, encode_node};
+pub use node::{Entry, NodeData, decode_node, encode_node, encode_node_parts};
 pub use tree::{Mst, OpAction, TreeOp, invert_ops};
 pub use walk::{Visit, walk_tree, walk_tree_collect};
 

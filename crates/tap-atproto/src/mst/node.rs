@@ -88,25 +88,36 @@ pub fn decode_node(bytes: &[u8]) -> Result<NodeData, MstError> {
 /// Encodes a node canonically (maximal shared prefixes, null `l`/`t` written out).
 #[must_use]
 pub fn encode_node(node: &NodeData) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 + node.entries.len() * 80);
+    let entries: Vec<(&[u8], &Cid, Option<&Cid>)> = node
+        .entries
+        .iter()
+        .map(|e| (e.key.as_slice(), &e.value, e.right.as_ref()))
+        .collect();
+    encode_node_parts(node.left.as_ref(), &entries)
+}
+
+/// Encodes a node from borrowed parts: `(key, value, right subtree)` per entry.
+#[must_use]
+pub fn encode_node_parts(left: Option<&Cid>, entries: &[(&[u8], &Cid, Option<&Cid>)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + entries.len() * 96);
     cbor::write_head(&mut out, major::MAP, 2);
     cbor::write_text(&mut out, "e");
-    cbor::write_head(&mut out, major::ARRAY, node.entries.len() as u64);
+    cbor::write_head(&mut out, major::ARRAY, entries.len() as u64);
     let mut prev: &[u8] = &[];
-    for e in &node.entries {
-        let p = common_prefix_len(prev, &e.key);
+    for (key, value, right) in entries {
+        let p = common_prefix_len(prev, key);
         cbor::write_head(&mut out, major::MAP, 4);
         cbor::write_text(&mut out, "k");
-        cbor::write_bytes(&mut out, &e.key[p..]);
+        cbor::write_bytes(&mut out, &key[p..]);
         cbor::write_text(&mut out, "p");
         cbor::write_head(&mut out, major::UINT, p as u64);
         cbor::write_text(&mut out, "t");
-        cbor::write_nullable_link(&mut out, e.right.as_ref());
+        cbor::write_nullable_link(&mut out, *right);
         cbor::write_text(&mut out, "v");
-        cbor::write_link(&mut out, &e.value);
-        prev = &e.key;
+        cbor::write_link(&mut out, value);
+        prev = key;
     }
     cbor::write_text(&mut out, "l");
-    cbor::write_nullable_link(&mut out, node.left.as_ref());
+    cbor::write_nullable_link(&mut out, left);
     out
 }

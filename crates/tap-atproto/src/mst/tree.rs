@@ -5,7 +5,7 @@
 
 use cid::Cid;
 
-use super::node::{Entry, NodeData, decode_node, encode_node};
+use super::node::{decode_node, encode_node_parts};
 use super::{MstError, is_valid_mst_key, key_height, key_string};
 use crate::hash::{self, BlockSource};
 
@@ -60,12 +60,28 @@ impl TreeNode {
     }
 }
 
-fn load_node(cid: &Cid, height: u8, src: &dyn BlockSource) -> Result<TreeNode, MstError> {
+/// Loads and decodes a node. `height` is the layer the parent implies (`None` for the root,
+/// whose layer is its first key's). Key order and syntax are checked for every key; the
+/// layer is checked on the first key only (one hash per node instead of one per key): a
+/// node with misplaced keys can only make later operations fail, and whole-tree layer
+/// validation is the walks' job.
+fn load_node(cid: &Cid, height: Option<u8>, src: &dyn BlockSource) -> Result<TreeNode, MstError> {
     let bytes = src.get_block(cid).ok_or(MstError::MissingBlock(*cid))?;
     let data = decode_node(bytes)?;
     if data.entries.is_empty() && data.left.is_none() {
         return Err(MstError::EmptyNode(*cid));
     }
+    let height = match (height, data.entries.first()) {
+        (Some(h), Some(e)) => {
+            if key_height(&e.key) != h {
+                return Err(MstError::WrongLayer(key_string(&e.key)));
+            }
+            h
+        }
+        (Some(h), None) => h,
+        (None, Some(e)) => key_height(&e.key),
+        (None, None) => return Err(MstError::NotCanonical("root has a subtree but no keys")),
+    };
     let mut items = Vec::with_capacity(data.entries.len() * 2 + 1);
     if let Some(l) = data.left {
         items.push(Item::Sub(Child::Stub(l)));
@@ -73,9 +89,6 @@ fn load_node(cid: &Cid, height: u8, src: &dyn BlockSource) -> Result<TreeNode, M
     for e in data.entries {
         if !is_valid_mst_key(&e.key) {
             return Err(MstError::InvalidKey(key_string(&e.key)));
-        }
-        if key_height(&e.key) != height {
-            return Err(MstError::WrongLayer(key_string(&e.key)));
         }
         items.push(Item::Leaf {
             key: e.key,
@@ -102,7 +115,7 @@ fn loaded<'a>(
     src: &dyn BlockSource,
 ) -> Result<&'a mut TreeNode, MstError> {
     if let Child::Stub(cid) = child {
-        *child = Child::Loaded(Box::new(load_node(cid, height, src)?));
+        *child = Child::Loaded(Box::new(load_node(cid, Some(height), src)?));
     }
     match child {
         Child::Loaded(n) => Ok(n),
@@ -113,7 +126,7 @@ fn loaded<'a>(
 /// Takes ownership of a loaded node.
 fn into_loaded(child: Child, height: u8, src: &dyn BlockSource) -> Result<TreeNode, MstError> {
     match child {
-        Child::Stub(cid) => load_node(&cid, height, src),
+        Child::Stub(cid) => load_node(&cid, Some(height), src),
         Child::Loaded(n) => Ok(*n),
     }
 }
@@ -296,24 +309,31 @@ fn node_cid(node: &mut TreeNode, emit: &mut Option<&mut Vec<(Cid, Vec<u8>)>>) ->
     if let Some(c) = node.cid {
         return c;
     }
-    let mut data = NodeData::default();
-    for it in &mut node.items {
+    // Children first (mutable pass), then encode from borrowed keys (no clones).
+    let child_cids: Vec<Cid> = node
+        .items
+        .iter_mut()
+        .filter_map(|it| match it {
+            Item::Sub(c) => Some(subtree_cid(c, emit)),
+            Item::Leaf { .. } => None,
+        })
+        .collect();
+    let mut children = child_cids.iter();
+    let mut left = None;
+    let mut entries: Vec<(&[u8], &Cid, Option<&Cid>)> = Vec::with_capacity(node.items.len());
+    for it in &node.items {
         match it {
-            Item::Sub(c) => {
-                let cid = subtree_cid(c, emit);
-                match data.entries.last_mut() {
-                    Some(e) => e.right = Some(cid),
-                    None => data.left = Some(cid),
+            Item::Sub(_) => {
+                let c = children.next();
+                match entries.last_mut() {
+                    Some(e) => e.2 = c,
+                    None => left = c,
                 }
             }
-            Item::Leaf { key, value } => data.entries.push(Entry {
-                key: key.clone(),
-                value: *value,
-                right: None,
-            }),
+            Item::Leaf { key, value } => entries.push((key.as_slice(), value, None)),
         }
     }
-    let bytes = encode_node(&data);
+    let bytes = encode_node_parts(left, &entries);
     let cid = hash::cid_for_cbor(&bytes);
     if let Some(out) = emit.as_mut() {
         out.push((cid, bytes));
@@ -382,24 +402,17 @@ impl Mst {
 
     fn root_node(&mut self, src: &dyn BlockSource) -> Result<&mut TreeNode, MstError> {
         if let Child::Stub(cid) = self.root {
-            let bytes = src.get_block(&cid).ok_or(MstError::MissingBlock(cid))?;
-            let data = decode_node(bytes)?;
-            let height = match data.entries.first() {
-                Some(e) => key_height(&e.key),
-                None if data.left.is_none() => 0,
-                None => return Err(MstError::NotCanonical("root has a subtree but no keys")),
-            };
-            self.root = Child::Loaded(Box::new(load_node(&cid, height, src).or_else(
-                |e| match e {
-                    // The empty tree's root is the one node allowed to be empty.
-                    MstError::EmptyNode(_) => Ok(TreeNode {
-                        height: 0,
-                        items: Vec::new(),
-                        cid: Some(cid),
-                    }),
-                    other => Err(other),
+            let node = match load_node(&cid, None, src) {
+                Ok(n) => n,
+                // The empty tree's root is the one node allowed to be empty.
+                Err(MstError::EmptyNode(_)) => TreeNode {
+                    height: 0,
+                    items: Vec::new(),
+                    cid: Some(cid),
                 },
-            )?));
+                Err(e) => return Err(e),
+            };
+            self.root = Child::Loaded(Box::new(node));
         }
         match &mut self.root {
             Child::Loaded(n) => Ok(n),
