@@ -15,7 +15,10 @@
 //!
 //! Throughput is reported in events (= records) per second.
 
-#![expect(clippy::expect_used, reason = "a benchmark has nobody to report setup errors to")]
+#![expect(
+    clippy::expect_used,
+    reason = "a benchmark has nobody to report setup errors to"
+)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
