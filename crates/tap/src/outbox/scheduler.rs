@@ -131,6 +131,13 @@ impl Actor {
                 _ = tick.tick() => self.resend_due(Instant::now()),
             }
         }
+        // Acks already queued when delivery stopped still count: forward them to the deleter
+        // so the final flush deletes them instead of the next run redelivering them.
+        while let Ok(msg) = self.inputs.try_recv() {
+            if matches!(msg, Input::Acked(_)) {
+                self.handle(msg).await;
+            }
+        }
         tracing::debug!(held = self.held.len(), "Outbox actor stopped.");
     }
 
