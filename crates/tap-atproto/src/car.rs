@@ -252,7 +252,9 @@ pub struct Car {
 pub fn read_car(buf: Bytes, limits: CarLimits) -> Result<Car, CarError> {
     let slice = CarSlice::new(buf, limits)?;
     let roots = slice.header().roots.clone();
-    let mut blocks = BlockMap::default();
+    // Pre-size for ~300-byte blocks (capped) so small CARs never rehash while filling.
+    let estimate = (slice.buf.len() / 300).clamp(8, 4096);
+    let mut blocks = BlockMap::with_capacity_and_hasher(estimate, Default::default());
     for item in slice {
         let (cid, data) = item?;
         blocks.insert(cid, data);
