@@ -396,6 +396,25 @@ pub struct BufferedCommit {
     pub data: String,
 }
 
+/// Runs of consecutive ids, as inclusive `(first, last)` pairs in ascending order; ids that
+/// cannot be stored (above `i64::MAX`) are skipped, duplicates collapse.
+pub(crate) fn id_runs(ids: &[EventId]) -> Vec<(i64, i64)> {
+    let mut sorted: Vec<i64> = ids
+        .iter()
+        .filter_map(|id| i64::try_from(id.0).ok())
+        .collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut runs: Vec<(i64, i64)> = Vec::new();
+    for id in sorted {
+        match runs.last_mut() {
+            Some((_, last)) if *last + 1 == id => *last = id,
+            _ => runs.push((id, id)),
+        }
+    }
+    runs
+}
+
 /// Why a resync failed, for [`Store::mark_resync_failed`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ResyncFailure {
@@ -990,6 +1009,16 @@ impl Table {
 #[cfg(test)]
 mod unit {
     use super::*;
+
+    #[test]
+    fn acked_ids_collapse_into_runs_of_consecutive_ids() {
+        let ids: Vec<EventId> = [7, 3, 4, 5, 9, 10, 5, 1, u64::MAX]
+            .into_iter()
+            .map(EventId)
+            .collect();
+        assert_eq!(id_runs(&ids), vec![(1, 1), (3, 5), (7, 7), (9, 10)]);
+        assert!(id_runs(&[]).is_empty());
+    }
 
     #[test]
     fn database_url_parses_supported_schemes() {
