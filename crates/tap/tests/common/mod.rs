@@ -121,6 +121,8 @@ pub struct TestTap {
     pub addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
     pub store: tap::store::Store,
+    /// The producers' handle on the outbox (tests append events through it).
+    pub outbox: tap::outbox::Outbox,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), tap::AppError>>,
 }
@@ -131,6 +133,7 @@ impl TestTap {
         let addr = app.local_addr().unwrap();
         let metrics_addr = app.metrics_addr();
         let store = app.store().clone();
+        let outbox = app.outbox();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(app.run(async move {
             let _ = stopped.await;
@@ -139,6 +142,7 @@ impl TestTap {
             addr,
             metrics_addr,
             store,
+            outbox,
             stop: Some(stop),
             task,
         }

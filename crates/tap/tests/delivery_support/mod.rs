@@ -16,62 +16,20 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
-use tap::Config;
 use tap::outbox::Outbox;
 use tap::store::{EventId, NewEvent, RepoWrite, Store};
 use tap::wire::{Action, IdentityEvent, IdentityStatus, RecordEvent};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// Generous upper bound for anything that should happen "soon".
 pub const SOON: Duration = Duration::from_secs(15);
 
-/// A tap running in-process, with the producers' outbox handle.
-pub struct Tap {
-    pub addr: SocketAddr,
-    pub outbox: Outbox,
-    pub store: Store,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), tap::AppError>>,
-}
+/// A tap running in-process, with the producers' outbox handle (the shared harness).
+pub use crate::common::TestTap as Tap;
 
 impl Tap {
-    pub async fn start(config: Config) -> Self {
-        let app = tap::App::bind(config).await.expect("tap starts");
-        let addr = app.local_addr().unwrap();
-        let outbox = app.outbox();
-        let store = app.store().clone();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(app.run(async move {
-            let _ = stopped.await;
-        }));
-        Self {
-            addr,
-            outbox,
-            store,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    /// Requests shutdown and waits for a clean stop.
-    pub async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        tokio::time::timeout(Duration::from_secs(30), &mut self.task)
-            .await
-            .expect("tap stops within 30 s")
-            .unwrap()
-            .expect("tap stops cleanly");
-    }
-
     /// Appends one repo event (all of `events` for `did`) through the producers' path.
     pub async fn append(&self, did: &str, events: Vec<NewEvent>) -> Vec<EventId> {
         append(&self.outbox, did, events).await
