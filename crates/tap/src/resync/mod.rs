@@ -385,37 +385,48 @@ impl<'a> Snapshot<'a> {
 
     /// Stored collections absent from the snapshot: every record in them was deleted.
     async fn delete_vanished_collections(&mut self) -> Result<(), ResyncError> {
-        let mut after: Option<(String, String)> = None;
-        loop {
-            let page = self
-                .store
-                .records_page(self.did.as_str(), after.clone(), INDEX_PAGE)
-                .await?;
-            let Some(last) = page.last() else {
-                return Ok(());
-            };
-            let next = (last.collection.clone(), last.rkey.clone());
-            let len = page.len();
-            for row in page {
-                if self.seen.contains(&row.collection) {
-                    continue;
+        // Only the collections the snapshot did not have are read again.
+        let mut vanished = self.store.record_collections(self.did.as_str()).await?;
+        vanished.retain(|c| !self.seen.contains(c));
+        for collection in vanished {
+            let wanted = self.engine.scope().wants_collection(&collection);
+            let mut last_rkey = String::new();
+            loop {
+                let page = self
+                    .store
+                    .records_page(
+                        self.did.as_str(),
+                        Some((collection.clone(), last_rkey.clone())),
+                        INDEX_PAGE,
+                    )
+                    .await?;
+                let rows: Vec<_> = page
+                    .into_iter()
+                    .take_while(|r| r.collection == collection)
+                    .collect();
+                let done = rows.len() < INDEX_PAGE;
+                for row in rows {
+                    last_rkey.clone_from(&row.rkey);
+                    if wanted {
+                        self.add(&collection, Change::Delete { rkey: row.rkey }, None)
+                            .await?;
+                    } else {
+                        // No longer wanted by the filters: forget it silently.
+                        self.write.records.push(RecordChange::Delete {
+                            collection: collection.clone(),
+                            rkey: row.rkey,
+                        });
+                        if self.write.records.len() >= BATCH {
+                            self.flush().await?;
+                        }
+                    }
                 }
-                if self.engine.scope().wants_collection(&row.collection) {
-                    self.add(&row.collection, Change::Delete { rkey: row.rkey }, None)
-                        .await?;
-                } else {
-                    // No longer wanted by the filters: forget it silently.
-                    self.write.records.push(RecordChange::Delete {
-                        collection: row.collection,
-                        rkey: row.rkey,
-                    });
+                if done {
+                    break;
                 }
             }
-            if len < INDEX_PAGE {
-                return Ok(());
-            }
-            after = Some(next);
         }
+        Ok(())
     }
 
     async fn add(

@@ -771,6 +771,15 @@ impl Store {
         dispatch!(self.count_records_for(did.to_owned()))
     }
 
+    /// The collections that have records in `did`'s index, in byte order (the index's
+    /// primary key serves it without a scan of the records).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn record_collections(&self, did: &str) -> Result<Vec<String>, StoreError> {
+        dispatch!(self.record_collections(did.to_owned()))
+    }
+
     /// Number of tracked repos.
     ///
     /// # Errors

@@ -240,6 +240,21 @@ impl PgStore {
         Ok(count.unsigned_abs())
     }
 
+    pub(super) async fn record_collections(&self, did: String) -> Result<Vec<String>, StoreError> {
+        const OP: &str = "record_collections";
+        let client = self.client(OP).await?;
+        let rows = client
+            .query(
+                "SELECT DISTINCT collection FROM repo_records WHERE did = $1 ORDER BY collection",
+                &[&did],
+            )
+            .await
+            .map_err(pg(OP))?;
+        rows.iter()
+            .map(|row| row.try_get(0).map_err(pg(OP)))
+            .collect()
+    }
+
     pub(super) async fn count_table(&self, table: Table) -> Result<u64, StoreError> {
         const OP: &str = "count";
         let client = self.client(OP).await?;

@@ -290,6 +290,20 @@ impl SqliteStore {
         .await
     }
 
+    pub(super) async fn record_collections(&self, did: String) -> Result<Vec<String>, StoreError> {
+        self.read("record_collections", move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT DISTINCT collection FROM repo_records WHERE did = ?1 ORDER BY collection",
+                )
+                .map_err(sq("record_collections"))?;
+            stmt.query_map([&did], |row| row.get(0))
+                .and_then(Iterator::collect)
+                .map_err(sq("record_collections"))
+        })
+        .await
+    }
+
     pub(super) async fn count_table(&self, table: Table) -> Result<u64, StoreError> {
         self.read("count", move |conn| {
             let count: i64 = conn

@@ -901,6 +901,35 @@ test_each_store!(
     }
 );
 
+test_each_store!(
+    record_collections_lists_each_collection_once_in_byte_order,
+    |store, _url| {
+        store.add_repos(&dids(&["a", "b"])).await.unwrap();
+        let mut write = RepoWrite::new("did:plc:a");
+        write.records = vec![
+            put("app.bsky.feed.post", "2", "cid"),
+            put("app.bsky.feed.like", "1", "cid"),
+            put("app.bsky.feed.post", "1", "cid"),
+            put("Com.example.x", "1", "cid"),
+        ];
+        store.apply(write).await.unwrap();
+        let mut other = RepoWrite::new("did:plc:b");
+        other.records = vec![put("com.other.thing", "1", "cid")];
+        store.apply(other).await.unwrap();
+        assert_eq!(
+            store.record_collections("did:plc:a").await.unwrap(),
+            ["Com.example.x", "app.bsky.feed.like", "app.bsky.feed.post"]
+        );
+        assert!(
+            store
+                .record_collections("did:plc:none")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+);
+
 test_each_store!(records_page_walks_keys_in_byte_order, |store, _url| {
     store.add_repos(&dids(&["a", "b"])).await.unwrap();
     // Byte order puts upper case before lower case, unlike most locales.
