@@ -81,31 +81,17 @@ pub fn cid(seed: &str) -> String {
 
 /// A record-create event of `did`, record key `rkey`, with a small post as the record.
 pub fn record(did: &str, rkey: &str, live: bool) -> NewEvent {
-    let record_json = format!(
-        r#"{{"$type":"app.bsky.feed.post","createdAt":"2024-01-01T00:00:00.000Z","text":"post {rkey}"}}"#
-    );
-    let cid = cid(&format!("{did}/{rkey}"));
-    NewEvent {
-        live,
-        payload: RecordEvent {
-            live,
-            did,
-            rev: "3kb3fge5lm32x",
-            collection: "app.bsky.feed.post",
-            rkey,
-            action: Action::Create,
-            cid: Some(&cid),
-            record_json: Some(&record_json),
-        }
-        .payload(),
-    }
+    post(did, rkey, live, &format!("post {rkey}"))
 }
 
 /// A record event whose record text has `pad` bytes (for size-sensitive tests).
 pub fn big_record(did: &str, rkey: &str, live: bool, pad: usize) -> NewEvent {
+    post(did, rkey, live, &"x".repeat(pad))
+}
+
+fn post(did: &str, rkey: &str, live: bool, text: &str) -> NewEvent {
     let record_json = format!(
-        r#"{{"$type":"app.bsky.feed.post","createdAt":"2024-01-01T00:00:00.000Z","text":"{}"}}"#,
-        "x".repeat(pad)
+        r#"{{"$type":"app.bsky.feed.post","createdAt":"2024-01-01T00:00:00.000Z","text":"{text}"}}"#
     );
     let cid = cid(&format!("{did}/{rkey}"));
     NewEvent {
