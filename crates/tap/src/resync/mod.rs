@@ -364,22 +364,27 @@ impl<'a> Snapshot<'a> {
         Ok(())
     }
 
+    /// Ends the current collection: stored rows after the snapshot's last record of it are
+    /// deletes, emitted a page at a time (memory stays bounded however many there are).
     async fn finish_collection(&mut self) -> Result<(), ResyncError> {
-        let Some((collection, mut merge)) = self.current.take() else {
+        let Some(collection) = self.current.as_ref().map(|(c, _)| c.clone()) else {
             return Ok(());
         };
         let mut changes = Vec::new();
-        while !merge.finish(&mut changes) {
-            self.current = Some((collection.clone(), merge));
-            self.refill().await?;
-            let Some((_, m)) = self.current.take() else {
-                return Ok(());
+        loop {
+            let done = match &mut self.current {
+                Some((_, merge)) => merge.finish(&mut changes),
+                None => true,
             };
-            merge = m;
+            for change in changes.drain(..) {
+                self.add(&collection, change, None).await?;
+            }
+            if done {
+                break;
+            }
+            self.refill().await?;
         }
-        for change in changes {
-            self.add(&collection, change, None).await?;
-        }
+        self.current = None;
         Ok(())
     }
 
