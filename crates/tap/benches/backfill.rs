@@ -56,6 +56,8 @@ async fn run_once(repos: &[RepoBuilder], cars: &[Vec<u8>]) -> (f64, usize) {
     cfg.relay_url = url::Url::parse(&relay.url()).unwrap();
     cfg.plc_url = url::Url::parse(&plc.url()).unwrap();
     cfg.handle_resolver_url = Some(url::Url::parse(&plc.url()).unwrap());
+    cfg.resync_parallelism = env_usize("BACKFILL_RESYNC_PARALLELISM", cfg.resync_parallelism);
+    cfg.outbox_parallelism = env_usize("BACKFILL_OUTBOX_PARALLELISM", cfg.outbox_parallelism);
     let app = tap::App::bind(cfg).await.unwrap();
     let addr = app.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -95,8 +97,27 @@ async fn run_once(repos: &[RepoBuilder], cars: &[Vec<u8>]) -> (f64, usize) {
         .unwrap();
     assert_eq!(resp.status(), 200);
     let deadline = start + Duration::from_secs(600);
+    let trace = std::env::var("BACKFILL_TRACE").is_ok();
+    let http = reqwest::Client::new();
     while seen.load(Ordering::Relaxed) < total {
         assert!(Instant::now() < deadline, "backfill did not finish");
+        if trace {
+            let rc: serde_json::Value = http
+                .get(format!("http://{addr}/stats/record-count"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            eprintln!(
+                "t={:.2} written={} delivered={}",
+                start.elapsed().as_secs_f64(),
+                rc["record_count"],
+                seen.load(Ordering::Relaxed)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let elapsed = start.elapsed().as_secs_f64();

@@ -30,7 +30,8 @@ use crate::wire::{Action, RecordEvent};
 use diff::{Change, CollectionMerge};
 use fetch::{FetchError, PdsClient};
 
-/// How long an idle worker waits before looking for work again.
+/// How long an idle worker waits before looking for work again, unless the store signals
+/// new work first (error repos whose retry time comes are only found by this poll).
 pub const IDLE_POLL: Duration = Duration::from_secs(1);
 /// Historical events per transaction.
 pub const BATCH: usize = 100;
@@ -138,6 +139,10 @@ async fn run_worker(
         if stop.is_cancelled() {
             return;
         }
+        // Armed before the claim: a repo added between the claim and the wait still wakes us.
+        let wanted = store.resync_wanted().notified();
+        tokio::pin!(wanted);
+        wanted.as_mut().enable();
         let job = match store.claim_resync_job(now_unix()).await {
             Ok(job) => job,
             Err(error) => {
@@ -148,6 +153,7 @@ async fn run_worker(
         let Some(repo) = job else {
             tokio::select! {
                 () = stop.cancelled() => return,
+                () = &mut wanted => continue,
                 () = tokio::time::sleep(IDLE_POLL) => continue,
             }
         };

@@ -661,6 +661,10 @@ const CLAIM_ORDER: [RepoState; 3] = [
 #[derive(Clone)]
 pub struct Store {
     backend: Backend,
+    /// Woken whenever a write may have made a repo claimable for resync, so idle resync
+    /// workers start at once instead of at their next poll. (The poll stays: another
+    /// process sharing a Postgres database cannot wake us.)
+    resync_wanted: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Clone)]
@@ -700,7 +704,18 @@ impl Store {
                 Backend::Postgres(postgres::PgStore::open(url, opts.max_pg_conns).await?)
             }
         };
-        Ok(Self { backend })
+        Ok(Self {
+            backend,
+            resync_wanted: Arc::new(tokio::sync::Notify::new()),
+        })
+    }
+
+    /// Signalled after writes that may have made a repo claimable for resync (added,
+    /// desynchronized, reset). Enable a `notified()` future before looking for work, then
+    /// wait on it, and no signal is missed.
+    #[must_use]
+    pub fn resync_wanted(&self) -> &tokio::sync::Notify {
+        &self.resync_wanted
     }
 
     /// Finishes queued writes, then closes the database (SQLite: checkpoints the WAL and joins
@@ -716,7 +731,11 @@ impl Store {
     /// # Errors
     /// Database errors; nothing is inserted then.
     pub async fn add_repos(&self, dids: &[String]) -> Result<u64, StoreError> {
-        dispatch!(self.add_repos(dids.to_vec()))
+        let added = dispatch!(self.add_repos(dids.to_vec()))?;
+        if added > 0 {
+            self.resync_wanted.notify_waiters();
+        }
+        Ok(added)
     }
 
     /// Untracks `dids`: deletes their repo rows, record index and resync buffer in one
@@ -743,7 +762,7 @@ impl Store {
     /// # Errors
     /// Database errors.
     pub async fn ensure_repo(&self, did: &str) -> Result<bool, StoreError> {
-        Ok(dispatch!(self.add_repos(vec![did.to_owned()]))? > 0)
+        Ok(self.add_repos(&[did.to_owned()]).await? > 0)
     }
 
     /// Sets the state of an existing repo (no-op if absent). Retry fields are untouched.
@@ -760,7 +779,9 @@ impl Store {
     /// # Errors
     /// Database errors.
     pub async fn mark_desynchronized(&self, did: &str, reason: &str) -> Result<(), StoreError> {
-        dispatch!(self.mark_desynchronized(did.to_owned(), reason.to_owned()))
+        dispatch!(self.mark_desynchronized(did.to_owned(), reason.to_owned()))?;
+        self.resync_wanted.notify_waiters();
+        Ok(())
     }
 
     /// Number of indexed records of `did`.
@@ -927,7 +948,9 @@ impl Store {
     /// # Errors
     /// Database errors.
     pub async fn reset_resyncing(&self) -> Result<u64, StoreError> {
-        dispatch!(self.reset_resyncing())
+        let reset = dispatch!(self.reset_resyncing())?;
+        self.resync_wanted.notify_waiters();
+        Ok(reset)
     }
 
     /// Claims one repo for a resync worker and sets it `resyncing`, atomically (no two callers

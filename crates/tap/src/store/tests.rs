@@ -1266,3 +1266,46 @@ fn migrations_are_numbered_in_order() {
         }
     }
 }
+
+test_each_store!(
+    writes_that_make_a_repo_claimable_wake_idle_resync_workers,
+    |store, _url| {
+        let armed = |store: &Store| {
+            let store = store.clone();
+            async move {
+                let wanted = store.resync_wanted().notified();
+                tokio::pin!(wanted);
+                wanted.as_mut().enable();
+                wanted.await;
+            }
+        };
+        let wait = tokio::spawn(armed(&store));
+        tokio::task::yield_now().await;
+        // A worker arms its wait before claiming; give the spawned one the same head start.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                store.add_repos(&["did:plc:wake".into()]).await.unwrap();
+                if wait.is_finished() {
+                    break;
+                }
+                store.remove_repos(&["did:plc:wake".into()]).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("adding a repo never woke the waiting worker");
+
+        let wait = tokio::spawn(armed(&store));
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !wait.is_finished() {
+                store
+                    .mark_desynchronized("did:plc:wake", "test")
+                    .await
+                    .unwrap();
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("desynchronizing a repo never woke the waiting worker");
+    }
+);
