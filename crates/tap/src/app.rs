@@ -17,14 +17,16 @@ use crate::delivery::{DeliveryHub, webhook};
 use crate::error::AppError;
 use crate::firehose::{self, FirehoseSettings};
 use crate::identity::{Identity, IdentityOptions};
-use crate::outbox::{AckMode, Delivery, Input, Outbox, OutboxSettings, acks, loader, scheduler};
+use crate::outbox::{
+    AckMode, Delivery, Finished, Input, Outbox, OutboxSettings, acks, loader, scheduler,
+};
 use crate::repos::engine::Engine;
 use crate::repos::filter::Scope;
 use crate::repos::locks::DidLocks;
 use crate::resync::{self, ResyncSettings};
 use crate::shutdown::{self, Shutdown};
 use crate::status::Progress;
-use crate::store::{EventId, Store, StoreOptions};
+use crate::store::{Store, StoreOptions};
 use crate::telemetry;
 
 /// Capacity of the outbox actor's input channel.
@@ -41,8 +43,8 @@ struct OutboxParts {
     inputs_rx: mpsc::Receiver<Input>,
     queue_tx: async_channel::Sender<Delivery>,
     queue_rx: async_channel::Receiver<Delivery>,
-    acked_tx: mpsc::Sender<Vec<EventId>>,
-    acked_rx: mpsc::Receiver<Vec<EventId>>,
+    acked_tx: mpsc::Sender<Finished>,
+    acked_rx: mpsc::Receiver<Finished>,
     ready_tx: watch::Sender<bool>,
     settings: OutboxSettings,
 }
@@ -118,6 +120,18 @@ impl App {
             },
         )
         .await?;
+        // A first backfill whose in-memory events may not all have been acked runs again
+        // from scratch (store::EventStorage::InMemoryBackfill). Not in outbox-only mode:
+        // the producing process owns its repos.
+        if !config.outbox_only {
+            let rerun = store.reset_undelivered_backfills().await?;
+            if rerun > 0 {
+                tracing::info!(
+                    repos = rerun,
+                    "Backfills whose events were not all acked before the last stop will run again."
+                );
+            }
+        }
         // A resync interrupted by a crash starts over (original-behaviour §5).
         let reset = store.reset_resyncing().await?;
         if reset > 0 {
@@ -224,6 +238,7 @@ impl App {
             queue_tx,
             acked_tx,
             Arc::clone(&permits),
+            progress.in_memory_events_counter(),
         );
         let actor_task = tokio::spawn(actor.run(delivery_stop.clone()));
         let deleter_task = tokio::spawn(acks::run_deleter(store.clone(), acked_rx));
@@ -280,6 +295,7 @@ impl App {
                     parallelism: config.resync_parallelism,
                     fetch_timeout: config.repo_fetch_timeout,
                     max_repo_bytes: config.max_repo_bytes,
+                    in_memory_backfill: !config.durable_backfill_events,
                 },
                 engine.clone(),
                 store.clone(),

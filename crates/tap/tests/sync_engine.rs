@@ -363,6 +363,117 @@ on_both_backends!(
     resync_deletes
 );
 
+/// Reads `n` event frames from `/channel` without acking any, then hangs up.
+async fn read_without_acking(tap: &TestTap, n: usize) -> Vec<Value> {
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/channel", tap.addr))
+        .await
+        .unwrap();
+    let mut events = Vec::new();
+    while events.len() < n {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("events keep coming")
+            .expect("the connection stays open")
+            .unwrap();
+        if let Message::Text(text) = msg {
+            events.push(serde_json::from_str(&text).unwrap());
+        }
+    }
+    events
+}
+
+async fn unacked_first_backfill_reruns(db: TestDb) {
+    let net = Net::start().await;
+    let repo = RepoBuilder::with_records(did(3), TestKey::k256(3), 13, 120);
+    net.publish(&repo, "carol.test");
+    net.pds
+        .set_repo(repo.did().as_str(), RepoReply::Car(repo.car_shuffled(4)));
+    let n = repo.records().len();
+
+    // First run: the backfill completes and is delivered, but nothing is acked.
+    let tap = TestTap::start(net.config(&db)).await;
+    add(&tap, repo.did()).await;
+    let seen = read_without_acking(&tap, n + 1).await;
+    assert_eq!(seen.iter().filter(|e| e["type"] == "record").count(), n);
+    wait_state(&tap, repo.did(), "active").await;
+    assert_eq!(
+        tap.store.outbox_count().await.unwrap(),
+        1,
+        "only the identity event is an outbox row; the {n} records went out from memory"
+    );
+    assert!(
+        tap.store
+            .backfill_token(repo.did().as_str())
+            .await
+            .unwrap()
+            .is_some(),
+        "the repo is marked until its backfill is acked"
+    );
+    tap.stop().await;
+
+    // Second run: the marked backfill runs again and every record arrives once more.
+    let tap = TestTap::start(net.config(&db)).await;
+    let consumer = Consumer::connect(&tap).await;
+    let records = consumer.wait_records(n).await;
+    assert_eq!(paths_and_cids(&records), expected(&repo));
+    assert!(
+        records
+            .iter()
+            .all(|r| r["live"] == false && r["action"] == "create")
+    );
+    let i = wait_state(&tap, repo.did(), "active").await;
+    assert_eq!(i["records"], n);
+    // Once all of it is acked, the mark goes and a restart has nothing to redo.
+    wait_for("the backfill token to be cleared", || async {
+        let token = tap.store.backfill_token(repo.did().as_str()).await.unwrap();
+        token.is_none().then_some(())
+    })
+    .await;
+    drop(consumer);
+    tap.stop().await;
+    let tap = TestTap::start(net.config(&db)).await;
+    assert_eq!(
+        info(&tap, repo.did()).await["state"],
+        "active",
+        "nothing to redo after a fully acked backfill"
+    );
+    tap.stop().await;
+}
+on_both_backends!(
+    a_first_backfill_not_acked_before_shutdown_is_delivered_again_after_restart,
+    unacked_first_backfill_reruns
+);
+
+async fn durable_backfill_events(db: TestDb) {
+    let net = Net::start().await;
+    let repo = RepoBuilder::with_records(did(4), TestKey::k256(4), 14, 60);
+    net.publish(&repo, "dave.test");
+    net.pds
+        .set_repo(repo.did().as_str(), RepoReply::Car(repo.car_tree_order()));
+    let n = repo.records().len();
+    let mut cfg = net.config(&db);
+    cfg.durable_backfill_events = true;
+    let tap = TestTap::start(cfg).await;
+    add(&tap, repo.did()).await;
+    let seen = read_without_acking(&tap, n + 1).await;
+    assert_eq!(seen.iter().filter(|e| e["type"] == "record").count(), n);
+    wait_state(&tap, repo.did(), "active").await;
+    assert_eq!(
+        tap.store.outbox_count().await.unwrap(),
+        n as u64 + 1,
+        "every historical event is an outbox row"
+    );
+    assert_eq!(
+        tap.store.backfill_token(repo.did().as_str()).await.unwrap(),
+        None
+    );
+    tap.stop().await;
+}
+on_both_backends!(
+    with_durable_backfill_events_every_historical_event_is_stored,
+    durable_backfill_events
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_commit_desynchronizes_and_nothing_forged_is_delivered() {
     let db = TestDb::new(Backend::Sqlite).await.unwrap();

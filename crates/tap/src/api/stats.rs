@@ -37,8 +37,10 @@ pub(super) async fn record_count(State(state): State<ApiState>) -> Result<Respon
 }
 
 pub(super) async fn outbox_buffer(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    // Events of a first backfill delivered from memory are backlog too.
+    let in_memory = state.progress.in_memory_events();
     count(&state, "outbox_buffer", "outbox buffer", async |s| {
-        s.outbox_count().await
+        Ok(s.outbox_count().await? + in_memory)
     })
     .await
 }

@@ -153,6 +153,8 @@ pub struct Config {
     pub webhook_parallelism: usize,
     /// `--webhook-secret`: HMAC key for signing webhook bodies; `None` when empty.
     pub webhook_secret: Option<String>,
+    /// `--durable-backfill-events`: a first backfill's events are outbox rows too.
+    pub durable_backfill_events: bool,
     /// `--outbox-only`.
     pub outbox_only: bool,
     /// `--admin-password`; `None` when empty.
@@ -537,6 +539,7 @@ impl Config {
                 })?,
             webhook_parallelism: count_of("webhook-parallelism")?,
             webhook_secret: non_empty("webhook-secret"),
+            durable_backfill_events: bool_of("durable-backfill-events")?,
             outbox_only: bool_of("outbox-only")?,
             admin_password: non_empty("admin-password"),
             retry_timeout,

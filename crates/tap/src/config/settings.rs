@@ -199,6 +199,14 @@ pub const SETTINGS: &[Setting] = &[
         extension: true,
     },
     Setting {
+        flag: "durable-backfill-events",
+        envs: &["TAP_DURABLE_BACKFILL_EVENTS"],
+        default: "false",
+        kind: Kind::Bool,
+        help: "store a first backfill's events in the outbox instead of delivering them from memory and re-running the backfill after a crash; slower (extension)",
+        extension: true,
+    },
+    Setting {
         flag: "collection-filters",
         envs: &["TAP_COLLECTION_FILTERS"],
         default: "",

@@ -102,6 +102,7 @@ pub async fn run_loader(
                 live: row.live,
                 payload: row.payload,
                 holds_permit: true,
+                durable: true,
             });
         }
         if !batch.is_empty() && inputs.send(Input::Appended(batch)).await.is_err() {

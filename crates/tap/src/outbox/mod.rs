@@ -6,6 +6,11 @@
 //! one shared queue that every delivery session pulls from. Acks flow back to the actor,
 //! which frees capacity and passes the ids to the batched deleter ([`acks`]).
 //!
+//! A first backfill's events may be numbered but not stored
+//! ([`EventStorage::InMemoryBackfill`]): the actor holds them like any other, and once
+//! every such event of a repo is acked it asks the deleter to clear the repo's backfill
+//! token, the durable marker that makes the next start re-run an unfinished delivery.
+//!
 //! Back-pressure: a semaphore of `--outbox-capacity` permits; every event holds one from
 //! append to ack, so producers wait when consumers fall behind. No queue is unbounded.
 
@@ -19,9 +24,9 @@ use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, watch};
 
-use crate::store::{EventId, RepoWrite, Store, StoreError};
+use crate::store::{EventId, EventStorage, RepoWrite, Store, StoreError};
 
-pub use scheduler::{Delivery, Input};
+pub use scheduler::{Delivery, Finished, Input};
 
 /// How the consumer acknowledges events; decides when an event is done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +124,7 @@ impl Outbox {
                 .forget();
         }
         let did = write.did.clone();
+        let durable = write.storage == EventStorage::Durable;
         let events: Vec<(bool, String)> = write
             .events
             .iter()
@@ -146,6 +152,7 @@ impl Outbox {
                 live,
                 payload,
                 holds_permit: i < wanted,
+                durable,
             })
             .collect();
         self.inputs

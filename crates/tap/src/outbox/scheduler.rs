@@ -3,8 +3,9 @@
 //! shared queue that every delivery session (WebSocket or webhook worker) pulls from, so
 //! events are sharded across consumers and wait there while none is connected.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, mpsc};
@@ -29,6 +30,19 @@ pub struct Queued {
     pub payload: String,
     /// Whether it holds a capacity permit to return on ack.
     pub holds_permit: bool,
+    /// Whether it is an outbox row (`false`: numbered only, see
+    /// [`EventStorage::InMemoryBackfill`](crate::store::EventStorage)).
+    pub durable: bool,
+}
+
+/// What the actor hands to the deleter ([`super::acks`]) when consumers are done.
+#[derive(Debug, Default)]
+pub struct Finished {
+    /// Acked outbox rows to delete.
+    pub ids: Vec<EventId>,
+    /// Repos whose in-memory backfill events are all acked, with the token of the latest
+    /// such write: their backfill tokens can be cleared.
+    pub backfills: Vec<(String, EventId)>,
 }
 
 /// Messages to the actor.
@@ -61,6 +75,15 @@ struct Held {
     payload: String,
     holds_permit: bool,
     appended_at: Instant,
+    /// For an event that is not stored: its repo, whose backfill count it is part of.
+    in_memory_of: Option<String>,
+}
+
+/// A repo's in-memory backfill events not yet acked.
+struct InMemoryBackfill {
+    unacked: usize,
+    /// First id of the latest write: the value the repo's stored token should have.
+    token: EventId,
 }
 
 /// Capacity of the shared queue between the actor and the sessions. Small on purpose:
@@ -72,9 +95,13 @@ pub struct Actor {
     settings: OutboxSettings,
     inputs: mpsc::Receiver<Input>,
     out: async_channel::Sender<Delivery>,
-    acked_out: mpsc::Sender<Vec<EventId>>,
+    acked_out: mpsc::Sender<Finished>,
     permits: Arc<Semaphore>,
     order: OrderingScheduler,
+    in_memory: HashMap<String, InMemoryBackfill>,
+    /// Sum of `unacked` over `in_memory`, published through `in_memory_held`.
+    in_memory_total: u64,
+    in_memory_held: Arc<AtomicU64>,
     held: BTreeMap<EventId, Held>,
     ready: VecDeque<EventId>,
     in_ready: HashSet<EventId>,
@@ -87,8 +114,9 @@ impl Actor {
         settings: OutboxSettings,
         inputs: mpsc::Receiver<Input>,
         out: async_channel::Sender<Delivery>,
-        acked_out: mpsc::Sender<Vec<EventId>>,
+        acked_out: mpsc::Sender<Finished>,
         permits: Arc<Semaphore>,
+        in_memory_held: Arc<AtomicU64>,
     ) -> Self {
         Self {
             settings,
@@ -97,6 +125,9 @@ impl Actor {
             acked_out,
             permits,
             order: OrderingScheduler::new(),
+            in_memory: HashMap::new(),
+            in_memory_total: 0,
+            in_memory_held,
             held: BTreeMap::new(),
             ready: VecDeque::new(),
             in_ready: HashSet::new(),
@@ -145,39 +176,63 @@ impl Actor {
         match msg {
             Input::Appended(events) => {
                 let now = Instant::now();
+                // One append is one write; the store stamped the repo with its first id.
+                let write_token = events.first().map_or(EventId(0), |e| e.id);
                 for ev in events {
                     if self.held.contains_key(&ev.id) {
                         continue;
                     }
                     let released = self.order.push(&ev.did, ev.id, Barrier::from_live(ev.live));
+                    let in_memory_of = (!ev.durable).then(|| {
+                        let track =
+                            self.in_memory
+                                .entry(ev.did.clone())
+                                .or_insert(InMemoryBackfill {
+                                    unacked: 0,
+                                    token: write_token,
+                                });
+                        track.token = track.token.max(write_token);
+                        track.unacked += 1;
+                        self.in_memory_total += 1;
+                        ev.did
+                    });
                     self.held.insert(
                         ev.id,
                         Held {
                             payload: ev.payload,
                             holds_permit: ev.holds_permit,
                             appended_at: now,
+                            in_memory_of,
                         },
                     );
                     self.queue_ready(released);
                 }
             }
             Input::Acked(ids) => {
-                let mut done = Vec::with_capacity(ids.len());
+                let mut done = Finished::default();
+                let mut acked = 0;
                 for id in ids {
                     let Some(held) = self.held.remove(&id) else {
                         continue; // unknown or repeated ack
                     };
+                    acked += 1;
                     if held.holds_permit {
                         self.permits.add_permits(1);
                     }
                     let released = self.order.ack(id);
                     self.queue_ready(released);
-                    done.push(id);
+                    match held.in_memory_of {
+                        None => done.ids.push(id),
+                        Some(did) => self.in_memory_acked(did, &mut done),
+                    }
                 }
-                if !done.is_empty() {
-                    metrics::counter!(t::EVENTS_ACKED).increment(done.len() as u64);
+                if acked > 0 {
+                    metrics::counter!(t::EVENTS_ACKED).increment(acked);
+                }
+                if !done.ids.is_empty() || !done.backfills.is_empty() {
                     // The deleter batches; if it is gone (shutdown) the rows stay and are
-                    // redelivered next start, which at-least-once permits.
+                    // redelivered next start (and uncleared backfills re-run), which
+                    // at-least-once permits.
                     let _ = self.acked_out.send(done).await;
                 }
             }
@@ -196,11 +251,27 @@ impl Actor {
             Input::SessionClosed => self.sessions = self.sessions.saturating_sub(1),
         }
         metrics::gauge!(t::OUTBOX_HELD).set(self.held.len() as f64);
+        self.in_memory_held
+            .store(self.in_memory_total, std::sync::atomic::Ordering::Relaxed);
         let oldest = self
             .held
             .first_key_value()
             .map_or(0.0, |(_, h)| h.appended_at.elapsed().as_secs_f64());
         metrics::gauge!(t::OUTBOX_OLDEST_UNACKED_SECONDS).set(oldest);
+    }
+
+    /// Counts down a repo's in-memory backfill; at zero its token can be cleared.
+    fn in_memory_acked(&mut self, did: String, done: &mut Finished) {
+        let Some(track) = self.in_memory.get_mut(&did) else {
+            return;
+        };
+        track.unacked = track.unacked.saturating_sub(1);
+        self.in_memory_total = self.in_memory_total.saturating_sub(1);
+        if track.unacked == 0 {
+            let token = track.token;
+            self.in_memory.remove(&did);
+            done.backfills.push((did, token));
+        }
     }
 
     /// Unacked events whose resend time has come go out again, but only while someone is

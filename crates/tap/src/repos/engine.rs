@@ -19,7 +19,9 @@ use super::locks::DidLocks;
 use super::prepared::{Buffered, PreparedCommit};
 use crate::identity::{Identity, IdentityError};
 use crate::outbox::{Outbox, OutboxError};
-use crate::store::{RepoChange, RepoRow, RepoState, RepoWrite, Store, StoreError, WriteCondition};
+use crate::store::{
+    EventStorage, RepoChange, RepoRow, RepoState, RepoWrite, Store, StoreError, WriteCondition,
+};
 use crate::telemetry as t;
 use crate::wire::{IdentityEvent, IdentityStatus};
 
@@ -205,6 +207,7 @@ impl Engine {
             records: commit.record_changes(),
             events: commit.events(did),
             resync_buffer_delete: consumed_buffer,
+            storage: EventStorage::Durable,
         };
         match self.outbox.append(write).await {
             Ok(_) => Ok(true),

@@ -22,8 +22,8 @@ use crate::outbox::OutboxError;
 use crate::repos::engine::Engine;
 use crate::repos::prepared::Buffered;
 use crate::store::{
-    NewEvent, RecordChange, RepoChange, RepoRow, RepoState, RepoWrite, ResyncFailure, Store,
-    StoreError, WriteCondition,
+    EventStorage, NewEvent, RecordChange, RepoChange, RepoRow, RepoState, RepoWrite, ResyncFailure,
+    Store, StoreError, WriteCondition,
 };
 use crate::telemetry as t;
 use crate::wire::{Action, RecordEvent};
@@ -50,6 +50,10 @@ pub struct ResyncSettings {
     pub fetch_timeout: Duration,
     /// Largest repo CAR accepted, in bytes.
     pub max_repo_bytes: u64,
+    /// Deliver a first backfill's events from memory (see
+    /// [`EventStorage::InMemoryBackfill`]) instead of storing each one
+    /// (`--durable-backfill-events` turns this off).
+    pub in_memory_backfill: bool,
 }
 
 /// Why a resync failed.
@@ -115,7 +119,7 @@ pub fn spawn(
             engine.clone(),
             store.clone(),
             std::sync::Arc::clone(&pds),
-            settings.max_repo_bytes,
+            settings.clone(),
             intake.clone(),
         ));
     }
@@ -132,7 +136,7 @@ async fn run_worker(
     engine: Engine,
     store: Store,
     pds: std::sync::Arc<PdsClient>,
-    max_repo_bytes: u64,
+    settings: ResyncSettings,
     stop: CancellationToken,
 ) {
     loop {
@@ -162,7 +166,7 @@ async fn run_worker(
         let started = std::time::Instant::now();
         let result = tokio::select! {
             () = stop.cancelled() => Err(ResyncError::Stopped),
-            r = resync_repo(&engine, &store, &pds, &repo, max_repo_bytes) => r,
+            r = resync_repo(&engine, &store, &pds, &repo, &settings) => r,
         };
         metrics::histogram!(t::RESYNC_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
         let failure = match result {
@@ -197,7 +201,7 @@ async fn resync_repo(
     store: &Store,
     pds: &PdsClient,
     repo: &RepoRow,
-    max_repo_bytes: u64,
+    settings: &ResyncSettings,
 ) -> Result<u64, ResyncError> {
     let did: Did = repo
         .did
@@ -229,9 +233,19 @@ async fn resync_repo(
         memory_budget: WALK_MEMORY_BUDGET,
         ..WalkLimits::default()
     };
-    limits.car.max_total_bytes = max_repo_bytes;
+    limits.car.max_total_bytes = settings.max_repo_bytes;
     let mut walker = RepoWalker::new(Some(did.clone()), Some(key), limits);
-    let mut sink = Snapshot::new(engine, store, &did, repo.rev.clone());
+    // With nothing indexed, every record is a create that the repo itself can produce
+    // again, so the events need not be stored one by one (decisions in
+    // docs/architecture.md, "Write volume").
+    let storage = if settings.in_memory_backfill
+        && store.records_page(did.as_str(), None, 1).await?.is_empty()
+    {
+        EventStorage::InMemoryBackfill
+    } else {
+        EventStorage::Durable
+    };
+    let mut sink = Snapshot::new(engine, store, &did, repo.rev.clone(), storage);
     loop {
         let chunk = resp.chunk().await.map_err(|e| {
             ResyncError::Failed(format!("getRepo from {host} failed while reading: {e}"))
@@ -266,11 +280,19 @@ struct Snapshot<'a> {
     current: Option<(String, CollectionMerge)>,
     /// Collections seen in the snapshot (to find stored collections that vanished).
     seen: Vec<String>,
+    /// `InMemoryBackfill` when the index was empty at the start: no merge, all creates.
+    storage: EventStorage,
     write: RepoWrite,
 }
 
 impl<'a> Snapshot<'a> {
-    fn new(engine: &'a Engine, store: &'a Store, did: &'a Did, stored_rev: Option<String>) -> Self {
+    fn new(
+        engine: &'a Engine,
+        store: &'a Store,
+        did: &'a Did,
+        stored_rev: Option<String>,
+        storage: EventStorage,
+    ) -> Self {
         Self {
             engine,
             store,
@@ -279,14 +301,21 @@ impl<'a> Snapshot<'a> {
             rev: None,
             current: None,
             seen: Vec::new(),
-            write: Self::empty_write(did),
+            storage,
+            write: Self::empty_write(did, storage),
         }
     }
 
-    fn empty_write(did: &Did) -> RepoWrite {
+    fn empty_write(did: &Did, storage: EventStorage) -> RepoWrite {
         let mut w = RepoWrite::new(did.as_str());
         w.condition = WriteCondition::RepoInState(RepoState::Resyncing);
+        w.storage = storage;
         w
+    }
+
+    /// Whether the index was empty at the start, so there is nothing to merge against.
+    fn is_first_backfill(&self) -> bool {
+        self.storage == EventStorage::InMemoryBackfill
     }
 
     /// The snapshot must not be older than what tap already applied.
@@ -315,6 +344,16 @@ impl<'a> Snapshot<'a> {
             if !self.engine.scope().wants_collection(collection) {
                 continue;
             }
+            if self.is_first_backfill() {
+                let cid = record.cid.to_string();
+                let json = record_json(&record.bytes);
+                let create = Change::Create {
+                    rkey: rkey.to_owned(),
+                };
+                self.add(collection, create, Some((&cid, json.as_deref())))
+                    .await?;
+                continue;
+            }
             if self.current.as_ref().is_none_or(|(c, _)| c != collection) {
                 self.finish_collection().await?;
                 self.seen.push(collection.to_owned());
@@ -332,12 +371,7 @@ impl<'a> Snapshot<'a> {
                 }
                 self.refill().await?;
             }
-            let json = {
-                let mut out = Vec::with_capacity(record.bytes.len() * 2);
-                tap_atproto::record_to_json(&record.bytes, &mut out)
-                    .ok()
-                    .and_then(|()| String::from_utf8(out).ok())
-            };
+            let json = record_json(&record.bytes);
             for change in changes {
                 self.add(collection, change, Some((&cid, json.as_deref())))
                     .await?;
@@ -491,16 +525,27 @@ impl<'a> Snapshot<'a> {
         if self.write.events.is_empty() && self.write.records.is_empty() {
             return Ok(());
         }
-        let write = std::mem::replace(&mut self.write, Self::empty_write(self.did));
+        let write = std::mem::replace(&mut self.write, Self::empty_write(self.did, self.storage));
         self.engine.outbox().append(write).await?;
         Ok(())
     }
 
     async fn finish(mut self) -> Result<(), ResyncError> {
-        self.finish_collection().await?;
-        self.delete_vanished_collections().await?;
+        if !self.is_first_backfill() {
+            self.finish_collection().await?;
+            self.delete_vanished_collections().await?;
+        }
         self.flush().await
     }
+}
+
+/// The record as atproto JSON; `None` if it cannot be transcoded (the event then carries
+/// no record body, as for a record tap cannot read).
+fn record_json(cbor: &[u8]) -> Option<String> {
+    let mut out = Vec::with_capacity(cbor.len() * 2);
+    tap_atproto::record_to_json(cbor, &mut out)
+        .ok()
+        .and_then(|()| String::from_utf8(out).ok())
 }
 
 /// The cutover, under the repo's lock so no live commit interleaves: buffered commits at

@@ -348,6 +348,22 @@ impl fmt::Display for WriteCondition {
     }
 }
 
+/// Where the events of a [`RepoWrite`] live until a consumer is done with them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EventStorage {
+    /// Each event is a row of the outbox table: it survives a crash.
+    #[default]
+    Durable,
+    /// Only ids are assigned (from the same sequence, so they still grow); the events are
+    /// delivered from memory. The repo's backfill token is set to the first of those ids in
+    /// the same transaction, and [`Store::reset_undelivered_backfills`] at the next start
+    /// re-runs the backfill of any repo whose token was never cleared
+    /// ([`Store::clear_backfill_token`]): a crash re-derives the events instead of losing
+    /// them. Only sound for a first backfill, whose events are all creates re-derivable from
+    /// the repo itself.
+    InMemoryBackfill,
+}
+
 /// The one transactional write of a repo event: everything in it commits together or nothing
 /// does. Order inside the transaction: condition check, record index changes, resync buffer
 /// deletions, repo change, outbox appends.
@@ -367,6 +383,8 @@ pub struct RepoWrite {
     /// Ids of this repo's buffered commits consumed by this write (see
     /// [`Store::buffered_commits`]); ids of other repos are ignored.
     pub resync_buffer_delete: Vec<i64>,
+    /// Whether `events` are stored or only numbered (see [`EventStorage`]).
+    pub storage: EventStorage,
 }
 
 impl RepoWrite {
@@ -380,6 +398,7 @@ impl RepoWrite {
             records: Vec::new(),
             events: Vec::new(),
             resync_buffer_delete: Vec::new(),
+            storage: EventStorage::Durable,
         }
     }
 }
@@ -951,6 +970,44 @@ impl Store {
         let reset = dispatch!(self.reset_resyncing())?;
         self.resync_wanted.notify_waiters();
         Ok(reset)
+    }
+
+    /// Startup recovery for [`EventStorage::InMemoryBackfill`]: every repo still carrying a
+    /// backfill token (some of its in-memory events may never have been acked) loses its
+    /// record index and goes back to `pending` with no rev, so its backfill runs again from
+    /// scratch and re-emits every record. Returns how many repos were reset.
+    ///
+    /// # Errors
+    /// Database errors; nothing is reset then.
+    pub async fn reset_undelivered_backfills(&self) -> Result<u64, StoreError> {
+        let reset = dispatch!(self.reset_undelivered_backfills())?;
+        if reset > 0 {
+            self.resync_wanted.notify_waiters();
+        }
+        Ok(reset)
+    }
+
+    /// Clears `did`'s backfill token if it still equals `token` (a newer in-memory write
+    /// replaced it otherwise, and its events are not all acked yet). Call when every
+    /// in-memory event of the repo up to that token's write was acked. Returns whether it
+    /// was cleared.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn clear_backfill_token(
+        &self,
+        did: &str,
+        token: EventId,
+    ) -> Result<bool, StoreError> {
+        dispatch!(self.clear_backfill_token(did.to_owned(), token))
+    }
+
+    /// The backfill token of `did` (see [`EventStorage::InMemoryBackfill`]), if set.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn backfill_token(&self, did: &str) -> Result<Option<EventId>, StoreError> {
+        dispatch!(self.backfill_token(did.to_owned()))
     }
 
     /// Claims one repo for a resync worker and sets it `resyncing`, atomically (no two callers

@@ -12,17 +12,25 @@ use tokio_postgres::NoTls;
 use tokio_postgres::config::Host;
 
 use super::{
-    BufferedCommit, CLAIM_ORDER, EventId, Migration, OutboxRow, RecordRow, RepoChange, RepoRow,
-    RepoState, RepoWrite, ResyncFailure, StoreError, Table, WriteCondition, clamp_retry_count,
-    collapse_record_changes, event_id, parse_state, parse_status, resync_retry_after, to_i64,
+    BufferedCommit, CLAIM_ORDER, EventId, EventStorage, Migration, OutboxRow, RecordRow,
+    RepoChange, RepoRow, RepoState, RepoWrite, ResyncFailure, StoreError, Table, WriteCondition,
+    clamp_retry_count, collapse_record_changes, event_id, parse_state, parse_status,
+    resync_retry_after, to_i64,
 };
 
 /// Schema history, oldest first. Versions must be strictly increasing.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_initial",
-    sql: include_str!("migrations/postgres/0001_initial.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_initial",
+        sql: include_str!("migrations/postgres/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_backfill_token",
+        sql: include_str!("migrations/postgres/0002_backfill_token.sql"),
+    },
+];
 
 #[cfg(test)]
 pub(super) fn migrations() -> &'static [Migration] {
@@ -500,7 +508,28 @@ impl PgStore {
         }
 
         let mut ids = Vec::new();
-        if !w.events.is_empty() {
+        if w.storage == EventStorage::InMemoryBackfill && !w.events.is_empty() {
+            // Numbers only: the sequence never goes back, so no stored event reuses them.
+            let rows = tx
+                .query(
+                    "SELECT nextval('outbox_id_seq') FROM generate_series(1, $1::bigint)",
+                    &[&to_i64(w.events.len())],
+                )
+                .await
+                .map_err(pg(OP))?;
+            ids = rows
+                .iter()
+                .map(|row| row.try_get::<_, i64>(0))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(pg(OP))?;
+            ids.sort_unstable();
+            tx.execute(
+                "UPDATE repos SET backfill_token = $2 WHERE did = $1",
+                &[&w.did, &ids.first()],
+            )
+            .await
+            .map_err(pg(OP))?;
+        } else if !w.events.is_empty() {
             // Take the ids first, then insert with explicit ids: ascending ids map to events in
             // order without relying on the evaluation order of an INSERT … SELECT.
             let rows = tx
@@ -606,6 +635,62 @@ impl PgStore {
             )
             .await
             .map_err(pg(OP))
+    }
+
+    pub(super) async fn reset_undelivered_backfills(&self) -> Result<u64, StoreError> {
+        const OP: &str = "reset_undelivered_backfills";
+        let mut client = self.client(OP).await?;
+        let tx = client.transaction().await.map_err(pg(OP))?;
+        tx.execute(
+            "DELETE FROM repo_records WHERE did IN \
+               (SELECT did FROM repos WHERE backfill_token IS NOT NULL)",
+            &[],
+        )
+        .await
+        .map_err(pg(OP))?;
+        let reset = tx
+            .execute(
+                "UPDATE repos SET state = 'pending', rev = NULL, prev_data = NULL, \
+                   error_msg = '', retry_count = 0, retry_after = 0, backfill_token = NULL \
+                 WHERE backfill_token IS NOT NULL",
+                &[],
+            )
+            .await
+            .map_err(pg(OP))?;
+        tx.commit().await.map_err(pg(OP))?;
+        Ok(reset)
+    }
+
+    pub(super) async fn clear_backfill_token(
+        &self,
+        did: String,
+        token: EventId,
+    ) -> Result<bool, StoreError> {
+        const OP: &str = "clear_backfill_token";
+        let token = i64::try_from(token.0).unwrap_or(i64::MAX);
+        let client = self.client(OP).await?;
+        let cleared = client
+            .execute(
+                "UPDATE repos SET backfill_token = NULL WHERE did = $1 AND backfill_token = $2",
+                &[&did, &token],
+            )
+            .await
+            .map_err(pg(OP))?;
+        Ok(cleared > 0)
+    }
+
+    pub(super) async fn backfill_token(&self, did: String) -> Result<Option<EventId>, StoreError> {
+        const OP: &str = "backfill_token";
+        let client = self.client(OP).await?;
+        let row = client
+            .query_opt("SELECT backfill_token FROM repos WHERE did = $1", &[&did])
+            .await
+            .map_err(pg(OP))?;
+        let token: Option<i64> = match row {
+            Some(row) => row.try_get(0).map_err(pg(OP))?,
+            None => None,
+        };
+        token.map(|t| event_id(t, "repos")).transpose()
     }
 
     pub(super) async fn claim_resync_job(

@@ -11,17 +11,25 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, pa
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{
-    BufferedCommit, CLAIM_ORDER, EventId, Migration, OutboxRow, RecordChange, RecordRow,
-    RepoChange, RepoRow, RepoState, RepoWrite, ResyncFailure, StoreError, Table, WriteCondition,
-    clamp_retry_count, event_id, parse_state, parse_status, resync_retry_after, to_i64,
+    BufferedCommit, CLAIM_ORDER, EventId, EventStorage, Migration, OutboxRow, RecordChange,
+    RecordRow, RepoChange, RepoRow, RepoState, RepoWrite, ResyncFailure, StoreError, Table,
+    WriteCondition, clamp_retry_count, event_id, parse_state, parse_status, resync_retry_after,
+    to_i64,
 };
 
 /// Schema history, oldest first. Versions must be strictly increasing.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_initial",
-    sql: include_str!("migrations/sqlite/0001_initial.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_initial",
+        sql: include_str!("migrations/sqlite/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_backfill_token",
+        sql: include_str!("migrations/sqlite/0002_backfill_token.sql"),
+    },
+];
 
 #[cfg(test)]
 pub(super) fn migrations() -> &'static [Migration] {
@@ -495,6 +503,58 @@ impl SqliteStore {
         .await
     }
 
+    pub(super) async fn reset_undelivered_backfills(&self) -> Result<u64, StoreError> {
+        const OP: &str = "reset_undelivered_backfills";
+        self.write(|conn| {
+            conn.execute(
+                "DELETE FROM repo_records WHERE did IN \
+                   (SELECT did FROM repos WHERE backfill_token IS NOT NULL)",
+                [],
+            )
+            .map_err(sq(OP))?;
+            let reset = conn
+                .execute(
+                    "UPDATE repos SET state = 'pending', rev = NULL, prev_data = NULL, \
+                       error_msg = '', retry_count = 0, retry_after = 0, backfill_token = NULL \
+                     WHERE backfill_token IS NOT NULL",
+                    [],
+                )
+                .map_err(sq(OP))?;
+            Ok(reset as u64)
+        })
+        .await
+    }
+
+    pub(super) async fn clear_backfill_token(
+        &self,
+        did: String,
+        token: EventId,
+    ) -> Result<bool, StoreError> {
+        let token = i64::try_from(token.0).unwrap_or(i64::MAX);
+        self.write(move |conn| {
+            let cleared = conn
+                .prepare_cached(
+                    "UPDATE repos SET backfill_token = NULL \
+                     WHERE did = ?1 AND backfill_token = ?2",
+                )
+                .and_then(|mut stmt| stmt.execute(params![did, token]))
+                .map_err(sq("clear_backfill_token"))?;
+            Ok(cleared > 0)
+        })
+        .await
+    }
+
+    pub(super) async fn backfill_token(&self, did: String) -> Result<Option<EventId>, StoreError> {
+        self.read("backfill_token", move |conn| {
+            let token: Option<Option<i64>> = conn
+                .prepare_cached("SELECT backfill_token FROM repos WHERE did = ?1")
+                .and_then(|mut stmt| stmt.query_row([&did], |row| row.get(0)).optional())
+                .map_err(sq("backfill_token"))?;
+            token.flatten().map(|t| event_id(t, "repos")).transpose()
+        })
+        .await
+    }
+
     pub(super) async fn claim_resync_job(
         &self,
         now_unix: i64,
@@ -786,6 +846,9 @@ fn apply_in_tx(conn: &Connection, w: &RepoWrite) -> Result<Vec<EventId>, StoreEr
             .map_err(sq(OP))?;
     }
 
+    if w.storage == EventStorage::InMemoryBackfill {
+        return number_in_memory_events(conn, w);
+    }
     let mut ids = Vec::with_capacity(w.events.len());
     if !w.events.is_empty() {
         let mut insert = conn
@@ -799,6 +862,38 @@ fn apply_in_tx(conn: &Connection, w: &RepoWrite) -> Result<Vec<EventId>, StoreEr
         }
     }
     Ok(ids)
+}
+
+/// Assigns ids to events that are not stored: advances the outbox's AUTOINCREMENT
+/// high-water mark past them (so no stored event can ever get one of their ids) and stamps
+/// the repo with the first as its backfill token.
+fn number_in_memory_events(conn: &Connection, w: &RepoWrite) -> Result<Vec<EventId>, StoreError> {
+    const OP: &str = "apply";
+    if w.events.is_empty() {
+        return Ok(Vec::new());
+    }
+    let count = super::to_i64(w.events.len());
+    // AUTOINCREMENT hands out max(seq, max(id)) + 1; the table is append-only, so seq is
+    // the high-water mark once a row exists. Before the first row ever, create the entry.
+    let last: i64 = conn
+        .prepare_cached(
+            "INSERT INTO sqlite_sequence (name, seq) \
+             SELECT 'outbox', COALESCE((SELECT MAX(id) FROM outbox), 0) \
+             WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'outbox')",
+        )
+        .and_then(|mut stmt| stmt.execute([]))
+        .and_then(|_| {
+            conn.prepare_cached(
+                "UPDATE sqlite_sequence SET seq = seq + ?1 WHERE name = 'outbox' RETURNING seq",
+            )?
+            .query_row([count], |row| row.get(0))
+        })
+        .map_err(sq(OP))?;
+    let first = last - count + 1;
+    conn.prepare_cached("UPDATE repos SET backfill_token = ?2 WHERE did = ?1")
+        .and_then(|mut stmt| stmt.execute(params![w.did, first]))
+        .map_err(sq(OP))?;
+    (first..=last).map(|id| event_id(id, "outbox")).collect()
 }
 
 fn open_blocking(path: &str) -> Result<(Connection, Option<ReaderPool>), StoreError> {

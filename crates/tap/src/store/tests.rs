@@ -1165,7 +1165,8 @@ async fn sqlite_file_uses_wal_and_the_configured_pragmas() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(versions, [1]);
+    let all: Vec<i64> = sqlite::migrations().iter().map(|m| m.version).collect();
+    assert_eq!(versions, all, "every migration applied once");
 }
 
 #[tokio::test]
@@ -1307,5 +1308,128 @@ test_each_store!(
         })
         .await
         .expect("desynchronizing a repo never woke the waiting worker");
+    }
+);
+
+// ---------------------------------------------------------------------------------------------
+// In-memory backfill events
+
+fn in_memory_write(did: &str, keys: &[&str]) -> RepoWrite {
+    let mut write = RepoWrite::new(did);
+    write.storage = EventStorage::InMemoryBackfill;
+    write.records = keys
+        .iter()
+        .map(|k| put("col", k, &format!("c{k}")))
+        .collect();
+    write.events = (0..keys.len()).map(|n| event(false, n)).collect();
+    write
+}
+
+test_each_store!(
+    in_memory_events_are_numbered_but_not_stored_and_stamp_the_repo,
+    |store, url| {
+        store.add_repos(&dids(&["a"])).await.unwrap();
+        // On a fresh database, before any outbox row ever existed.
+        let first = store
+            .apply(in_memory_write("did:plc:a", &["1", "2", "3"]))
+            .await
+            .unwrap();
+        assert_eq!(first.len(), 3);
+        assert!(first.windows(2).all(|w| w[0] < w[1]), "{first:?}");
+        assert_eq!(store.outbox_count().await.unwrap(), 0, "nothing stored");
+        assert_eq!(store.count_records_for("did:plc:a").await.unwrap(), 3);
+        assert_eq!(
+            store.backfill_token("did:plc:a").await.unwrap(),
+            Some(first[0])
+        );
+        assert_eq!(store.max_event_id().await.unwrap(), first.last().copied());
+
+        // A stored event never reuses an in-memory id, also after a restart.
+        let mut durable = RepoWrite::new("did:plc:a");
+        durable.events = vec![event(true, 9)];
+        let stored = store.apply(durable.clone()).await.unwrap();
+        assert!(stored[0] > first[2], "{first:?} then {stored:?}");
+        let second = store
+            .apply(in_memory_write("did:plc:a", &["4"]))
+            .await
+            .unwrap();
+        assert!(second[0] > stored[0]);
+        assert_eq!(
+            store.backfill_token("did:plc:a").await.unwrap(),
+            Some(second[0]),
+            "the latest write's first id"
+        );
+        store.close().await;
+        let reopened = Store::open(&url, StoreOptions::default()).await.unwrap();
+        let after_restart = reopened.apply(durable).await.unwrap();
+        assert!(after_restart[0] > second[0]);
+        reopened.close().await;
+    }
+);
+
+test_each_store!(
+    a_backfill_token_is_cleared_only_by_its_own_value,
+    |store, _url| {
+        store.add_repos(&dids(&["a"])).await.unwrap();
+        let ids = store
+            .apply(in_memory_write("did:plc:a", &["1", "2"]))
+            .await
+            .unwrap();
+        let stale = EventId(ids[0].0 - 1);
+        assert!(
+            !store
+                .clear_backfill_token("did:plc:a", stale)
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            store.backfill_token("did:plc:a").await.unwrap(),
+            Some(ids[0])
+        );
+        assert!(
+            store
+                .clear_backfill_token("did:plc:a", ids[0])
+                .await
+                .unwrap()
+        );
+        assert_eq!(store.backfill_token("did:plc:a").await.unwrap(), None);
+        assert!(
+            !store
+                .clear_backfill_token("did:plc:gone", ids[0])
+                .await
+                .unwrap()
+        );
+    }
+);
+
+test_each_store!(
+    undelivered_backfills_are_reset_to_pending_with_an_empty_index,
+    |store, _url| {
+        store.add_repos(&dids(&["a", "b"])).await.unwrap();
+        store
+            .apply(in_memory_write("did:plc:a", &["1", "2"]))
+            .await
+            .unwrap();
+        let mut done = RepoWrite::new("did:plc:a");
+        done.repo = RepoChange::ResyncDone {
+            rev: "3kaaaaaaaaaa2".into(),
+            prev_data: "bafyroot".into(),
+        };
+        store.apply(done).await.unwrap();
+        // "b" was backfilled with stored events: nothing to redo.
+        let mut b = RepoWrite::new("did:plc:b");
+        b.records = vec![put("col", "1", "c1")];
+        b.events = vec![event(false, 1)];
+        store.apply(b).await.unwrap();
+
+        assert_eq!(store.reset_undelivered_backfills().await.unwrap(), 1);
+        let a = store.get_repo("did:plc:a").await.unwrap().unwrap();
+        assert_eq!(a.state, RepoState::Pending);
+        assert_eq!(a.rev, None);
+        assert_eq!(a.prev_data, None);
+        assert_eq!(store.count_records_for("did:plc:a").await.unwrap(), 0);
+        assert_eq!(store.backfill_token("did:plc:a").await.unwrap(), None);
+        assert_eq!(store.count_records_for("did:plc:b").await.unwrap(), 1);
+        assert_eq!(store.reset_undelivered_backfills().await.unwrap(), 0);
     }
 );
