@@ -58,9 +58,16 @@ struct InFlight {
 pub struct OrderingScheduler {
     dids: HashMap<String, DidQueue>,
     in_flight: HashMap<EventId, InFlight>,
-    /// Send log in send order, for resend scans; stale entries are skipped lazily.
+    /// Send log in send order, for resend scans. Entries of events acked (or sent again)
+    /// since are stale: dropped from the front on ack and compacted away when they
+    /// outnumber the live ones, so the log stays proportional to what is in flight
+    /// (a fast consumer acking 800 k events within one retry timeout must not leave
+    /// 800 k entries behind).
     sends: VecDeque<(Instant, EventId)>,
 }
+
+/// The send log is compacted once it is this much longer than twice the in-flight count.
+const SEND_LOG_SLACK: usize = 1024;
 
 impl OrderingScheduler {
     /// An empty scheduler.
@@ -85,6 +92,7 @@ impl OrderingScheduler {
         let Some(done) = self.in_flight.remove(&id) else {
             return Vec::new();
         };
+        self.drop_stale_sends();
         let mut released = Vec::new();
         if let Entry::Occupied(mut slot) = self.dids.entry(done.did) {
             let queue = slot.get_mut();
@@ -106,6 +114,29 @@ impl OrderingScheduler {
         if let Some(flight) = self.in_flight.get_mut(&id) {
             flight.last_sent = Some(now);
             self.sends.push_back((now, id));
+        }
+    }
+
+    /// Whether a send-log entry still describes the latest send of an in-flight event.
+    fn is_current(in_flight: &HashMap<EventId, InFlight>, sent_at: Instant, id: EventId) -> bool {
+        in_flight
+            .get(&id)
+            .is_some_and(|flight| flight.last_sent == Some(sent_at))
+    }
+
+    fn drop_stale_sends(&mut self) {
+        while let Some(&(sent_at, id)) = self.sends.front() {
+            if Self::is_current(&self.in_flight, sent_at, id) {
+                break;
+            }
+            self.sends.pop_front();
+        }
+        // Acks out of send order leave stale entries behind a live head; sweep them when
+        // they dominate (amortised: the log at least halves each time).
+        if self.sends.len() > 2 * self.in_flight.len() + SEND_LOG_SLACK {
+            let in_flight = &self.in_flight;
+            self.sends
+                .retain(|&(sent_at, id)| Self::is_current(in_flight, sent_at, id));
         }
     }
 

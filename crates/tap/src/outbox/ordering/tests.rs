@@ -154,6 +154,52 @@ fn a_failed_write_hands_the_event_back_without_breaking_order() {
     );
 }
 
+#[test]
+fn the_send_log_stays_proportional_to_what_is_in_flight() {
+    let mut s = OrderingScheduler::new();
+    let t0 = Instant::now();
+    // A fast consumer: 100 k events sent and acked well within one retry timeout, in
+    // order for the first half and in reverse order per 10 k window for the second.
+    for n in 0..100_000u64 {
+        s.push("d", EventId(n), H);
+        s.mark_sent(EventId(n), t0);
+    }
+    for n in 0..50_000u64 {
+        s.ack(EventId(n));
+    }
+    assert!(s.sends.len() <= 50_000, "in-order acks drop stale entries");
+    for window in (50_000..100_000u64).step_by(10_000) {
+        for n in (window..window + 10_000).rev() {
+            s.ack(EventId(n));
+        }
+        assert!(
+            s.sends.len() <= 2 * s.in_flight_len() + SEND_LOG_SLACK,
+            "{} entries for {} in flight",
+            s.sends.len(),
+            s.in_flight_len()
+        );
+    }
+    assert_eq!(s.in_flight_len(), 0);
+    assert!(s.sends.is_empty());
+}
+
+#[test]
+fn compacting_the_send_log_keeps_every_unacked_event_due() {
+    let mut s = OrderingScheduler::new();
+    let t0 = Instant::now();
+    for n in 0..10_000u64 {
+        s.push("d", EventId(n), H);
+        s.mark_sent(EventId(n), t0);
+    }
+    // Everything but every 100th event is acked, out of order, forcing compactions.
+    for n in (0..10_000u64).rev().filter(|n| n % 100 != 0) {
+        s.ack(EventId(n));
+    }
+    let due = s.due_for_resend(t0 + Duration::from_secs(61), Duration::from_secs(60));
+    let want: Vec<EventId> = (0..10_000u64).step_by(100).map(EventId).collect();
+    assert_eq!(due, want);
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Push { did: u8, live: bool },
