@@ -4,7 +4,7 @@
 use cid::Cid;
 
 use super::{MstError, common_prefix_len};
-use crate::cbor::{self, Reader, major};
+use crate::cbor::{self, CborError, Reader, major};
 
 /// One key/value entry of a node, with the subtree to its right.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,20 +26,60 @@ pub struct NodeData {
     pub entries: Vec<Entry>,
 }
 
-/// Decodes a node block, decompressing keys. Checks shape and that keys strictly increase;
-/// layers and key syntax are checked by the walk.
-///
-/// # Errors
-/// [`MstError`] on malformed input.
-pub fn decode_node(bytes: &[u8]) -> Result<NodeData, MstError> {
+/// A CID link as found in a node block: the binary CID (after the `0x00` prefix) and the
+/// offset of its tag head (for errors). Parsed by the caller.
+#[derive(Clone, Copy)]
+pub(crate) struct RawLink<'a> {
+    pub(crate) pos: usize,
+    pub(crate) bytes: &'a [u8],
+}
+
+impl RawLink<'_> {
+    /// Parses the link as a `Cid`, with the error [`Reader::link`] gives.
+    pub(crate) fn cid(self) -> Result<Cid, MstError> {
+        crate::hash::parse_cid_exact(self.bytes).ok_or(MstError::Cbor(CborError::Invalid {
+            pos: self.pos,
+            what: "malformed CID",
+        }))
+    }
+}
+
+fn raw_link<'a>(r: &mut Reader<'a>) -> Result<RawLink<'a>, MstError> {
+    let pos = r.position();
+    Ok(RawLink {
+        pos,
+        bytes: r.link_bytes()?,
+    })
+}
+
+fn nullable_raw_link<'a>(r: &mut Reader<'a>) -> Result<Option<RawLink<'a>>, MstError> {
+    if r.null()? {
+        Ok(None)
+    } else {
+        raw_link(r).map(Some)
+    }
+}
+
+/// The one node parser: checks the shape `{e: [{k, p, t, v}], l}` (fields in canonical
+/// order), parses links with `link` as it meets them, decompresses each key into `key`
+/// (reused: no allocation per entry) and checks that keys strictly increase, then calls
+/// `entry(key, prefix, right, value)` where `prefix` is how many leading bytes the key
+/// shares with the previous one (0 for the first). Returns the node's `l` link. Both
+/// [`decode_node`] and the mutable tree's loader go through here, so they accept exactly
+/// the same blocks and fail with the same errors.
+pub(crate) fn parse_node<'a, T>(
+    bytes: &'a [u8],
+    key: &mut Vec<u8>,
+    link: impl Fn(RawLink<'a>) -> Result<T, MstError>,
+    mut entry: impl FnMut(&[u8], usize, Option<T>, T) -> Result<(), MstError>,
+) -> Result<Option<T>, MstError> {
     let mut r = Reader::new(bytes);
     if r.map_len()? != 2 || r.text_bytes()? != b"e" {
         return Err(MstError::Malformed("node must be {e, l}"));
     }
     let n = r.array_len()?;
-    // Each entry takes at least 8 bytes, so a huge count fails fast without allocating.
-    let mut entries: Vec<Entry> = Vec::with_capacity((n as usize).min(bytes.len() / 8));
-    for _ in 0..n {
+    key.clear();
+    for i in 0..n {
         if r.map_len()? != 4 {
             return Err(MstError::Malformed("entry must be {k, p, t, v}"));
         }
@@ -54,34 +94,56 @@ pub fn decode_node(bytes: &[u8]) -> Result<NodeData, MstError> {
         if r.text_bytes()? != b"t" {
             return Err(MstError::Malformed("entry key order"));
         }
-        let right = r.nullable_link()?;
+        let right = nullable_raw_link(&mut r)?.map(&link).transpose()?;
         if r.text_bytes()? != b"v" {
             return Err(MstError::Malformed("entry key order"));
         }
-        let value = r.link()?;
-        let key = match entries.last() {
-            None if p == 0 => suffix.to_vec(),
-            None => return Err(MstError::Malformed("first entry must have p = 0")),
-            Some(prev) => {
-                if p > prev.key.len() {
-                    return Err(MstError::Malformed("prefix longer than previous key"));
-                }
-                let mut k = Vec::with_capacity(p + suffix.len());
-                k.extend_from_slice(&prev.key[..p]);
-                k.extend_from_slice(suffix);
-                if k <= prev.key {
-                    return Err(MstError::KeyOrder(super::key_string(&k)));
-                }
-                k
+        let value = link(raw_link(&mut r)?)?;
+        if i == 0 {
+            if p != 0 {
+                return Err(MstError::Malformed("first entry must have p = 0"));
             }
-        };
-        entries.push(Entry { key, value, right });
+            key.extend_from_slice(suffix);
+        } else {
+            if p > key.len() {
+                return Err(MstError::Malformed("prefix longer than previous key"));
+            }
+            // The new key shares key[..p] with the previous one, so it is greater exactly
+            // when its suffix is greater than the previous key's rest.
+            let greater = suffix > &key[p..];
+            key.truncate(p);
+            key.extend_from_slice(suffix);
+            if !greater {
+                return Err(MstError::KeyOrder(super::key_string(key)));
+            }
+        }
+        entry(key, if i == 0 { 0 } else { p }, right, value)?;
     }
     if r.text_bytes()? != b"l" {
         return Err(MstError::Malformed("node must be {e, l}"));
     }
-    let left = r.nullable_link()?;
+    let left = nullable_raw_link(&mut r)?.map(&link).transpose()?;
     r.finish()?;
+    Ok(left)
+}
+
+/// Decodes a node block, decompressing keys. Checks shape and that keys strictly increase;
+/// layers and key syntax are checked by the walk.
+///
+/// # Errors
+/// [`MstError`] on malformed input.
+pub fn decode_node(bytes: &[u8]) -> Result<NodeData, MstError> {
+    // Entries average ~100 bytes; a lying count cannot make this allocate much.
+    let mut entries: Vec<Entry> = Vec::with_capacity(bytes.len() / 64 + 1);
+    let mut key = Vec::with_capacity(64);
+    let left = parse_node(bytes, &mut key, RawLink::cid, |k, _, right, value| {
+        entries.push(Entry {
+            key: k.to_vec(),
+            value,
+            right,
+        });
+        Ok(())
+    })?;
     Ok(NodeData { left, entries })
 }
 

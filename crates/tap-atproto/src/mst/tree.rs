@@ -2,23 +2,130 @@
 //! an operation must look inside them; a node that is needed but absent is
 //! [`MstError::MissingBlock`]. Used for Sync 1.1 inversion (over a commit's partial tree)
 //! and by repo builders (over a full tree).
+//!
+//! The representation is tuned for verifying firehose commits, where every commit loads,
+//! edits and re-encodes a handful of nodes: keys of up to [`KEY_INLINE`] bytes are stored
+//! inline and DAG-CBOR/SHA-256 links as bare digests, so loading a node allocates once (its
+//! item vector) instead of once per key, and encoding writes links without varint work.
 
 use cid::Cid;
 
-use super::node::{decode_node, encode_node_parts};
-use super::{MstError, is_valid_mst_key, key_height, key_string};
+use super::node::{RawLink, parse_node};
+use super::{MstError, common_prefix_len, is_valid_mst_key, key_height, key_string};
+use crate::cbor::{self, major};
 use crate::hash::{self, BlockSource};
+
+/// Keys up to this long (every `collection/rkey` path seen in practice) live inline.
+const KEY_INLINE: usize = 62;
+
+/// An MST key: inline when short, boxed otherwise.
+#[derive(Clone)]
+enum Key {
+    Inline { len: u8, buf: [u8; KEY_INLINE] },
+    Heap(Box<[u8]>),
+}
+
+impl Key {
+    fn new(k: &[u8]) -> Self {
+        if k.len() <= KEY_INLINE {
+            let mut buf = [0u8; KEY_INLINE];
+            buf[..k.len()].copy_from_slice(k);
+            Self::Inline {
+                len: k.len() as u8,
+                buf,
+            }
+        } else {
+            Self::Heap(k.into())
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Self::Inline { len, buf } => &buf[..usize::from(*len)],
+            Self::Heap(b) => b,
+        }
+    }
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", String::from_utf8_lossy(self.as_slice()))
+    }
+}
+
+/// The binary CID prefix of a CIDv1 DAG-CBOR SHA-256 link: version, codec, hash, length.
+const STD_CID_PREFIX: [u8; 4] = [0x01, 0x71, 0x12, 0x20];
+
+/// A CID as the tree holds it: the DAG-CBOR/SHA-256 CIDv1 every atproto node and record
+/// uses as its bare digest (40 bytes instead of `Cid`'s 96, encoded with one copy),
+/// anything else boxed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Link {
+    Std([u8; 32]),
+    Other(Box<Cid>),
+}
+
+impl Link {
+    fn from_cid(cid: &Cid) -> Self {
+        let mh = cid.hash();
+        if cid.version() == cid::Version::V1
+            && cid.codec() == hash::DAG_CBOR
+            && mh.code() == hash::SHA2_256
+            && let Ok(d) = <[u8; 32]>::try_from(mh.digest())
+        {
+            Self::Std(d)
+        } else {
+            Self::Other(Box::new(*cid))
+        }
+    }
+
+    /// Parses a link found in a node block (same acceptance and errors as `Reader::link`).
+    fn parse(raw: RawLink<'_>) -> Result<Self, MstError> {
+        if let Some(rest) = raw.bytes.strip_prefix(&STD_CID_PREFIX)
+            && let Ok(d) = <[u8; 32]>::try_from(rest)
+        {
+            return Ok(Self::Std(d));
+        }
+        raw.cid().map(|c| Self::from_cid(&c))
+    }
+
+    fn to_cid(&self) -> Cid {
+        match self {
+            Self::Std(d) => hash::cid_from_digest(hash::DAG_CBOR, d),
+            Self::Other(c) => **c,
+        }
+    }
+
+    /// Appends the link as DAG-CBOR (tag 42, bytes `0x00 ‖ cid`), as `cbor::write_link`.
+    fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            Self::Std(d) => {
+                out.extend_from_slice(&[0xd8, 42, 0x58, 37, 0x00]);
+                out.extend_from_slice(&STD_CID_PREFIX);
+                out.extend_from_slice(d);
+            }
+            Self::Other(c) => cbor::write_link(out, c),
+        }
+    }
+}
+
+fn write_nullable_link(out: &mut Vec<u8>, link: Option<&Link>) {
+    match link {
+        Some(l) => l.write(out),
+        None => cbor::write_null(out),
+    }
+}
 
 /// A subtree: either not loaded yet (only its CID is known) or loaded.
 #[derive(Debug, Clone)]
 enum Child {
-    Stub(Cid),
+    Stub(Link),
     Loaded(Box<TreeNode>),
 }
 
 #[derive(Debug, Clone)]
 enum Item {
-    Leaf { key: Vec<u8>, value: Cid },
+    Leaf { key: Key, value: Link },
     Sub(Child),
 }
 
@@ -27,7 +134,7 @@ struct TreeNode {
     height: u8,
     items: Vec<Item>,
     /// Cached CID; `None` once the node was modified.
-    cid: Option<Cid>,
+    cid: Option<Link>,
 }
 
 impl TreeNode {
@@ -60,43 +167,108 @@ impl TreeNode {
     }
 }
 
+/// Incremental key-syntax check for prefix-compressed keys: `key` = the previous (valid)
+/// key's first `prefix` bytes + a suffix. Only the suffix's bytes are examined; the slash
+/// count of the shared prefix comes from the previous key's slash position. Returns the
+/// position of the key's one `/`, or `None` if the key is not a valid MST key (same verdict
+/// as [`is_valid_mst_key`]).
+fn check_key_incremental(key: &[u8], prefix: usize, prev_slash: usize) -> Option<usize> {
+    if prefix == 0 || prefix >= key.len() {
+        return check_key(key);
+    }
+    if key.len() > 1024 {
+        return None;
+    }
+    let mut slash = (prev_slash < prefix).then_some(prev_slash);
+    for (i, &b) in key.iter().enumerate().skip(prefix) {
+        if b == b'/' {
+            if slash.is_some() {
+                return None;
+            }
+            slash = Some(i);
+        } else if !(b.is_ascii_alphanumeric() || matches!(b, b'_' | b'~' | b'.' | b':' | b'-')) {
+            return None;
+        }
+    }
+    slash.filter(|&s| s != 0 && s != key.len() - 1)
+}
+
+/// The position of the `/` of a valid key, or `None` if the key is invalid.
+fn check_key(key: &[u8]) -> Option<usize> {
+    if is_valid_mst_key(key) {
+        key.iter().position(|&b| b == b'/')
+    } else {
+        None
+    }
+}
+
 /// Loads and decodes a node. `height` is the layer the parent implies (`None` for the root,
 /// whose layer is its first key's). Key order and syntax are checked for every key; the
 /// layer is checked on the first key only (one hash per node instead of one per key): a
 /// node with misplaced keys can only make later operations fail, and whole-tree layer
 /// validation is the walks' job.
-fn load_node(cid: &Cid, height: Option<u8>, src: &dyn BlockSource) -> Result<TreeNode, MstError> {
-    let bytes = src.get_block(cid).ok_or(MstError::MissingBlock(*cid))?;
-    let data = decode_node(bytes)?;
-    if data.entries.is_empty() && data.left.is_none() {
-        return Err(MstError::EmptyNode(*cid));
+fn load_node(cid: &Link, height: Option<u8>, src: &dyn BlockSource) -> Result<TreeNode, MstError> {
+    let full = cid.to_cid();
+    let bytes = src.get_block(&full).ok_or(MstError::MissingBlock(full))?;
+    // Entries take ~100 bytes, so this rarely reallocates; the left link goes in front.
+    let mut items: Vec<Item> = Vec::with_capacity(bytes.len() / 48 + 2);
+    items.push(Item::Sub(Child::Stub(Link::Std([0; 32]))));
+    let mut key = Vec::with_capacity(64);
+    // Syntax is checked incrementally while decoding, but reported after the structural
+    // checks below (in key order), as a whole-node decode followed by checks would.
+    let mut first_invalid: Option<Vec<u8>> = None;
+    let mut slash = 0;
+    let mut first_key_height = None;
+    let left = parse_node(bytes, &mut key, Link::parse, |k, prefix, right, value| {
+        if first_invalid.is_none() {
+            let checked = if first_key_height.is_none() {
+                check_key(k)
+            } else {
+                check_key_incremental(k, prefix, slash)
+            };
+            match checked {
+                Some(s) => slash = s,
+                None => first_invalid = Some(k.to_vec()),
+            }
+        }
+        if first_key_height.is_none() {
+            first_key_height = Some(key_height(k));
+        }
+        items.push(Item::Leaf {
+            key: Key::new(k),
+            value,
+        });
+        if let Some(r) = right {
+            items.push(Item::Sub(Child::Stub(r)));
+        }
+        Ok(())
+    })?;
+    match left {
+        Some(l) => items[0] = Item::Sub(Child::Stub(l)),
+        None => {
+            items.remove(0);
+        }
     }
-    let height = match (height, data.entries.first()) {
-        (Some(h), Some(e)) => {
-            if key_height(&e.key) != h {
-                return Err(MstError::WrongLayer(key_string(&e.key)));
+    if items.is_empty() {
+        return Err(MstError::EmptyNode(full));
+    }
+    let first = items.iter().find_map(|i| match i {
+        Item::Leaf { key, .. } => Some(key),
+        Item::Sub(_) => None,
+    });
+    let height = match (height, first, first_key_height) {
+        (Some(h), Some(k), Some(kh)) => {
+            if kh != h {
+                return Err(MstError::WrongLayer(key_string(k.as_slice())));
             }
             h
         }
-        (Some(h), None) => h,
-        (None, Some(e)) => key_height(&e.key),
-        (None, None) => return Err(MstError::NotCanonical("root has a subtree but no keys")),
+        (Some(h), _, _) => h,
+        (None, Some(_), Some(kh)) => kh,
+        (None, _, _) => return Err(MstError::NotCanonical("root has a subtree but no keys")),
     };
-    let mut items = Vec::with_capacity(data.entries.len() * 2 + 1);
-    if let Some(l) = data.left {
-        items.push(Item::Sub(Child::Stub(l)));
-    }
-    for e in data.entries {
-        if !is_valid_mst_key(&e.key) {
-            return Err(MstError::InvalidKey(key_string(&e.key)));
-        }
-        items.push(Item::Leaf {
-            key: e.key,
-            value: e.value,
-        });
-        if let Some(r) = e.right {
-            items.push(Item::Sub(Child::Stub(r)));
-        }
+    if let Some(k) = first_invalid {
+        return Err(MstError::InvalidKey(key_string(&k)));
     }
     if height == 0 && items.iter().any(|i| matches!(i, Item::Sub(_))) {
         return Err(MstError::NotCanonical("subtree below layer 0"));
@@ -104,7 +276,7 @@ fn load_node(cid: &Cid, height: Option<u8>, src: &dyn BlockSource) -> Result<Tre
     Ok(TreeNode {
         height,
         items,
-        cid: Some(*cid),
+        cid: Some(cid.clone()),
     })
 }
 
@@ -136,7 +308,7 @@ fn unreachable_stub<T>() -> Result<T, MstError> {
 }
 
 /// A chain of single-child nodes from `height` down to the leaf's own height.
-fn chain(key: Vec<u8>, kh: u8, value: Cid, height: u8) -> TreeNode {
+fn chain(key: Key, kh: u8, value: Link, height: u8) -> TreeNode {
     let mut n = TreeNode {
         height: kh,
         items: vec![Item::Leaf { key, value }],
@@ -154,22 +326,22 @@ fn chain(key: Vec<u8>, kh: u8, value: Cid, height: u8) -> TreeNode {
 
 fn insert(
     node: &mut TreeNode,
-    key: Vec<u8>,
+    key: Key,
     kh: u8,
-    value: Cid,
+    value: Link,
     src: &dyn BlockSource,
 ) -> Result<(), MstError> {
     node.cid = None;
-    let (i, found) = node.seek(&key);
+    let (i, found) = node.seek(key.as_slice());
     if found {
-        return Err(MstError::KeyExists(key_string(&key)));
+        return Err(MstError::KeyExists(key_string(key.as_slice())));
     }
     if kh == node.height {
         if node.gap_child(i) {
             let Item::Sub(child) = node.items.remove(i - 1) else {
                 return unreachable_stub();
             };
-            let (l, r) = split(child, &key, node.height - 1, src)?;
+            let (l, r) = split(child, key.as_slice(), node.height - 1, src)?;
             let mut at = i - 1;
             if let Some(l) = l {
                 node.items.insert(at, Item::Sub(l));
@@ -237,7 +409,12 @@ fn split(
     Ok((wrap(left_items), wrap(right_items)))
 }
 
-fn remove(node: &mut TreeNode, key: &[u8], kh: u8, src: &dyn BlockSource) -> Result<Cid, MstError> {
+fn remove(
+    node: &mut TreeNode,
+    key: &[u8],
+    kh: u8,
+    src: &dyn BlockSource,
+) -> Result<Link, MstError> {
     let (i, found) = node.seek(key);
     if kh == node.height {
         if !found {
@@ -296,50 +473,107 @@ fn merge(l: Child, r: Child, height: u8, src: &dyn BlockSource) -> Result<Child,
     Ok(Child::Loaded(Box::new(left)))
 }
 
-/// Computes (and caches) the CID of a subtree; newly encoded node blocks are appended to
-/// `emit` when given.
-fn subtree_cid(child: &mut Child, emit: &mut Option<&mut Vec<(Cid, Vec<u8>)>>) -> Cid {
+/// Reusable buffers for computing CIDs: the encoding of the node being hashed and a stack
+/// of child links (each node pushes its children's links above its parent's and pops them
+/// when done).
+#[derive(Default)]
+struct Encoder<'a> {
+    buf: Vec<u8>,
+    links: Vec<Link>,
+    /// Newly encoded node blocks are appended here when given.
+    emit: Option<&'a mut Vec<(Cid, Vec<u8>)>>,
+}
+
+/// Computes (and caches) the CID of a subtree.
+fn subtree_cid(child: &mut Child, enc: &mut Encoder<'_>) -> Link {
     match child {
-        Child::Stub(cid) => *cid,
-        Child::Loaded(node) => node_cid(node, emit),
+        Child::Stub(cid) => cid.clone(),
+        Child::Loaded(node) => node_cid(node, enc),
     }
 }
 
-fn node_cid(node: &mut TreeNode, emit: &mut Option<&mut Vec<(Cid, Vec<u8>)>>) -> Cid {
-    if let Some(c) = node.cid {
-        return c;
+fn node_cid(node: &mut TreeNode, enc: &mut Encoder<'_>) -> Link {
+    if let Some(c) = &node.cid {
+        return c.clone();
     }
-    // Children first (mutable pass), then encode from borrowed keys (no clones).
-    let child_cids: Vec<Cid> = node
-        .items
-        .iter_mut()
-        .filter_map(|it| match it {
-            Item::Sub(c) => Some(subtree_cid(c, emit)),
-            Item::Leaf { .. } => None,
-        })
-        .collect();
-    let mut children = child_cids.iter();
+    // Children first; their links wait on the stack while this node is encoded.
+    let base = enc.links.len();
+    for it in &mut node.items {
+        if let Item::Sub(c) = it {
+            let link = subtree_cid(c, enc);
+            enc.links.push(link);
+        }
+    }
+    let mut buf = std::mem::take(&mut enc.buf);
+    buf.clear();
+    encode_items(
+        &node.items,
+        enc.links.get(base..).unwrap_or_default(),
+        &mut buf,
+    );
+    enc.links.truncate(base);
+    let link = Link::Std(hash::sha256(&buf));
+    if let Some(out) = enc.emit.as_mut() {
+        out.push((link.to_cid(), buf.clone()));
+    }
+    enc.buf = buf;
+    node.cid = Some(link.clone());
+    link
+}
+
+/// Encodes a node canonically from its items (as `encode_node_parts`: maximal shared
+/// prefixes, null `l`/`t` written out). `children` holds the links of the `Sub` items, in
+/// order.
+fn encode_items(items: &[Item], children: &[Link], out: &mut Vec<u8>) {
+    let n = items
+        .iter()
+        .filter(|i| matches!(i, Item::Leaf { .. }))
+        .count();
+    out.reserve(16 + n * 100);
+    cbor::write_head(out, major::MAP, 2);
+    cbor::write_text(out, "e");
+    cbor::write_head(out, major::ARRAY, n as u64);
+    let mut children = children.iter();
     let mut left = None;
-    let mut entries: Vec<(&[u8], &Cid, Option<&Cid>)> = Vec::with_capacity(node.items.len());
-    for it in &node.items {
+    // An entry is written once the item after it shows whether it has a right subtree.
+    let mut pending: Option<(&[u8], &Link, Option<&Link>)> = None;
+    let mut prev: &[u8] = &[];
+    for it in items {
         match it {
             Item::Sub(_) => {
                 let c = children.next();
-                match entries.last_mut() {
+                match pending.as_mut() {
                     Some(e) => e.2 = c,
                     None => left = c,
                 }
             }
-            Item::Leaf { key, value } => entries.push((key.as_slice(), value, None)),
+            Item::Leaf { key, value } => {
+                if let Some(e) = pending.take() {
+                    write_entry(out, prev, e);
+                    prev = e.0;
+                }
+                pending = Some((key.as_slice(), value, None));
+            }
         }
     }
-    let bytes = encode_node_parts(left, &entries);
-    let cid = hash::cid_for_cbor(&bytes);
-    if let Some(out) = emit.as_mut() {
-        out.push((cid, bytes));
+    if let Some(e) = pending {
+        write_entry(out, prev, e);
     }
-    node.cid = Some(cid);
-    cid
+    cbor::write_text(out, "l");
+    write_nullable_link(out, left);
+}
+
+fn write_entry(out: &mut Vec<u8>, prev: &[u8], (key, value, right): (&[u8], &Link, Option<&Link>)) {
+    let p = common_prefix_len(prev, key);
+    // {k, p, t, v}: map head and each one-letter key are single fixed bytes.
+    out.extend_from_slice(&[0xa4, 0x61, b'k']);
+    cbor::write_bytes(out, &key[p..]);
+    out.extend_from_slice(&[0x61, b'p']);
+    cbor::write_head(out, major::UINT, p as u64);
+    out.extend_from_slice(&[0x61, b't']);
+    write_nullable_link(out, right);
+    out.extend_from_slice(&[0x61, b'v']);
+    value.write(out);
 }
 
 /// A mutable MST rooted at one node, loading nodes on demand.
@@ -368,7 +602,7 @@ impl Mst {
     #[must_use]
     pub fn load(root: Cid) -> Self {
         Self {
-            root: Child::Stub(root),
+            root: Child::Stub(Link::from_cid(&root)),
         }
     }
 
@@ -380,16 +614,19 @@ impl Mst {
     pub fn from_sorted(
         entries: impl IntoIterator<Item = (Vec<u8>, Cid)>,
     ) -> Result<Self, MstError> {
-        let mut items: Vec<(Vec<u8>, Cid, u8)> = Vec::new();
+        let mut items: Vec<(Key, Link, u8)> = Vec::new();
         for (k, v) in entries {
             if !is_valid_mst_key(&k) {
                 return Err(MstError::InvalidKey(key_string(&k)));
             }
-            if items.last().is_some_and(|(p, _, _)| *p >= k) {
+            if items
+                .last()
+                .is_some_and(|(p, _, _)| p.as_slice() >= k.as_slice())
+            {
                 return Err(MstError::KeyOrder(key_string(&k)));
             }
             let h = key_height(&k);
-            items.push((k, v, h));
+            items.push((Key::new(&k), Link::from_cid(&v), h));
         }
         let Some(top) = items.iter().map(|i| i.2).max() else {
             return Ok(Self::new());
@@ -401,14 +638,14 @@ impl Mst {
     }
 
     fn root_node(&mut self, src: &dyn BlockSource) -> Result<&mut TreeNode, MstError> {
-        if let Child::Stub(cid) = self.root {
-            let node = match load_node(&cid, None, src) {
+        if let Child::Stub(cid) = &self.root {
+            let node = match load_node(cid, None, src) {
                 Ok(n) => n,
                 // The empty tree's root is the one node allowed to be empty.
                 Err(MstError::EmptyNode(_)) => TreeNode {
                     height: 0,
                     items: Vec::new(),
-                    cid: Some(cid),
+                    cid: Some(cid.clone()),
                 },
                 Err(e) => return Err(e),
             };
@@ -433,7 +670,7 @@ impl Mst {
                 let Item::Leaf { value, .. } = &node.items[i] else {
                     return unreachable_stub();
                 };
-                return Ok(Some(*value));
+                return Ok(Some(value.to_cid()));
             }
             if kh >= node.height || !node.gap_child(i) {
                 return Ok(None);
@@ -465,8 +702,8 @@ impl Mst {
             *root = TreeNode {
                 height: kh,
                 items: vec![Item::Leaf {
-                    key: key.to_vec(),
-                    value,
+                    key: Key::new(key),
+                    value: Link::from_cid(&value),
                 }],
                 cid: None,
             };
@@ -480,7 +717,7 @@ impl Mst {
                 cid: None,
             };
         }
-        insert(root, key.to_vec(), kh, value, src)
+        insert(root, Key::new(key), kh, Link::from_cid(&value), src)
     }
 
     /// Removes `key`, returning its value.
@@ -490,7 +727,7 @@ impl Mst {
     pub fn remove(&mut self, key: &[u8], src: &dyn BlockSource) -> Result<Cid, MstError> {
         let kh = key_height(key);
         let root = self.root_node(src)?;
-        let value = remove(root, key, kh, src)?;
+        let value = remove(root, key, kh, src)?.to_cid();
         // Trim: a root holding only one subtree is replaced by that subtree.
         loop {
             let root = self.root_node(src)?;
@@ -531,7 +768,7 @@ impl Mst {
                 let Item::Leaf { value: v, .. } = &mut node.items[i] else {
                     return unreachable_stub();
                 };
-                return Ok(std::mem::replace(v, value));
+                return Ok(std::mem::replace(v, Link::from_cid(&value)).to_cid());
             }
             if kh >= node.height || !node.gap_child(i) {
                 return Err(MstError::KeyNotFound(key_string(key)));
@@ -559,12 +796,16 @@ impl Mst {
 
     /// The root CID (recomputing modified nodes).
     pub fn root_cid(&mut self) -> Cid {
-        subtree_cid(&mut self.root, &mut None)
+        subtree_cid(&mut self.root, &mut Encoder::default()).to_cid()
     }
 
     /// The root CID, appending every node block that had to be (re-)encoded to `out`.
     pub fn root_cid_with_blocks(&mut self, out: &mut Vec<(Cid, Vec<u8>)>) -> Cid {
-        subtree_cid(&mut self.root, &mut Some(out))
+        let mut enc = Encoder {
+            emit: Some(out),
+            ..Encoder::default()
+        };
+        subtree_cid(&mut self.root, &mut enc).to_cid()
     }
 }
 
@@ -592,7 +833,7 @@ fn proof_path(node: &mut TreeNode, key: &[u8], src: &dyn BlockSource) -> Result<
 /// Builds the node at `height` from sorted items whose heights are all <= `height`,
 /// consuming items until one with a greater height (or the end).
 fn build(
-    it: &mut std::iter::Peekable<std::vec::IntoIter<(Vec<u8>, Cid, u8)>>,
+    it: &mut std::iter::Peekable<std::vec::IntoIter<(Key, Link, u8)>>,
     height: u8,
 ) -> TreeNode {
     let mut node = TreeNode::empty(height);
@@ -680,4 +921,158 @@ pub fn invert_ops(tree: &mut Mst, ops: &[TreeOp], src: &dyn BlockSource) -> Resu
         }
     }
     Ok(tree.root_cid())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::BlockMap;
+    use crate::mst::{decode_node, encode_node};
+    use proptest::prelude::*;
+
+    /// Keys longer than the inline capacity and values that are not DAG-CBOR CIDs (raw
+    /// codec; a SHA-512-style 64-byte digest) take the boxed paths.
+    fn odd_entries() -> Vec<(Vec<u8>, Cid)> {
+        let mut v: Vec<(Vec<u8>, Cid)> = (0..300u32)
+            .map(|i| {
+                let key = if i % 3 == 0 {
+                    format!("com.example.a.very.long.collection.name.indeed/{i:0>40}")
+                } else {
+                    format!("app.bsky.feed.post/{i:0>13}")
+                };
+                let value = match i % 4 {
+                    0 => hash::cid_for(hash::RAW, &i.to_be_bytes()),
+                    1 => {
+                        let mh = multihash::Multihash::<64>::wrap(0x13, &[i as u8; 64]).unwrap();
+                        Cid::new_v1(hash::DAG_CBOR, mh)
+                    }
+                    _ => hash::cid_for_cbor(&i.to_be_bytes()),
+                };
+                (key.into_bytes(), value)
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn blocks_of(tree: &mut Mst) -> (Cid, BlockMap) {
+        let mut out = Vec::new();
+        let root = tree.root_cid_with_blocks(&mut out);
+        let map = out.into_iter().map(|(c, b)| (c, b.into())).collect();
+        (root, map)
+    }
+
+    #[test]
+    fn long_keys_and_non_dag_cbor_values_round_trip_through_blocks() {
+        let entries = odd_entries();
+        let mut full = Mst::from_sorted(entries.clone()).unwrap();
+        let (root, blocks) = blocks_of(&mut full);
+        // Every emitted block re-encodes to itself through the public codec.
+        for (cid, b) in &blocks {
+            assert_eq!(encode_node(&decode_node(b).unwrap()), b.as_ref());
+            assert_eq!(hash::cid_for_cbor(b), *cid);
+        }
+        let mut lazy = Mst::load(root);
+        for (k, v) in &entries {
+            assert_eq!(lazy.get(k, &blocks).unwrap(), Some(*v));
+        }
+        // Edit the lazily loaded tree and compare with a tree built from the edited set.
+        let mut expected = entries.clone();
+        for i in (0..entries.len()).step_by(7) {
+            let (k, v) = &entries[i];
+            assert_eq!(lazy.remove(k, &blocks).unwrap(), *v);
+        }
+        expected.retain(|(k, _)| !entries.iter().step_by(7).any(|(r, _)| r == k));
+        for (i, (k, v)) in entries.iter().enumerate().skip(1).step_by(5) {
+            let new = hash::cid_for(hash::RAW, &(i as u64).to_le_bytes());
+            if expected.iter().any(|(e, _)| e == k) {
+                assert_eq!(lazy.update(k, new, &blocks).unwrap(), *v);
+                for e in &mut expected {
+                    if e.0 == *k {
+                        e.1 = new;
+                    }
+                }
+            }
+        }
+        let extra = b"zz.last.collection.with.a.long.name.for.heap.keys/3kaaaaaaaaaaaaaaaaaaaa";
+        lazy.insert(extra, hash::cid_for_cbor(b"x"), &blocks)
+            .unwrap();
+        expected.push((extra.to_vec(), hash::cid_for_cbor(b"x")));
+        assert_eq!(
+            lazy.root_cid(),
+            Mst::from_sorted(expected).unwrap().root_cid()
+        );
+    }
+
+    #[test]
+    fn an_unmodified_loaded_tree_keeps_its_root() {
+        let mut full = Mst::from_sorted(odd_entries()).unwrap();
+        let (root, blocks) = blocks_of(&mut full);
+        let mut lazy = Mst::load(root);
+        lazy.get(b"app.bsky.feed.post/0000000000100", &blocks)
+            .unwrap();
+        assert_eq!(lazy.root_cid(), root);
+    }
+
+    #[test]
+    fn invalid_keys_are_found_in_any_position_of_a_node() {
+        // One node of layer-0 keys; each variant breaks one key's syntax in a way the
+        // incremental check must notice (bad byte in the suffix, a second slash, a slash
+        // at the end, no slash at all).
+        let good: Vec<Vec<u8>> = (0..6)
+            .map(|i| format!("app.bsky.feed.post/3jzfcijpj2z{i}a").into_bytes())
+            .collect();
+        let bad_variants: [&[u8]; 4] = [
+            b"app.bsky.feed.post/3jzfcijpj2z2!",
+            b"app.bsky.feed.post/3jzfcijpj2z2/",
+            b"app.bsky.feed.post/3jzfcijpj2z2/b",
+            b"app.bsky.feed.postx",
+        ];
+        for bad in bad_variants {
+            for at in 0..good.len() {
+                let mut keys = good.clone();
+                keys[at] = bad.to_vec();
+                keys.sort();
+                keys.dedup();
+                let v = hash::cid_for_cbor(b"v");
+                let parts: Vec<(&[u8], &Cid, Option<&Cid>)> =
+                    keys.iter().map(|k| (k.as_slice(), &v, None)).collect();
+                let block = crate::mst::encode_node_parts(None, &parts);
+                let cid = hash::cid_for_cbor(&block);
+                let mut blocks = BlockMap::default();
+                blocks.insert(cid, block.into());
+                let err = Mst::load(cid).get(b"a/b", &blocks);
+                assert!(
+                    matches!(err, Err(MstError::InvalidKey(_))),
+                    "{bad:?} at {at}: {err:?}"
+                );
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
+
+        #[test]
+        fn the_incremental_key_check_agrees_with_the_full_one(
+            prev in "[ab.]{1,3}/[ab]{1,3}",
+            cut in 0usize..8,
+            suffix in "[abz/!.]{0,4}",
+        ) {
+            // The decoder hands over a key made of the previous (valid) key's first `p`
+            // bytes and a suffix, and only when it sorts after the previous key.
+            let prev = prev.as_bytes();
+            let cut = cut.min(prev.len());
+            let key = [&prev[..cut], suffix.as_bytes()].concat();
+            if key.as_slice() <= prev {
+                return Ok(());
+            }
+            let slash = prev.iter().position(|&b| b == b'/').unwrap();
+            let got = check_key_incremental(&key, cut, slash);
+            prop_assert_eq!(got.is_some(), is_valid_mst_key(&key), "{:?}", String::from_utf8_lossy(&key));
+            if let Some(s) = got {
+                prop_assert_eq!(Some(s), key.iter().position(|&b| b == b'/'));
+            }
+        }
+    }
 }
