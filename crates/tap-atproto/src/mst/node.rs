@@ -34,7 +34,28 @@ pub(crate) struct RawLink<'a> {
     pub(crate) bytes: &'a [u8],
 }
 
-impl RawLink<'_> {
+/// The binary CID prefix of a CIDv1 DAG-CBOR SHA-256 link: version, codec, hash, length.
+pub(crate) const STD_CID_PREFIX: [u8; 4] = [0x01, 0x71, 0x12, 0x20];
+
+impl<'a> RawLink<'a> {
+    /// The digest, when the link is a CIDv1 DAG-CBOR SHA-256 (the CID of every atproto
+    /// node and record).
+    #[inline]
+    pub(crate) fn std_digest(self) -> Option<&'a [u8; 32]> {
+        self.bytes
+            .strip_prefix(&STD_CID_PREFIX)
+            .and_then(|d| d.try_into().ok())
+    }
+
+    /// Checks that the link is a parseable CID (what [`Reader::link`] checks), cheaply for
+    /// the usual DAG-CBOR SHA-256 CID.
+    fn validate(self) -> Result<Self, MstError> {
+        if self.std_digest().is_none() {
+            self.cid()?;
+        }
+        Ok(self)
+    }
+
     /// Parses the link as a `Cid`, with the error [`Reader::link`] gives.
     pub(crate) fn cid(self) -> Result<Cid, MstError> {
         crate::hash::parse_cid_exact(self.bytes).ok_or(MstError::Cbor(CborError::Invalid {
@@ -60,19 +81,89 @@ fn nullable_raw_link<'a>(r: &mut Reader<'a>) -> Result<Option<RawLink<'a>>, MstE
     }
 }
 
+/// An entry in its usual canonical shape, matched directly on the bytes: `{k, p, t, v}` with
+/// a suffix shorter than 256 bytes, `p` below 256 and 36-byte binary CIDs (every CIDv1
+/// SHA-256 link). Anything else, including every malformed entry, is `None` and goes
+/// through the general [`Reader`] path, so the fast path accepts a subset of what that path
+/// accepts and yields the same values.
+struct FastEntry<'a> {
+    suffix: &'a [u8],
+    p: u64,
+    right: Option<RawLink<'a>>,
+    value: RawLink<'a>,
+    len: usize,
+}
+
+/// A 36-byte-CID link at `b[i..]`: tag 42, byte string of 37 (`0x58 0x25`), `0x00`.
+#[inline]
+fn fast_link(b: &[u8], i: usize, at: usize) -> Option<RawLink<'_>> {
+    match b.get(i..i + 41)? {
+        [0xd8, 42, 0x58, 37, 0x00, cid @ ..] => Some(RawLink {
+            pos: at + i,
+            bytes: cid,
+        }),
+        _ => None,
+    }
+}
+
+#[inline]
+fn fast_entry(b: &[u8], at: usize) -> Option<FastEntry<'_>> {
+    let b = b.get(at..)?;
+    let (n, mut i) = match *b.get(..5)? {
+        [0xa4, 0x61, b'k', h @ 0x40..=0x57, _] => (usize::from(h - 0x40), 4),
+        [0xa4, 0x61, b'k', 0x58, n @ 24..=255] => (usize::from(n), 5),
+        _ => return None,
+    };
+    let suffix = b.get(i..i + n)?;
+    i += n;
+    let p = match *b.get(i..i + 4)? {
+        [0x61, b'p', h @ 0x00..=0x17, _] => {
+            i += 3;
+            u64::from(h)
+        }
+        [0x61, b'p', 0x18, v @ 24..=255] => {
+            i += 4;
+            u64::from(v)
+        }
+        _ => return None,
+    };
+    if b.get(i..i + 2)? != [0x61, b't'] {
+        return None;
+    }
+    i += 2;
+    let right = if *b.get(i)? == 0xf6 {
+        i += 1;
+        None
+    } else {
+        let l = fast_link(b, i, at)?;
+        i += 41;
+        Some(l)
+    };
+    if b.get(i..i + 2)? != [0x61, b'v'] {
+        return None;
+    }
+    let value = fast_link(b, i + 2, at)?;
+    Some(FastEntry {
+        suffix,
+        p,
+        right,
+        value,
+        len: i + 2 + 41,
+    })
+}
+
 /// The one node parser: checks the shape `{e: [{k, p, t, v}], l}` (fields in canonical
-/// order), parses links with `link` as it meets them, decompresses each key into `key`
+/// order), checks each link is a valid CID as it meets it, decompresses each key into `key`
 /// (reused: no allocation per entry) and checks that keys strictly increase, then calls
 /// `entry(key, prefix, right, value)` where `prefix` is how many leading bytes the key
 /// shares with the previous one (0 for the first). Returns the node's `l` link. Both
 /// [`decode_node`] and the mutable tree's loader go through here, so they accept exactly
 /// the same blocks and fail with the same errors.
-pub(crate) fn parse_node<'a, T>(
+pub(crate) fn parse_node<'a>(
     bytes: &'a [u8],
     key: &mut Vec<u8>,
-    link: impl Fn(RawLink<'a>) -> Result<T, MstError>,
-    mut entry: impl FnMut(&[u8], usize, Option<T>, T) -> Result<(), MstError>,
-) -> Result<Option<T>, MstError> {
+    mut entry: impl FnMut(&[u8], usize, Option<RawLink<'a>>, RawLink<'a>) -> Result<(), MstError>,
+) -> Result<Option<RawLink<'a>>, MstError> {
     let mut r = Reader::new(bytes);
     if r.map_len()? != 2 || r.text_bytes()? != b"e" {
         return Err(MstError::Malformed("node must be {e, l}"));
@@ -80,25 +171,16 @@ pub(crate) fn parse_node<'a, T>(
     let n = r.array_len()?;
     key.clear();
     for i in 0..n {
-        if r.map_len()? != 4 {
-            return Err(MstError::Malformed("entry must be {k, p, t, v}"));
-        }
-        if r.text_bytes()? != b"k" {
-            return Err(MstError::Malformed("entry key order"));
-        }
-        let suffix = r.bytes()?;
-        if r.text_bytes()? != b"p" {
-            return Err(MstError::Malformed("entry key order"));
-        }
-        let p = usize::try_from(r.uint()?).unwrap_or(usize::MAX);
-        if r.text_bytes()? != b"t" {
-            return Err(MstError::Malformed("entry key order"));
-        }
-        let right = nullable_raw_link(&mut r)?.map(&link).transpose()?;
-        if r.text_bytes()? != b"v" {
-            return Err(MstError::Malformed("entry key order"));
-        }
-        let value = link(raw_link(&mut r)?)?;
+        let (suffix, p, right, value) = match fast_entry(bytes, r.position()) {
+            Some(e) => {
+                r.take(e.len as u64)?;
+                (e.suffix, e.p, e.right, e.value)
+            }
+            None => general_entry(&mut r)?,
+        };
+        let p = usize::try_from(p).unwrap_or(usize::MAX);
+        let right = right.map(RawLink::validate).transpose()?;
+        let value = value.validate()?;
         if i == 0 {
             if p != 0 {
                 return Err(MstError::Malformed("first entry must have p = 0"));
@@ -122,9 +204,37 @@ pub(crate) fn parse_node<'a, T>(
     if r.text_bytes()? != b"l" {
         return Err(MstError::Malformed("node must be {e, l}"));
     }
-    let left = nullable_raw_link(&mut r)?.map(&link).transpose()?;
+    let left = nullable_raw_link(&mut r)?
+        .map(RawLink::validate)
+        .transpose()?;
     r.finish()?;
     Ok(left)
+}
+
+type EntryParts<'a> = (&'a [u8], u64, Option<RawLink<'a>>, RawLink<'a>);
+
+/// Reads one entry with full DAG-CBOR checks (any head encoding).
+fn general_entry<'a>(r: &mut Reader<'a>) -> Result<EntryParts<'a>, MstError> {
+    if r.map_len()? != 4 {
+        return Err(MstError::Malformed("entry must be {k, p, t, v}"));
+    }
+    if r.text_bytes()? != b"k" {
+        return Err(MstError::Malformed("entry key order"));
+    }
+    let suffix = r.bytes()?;
+    if r.text_bytes()? != b"p" {
+        return Err(MstError::Malformed("entry key order"));
+    }
+    let p = r.uint()?;
+    if r.text_bytes()? != b"t" {
+        return Err(MstError::Malformed("entry key order"));
+    }
+    let right = nullable_raw_link(r)?;
+    if r.text_bytes()? != b"v" {
+        return Err(MstError::Malformed("entry key order"));
+    }
+    let value = raw_link(r)?;
+    Ok((suffix, p, right, value))
 }
 
 /// Decodes a node block, decompressing keys. Checks shape and that keys strictly increase;
@@ -136,15 +246,18 @@ pub fn decode_node(bytes: &[u8]) -> Result<NodeData, MstError> {
     // Entries average ~100 bytes; a lying count cannot make this allocate much.
     let mut entries: Vec<Entry> = Vec::with_capacity(bytes.len() / 64 + 1);
     let mut key = Vec::with_capacity(64);
-    let left = parse_node(bytes, &mut key, RawLink::cid, |k, _, right, value| {
+    let left = parse_node(bytes, &mut key, |k, _, right, value| {
         entries.push(Entry {
             key: k.to_vec(),
-            value,
-            right,
+            value: value.cid()?,
+            right: right.map(RawLink::cid).transpose()?,
         });
         Ok(())
     })?;
-    Ok(NodeData { left, entries })
+    Ok(NodeData {
+        left: left.map(RawLink::cid).transpose()?,
+        entries,
+    })
 }
 
 /// Encodes a node canonically (maximal shared prefixes, null `l`/`t` written out).

@@ -10,7 +10,7 @@
 
 use cid::Cid;
 
-use super::node::{RawLink, parse_node};
+use super::node::{RawLink, STD_CID_PREFIX, parse_node};
 use super::{MstError, common_prefix_len, is_valid_mst_key, key_height, key_string};
 use crate::cbor::{self, major};
 use crate::hash::{self, BlockSource};
@@ -53,17 +53,19 @@ impl std::fmt::Debug for Key {
     }
 }
 
-/// The binary CID prefix of a CIDv1 DAG-CBOR SHA-256 link: version, codec, hash, length.
-const STD_CID_PREFIX: [u8; 4] = [0x01, 0x71, 0x12, 0x20];
-
 /// A CID as the tree holds it: the DAG-CBOR/SHA-256 CIDv1 every atproto node and record
 /// uses as its bare digest (40 bytes instead of `Cid`'s 96, encoded with one copy),
 /// anything else boxed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Link {
-    Std([u8; 32]),
+    Std(Digest),
     Other(Box<Cid>),
 }
+
+/// A SHA-256 digest, 8-byte aligned so links move as whole words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(align(8))]
+struct Digest([u8; 32]);
 
 impl Link {
     fn from_cid(cid: &Cid) -> Self {
@@ -73,25 +75,24 @@ impl Link {
             && mh.code() == hash::SHA2_256
             && let Ok(d) = <[u8; 32]>::try_from(mh.digest())
         {
-            Self::Std(d)
+            Self::Std(Digest(d))
         } else {
             Self::Other(Box::new(*cid))
         }
     }
 
-    /// Parses a link found in a node block (same acceptance and errors as `Reader::link`).
+    /// Converts a link found in a node block (already validated by the parser).
+    #[inline]
     fn parse(raw: RawLink<'_>) -> Result<Self, MstError> {
-        if let Some(rest) = raw.bytes.strip_prefix(&STD_CID_PREFIX)
-            && let Ok(d) = <[u8; 32]>::try_from(rest)
-        {
-            return Ok(Self::Std(d));
+        match raw.std_digest() {
+            Some(d) => Ok(Self::Std(Digest(*d))),
+            None => raw.cid().map(|c| Self::from_cid(&c)),
         }
-        raw.cid().map(|c| Self::from_cid(&c))
     }
 
     fn to_cid(&self) -> Cid {
         match self {
-            Self::Std(d) => hash::cid_from_digest(hash::DAG_CBOR, d),
+            Self::Std(d) => hash::cid_from_digest(hash::DAG_CBOR, &d.0),
             Self::Other(c) => **c,
         }
     }
@@ -102,7 +103,7 @@ impl Link {
             Self::Std(d) => {
                 out.extend_from_slice(&[0xd8, 42, 0x58, 37, 0x00]);
                 out.extend_from_slice(&STD_CID_PREFIX);
-                out.extend_from_slice(d);
+                out.extend_from_slice(&d.0);
             }
             Self::Other(c) => cbor::write_link(out, c),
         }
@@ -212,14 +213,14 @@ fn load_node(cid: &Link, height: Option<u8>, src: &dyn BlockSource) -> Result<Tr
     let bytes = src.get_block(&full).ok_or(MstError::MissingBlock(full))?;
     // Entries take ~100 bytes, so this rarely reallocates; the left link goes in front.
     let mut items: Vec<Item> = Vec::with_capacity(bytes.len() / 48 + 2);
-    items.push(Item::Sub(Child::Stub(Link::Std([0; 32]))));
+    items.push(Item::Sub(Child::Stub(Link::Std(Digest([0; 32])))));
     let mut key = Vec::with_capacity(64);
     // Syntax is checked incrementally while decoding, but reported after the structural
     // checks below (in key order), as a whole-node decode followed by checks would.
     let mut first_invalid: Option<Vec<u8>> = None;
     let mut slash = 0;
     let mut first_key_height = None;
-    let left = parse_node(bytes, &mut key, Link::parse, |k, prefix, right, value| {
+    let left = parse_node(bytes, &mut key, |k, prefix, right, value| {
         if first_invalid.is_none() {
             let checked = if first_key_height.is_none() {
                 check_key(k)
@@ -236,15 +237,15 @@ fn load_node(cid: &Link, height: Option<u8>, src: &dyn BlockSource) -> Result<Tr
         }
         items.push(Item::Leaf {
             key: Key::new(k),
-            value,
+            value: Link::parse(value)?,
         });
         if let Some(r) = right {
-            items.push(Item::Sub(Child::Stub(r)));
+            items.push(Item::Sub(Child::Stub(Link::parse(r)?)));
         }
         Ok(())
     })?;
     match left {
-        Some(l) => items[0] = Item::Sub(Child::Stub(l)),
+        Some(l) => items[0] = Item::Sub(Child::Stub(Link::parse(l)?)),
         None => {
             items.remove(0);
         }
@@ -512,7 +513,7 @@ fn node_cid(node: &mut TreeNode, enc: &mut Encoder<'_>) -> Link {
         &mut buf,
     );
     enc.links.truncate(base);
-    let link = Link::Std(hash::sha256(&buf));
+    let link = Link::Std(Digest(hash::sha256(&buf)));
     if let Some(out) = enc.emit.as_mut() {
         out.push((link.to_cid(), buf.clone()));
     }
