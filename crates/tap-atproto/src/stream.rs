@@ -114,23 +114,32 @@ impl Pending {
     }
 }
 
+/// A block's SHA-256 digest: the key of every block map here. Every block the CAR reader
+/// yields was checked to hash to its CID's 32-byte SHA-256 digest, so equal digests mean
+/// equal bytes, and the key is a third of a [`Cid`]'s size (the maps hold ~20 k entries).
+type Digest = [u8; 32];
+
+fn digest_of(cid: &Cid) -> Digest {
+    let d = cid.hash().digest();
+    let mut key = [0u8; 32];
+    let n = d.len().min(32);
+    key[..n].copy_from_slice(&d[..n]);
+    key
+}
+
 /// Blocks spilled to an unlinked temporary file. Each record is `[u32 len][u8 cid_len][cid]
-/// [data]`; the index holds 12 bytes per block (4 digest bytes, big-endian, then the 8-byte
-/// offset) so it sorts by digest prefix and stays small (about 13 MB for a million blocks).
+/// [data]`, padded to a multiple of 8 bytes; the index holds 8 bytes per block (4 digest
+/// bytes, then the offset in 8-byte units, both big-endian) so it sorts by digest prefix
+/// and stays small (8 MB for a million blocks) while addressing 32 GiB of spill.
 struct Spill {
     out: BufWriter<File>,
     len: u64,
-    index: Vec<[u8; 12]>,
+    index: Vec<[u8; 8]>,
     sorted: bool,
 }
 
-fn digest_key(cid: &Cid) -> [u8; 4] {
-    let d = cid.hash().digest();
-    let mut w = [0u8; 4];
-    let n = d.len().min(4);
-    w[..n].copy_from_slice(&d[..n]);
-    w
-}
+/// Records start at multiples of this, so the index stores offsets in these units.
+const SPILL_ALIGN: u64 = 8;
 
 fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
     #[cfg(unix)]
@@ -160,17 +169,29 @@ impl Spill {
     }
 
     fn put(&mut self, cid: &Cid, data: &[u8]) -> Result<(), WalkError> {
+        let unit = u32::try_from(self.len / SPILL_ALIGN)
+            .map_err(|_| WalkError::Io("spill file exceeds 32 GiB".into()))?;
         let c = cid.to_bytes();
         let rest = 1 + c.len() + data.len();
-        self.out.write_all(&(rest as u32).to_le_bytes())?;
+        let rest_u32 =
+            u32::try_from(rest).map_err(|_| WalkError::Io("block too large to spill".into()))?;
+        self.out.write_all(&rest_u32.to_le_bytes())?;
         self.out.write_all(&[c.len() as u8])?;
         self.out.write_all(&c)?;
         self.out.write_all(data)?;
-        let mut entry = [0u8; 12];
-        entry[..4].copy_from_slice(&digest_key(cid));
-        entry[4..].copy_from_slice(&self.len.to_be_bytes());
+        let written = 4 + rest as u64;
+        let padding = (SPILL_ALIGN - written % SPILL_ALIGN) % SPILL_ALIGN;
+        self.out.write_all(&[0u8; 8][..padding as usize])?;
+        let mut entry = [0u8; 8];
+        entry[..4].copy_from_slice(&digest_of(cid)[..4]);
+        entry[4..].copy_from_slice(&unit.to_be_bytes());
+        if self.index.len() == self.index.capacity() {
+            // Grow by a quarter, not double: the index is the walk's largest allocation
+            // (one entry per spilled block), and doubling would briefly hold 1.5x of it.
+            self.index.reserve_exact((self.index.len() / 4).max(4096));
+        }
         self.index.push(entry);
-        self.len += 4 + rest as u64;
+        self.len += written + padding;
         self.sorted = false;
         Ok(())
     }
@@ -181,17 +202,18 @@ impl Spill {
             self.index.sort_unstable();
             self.sorted = true;
         }
-        let key = digest_key(cid);
-        let start = self.index.partition_point(|e| e[..4] < key[..]);
+        let digest = digest_of(cid);
+        let key = &digest[..4];
+        let start = self.index.partition_point(|e| e[..4] < *key);
         let want = cid.to_bytes();
         let file = self.out.get_ref();
         for e in &self.index[start..] {
-            if e[..4] != key[..] {
+            if e[..4] != *key {
                 break;
             }
-            let mut off = [0u8; 8];
-            off.copy_from_slice(&e[4..]);
-            let off = u64::from_be_bytes(off);
+            let mut unit = [0u8; 4];
+            unit.copy_from_slice(&e[4..]);
+            let off = u64::from(u32::from_be_bytes(unit)) * SPILL_ALIGN;
             let mut n = [0u8; 4];
             read_at(file, &mut n, off)?;
             let mut rec = vec![0u8; u32::from_le_bytes(n) as usize];
@@ -219,11 +241,11 @@ pub struct RepoWalker {
     started: bool,
     finished: bool,
     last_key: Vec<u8>,
-    mem: HashMap<Cid, Bytes, BuildCidHasher>,
+    mem: HashMap<Digest, Bytes, BuildCidHasher>,
     mem_bytes: usize,
     spill: Option<Spill>,
-    recent: HashMap<Cid, Bytes, BuildCidHasher>,
-    recent_order: VecDeque<Cid>,
+    recent: HashMap<Digest, Bytes, BuildCidHasher>,
+    recent_order: VecDeque<Digest>,
     recent_bytes: usize,
     records: u64,
 }
@@ -238,9 +260,9 @@ impl std::fmt::Debug for RepoWalker {
     }
 }
 
-/// Per-entry bookkeeping (hash-map slot with its CID key, `Bytes` handle, allocation header)
-/// counted against the memory budget.
-const ENTRY_OVERHEAD: usize = 160;
+/// Per-entry bookkeeping (hash-map slot with its 32-byte key and `Bytes` handle at the
+/// map's load factor, plus the block's allocation header) counted against the memory budget.
+const ENTRY_OVERHEAD: usize = 112;
 
 impl RepoWalker {
     /// A walker that checks the commit's DID against `expected_did` and its signature with
@@ -383,11 +405,12 @@ impl RepoWalker {
     }
 
     fn take_buffered(&mut self, cid: &Cid) -> Result<Option<Bytes>, WalkError> {
-        if let Some(b) = self.mem.remove(cid) {
+        let key = digest_of(cid);
+        if let Some(b) = self.mem.remove(&key) {
             self.mem_bytes -= b.len() + ENTRY_OVERHEAD;
             return Ok(Some(b));
         }
-        Ok(self.recent.get(cid).cloned())
+        Ok(self.recent.get(&key).cloned())
     }
 
     fn take_spilled(&mut self, cid: &Cid) -> Result<Option<Bytes>, WalkError> {
@@ -398,13 +421,14 @@ impl RepoWalker {
     }
 
     fn buffer(&mut self, cid: Cid, data: Bytes) -> Result<(), WalkError> {
-        if self.mem.contains_key(&cid) {
+        let key = digest_of(&cid);
+        if self.mem.contains_key(&key) {
             return Ok(());
         }
         let cost = data.len() + ENTRY_OVERHEAD;
         if self.mem_bytes + cost <= self.limits.memory_budget {
             self.mem_bytes += cost;
-            self.mem.insert(cid, data);
+            self.mem.insert(key, data);
             return Ok(());
         }
         if self.spill.is_none() {
@@ -418,12 +442,13 @@ impl RepoWalker {
 
     /// Keeps recently emitted record blocks for duplicate record CIDs.
     fn remember(&mut self, cid: Cid, data: Bytes) {
-        if self.recent.contains_key(&cid) || data.len() > self.limits.recent_records_budget {
+        let key = digest_of(&cid);
+        if self.recent.contains_key(&key) || data.len() > self.limits.recent_records_budget {
             return;
         }
         self.recent_bytes += data.len();
-        self.recent.insert(cid, data);
-        self.recent_order.push_back(cid);
+        self.recent.insert(key, data);
+        self.recent_order.push_back(key);
         while self.recent_bytes > self.limits.recent_records_budget {
             let Some(old) = self.recent_order.pop_front() else {
                 break;
