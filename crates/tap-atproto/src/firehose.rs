@@ -686,7 +686,10 @@ pub fn verify_commit_frame_with(
         max_block_bytes: limits.max_blocks_bytes,
         ..CarLimits::firehose()
     };
-    let car = car::read_car(frame.blocks.clone(), car_limits)?;
+    // Hash states of the proof's node blocks let inversion re-hash edited nodes from their
+    // first changed byte on.
+    let mut mids = car::Midstates::default();
+    let car = car::read_car_recording(frame.blocks.clone(), car_limits, &mut mids)?;
     if car.roots.first() != Some(&frame.commit) {
         return Err(VerifyError::RootMismatch);
     }
@@ -744,7 +747,7 @@ pub fn verify_commit_frame_with(
     }
 
     let mut tree = mst::Mst::load(commit.data);
-    let computed = mst::invert_ops(&mut tree, &tree_ops, &car.blocks)?;
+    let computed = mst::invert_ops_with(&mut tree, &tree_ops, &car.blocks, Some(&mids))?;
     if computed != prev_data {
         return Err(VerifyError::PrevDataMismatch {
             expected: Box::new(prev_data),

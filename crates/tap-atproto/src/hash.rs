@@ -1,5 +1,7 @@
-//! SHA-256 and CID helpers: the single `sha256` every check goes through, CIDv1 construction,
-//! fast parsing of binary CIDs, base32 string encoding, and the block map keyed by CID.
+//! SHA-256 and CID helpers: the single `sha256` every check goes through (plus a variant
+//! that records midstates and one that resumes from them, for re-hashing an edited block
+//! from its first changed byte), CIDv1 construction, fast parsing of binary CIDs, base32
+//! string encoding, and the block map keyed by CID.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -16,11 +18,72 @@ pub const RAW: u64 = 0x55;
 /// Multihash code of SHA-256.
 pub const SHA2_256: u64 = 0x12;
 
-/// SHA-256 of `data`. Everything hashes through here so the backend can be swapped in one
-/// place (sha2 uses SHA-NI when the CPU has it).
+/// SHA-256 of `data`. Everything hashes through here or the midstate functions below (all
+/// sha2, which uses SHA-NI when the CPU has it), so the backend can be swapped in one
+/// module.
 #[must_use]
 pub fn sha256(data: &[u8]) -> [u8; 32] {
     sha2::Sha256::digest(data).into()
+}
+
+/// Bytes between two recorded SHA-256 midstates (four compression blocks): see
+/// [`sha256_recording`].
+pub(crate) const MIDSTATE_STRIDE: usize = 256;
+
+/// A SHA-256 chaining state after a whole number of 64-byte blocks.
+pub(crate) type Midstate = [u32; 8];
+
+const SHA256_INIT: Midstate = [
+    0x6a09_e667,
+    0xbb67_ae85,
+    0x3c6e_f372,
+    0xa54f_f53a,
+    0x510e_527f,
+    0x9b05_688c,
+    0x1f83_d9ab,
+    0x5be0_cd19,
+];
+
+/// SHA-256 of `data` that also appends the chaining state after every complete
+/// [`MIDSTATE_STRIDE`] bytes to `mids` (state `i` covers `data[..(i + 1) * STRIDE]`). A
+/// block that is later re-encoded with only its tail changed (an MST node whose child link
+/// changed) can then be re-hashed from the last state before the first changed byte
+/// ([`sha256_resume`]) instead of from the start.
+pub(crate) fn sha256_recording(data: &[u8], mids: &mut Vec<Midstate>) -> [u8; 32] {
+    let mut st = SHA256_INIT;
+    let (blocks, tail) = data.as_chunks::<64>();
+    for group in blocks.chunks(MIDSTATE_STRIDE / 64) {
+        sha2::block_api::compress256(&mut st, group);
+        if group.len() == MIDSTATE_STRIDE / 64 {
+            mids.push(st);
+        }
+    }
+    sha256_finish(st, data.len(), tail)
+}
+
+/// Finishes a SHA-256 whose first `done` bytes (a multiple of 64) left the chaining state
+/// `state`, over the remaining bytes `rest`.
+pub(crate) fn sha256_resume(state: Midstate, done: usize, rest: &[u8]) -> [u8; 32] {
+    let mut st = state;
+    let (blocks, tail) = rest.as_chunks::<64>();
+    sha2::block_api::compress256(&mut st, blocks);
+    sha256_finish(st, done + rest.len(), tail)
+}
+
+/// Pads and compresses the final (< 64-byte) `tail` of a message of `total` bytes.
+fn sha256_finish(mut st: Midstate, total: usize, tail: &[u8]) -> [u8; 32] {
+    let mut last = [0u8; 128];
+    last[..tail.len()].copy_from_slice(tail);
+    last[tail.len()] = 0x80;
+    let n = if tail.len() < 56 { 64 } else { 128 };
+    last[n - 8..n].copy_from_slice(&((total as u64) * 8).to_be_bytes());
+    let (blocks, _) = last[..n].as_chunks::<64>();
+    sha2::block_api::compress256(&mut st, blocks);
+    let mut out = [0u8; 32];
+    for (o, w) in out.chunks_exact_mut(4).zip(st) {
+        o.copy_from_slice(&w.to_be_bytes());
+    }
+    out
 }
 
 /// The CIDv1 (SHA-256) of a block with the given codec.
@@ -224,6 +287,26 @@ mod tests {
         push_cid_string(&cid, &mut s);
         assert_eq!(String::from_utf8(s).unwrap(), cid.to_string());
         assert_eq!(parse_cid_exact(&cid.to_bytes()), Some(cid));
+    }
+
+    #[test]
+    fn recording_and_resuming_give_the_plain_digest_at_every_length_and_split() {
+        let data: Vec<u8> = (0..1100u32).map(|i| (i * 7 + i / 13) as u8).collect();
+        for len in (0..700).chain([1023, 1024, 1025, 1100]) {
+            let d = &data[..len];
+            let mut mids = Vec::new();
+            assert_eq!(sha256_recording(d, &mut mids), sha256(d), "len {len}");
+            assert_eq!(mids.len(), len / MIDSTATE_STRIDE);
+            for (i, m) in mids.iter().enumerate() {
+                let done = (i + 1) * MIDSTATE_STRIDE;
+                assert_eq!(
+                    sha256_resume(*m, done, &d[done..]),
+                    sha256(d),
+                    "len {len} at {done}"
+                );
+            }
+            assert_eq!(sha256_resume(SHA256_INIT, 0, d), sha256(d));
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@ use cid::Cid;
 
 use super::node::{RawLink, STD_CID_PREFIX, parse_node};
 use super::{MstError, common_prefix_len, is_valid_mst_key, key_height, key_string};
+use crate::car::Midstates;
 use crate::cbor::{self, major};
 use crate::hash::{self, BlockSource};
 
@@ -136,14 +137,23 @@ struct TreeNode {
     items: Vec<Item>,
     /// Cached CID; `None` once the node was modified.
     cid: Option<Link>,
+    /// Digest of the block this node was loaded from (kept after edits): its re-encoding
+    /// usually starts with the same bytes, whose hash state may be known ([`Midstates`]).
+    origin: Option<Digest>,
 }
 
 impl TreeNode {
     fn empty(height: u8) -> Self {
+        Self::new(height, Vec::new())
+    }
+
+    /// A new (never encoded) node.
+    fn new(height: u8, items: Vec<Item>) -> Self {
         Self {
             height,
-            items: Vec::new(),
+            items,
             cid: None,
+            origin: None,
         }
     }
 
@@ -278,6 +288,10 @@ fn load_node(cid: &Link, height: Option<u8>, src: &dyn BlockSource) -> Result<Tr
         height,
         items,
         cid: Some(cid.clone()),
+        origin: match cid {
+            Link::Std(d) => Some(*d),
+            Link::Other(_) => None,
+        },
     })
 }
 
@@ -310,17 +324,9 @@ fn unreachable_stub<T>() -> Result<T, MstError> {
 
 /// A chain of single-child nodes from `height` down to the leaf's own height.
 fn chain(key: Key, kh: u8, value: Link, height: u8) -> TreeNode {
-    let mut n = TreeNode {
-        height: kh,
-        items: vec![Item::Leaf { key, value }],
-        cid: None,
-    };
+    let mut n = TreeNode::new(kh, vec![Item::Leaf { key, value }]);
     while n.height < height {
-        n = TreeNode {
-            height: n.height + 1,
-            items: vec![Item::Sub(Child::Loaded(Box::new(n)))],
-            cid: None,
-        };
+        n = TreeNode::new(n.height + 1, vec![Item::Sub(Child::Loaded(Box::new(n)))]);
     }
     n
 }
@@ -399,13 +405,7 @@ fn split(
         }
     }
     let wrap = |items: Vec<Item>| {
-        (!items.is_empty()).then(|| {
-            Child::Loaded(Box::new(TreeNode {
-                height,
-                items,
-                cid: None,
-            }))
-        })
+        (!items.is_empty()).then(|| Child::Loaded(Box::new(TreeNode::new(height, items))))
     };
     Ok((wrap(left_items), wrap(right_items)))
 }
@@ -483,6 +483,8 @@ struct Encoder<'a> {
     links: Vec<Link>,
     /// Newly encoded node blocks are appended here when given.
     emit: Option<&'a mut Vec<(Cid, Vec<u8>)>>,
+    /// Hash states of the blocks nodes were loaded from, when known.
+    mids: Option<&'a Midstates>,
 }
 
 /// Computes (and caches) the CID of a subtree.
@@ -513,7 +515,11 @@ fn node_cid(node: &mut TreeNode, enc: &mut Encoder<'_>) -> Link {
         &mut buf,
     );
     enc.links.truncate(base);
-    let link = Link::Std(Digest(hash::sha256(&buf)));
+    let digest = match (enc.mids, &node.origin) {
+        (Some(m), Some(o)) => m.rehash(&o.0, &buf),
+        _ => hash::sha256(&buf),
+    };
+    let link = Link::Std(Digest(digest));
     if let Some(out) = enc.emit.as_mut() {
         out.push((link.to_cid(), buf.clone()));
     }
@@ -644,9 +650,8 @@ impl Mst {
                 Ok(n) => n,
                 // The empty tree's root is the one node allowed to be empty.
                 Err(MstError::EmptyNode(_)) => TreeNode {
-                    height: 0,
-                    items: Vec::new(),
                     cid: Some(cid.clone()),
+                    ..TreeNode::empty(0)
                 },
                 Err(e) => return Err(e),
             };
@@ -700,23 +705,21 @@ impl Mst {
         let kh = key_height(key);
         let root = self.root_node(src)?;
         if root.items.is_empty() {
-            *root = TreeNode {
-                height: kh,
-                items: vec![Item::Leaf {
+            *root = TreeNode::new(
+                kh,
+                vec![Item::Leaf {
                     key: Key::new(key),
                     value: Link::from_cid(&value),
                 }],
-                cid: None,
-            };
+            );
             return Ok(());
         }
         while kh > root.height {
             let old = std::mem::replace(root, TreeNode::empty(0));
-            *root = TreeNode {
-                height: old.height + 1,
-                items: vec![Item::Sub(Child::Loaded(Box::new(old)))],
-                cid: None,
-            };
+            *root = TreeNode::new(
+                old.height + 1,
+                vec![Item::Sub(Child::Loaded(Box::new(old)))],
+            );
         }
         insert(root, Key::new(key), kh, Link::from_cid(&value), src)
     }
@@ -798,6 +801,16 @@ impl Mst {
     /// The root CID (recomputing modified nodes).
     pub fn root_cid(&mut self) -> Cid {
         subtree_cid(&mut self.root, &mut Encoder::default()).to_cid()
+    }
+
+    /// The root CID, re-hashing edited nodes from the hash states in `mids` of the blocks
+    /// they were loaded from where possible.
+    fn root_cid_with_midstates(&mut self, mids: &Midstates) -> Cid {
+        let mut enc = Encoder {
+            mids: Some(mids),
+            ..Encoder::default()
+        };
+        subtree_cid(&mut self.root, &mut enc).to_cid()
     }
 
     /// The root CID, appending every node block that had to be (re-)encoded to `out`.
@@ -894,6 +907,17 @@ pub enum OpAction {
 /// # Errors
 /// [`MstError`] when an op does not match the tree or a needed node is missing.
 pub fn invert_ops(tree: &mut Mst, ops: &[TreeOp], src: &dyn BlockSource) -> Result<Cid, MstError> {
+    invert_ops_with(tree, ops, src, None)
+}
+
+/// [`invert_ops`] over blocks read with [`crate::car::read_car_recording`]: the same
+/// checks and result, with edited nodes re-hashed from the recorded hash states.
+pub(crate) fn invert_ops_with(
+    tree: &mut Mst,
+    ops: &[TreeOp],
+    src: &dyn BlockSource,
+    mids: Option<&Midstates>,
+) -> Result<Cid, MstError> {
     for op in ops {
         let key = op.path.as_bytes();
         let current = tree.get(key, src)?;
@@ -921,7 +945,10 @@ pub fn invert_ops(tree: &mut Mst, ops: &[TreeOp], src: &dyn BlockSource) -> Resu
             OpAction::Delete { prev } => tree.insert(key, prev, src)?,
         }
     }
-    Ok(tree.root_cid())
+    Ok(match mids {
+        Some(m) => tree.root_cid_with_midstates(m),
+        None => tree.root_cid(),
+    })
 }
 
 #[cfg(test)]
@@ -1003,6 +1030,41 @@ mod tests {
             lazy.root_cid(),
             Mst::from_sorted(expected).unwrap().root_cid()
         );
+    }
+
+    #[test]
+    fn edited_nodes_rehashed_from_midstates_give_the_same_roots() {
+        let entries: Vec<(Vec<u8>, Cid)> = (0..3000u32)
+            .map(|i| {
+                let key = format!("app.bsky.feed.like/3k{:0>11}", i * 7919 % 100_003);
+                (key.into_bytes(), hash::cid_for_cbor(&i.to_be_bytes()))
+            })
+            .collect::<std::collections::BTreeMap<_, _>>()
+            .into_iter()
+            .collect();
+        let mut full = Mst::from_sorted(entries.clone()).unwrap();
+        let (root, blocks) = blocks_of(&mut full);
+        let car = crate::car::write_car(&[root], blocks.iter().map(|(c, b)| (c, b.as_ref())));
+        let mut mids = Midstates::default();
+        let read = crate::car::read_car_recording(
+            bytes::Bytes::from(car),
+            crate::car::CarLimits::default(),
+            &mut mids,
+        )
+        .unwrap();
+        for i in (0..entries.len()).step_by(97) {
+            let (k, v) = &entries[i];
+            let ops = [TreeOp {
+                path: String::from_utf8(k.clone()).unwrap(),
+                action: OpAction::Create { cid: *v },
+            }];
+            let with = invert_ops_with(&mut Mst::load(root), &ops, &read.blocks, Some(&mids));
+            let without = invert_ops(&mut Mst::load(root), &ops, &read.blocks);
+            let mut rest = entries.clone();
+            rest.remove(i);
+            assert_eq!(with, without);
+            assert_eq!(with.unwrap(), Mst::from_sorted(rest).unwrap().root_cid());
+        }
     }
 
     #[test]
