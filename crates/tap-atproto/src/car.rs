@@ -337,6 +337,7 @@ pub(crate) fn read_car_recording(
     let estimate = (slice.buf.len() / 300).clamp(8, 4096);
     let mut blocks = BlockMap::with_capacity_and_hasher(estimate, Default::default());
     let (buf, mut pos) = (slice.buf, slice.pos);
+    mids.states.reserve(buf.len() / hash::MIDSTATE_STRIDE);
     while pos < buf.len() {
         let before = mids.states.len();
         let l = parse_block(&buf[pos..], pos as u64, &limits, Some(&mut mids.states))?

@@ -40,6 +40,26 @@ impl Key {
         }
     }
 
+    /// An empty inline key, to be filled in place with [`Key::set`].
+    const EMPTY: Self = Self::Inline {
+        len: 0,
+        buf: [0; KEY_INLINE],
+    };
+
+    /// Overwrites the key with `k`, in place when it fits inline. Loading a node pushes
+    /// [`Key::EMPTY`] and then sets it: building the key on the stack and moving it into
+    /// the vector would re-read freshly copied bytes with wider loads (a store-forwarding
+    /// stall per key).
+    fn set(&mut self, k: &[u8]) {
+        match self {
+            Self::Inline { len, buf } if k.len() <= KEY_INLINE => {
+                buf[..k.len()].copy_from_slice(k);
+                *len = k.len() as u8;
+            }
+            _ => *self = Self::new(k),
+        }
+    }
+
     fn as_slice(&self) -> &[u8] {
         match self {
             Self::Inline { len, buf } => &buf[..usize::from(*len)],
@@ -89,6 +109,19 @@ impl Link {
             Some(d) => Ok(Self::Std(Digest(*d))),
             None => raw.cid().map(|c| Self::from_cid(&c)),
         }
+    }
+
+    /// A placeholder, overwritten in place with [`Link::set`].
+    const EMPTY: Self = Self::Std(Digest([0; 32]));
+
+    /// Overwrites the link with a parsed node-block link, in place for the usual CID (see
+    /// [`Key::set`] for why in place).
+    fn set(&mut self, raw: RawLink<'_>) -> Result<(), MstError> {
+        match (self, raw.std_digest()) {
+            (Self::Std(d), Some(new)) => d.0.copy_from_slice(new),
+            (me, _) => *me = Self::parse(raw)?,
+        }
+        Ok(())
     }
 
     fn to_cid(&self) -> Cid {
@@ -246,11 +279,18 @@ fn load_node(cid: &Link, height: Option<u8>, src: &dyn BlockSource) -> Result<Tr
             first_key_height = Some(key_height(k));
         }
         items.push(Item::Leaf {
-            key: Key::new(k),
-            value: Link::parse(value)?,
+            key: Key::EMPTY,
+            value: Link::EMPTY,
         });
+        if let Some(Item::Leaf { key, value: v }) = items.last_mut() {
+            key.set(k);
+            v.set(value)?;
+        }
         if let Some(r) = right {
-            items.push(Item::Sub(Child::Stub(Link::parse(r)?)));
+            items.push(Item::Sub(Child::Stub(Link::EMPTY)));
+            if let Some(Item::Sub(Child::Stub(l))) = items.last_mut() {
+                l.set(r)?;
+            }
         }
         Ok(())
     })?;
@@ -807,6 +847,8 @@ impl Mst {
     /// they were loaded from where possible.
     fn root_cid_with_midstates(&mut self, mids: &Midstates) -> Cid {
         let mut enc = Encoder {
+            // Large enough for the upper nodes of big repos, so it is allocated once.
+            buf: Vec::with_capacity(4096),
             mids: Some(mids),
             ..Encoder::default()
         };
