@@ -20,10 +20,6 @@ use tap_testkit::fake_relay::FakeRelay;
 use tap_testkit::repo_builder::{RepoBuilder, TestKey};
 use tokio_tungstenite::tungstenite::Message;
 
-// The same allocator as the `tap` binary, so the figure is the daemon's.
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()

@@ -98,7 +98,7 @@ pub async fn run_loader(
             loaded += 1;
             batch.push(Queued {
                 id: row.id,
-                did: row.did,
+                did: row.did.into(),
                 live: row.live,
                 payload: row.payload,
                 holds_permit: true,

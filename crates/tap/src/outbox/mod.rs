@@ -123,12 +123,22 @@ impl Outbox {
                 .map_err(|_| OutboxError::Closed)?
                 .forget();
         }
-        let did = write.did.clone();
+        let mut write = write;
+        let did: Arc<str> = Arc::from(write.did.as_str());
         let durable = write.storage == EventStorage::Durable;
+        // Stored events are written by the store and held by the actor, so they are copied;
+        // in-memory ones are only numbered by the store, which never reads their payloads.
         let events: Vec<(bool, String)> = write
             .events
-            .iter()
-            .map(|e| (e.live, e.payload.clone()))
+            .iter_mut()
+            .map(|e| {
+                let payload = if durable {
+                    e.payload.clone()
+                } else {
+                    std::mem::take(&mut e.payload)
+                };
+                (e.live, payload)
+            })
             .collect();
         let ids = match self.store.apply(write).await {
             Ok(ids) => ids,
@@ -148,7 +158,7 @@ impl Outbox {
             .enumerate()
             .map(|(i, (&id, (live, payload)))| scheduler::Queued {
                 id,
-                did: did.clone(),
+                did: Arc::clone(&did),
                 live,
                 payload,
                 holds_permit: i < wanted,

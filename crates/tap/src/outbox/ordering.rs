@@ -13,6 +13,7 @@
 //! [`OrderingScheduler::due_for_resend`], which makes redelivery timing testable.
 
 use std::collections::{HashMap, VecDeque, hash_map::Entry};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::store::EventId;
@@ -46,7 +47,7 @@ struct DidQueue {
 
 #[derive(Debug)]
 struct InFlight {
-    did: String,
+    did: Arc<str>,
     barrier: Barrier,
     /// When it was last written to a consumer; `None` if released but not yet sent, or
     /// handed back after a failed write (then it is due at once).
@@ -56,7 +57,7 @@ struct InFlight {
 /// Owns the ordering state of every DID. One instance lives in the outbox actor.
 #[derive(Debug, Default)]
 pub struct OrderingScheduler {
-    dids: HashMap<String, DidQueue>,
+    dids: HashMap<Arc<str>, DidQueue>,
     in_flight: HashMap<EventId, InFlight>,
     /// Send log in send order, for resend scans. Entries of events acked (or sent again)
     /// since are stale: dropped from the front on ack and compacted away when they
@@ -77,9 +78,9 @@ impl OrderingScheduler {
     }
 
     /// Queues an event (in id order per DID) and returns the events now released for
-    /// delivery, in order.
-    pub fn push(&mut self, did: &str, id: EventId, barrier: Barrier) -> Vec<EventId> {
-        let queue = self.dids.entry(did.to_owned()).or_default();
+    /// delivery, in order. The DID is shared, not copied: events of one write share one.
+    pub fn push(&mut self, did: &Arc<str>, id: EventId, barrier: Barrier) -> Vec<EventId> {
+        let queue = self.dids.entry(Arc::clone(did)).or_default();
         queue.waiting.push_back((id, barrier));
         let mut released = Vec::new();
         Self::release(did, queue, &mut self.in_flight, &mut released);
@@ -100,7 +101,7 @@ impl OrderingScheduler {
             if done.barrier == Barrier::Live {
                 queue.live_in_flight = false;
             }
-            let did = slot.key().clone();
+            let did = Arc::clone(slot.key());
             Self::release(&did, slot.get_mut(), &mut self.in_flight, &mut released);
             if slot.get().waiting.is_empty() && slot.get().in_flight == 0 {
                 slot.remove();
@@ -189,7 +190,7 @@ impl OrderingScheduler {
     }
 
     fn release(
-        did: &str,
+        did: &Arc<str>,
         queue: &mut DidQueue,
         in_flight: &mut HashMap<EventId, InFlight>,
         released: &mut Vec<EventId>,
@@ -208,7 +209,7 @@ impl OrderingScheduler {
             in_flight.insert(
                 id,
                 InFlight {
-                    did: did.to_owned(),
+                    did: Arc::clone(did),
                     barrier,
                     last_sent: None,
                 },

@@ -22,8 +22,8 @@ use crate::wire;
 pub struct Queued {
     /// Outbox id.
     pub id: EventId,
-    /// Repo DID (the ordering key).
-    pub did: String,
+    /// Repo DID (the ordering key); shared by the events of one write.
+    pub did: Arc<str>,
     /// Live events are barriers.
     pub live: bool,
     /// Stored payload (no id).
@@ -76,7 +76,7 @@ struct Held {
     holds_permit: bool,
     appended_at: Instant,
     /// For an event that is not stored: its repo, whose backfill count it is part of.
-    in_memory_of: Option<String>,
+    in_memory_of: Option<Arc<str>>,
 }
 
 /// A repo's in-memory backfill events not yet acked.
@@ -98,7 +98,7 @@ pub struct Actor {
     acked_out: mpsc::Sender<Finished>,
     permits: Arc<Semaphore>,
     order: OrderingScheduler,
-    in_memory: HashMap<String, InMemoryBackfill>,
+    in_memory: HashMap<Arc<str>, InMemoryBackfill>,
     /// Sum of `unacked` over `in_memory`, published through `in_memory_held`.
     in_memory_total: u64,
     in_memory_held: Arc<AtomicU64>,
@@ -261,7 +261,7 @@ impl Actor {
     }
 
     /// Counts down a repo's in-memory backfill; at zero its token can be cleared.
-    fn in_memory_acked(&mut self, did: String, done: &mut Finished) {
+    fn in_memory_acked(&mut self, did: Arc<str>, done: &mut Finished) {
         let Some(track) = self.in_memory.get_mut(&did) else {
             return;
         };
@@ -270,7 +270,7 @@ impl Actor {
         if track.unacked == 0 {
             let token = track.token;
             self.in_memory.remove(&did);
-            done.backfills.push((did, token));
+            done.backfills.push((did.to_string(), token));
         }
     }
 

@@ -360,7 +360,7 @@ pub enum EventStorage {
     /// re-runs the backfill of any repo whose token was never cleared
     /// ([`Store::clear_backfill_token`]): a crash re-derives the events instead of losing
     /// them. Only sound for a first backfill, whose events are all creates re-derivable from
-    /// the repo itself.
+    /// the repo itself. The store does not read the events' payloads in this mode.
     InMemoryBackfill,
 }
 

@@ -55,16 +55,17 @@ enum Role {
 /// Sets every pragma of a connection, in one place.
 ///
 /// `journal_mode` is stored in the file, so the first connection makes a new database WAL and
-/// later ones just read the mode back. The writer gets a 16 MiB page cache and readers 4 MiB
+/// later ones just read the mode back. The writer gets a 4 MiB page cache and readers 2 MiB
 /// each: tap's writes are appends and key-ordered upserts that need few hot pages, and bigger
 /// caches only fill up during a large backfill (64 + 4×16 MiB took a 279 MB resync to 162 MB
-/// peak RSS; 16 + 4×4 MiB: 95 MB, no slower — docs/benchmarks.md).
+/// peak RSS, with the cache the largest share; the backfill benchmark is no slower with the
+/// small ones — docs/benchmarks.md).
 fn configure(conn: &Connection, role: Role) -> rusqlite::Result<()> {
     let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |row| row.get(0))?;
     tracing::debug!(?role, %mode, "Configured SQLite journal mode.");
     let cache_kib = match role {
-        Role::Writer => 16_384,
-        Role::Reader => 4_096,
+        Role::Writer => 4_096,
+        Role::Reader => 2_048,
     };
     conn.execute_batch(&format!(
         "PRAGMA synchronous=NORMAL;

@@ -14,7 +14,7 @@ fn readme_example_releases_in_the_documented_waves() {
     let mut s = OrderingScheduler::new();
     let mut released = Vec::new();
     for (id, b) in [(1, H), (2, H), (3, L), (4, H), (5, H), (6, L), (7, H)] {
-        released.extend(s.push("did:plc:a", EventId(id), b));
+        released.extend(s.push(&"did:plc:a".into(), EventId(id), b));
     }
     assert_eq!(released, ids(&[1, 2]));
     assert_eq!(s.ack(EventId(1)), ids(&[]));
@@ -30,19 +30,23 @@ fn readme_example_releases_in_the_documented_waves() {
 #[test]
 fn historical_events_fly_together() {
     let mut s = OrderingScheduler::new();
-    assert_eq!(s.push("d", EventId(1), H), ids(&[1]));
-    assert_eq!(s.push("d", EventId(2), H), ids(&[2]));
-    assert_eq!(s.push("d", EventId(3), H), ids(&[3]));
+    assert_eq!(s.push(&"d".into(), EventId(1), H), ids(&[1]));
+    assert_eq!(s.push(&"d".into(), EventId(2), H), ids(&[2]));
+    assert_eq!(s.push(&"d".into(), EventId(3), H), ids(&[3]));
     assert_eq!(s.in_flight_len(), 3);
 }
 
 #[test]
 fn live_event_waits_for_inflight_historical() {
     let mut s = OrderingScheduler::new();
-    s.push("d", EventId(1), H);
-    s.push("d", EventId(2), H);
-    assert_eq!(s.push("d", EventId(3), L), ids(&[]));
-    assert_eq!(s.push("d", EventId(4), H), ids(&[]), "H3 waits behind L1");
+    s.push(&"d".into(), EventId(1), H);
+    s.push(&"d".into(), EventId(2), H);
+    assert_eq!(s.push(&"d".into(), EventId(3), L), ids(&[]));
+    assert_eq!(
+        s.push(&"d".into(), EventId(4), H),
+        ids(&[]),
+        "H3 waits behind L1"
+    );
     assert_eq!(s.ack(EventId(1)), ids(&[]));
     assert_eq!(s.ack(EventId(2)), ids(&[3]));
     assert_eq!(s.ack(EventId(3)), ids(&[4]));
@@ -51,9 +55,9 @@ fn live_event_waits_for_inflight_historical() {
 #[test]
 fn consecutive_live_events_go_one_at_a_time() {
     let mut s = OrderingScheduler::new();
-    assert_eq!(s.push("d", EventId(1), L), ids(&[1]));
-    assert_eq!(s.push("d", EventId(2), L), ids(&[]));
-    assert_eq!(s.push("d", EventId(3), L), ids(&[]));
+    assert_eq!(s.push(&"d".into(), EventId(1), L), ids(&[1]));
+    assert_eq!(s.push(&"d".into(), EventId(2), L), ids(&[]));
+    assert_eq!(s.push(&"d".into(), EventId(3), L), ids(&[]));
     assert_eq!(s.ack(EventId(1)), ids(&[2]));
     assert_eq!(s.ack(EventId(2)), ids(&[3]));
 }
@@ -61,18 +65,18 @@ fn consecutive_live_events_go_one_at_a_time() {
 #[test]
 fn a_first_live_event_blocks_a_later_historical_one() {
     let mut s = OrderingScheduler::new();
-    assert_eq!(s.push("d", EventId(1), L), ids(&[1]));
-    assert_eq!(s.push("d", EventId(2), H), ids(&[]));
+    assert_eq!(s.push(&"d".into(), EventId(1), L), ids(&[1]));
+    assert_eq!(s.push(&"d".into(), EventId(2), H), ids(&[]));
     assert_eq!(s.ack(EventId(1)), ids(&[2]));
 }
 
 #[test]
 fn dids_are_independent() {
     let mut s = OrderingScheduler::new();
-    assert_eq!(s.push("a", EventId(1), L), ids(&[1]));
-    assert_eq!(s.push("b", EventId(2), L), ids(&[2]));
-    assert_eq!(s.push("a", EventId(3), H), ids(&[]));
-    assert_eq!(s.push("b", EventId(4), H), ids(&[]));
+    assert_eq!(s.push(&"a".into(), EventId(1), L), ids(&[1]));
+    assert_eq!(s.push(&"b".into(), EventId(2), L), ids(&[2]));
+    assert_eq!(s.push(&"a".into(), EventId(3), H), ids(&[]));
+    assert_eq!(s.push(&"b".into(), EventId(4), H), ids(&[]));
     assert_eq!(s.ack(EventId(2)), ids(&[4]));
     assert_eq!(s.ack(EventId(1)), ids(&[3]));
 }
@@ -80,8 +84,8 @@ fn dids_are_independent() {
 #[test]
 fn unknown_and_duplicate_acks_are_ignored() {
     let mut s = OrderingScheduler::new();
-    s.push("d", EventId(1), L);
-    s.push("d", EventId(2), L);
+    s.push(&"d".into(), EventId(1), L);
+    s.push(&"d".into(), EventId(2), L);
     assert_eq!(s.ack(EventId(99)), ids(&[]));
     assert_eq!(s.ack(EventId(1)), ids(&[2]));
     assert_eq!(
@@ -97,7 +101,7 @@ fn resend_happens_once_per_timeout_from_the_last_send() {
     let mut s = OrderingScheduler::new();
     let t0 = Instant::now();
     let timeout = Duration::from_secs(60);
-    s.push("d", EventId(1), H);
+    s.push(&"d".into(), EventId(1), H);
     s.mark_sent(EventId(1), t0);
     assert_eq!(
         s.due_for_resend(t0 + Duration::from_secs(59), timeout),
@@ -124,7 +128,7 @@ fn resend_happens_once_per_timeout_from_the_last_send() {
 fn acked_events_are_never_due_for_resend() {
     let mut s = OrderingScheduler::new();
     let t0 = Instant::now();
-    s.push("d", EventId(1), H);
+    s.push(&"d".into(), EventId(1), H);
     s.mark_sent(EventId(1), t0);
     s.ack(EventId(1));
     assert_eq!(
@@ -136,8 +140,8 @@ fn acked_events_are_never_due_for_resend() {
 #[test]
 fn a_failed_write_hands_the_event_back_without_breaking_order() {
     let mut s = OrderingScheduler::new();
-    s.push("d", EventId(1), L);
-    s.push("d", EventId(2), H);
+    s.push(&"d".into(), EventId(1), L);
+    s.push(&"d".into(), EventId(2), H);
     let t0 = Instant::now();
     s.mark_sent(EventId(1), t0);
     s.mark_unsent(EventId(1));
@@ -161,7 +165,7 @@ fn the_send_log_stays_proportional_to_what_is_in_flight() {
     // A fast consumer: 100 k events sent and acked well within one retry timeout, in
     // order for the first half and in reverse order per 10 k window for the second.
     for n in 0..100_000u64 {
-        s.push("d", EventId(n), H);
+        s.push(&"d".into(), EventId(n), H);
         s.mark_sent(EventId(n), t0);
     }
     for n in 0..50_000u64 {
@@ -188,7 +192,7 @@ fn compacting_the_send_log_keeps_every_unacked_event_due() {
     let mut s = OrderingScheduler::new();
     let t0 = Instant::now();
     for n in 0..10_000u64 {
-        s.push("d", EventId(n), H);
+        s.push(&"d".into(), EventId(n), H);
         s.mark_sent(EventId(n), t0);
     }
     // Everything but every 100th event is acked, out of order, forcing compactions.
@@ -243,7 +247,7 @@ proptest! {
             match op {
                 Op::Push { did, live } => {
                     meta.insert(next, (did, live));
-                    let rel = s.push(&did.to_string(), EventId(next), Barrier::from_live(live));
+                    let rel = s.push(&did.to_string().into(), EventId(next), Barrier::from_live(live));
                     next += 1;
                     pushed += 1;
                     check(rel, &mut flying, &meta)?;
