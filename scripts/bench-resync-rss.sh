@@ -3,6 +3,7 @@
 # the reference PDS writes them) is served from loopback, tap backfills it into SQLite and a
 # consumer acks every event. Prints the backfill time and tap's maximum resident set size.
 #   scripts/bench-resync-rss.sh [RECORDS=800000] [ORDER=shuffled]
+# TAP_EXTRA_ARGS passes flags to tap; TAP_BIN runs another build of tap (for A/B comparisons).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RECORDS="${1:-800000}"
@@ -19,7 +20,7 @@ echo "repo: $DID, $(du -h "$WORK/repo.car" | cut -f1) CAR, $RECORDS records + pr
 for _ in $(seq 1 100); do grep -q PORT "$WORK/serve.out" 2>/dev/null && break; sleep 0.1; done
 PORT="$(awk '/PORT/ {print $2}' "$WORK/serve.out")"
 TAP_PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
-/usr/bin/time -v target/release/tap run --bind "127.0.0.1:$TAP_PORT" --db-url "sqlite://$WORK/tap.db" \
+/usr/bin/time -v "${TAP_BIN:-target/release/tap}" run --bind "127.0.0.1:$TAP_PORT" --db-url "sqlite://$WORK/tap.db" \
   --plc-url "http://127.0.0.1:$PORT" --relay-url "http://127.0.0.1:1" \
   --handle-resolver-url "http://127.0.0.1:$PORT" --log-level warn ${TAP_EXTRA_ARGS:-} > "$WORK/tap.out" 2> "$WORK/time.out" &
 TAP_PID=$!
