@@ -9,7 +9,6 @@ use std::hash::{BuildHasherDefault, Hasher};
 use bytes::Bytes;
 use cid::Cid;
 use multihash::Multihash;
-use sha2::Digest;
 
 /// Multicodec code of DAG-CBOR blocks (commits, MST nodes, records).
 pub const DAG_CBOR: u64 = 0x71;
@@ -23,7 +22,10 @@ pub const SHA2_256: u64 = 0x12;
 /// module.
 #[must_use]
 pub fn sha256(data: &[u8]) -> [u8; 32] {
-    sha2::Sha256::digest(data).into()
+    // The raw compression function with our own padding: ~10 ns less per call than the
+    // `Digest` wrapper's buffering, which matters for the many one-block hashes (key
+    // heights).
+    sha256_resume(SHA256_INIT, 0, data)
 }
 
 /// Bytes between two recorded SHA-256 midstates (four compression blocks): see
@@ -294,6 +296,8 @@ mod tests {
         let data: Vec<u8> = (0..1100u32).map(|i| (i * 7 + i / 13) as u8).collect();
         for len in (0..700).chain([1023, 1024, 1025, 1100]) {
             let d = &data[..len];
+            let reference: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(d).into();
+            assert_eq!(sha256(d), reference, "len {len}");
             let mut mids = Vec::new();
             assert_eq!(sha256_recording(d, &mut mids), sha256(d), "len {len}");
             assert_eq!(mids.len(), len / MIDSTATE_STRIDE);
