@@ -174,13 +174,14 @@ pub(crate) fn parse_node<'a>(
         let (suffix, p, right, value) = match fast_entry(bytes, r.position()) {
             Some(e) => {
                 r.take(e.len as u64)?;
-                (e.suffix, e.p, e.right, e.value)
+                // Nothing after the links can fail in an entry the fast path matched, so
+                // checking them now keeps the general path's error order.
+                let right = e.right.map(RawLink::validate).transpose()?;
+                (e.suffix, e.p, right, e.value.validate()?)
             }
             None => general_entry(&mut r)?,
         };
         let p = usize::try_from(p).unwrap_or(usize::MAX);
-        let right = right.map(RawLink::validate).transpose()?;
-        let value = value.validate()?;
         if i == 0 {
             if p != 0 {
                 return Err(MstError::Malformed("first entry must have p = 0"));
@@ -229,11 +230,12 @@ fn general_entry<'a>(r: &mut Reader<'a>) -> Result<EntryParts<'a>, MstError> {
     if r.text_bytes()? != b"t" {
         return Err(MstError::Malformed("entry key order"));
     }
-    let right = nullable_raw_link(r)?;
+    // Links are checked as they are read, so errors come in reading order.
+    let right = nullable_raw_link(r)?.map(RawLink::validate).transpose()?;
     if r.text_bytes()? != b"v" {
         return Err(MstError::Malformed("entry key order"));
     }
-    let value = raw_link(r)?;
+    let value = raw_link(r)?.validate()?;
     Ok((suffix, p, right, value))
 }
 
@@ -295,4 +297,111 @@ pub fn encode_node_parts(left: Option<&Cid>, entries: &[(&[u8], &Cid, Option<&Ci
     cbor::write_text(&mut out, "l");
     cbor::write_nullable_link(&mut out, left);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::hash;
+
+    /// The decoder as it was before the shared parser and its fast path: every field read
+    /// through the general reader. The oracle for [`decode_node`].
+    fn reference_decode(bytes: &[u8]) -> Result<NodeData, MstError> {
+        let mut r = Reader::new(bytes);
+        if r.map_len()? != 2 || r.text_bytes()? != b"e" {
+            return Err(MstError::Malformed("node must be {e, l}"));
+        }
+        let n = r.array_len()?;
+        let mut entries: Vec<Entry> = Vec::new();
+        for _ in 0..n {
+            if r.map_len()? != 4 {
+                return Err(MstError::Malformed("entry must be {k, p, t, v}"));
+            }
+            if r.text_bytes()? != b"k" {
+                return Err(MstError::Malformed("entry key order"));
+            }
+            let suffix = r.bytes()?;
+            if r.text_bytes()? != b"p" {
+                return Err(MstError::Malformed("entry key order"));
+            }
+            let p = usize::try_from(r.uint()?).unwrap_or(usize::MAX);
+            if r.text_bytes()? != b"t" {
+                return Err(MstError::Malformed("entry key order"));
+            }
+            let right = r.nullable_link()?;
+            if r.text_bytes()? != b"v" {
+                return Err(MstError::Malformed("entry key order"));
+            }
+            let value = r.link()?;
+            let key = match entries.last() {
+                None if p == 0 => suffix.to_vec(),
+                None => return Err(MstError::Malformed("first entry must have p = 0")),
+                Some(prev) => {
+                    if p > prev.key.len() {
+                        return Err(MstError::Malformed("prefix longer than previous key"));
+                    }
+                    let mut k = prev.key[..p].to_vec();
+                    k.extend_from_slice(suffix);
+                    if k <= prev.key {
+                        return Err(MstError::KeyOrder(crate::mst::key_string(&k)));
+                    }
+                    k
+                }
+            };
+            entries.push(Entry { key, value, right });
+        }
+        if r.text_bytes()? != b"l" {
+            return Err(MstError::Malformed("node must be {e, l}"));
+        }
+        let left = r.nullable_link()?;
+        r.finish()?;
+        Ok(NodeData { left, entries })
+    }
+
+    fn sample_node(long: bool) -> Vec<u8> {
+        let keys: Vec<Vec<u8>> = (0..6u32)
+            .map(|i| {
+                let rkey = if long {
+                    format!("{i:0>30}")
+                } else {
+                    format!("3k{i}")
+                };
+                format!("app.bsky.feed.like/{rkey}").into_bytes()
+            })
+            .collect();
+        let v = hash::cid_for_cbor(b"v");
+        let raw = hash::cid_for(hash::RAW, b"r");
+        let parts: Vec<(&[u8], &Cid, Option<&Cid>)> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let right = (i % 2 == 0).then_some(&v);
+                (k.as_slice(), if i == 3 { &raw } else { &v }, right)
+            })
+            .collect();
+        encode_node_parts(Some(&v), &parts)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
+
+        #[test]
+        fn decode_node_matches_the_reference_decoder_on_mutated_nodes(
+            long in any::<bool>(),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3),
+            cut in proptest::option::of(any::<prop::sample::Index>()),
+        ) {
+            let mut b = sample_node(long);
+            for (at, v) in flips {
+                let i = at.index(b.len());
+                b[i] = v;
+            }
+            if let Some(c) = cut {
+                b.truncate(c.index(b.len()));
+            }
+            prop_assert_eq!(decode_node(&b), reference_decode(&b));
+        }
+    }
 }
