@@ -39,7 +39,7 @@ pub const BATCH: usize = 100;
 const INDEX_PAGE: usize = 1000;
 /// Memory a walk may use for blocks that arrive before they are needed; beyond it they
 /// spill to a temporary file. Per worker, so the total is bounded by the parallelism.
-pub const WALK_MEMORY_BUDGET: usize = 8 << 20;
+pub const WALK_MEMORY_BUDGET: usize = 4 << 20;
 
 /// Settings of the resync stage.
 #[derive(Debug, Clone)]
@@ -480,7 +480,6 @@ impl<'a> Snapshot<'a> {
         change: Change,
         record: Option<(&str, Option<&str>)>,
     ) -> Result<(), ResyncError> {
-        let rev = self.rev.clone().unwrap_or_default();
         let (action, rkey) = match change {
             Change::Create { rkey } => (Action::Create, rkey),
             Change::Update { rkey } => (Action::Update, rkey),
@@ -490,30 +489,31 @@ impl<'a> Snapshot<'a> {
             (Action::Delete, _) | (_, None) => (None, None),
             (_, Some((cid, json))) => (Some(cid), json),
         };
+        let payload = RecordEvent {
+            live: false,
+            did: self.did.as_str(),
+            rev: self.rev.as_deref().unwrap_or_default(),
+            collection,
+            rkey: &rkey,
+            action,
+            cid,
+            record_json: json,
+        }
+        .payload();
+        self.write.events.push(NewEvent {
+            live: false,
+            payload,
+        });
         self.write.records.push(match cid {
             Some(cid) => RecordChange::Put {
                 collection: collection.to_owned(),
-                rkey: rkey.clone(),
+                rkey,
                 cid: cid.to_owned(),
             },
             None => RecordChange::Delete {
                 collection: collection.to_owned(),
-                rkey: rkey.clone(),
+                rkey,
             },
-        });
-        self.write.events.push(NewEvent {
-            live: false,
-            payload: RecordEvent {
-                live: false,
-                did: self.did.as_str(),
-                rev: &rev,
-                collection,
-                rkey: &rkey,
-                action,
-                cid,
-                record_json: json,
-            }
-            .payload(),
         });
         if self.write.events.len() >= BATCH {
             self.flush().await?;
