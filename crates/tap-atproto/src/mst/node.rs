@@ -152,24 +152,85 @@ fn fast_entry(b: &[u8], at: usize) -> Option<FastEntry<'_>> {
     })
 }
 
+/// The decompressed key being built: on the stack while short, so parsing a node allocates
+/// nothing for it.
+struct KeyBuf {
+    len: usize,
+    inline: [u8; 128],
+    /// Used instead of `inline` once a key is longer (stays in use for the node).
+    heap: Vec<u8>,
+}
+
+impl KeyBuf {
+    fn new() -> Self {
+        Self {
+            len: 0,
+            inline: [0; 128],
+            heap: Vec::new(),
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        if self.heap.is_empty() {
+            &self.inline[..self.len]
+        } else {
+            &self.heap
+        }
+    }
+
+    /// The key becomes its first `p` bytes (`p <= len`) followed by `suffix`.
+    fn replace_tail(&mut self, p: usize, suffix: &[u8]) {
+        let total = p + suffix.len();
+        if self.heap.is_empty() && total <= self.inline.len() {
+            self.inline[p..total].copy_from_slice(suffix);
+        } else {
+            if self.heap.is_empty() {
+                self.heap.extend_from_slice(&self.inline[..p]);
+            } else {
+                self.heap.truncate(p);
+            }
+            self.heap.extend_from_slice(suffix);
+        }
+        self.len = total;
+    }
+}
+
+/// One entry as [`parse_node`] hands it over.
+pub(crate) struct ParsedEntry<'a, 'k> {
+    /// The full (decompressed) key.
+    pub(crate) key: &'k [u8],
+    /// How many leading bytes the key shares with the previous one (0 for the first).
+    pub(crate) prefix: usize,
+    /// On the first entry only: how many entries the node declares (capped by what its
+    /// size allows), for pre-sizing.
+    pub(crate) first_of: Option<usize>,
+    /// Subtree to the right.
+    pub(crate) right: Option<RawLink<'a>>,
+    /// The value.
+    pub(crate) value: RawLink<'a>,
+}
+
 /// The one node parser: checks the shape `{e: [{k, p, t, v}], l}` (fields in canonical
-/// order), checks each link is a valid CID as it meets it, decompresses each key into `key`
-/// (reused: no allocation per entry) and checks that keys strictly increase, then calls
-/// `entry(key, prefix, right, value)` where `prefix` is how many leading bytes the key
-/// shares with the previous one (0 for the first). Returns the node's `l` link. Both
-/// [`decode_node`] and the mutable tree's loader go through here, so they accept exactly
-/// the same blocks and fail with the same errors.
+/// order), checks each link is a valid CID as it meets it, decompresses each key (into a
+/// reused buffer: no allocation per entry) and checks that keys strictly increase, then
+/// calls `entry` with it. Returns the node's `l` link. Both [`decode_node`] and the mutable
+/// tree's loader go through here, so they accept exactly the same blocks and fail with the
+/// same errors.
 pub(crate) fn parse_node<'a>(
     bytes: &'a [u8],
-    key: &mut Vec<u8>,
-    mut entry: impl FnMut(&[u8], usize, Option<RawLink<'a>>, RawLink<'a>) -> Result<(), MstError>,
+    mut entry: impl FnMut(ParsedEntry<'a, '_>) -> Result<(), MstError>,
 ) -> Result<Option<RawLink<'a>>, MstError> {
     let mut r = Reader::new(bytes);
     if r.map_len()? != 2 || r.text_bytes()? != b"e" {
         return Err(MstError::Malformed("node must be {e, l}"));
     }
     let n = r.array_len()?;
-    key.clear();
+    // The smallest entry takes 20 bytes (12 of field names and heads, a link of 8), so a
+    // lying count cannot inflate this beyond what the block could hold.
+    let count = usize::try_from(n)
+        .unwrap_or(usize::MAX)
+        .min(bytes.len() / 20);
+    let mut key = KeyBuf::new();
     for i in 0..n {
         let (suffix, p, right, value) = match fast_entry(bytes, r.position()) {
             Some(e) => {
@@ -186,21 +247,27 @@ pub(crate) fn parse_node<'a>(
             if p != 0 {
                 return Err(MstError::Malformed("first entry must have p = 0"));
             }
-            key.extend_from_slice(suffix);
+            key.replace_tail(0, suffix);
         } else {
-            if p > key.len() {
+            let prev = key.as_slice();
+            if p > prev.len() {
                 return Err(MstError::Malformed("prefix longer than previous key"));
             }
-            // The new key shares key[..p] with the previous one, so it is greater exactly
+            // The new key shares prev[..p] with the previous one, so it is greater exactly
             // when its suffix is greater than the previous key's rest.
-            let greater = suffix > &key[p..];
-            key.truncate(p);
-            key.extend_from_slice(suffix);
+            let greater = suffix > &prev[p..];
+            key.replace_tail(p, suffix);
             if !greater {
-                return Err(MstError::KeyOrder(super::key_string(key)));
+                return Err(MstError::KeyOrder(super::key_string(key.as_slice())));
             }
         }
-        entry(key, if i == 0 { 0 } else { p }, right, value)?;
+        entry(ParsedEntry {
+            key: key.as_slice(),
+            prefix: if i == 0 { 0 } else { p },
+            first_of: (i == 0).then_some(count),
+            right,
+            value,
+        })?;
     }
     if r.text_bytes()? != b"l" {
         return Err(MstError::Malformed("node must be {e, l}"));
@@ -245,14 +312,16 @@ fn general_entry<'a>(r: &mut Reader<'a>) -> Result<EntryParts<'a>, MstError> {
 /// # Errors
 /// [`MstError`] on malformed input.
 pub fn decode_node(bytes: &[u8]) -> Result<NodeData, MstError> {
-    // Entries average ~100 bytes; a lying count cannot make this allocate much.
-    let mut entries: Vec<Entry> = Vec::with_capacity(bytes.len() / 64 + 1);
-    let mut key = Vec::with_capacity(64);
-    let left = parse_node(bytes, &mut key, |k, _, right, value| {
+    let mut entries: Vec<Entry> = Vec::new();
+    let left = parse_node(bytes, |e| {
+        if let Some(n) = e.first_of {
+            // Exactly sized: small nodes' vectors stay within the allocator's fast caches.
+            entries.reserve_exact(n);
+        }
         entries.push(Entry {
-            key: k.to_vec(),
-            value: value.cid()?,
-            right: right.map(RawLink::cid).transpose()?,
+            key: e.key.to_vec(),
+            value: e.value.cid()?,
+            right: e.right.map(RawLink::cid).transpose()?,
         });
         Ok(())
     })?;
@@ -360,13 +429,15 @@ mod tests {
         Ok(NodeData { left, entries })
     }
 
-    fn sample_node(long: bool) -> Vec<u8> {
-        let keys: Vec<Vec<u8>> = (0..6u32)
+    /// A node whose keys are short, medium, or (width 0) grow from short to longer than the
+    /// parser's inline key buffer.
+    fn sample_node(width: usize) -> Vec<u8> {
+        let keys: Vec<Vec<u8>> = (0..6usize)
             .map(|i| {
-                let rkey = if long {
-                    format!("{i:0>30}")
+                let rkey = if width == 0 {
+                    "a".repeat([2, 60, 100, 108, 115, 200][i])
                 } else {
-                    format!("3k{i}")
+                    format!("{i:0>width$}")
                 };
                 format!("app.bsky.feed.like/{rkey}").into_bytes()
             })
@@ -389,11 +460,11 @@ mod tests {
 
         #[test]
         fn decode_node_matches_the_reference_decoder_on_mutated_nodes(
-            long in any::<bool>(),
+            width in prop::sample::select(vec![0usize, 2, 30, 140]),
             flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3),
             cut in proptest::option::of(any::<prop::sample::Index>()),
         ) {
-            let mut b = sample_node(long);
+            let mut b = sample_node(width);
             for (at, v) in flips {
                 let i = at.index(b.len());
                 b[i] = v;

@@ -254,28 +254,32 @@ fn check_key(key: &[u8]) -> Option<usize> {
 fn load_node(cid: &Link, height: Option<u8>, src: &dyn BlockSource) -> Result<TreeNode, MstError> {
     let full = cid.to_cid();
     let bytes = src.get_block(&full).ok_or(MstError::MissingBlock(full))?;
-    // Entries take ~100 bytes, so this rarely reallocates; the left link goes in front.
-    let mut items: Vec<Item> = Vec::with_capacity(bytes.len() / 48 + 2);
-    items.push(Item::Sub(Child::Stub(Link::Std(Digest([0; 32])))));
-    let mut key = Vec::with_capacity(64);
+    let mut items: Vec<Item> = Vec::new();
     // Syntax is checked incrementally while decoding, but reported after the structural
     // checks below (in key order), as a whole-node decode followed by checks would.
     let mut first_invalid: Option<Vec<u8>> = None;
     let mut slash = 0;
     let mut first_key_height = None;
-    let left = parse_node(bytes, &mut key, |k, prefix, right, value| {
+    let left = parse_node(bytes, |e| {
+        let (k, right, value) = (e.key, e.right, e.value);
+        if let Some(n) = e.first_of {
+            // Room for every entry, its right subtree and the left link, which goes in
+            // front (this placeholder) once it has been read at the end of the block.
+            items.reserve_exact(2 * n + 1);
+            items.push(Item::Sub(Child::Stub(Link::EMPTY)));
+        }
         if first_invalid.is_none() {
-            let checked = if first_key_height.is_none() {
+            let checked = if e.first_of.is_some() {
                 check_key(k)
             } else {
-                check_key_incremental(k, prefix, slash)
+                check_key_incremental(k, e.prefix, slash)
             };
             match checked {
                 Some(s) => slash = s,
                 None => first_invalid = Some(k.to_vec()),
             }
         }
-        if first_key_height.is_none() {
+        if e.first_of.is_some() {
             first_key_height = Some(key_height(k));
         }
         items.push(Item::Leaf {
@@ -294,9 +298,11 @@ fn load_node(cid: &Link, height: Option<u8>, src: &dyn BlockSource) -> Result<Tr
         }
         Ok(())
     })?;
-    match left {
-        Some(l) => items[0] = Item::Sub(Child::Stub(Link::parse(l)?)),
-        None => {
+    match (left, items.is_empty()) {
+        (Some(l), true) => items.push(Item::Sub(Child::Stub(Link::parse(l)?))),
+        (Some(l), false) => items[0] = Item::Sub(Child::Stub(Link::parse(l)?)),
+        (None, true) => {}
+        (None, false) => {
             items.remove(0);
         }
     }
