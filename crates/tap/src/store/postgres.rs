@@ -508,8 +508,10 @@ impl PgStore {
         }
 
         let mut ids = Vec::new();
-        if w.storage == EventStorage::InMemoryBackfill && !w.events.is_empty() {
-            // Numbers only: the sequence never goes back, so no stored event reuses them.
+        if !w.events.is_empty() {
+            // Take the ids first (then insert with explicit ids: ascending ids map to events in
+            // order without relying on the evaluation order of an INSERT … SELECT). The
+            // sequence never goes back, so in-memory events' ids are never reused either.
             let rows = tx
                 .query(
                     "SELECT nextval('outbox_id_seq') FROM generate_series(1, $1::bigint)",
@@ -523,28 +525,15 @@ impl PgStore {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(pg(OP))?;
             ids.sort_unstable();
+        }
+        if w.storage == EventStorage::InMemoryBackfill && !ids.is_empty() {
             tx.execute(
                 "UPDATE repos SET backfill_token = $2 WHERE did = $1",
                 &[&w.did, &ids.first()],
             )
             .await
             .map_err(pg(OP))?;
-        } else if !w.events.is_empty() {
-            // Take the ids first, then insert with explicit ids: ascending ids map to events in
-            // order without relying on the evaluation order of an INSERT … SELECT.
-            let rows = tx
-                .query(
-                    "SELECT nextval('outbox_id_seq') FROM generate_series(1, $1::bigint)",
-                    &[&to_i64(w.events.len())],
-                )
-                .await
-                .map_err(pg(OP))?;
-            ids = rows
-                .iter()
-                .map(|row| row.try_get::<_, i64>(0))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(pg(OP))?;
-            ids.sort_unstable();
+        } else if !ids.is_empty() {
             let live: Vec<bool> = w.events.iter().map(|e| e.live).collect();
             let payload: Vec<&str> = w.events.iter().map(|e| e.payload.as_str()).collect();
             let stmt = tx
