@@ -65,6 +65,12 @@ impl Net {
         cfg
     }
 
+    /// Publishes `repo`'s identity and serves `car` as its `getRepo` answer.
+    fn host(&self, repo: &RepoBuilder, handle: &str, car: Vec<u8>) {
+        self.publish(repo, handle);
+        self.pds.set_repo(repo.did().as_str(), RepoReply::Car(car));
+    }
+
     /// Publishes `repo`'s DID document (Multikey form) and handle.
     fn publish(&self, repo: &RepoBuilder, handle: &str) {
         let did = repo.did().as_str();
@@ -385,9 +391,7 @@ async fn read_without_acking(tap: &TestTap, n: usize) -> Vec<Value> {
 async fn unacked_first_backfill_reruns(db: TestDb) {
     let net = Net::start().await;
     let repo = RepoBuilder::with_records(did(3), TestKey::k256(3), 13, 120);
-    net.publish(&repo, "carol.test");
-    net.pds
-        .set_repo(repo.did().as_str(), RepoReply::Car(repo.car_shuffled(4)));
+    net.host(&repo, "carol.test", repo.car_shuffled(4));
     let n = repo.records().len();
 
     // First run: the backfill completes and is delivered, but nothing is acked.
@@ -447,9 +451,7 @@ on_both_backends!(
 async fn durable_backfill_events(db: TestDb) {
     let net = Net::start().await;
     let repo = RepoBuilder::with_records(did(4), TestKey::k256(4), 14, 60);
-    net.publish(&repo, "dave.test");
-    net.pds
-        .set_repo(repo.did().as_str(), RepoReply::Car(repo.car_tree_order()));
+    net.host(&repo, "dave.test", repo.car_tree_order());
     let n = repo.records().len();
     let mut cfg = net.config(&db);
     cfg.durable_backfill_events = true;
