@@ -436,6 +436,21 @@ const commands = {
     return { did: a.did, bytes: car.length, commit: latest.cid, rev: latest.rev }
   },
 
+  awaitSequenced: async (a) => {
+    // The PDS writes an event to its repo_seq table at once but its sequencer only
+    // broadcasts it on the next poll (backing off up to a second when idle), so a
+    // subscriber that connects without a cursor right after a write may still see it
+    // live. This waits until everything written so far has been broadcast.
+    const sequencer = pds.ctx.sequencer
+    const target = (await sequencer.curr()) ?? 0
+    const deadline = Date.now() + (a.timeoutMs ?? 10_000)
+    while (sequencer.lastSeen < target) {
+      if (Date.now() > deadline) throw new Error(`sequencer stuck at ${sequencer.lastSeen} < ${target}`)
+      await new Promise((resolve) => setTimeout(resolve, 5))
+    }
+    return { seq: target }
+  },
+
   getSigningKey: async (a) => {
     need(a, 'did')
     // the account's repo signing key, as the PDS keeps it (raw 32-byte secp256k1 secret)

@@ -322,6 +322,9 @@ async fn records_changed_while_tap_was_stopped_are_caught_up(db: TestDb) {
         )
         .await;
     }
+    // The PDS broadcasts writes on its sequencer's next poll; until it has, a subscriber
+    // without a cursor would still receive them live and nothing would need a resync.
+    net.command(json!({"cmd": "awaitSequenced"})).await;
     let mut no_replay = config.clone();
     no_replay.no_replay = true;
     let tap = TestTap::start(no_replay).await;
