@@ -12,11 +12,11 @@
 //!   transaction. See `postgres.rs`.
 
 mod postgres;
+pub mod record_index;
 mod sqlite;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -539,6 +539,13 @@ pub enum StoreError {
         /// The stored value.
         value: String,
     },
+    /// A record index change the index cannot hold (empty or with a separator); nothing
+    /// was written.
+    #[error(transparent)]
+    Unindexable(#[from] record_index::Unindexable),
+    /// A stored record index chunk does not decode.
+    #[error(transparent)]
+    CorruptChunk(#[from] record_index::CorruptChunk),
     /// A [`RepoWrite`]'s [`WriteCondition`] was not met; nothing was written.
     #[error("write for {did} skipped: {condition} not met")]
     ConditionNotMet {
@@ -577,6 +584,8 @@ impl StoreError {
             | Self::SchemaTooNew { .. }
             | Self::ForeignSchema { .. }
             | Self::Corrupt { .. }
+            | Self::Unindexable(_)
+            | Self::CorruptChunk(_)
             | Self::ConditionNotMet { .. }
             | Self::Closed
             | Self::Worker { .. } => false,
@@ -612,26 +621,6 @@ fn resync_retry_after(now_unix: i64, retry_count_before: u32, jitter_ms: u64) ->
     now_unix
         .saturating_add(minutes * 60)
         .saturating_add(jitter_secs)
-}
-
-/// Collapses record changes to the last change per key, in key order, so a backend can apply
-/// them as set operations with the same result as applying them one by one.
-/// Value `Some(cid)` = put, `None` = delete.
-fn collapse_record_changes(changes: &[RecordChange]) -> BTreeMap<(&str, &str), Option<&str>> {
-    let mut last = BTreeMap::new();
-    for change in changes {
-        match change {
-            RecordChange::Put {
-                collection,
-                rkey,
-                cid,
-            } => last.insert((collection.as_str(), rkey.as_str()), Some(cid.as_str())),
-            RecordChange::Delete { collection, rkey } => {
-                last.insert((collection.as_str(), rkey.as_str()), None)
-            }
-        };
-    }
-    last
 }
 
 fn parse_state(value: &str) -> Result<RepoState, StoreError> {
@@ -1088,7 +1077,7 @@ impl Table {
     fn count_sql(self) -> &'static str {
         match self {
             Self::Repos => "SELECT COUNT(*) FROM repos",
-            Self::Records => "SELECT COUNT(*) FROM repo_records",
+            Self::Records => "SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) FROM record_chunks",
             Self::Outbox => "SELECT COUNT(*) FROM outbox",
             Self::ResyncBuffer => "SELECT COUNT(*) FROM resync_buffer",
         }
@@ -1168,36 +1157,6 @@ mod unit {
         // Jitter is rounded up to whole seconds.
         assert_eq!(resync_retry_after(0, 0, 1), 61);
         assert_eq!(resync_retry_after(0, 0, 59_999), 120);
-    }
-
-    #[test]
-    fn record_changes_collapse_to_the_last_change_per_key() {
-        let put = |c: &str, r: &str, cid: &str| RecordChange::Put {
-            collection: c.into(),
-            rkey: r.into(),
-            cid: cid.into(),
-        };
-        let del = |c: &str, r: &str| RecordChange::Delete {
-            collection: c.into(),
-            rkey: r.into(),
-        };
-        let changes = [
-            put("b", "1", "x"),
-            del("b", "1"),
-            del("a", "2"),
-            put("a", "2", "y"),
-            put("a", "1", "z"),
-            put("a", "1", "w"),
-        ];
-        let collapsed: Vec<_> = collapse_record_changes(&changes).into_iter().collect();
-        assert_eq!(
-            collapsed,
-            [
-                (("a", "1"), Some("w")),
-                (("a", "2"), Some("y")),
-                (("b", "1"), None)
-            ]
-        );
     }
 
     #[test]

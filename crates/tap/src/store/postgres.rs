@@ -11,11 +11,11 @@ use deadpool_postgres::{
 use tokio_postgres::NoTls;
 use tokio_postgres::config::Host;
 
+use super::record_index::{self, CollectionWork, FoundChunk};
 use super::{
     BufferedCommit, CLAIM_ORDER, EventId, EventStorage, Migration, OutboxRow, RecordRow,
     RepoChange, RepoRow, RepoState, RepoWrite, ResyncFailure, StoreError, Table, WriteCondition,
-    clamp_retry_count, collapse_record_changes, event_id, parse_state, parse_status,
-    resync_retry_after, to_i64,
+    clamp_retry_count, event_id, parse_state, parse_status, resync_retry_after, to_i64,
 };
 
 /// Schema history, oldest first. Versions must be strictly increasing.
@@ -29,6 +29,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 2,
         name: "0002_backfill_token",
         sql: include_str!("migrations/postgres/0002_backfill_token.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "0003_record_chunks",
+        sql: include_str!("migrations/postgres/0003_record_chunks.sql"),
     },
 ];
 
@@ -181,7 +186,7 @@ impl PgStore {
             .execute("DELETE FROM repos WHERE did = ANY($1)", &[&dids])
             .await
             .map_err(pg(OP))?;
-        tx.execute("DELETE FROM repo_records WHERE did = ANY($1)", &[&dids])
+        tx.execute("DELETE FROM record_chunks WHERE did = ANY($1)", &[&dids])
             .await
             .map_err(pg(OP))?;
         tx.execute("DELETE FROM resync_buffer WHERE did = ANY($1)", &[&dids])
@@ -241,7 +246,10 @@ impl PgStore {
         const OP: &str = "count_records_for";
         let client = self.client(OP).await?;
         let row = client
-            .query_one("SELECT COUNT(*) FROM repo_records WHERE did = $1", &[&did])
+            .query_one(
+                "SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) FROM record_chunks WHERE did = $1",
+                &[&did],
+            )
             .await
             .map_err(pg(OP))?;
         let count: i64 = row.try_get(0).map_err(pg(OP))?;
@@ -253,7 +261,7 @@ impl PgStore {
         let client = self.client(OP).await?;
         let rows = client
             .query(
-                "SELECT DISTINCT collection FROM repo_records WHERE did = $1 ORDER BY collection",
+                "SELECT DISTINCT collection FROM record_chunks WHERE did = $1 ORDER BY collection",
                 &[&did],
             )
             .await
@@ -408,48 +416,7 @@ impl PgStore {
         }
 
         if !w.records.is_empty() {
-            // Set operations need at most one change per key; the last change wins, which is
-            // what applying them in order would give.
-            let mut put = (Vec::new(), Vec::new(), Vec::new());
-            let mut delete = (Vec::new(), Vec::new());
-            for ((collection, rkey), cid) in collapse_record_changes(&w.records) {
-                match cid {
-                    Some(cid) => {
-                        put.0.push(collection);
-                        put.1.push(rkey);
-                        put.2.push(cid);
-                    }
-                    None => {
-                        delete.0.push(collection);
-                        delete.1.push(rkey);
-                    }
-                }
-            }
-            if !delete.0.is_empty() {
-                let stmt = tx
-                    .prepare_cached(
-                        "DELETE FROM repo_records WHERE did = $1 AND (collection, rkey) IN \
-                         (SELECT * FROM unnest($2::text[], $3::text[]))",
-                    )
-                    .await
-                    .map_err(pg(OP))?;
-                tx.execute(&stmt, &[&w.did, &delete.0, &delete.1])
-                    .await
-                    .map_err(pg(OP))?;
-            }
-            if !put.0.is_empty() {
-                let stmt = tx
-                    .prepare_cached(
-                        "INSERT INTO repo_records (did, collection, rkey, cid) \
-                         SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[]) \
-                         ON CONFLICT (did, collection, rkey) DO UPDATE SET cid = EXCLUDED.cid",
-                    )
-                    .await
-                    .map_err(pg(OP))?;
-                tx.execute(&stmt, &[&w.did, &put.0, &put.1, &put.2])
-                    .await
-                    .map_err(pg(OP))?;
-            }
+            write_record_index(&tx, &w.did, &w.records).await?;
         }
 
         if !w.resync_buffer_delete.is_empty() {
@@ -499,7 +466,7 @@ impl PgStore {
             RepoChange::Delete => {
                 for sql in [
                     "DELETE FROM repos WHERE did = $1",
-                    "DELETE FROM repo_records WHERE did = $1",
+                    "DELETE FROM record_chunks WHERE did = $1",
                     "DELETE FROM resync_buffer WHERE did = $1",
                 ] {
                     tx.execute(sql, &[&w.did]).await.map_err(pg(OP))?;
@@ -631,7 +598,7 @@ impl PgStore {
         let mut client = self.client(OP).await?;
         let tx = client.transaction().await.map_err(pg(OP))?;
         tx.execute(
-            "DELETE FROM repo_records WHERE did IN \
+            "DELETE FROM record_chunks WHERE did IN \
                (SELECT did FROM repos WHERE backfill_token IS NOT NULL)",
             &[],
         )
@@ -761,41 +728,60 @@ impl PgStore {
     ) -> Result<Vec<RecordRow>, StoreError> {
         const OP: &str = "records_page";
         let client = self.client(OP).await?;
-        let limit = to_i64(limit);
-        let rows = match &after {
-            None => {
-                let stmt = client
-                    .prepare_cached(
-                        "SELECT collection, rkey, cid FROM repo_records WHERE did = $1 \
-                         ORDER BY collection, rkey LIMIT $2",
-                    )
-                    .await
-                    .map_err(pg(OP))?;
-                client.query(&stmt, &[&did, &limit]).await
+        let mut page = Vec::with_capacity(limit);
+        // Where the next read of whole chunks starts: after `after`'s own chunk, then after
+        // the last chunk read.
+        let mut resume = None;
+        if let Some((collection, rkey)) = &after {
+            if let Some(found) = chunk_at_or_before(&**client, &did, collection, rkey).await?
+                && !record_index::fill_page(&mut page, limit, collection, &found.text, Some(rkey))?
+            {
+                return Ok(page);
             }
-            Some((collection, rkey)) => {
-                let stmt = client
-                    .prepare_cached(
-                        "SELECT collection, rkey, cid FROM repo_records \
-                         WHERE did = $1 AND (collection, rkey) > ($2, $3) \
-                         ORDER BY collection, rkey LIMIT $4",
-                    )
-                    .await
-                    .map_err(pg(OP))?;
-                client.query(&stmt, &[&did, collection, rkey, &limit]).await
+            resume = Some((collection.clone(), rkey.clone()));
+        }
+        // A full chunk holds dozens of entries; a few at a time is enough for most pages.
+        let per_read = i64::try_from(limit / 16).unwrap_or(i64::MAX).clamp(4, 256);
+        loop {
+            let rows = match &resume {
+                None => {
+                    let stmt = client
+                        .prepare_cached(
+                            "SELECT collection, first_rkey, entries FROM record_chunks \
+                             WHERE did = $1 ORDER BY collection, first_rkey LIMIT $2",
+                        )
+                        .await
+                        .map_err(pg(OP))?;
+                    client.query(&stmt, &[&did, &per_read]).await
+                }
+                Some((collection, first)) => {
+                    let stmt = client
+                        .prepare_cached(
+                            "SELECT collection, first_rkey, entries FROM record_chunks \
+                             WHERE did = $1 AND (collection, first_rkey) > ($2, $3) \
+                             ORDER BY collection, first_rkey LIMIT $4",
+                        )
+                        .await
+                        .map_err(pg(OP))?;
+                    client
+                        .query(&stmt, &[&did, collection, first, &per_read])
+                        .await
+                }
+            }
+            .map_err(pg(OP))?;
+            for row in &rows {
+                let collection: String = row.try_get(0).map_err(pg(OP))?;
+                let first: String = row.try_get(1).map_err(pg(OP))?;
+                let text: &str = row.try_get(2).map_err(pg(OP))?;
+                if !record_index::fill_page(&mut page, limit, &collection, text, None)? {
+                    return Ok(page);
+                }
+                resume = Some((collection, first));
+            }
+            if i64::try_from(rows.len()).unwrap_or(i64::MAX) < per_read {
+                return Ok(page);
             }
         }
-        .map_err(pg(OP))?;
-        rows.iter()
-            .map(|row| {
-                Ok(RecordRow {
-                    collection: row.try_get(0)?,
-                    rkey: row.try_get(1)?,
-                    cid: row.try_get(2)?,
-                })
-            })
-            .collect::<Result<_, tokio_postgres::Error>>()
-            .map_err(pg(OP))
     }
 
     pub(super) async fn buffer_commit(
@@ -855,6 +841,113 @@ fn read_repo(row: &tokio_postgres::Row, op: &'static str) -> Result<RepoRow, Sto
         error: row.try_get(6).map_err(pg(op))?,
         retry_count: clamp_retry_count(row.try_get(7).map_err(pg(op))?),
         retry_after: row.try_get(8).map_err(pg(op))?,
+    })
+}
+
+/// Namespace of the per-repo advisory locks that serialize record index writers.
+const RECORD_INDEX_LOCK: i32 = 0x7461_7072; // "tapr"
+
+/// Applies index changes chunk by chunk; [`record_index`] decides what to rewrite. Chunks
+/// are read, merged and rewritten, so two transactions must not do it to one repo at once:
+/// a transaction-scoped advisory lock on the DID serializes them.
+async fn write_record_index(
+    tx: &tokio_postgres::Transaction<'_>,
+    did: &str,
+    records: &[super::RecordChange],
+) -> Result<(), StoreError> {
+    const OP: &str = "apply";
+    let groups = record_index::plan(records)?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+        &[&RECORD_INDEX_LOCK, &did],
+    )
+    .await
+    .map_err(pg(OP))?;
+    for group in groups {
+        let collection = group.collection;
+        let mut work = CollectionWork::new(group.changes);
+        while let Some(key) = work.next_key() {
+            let found = match chunk_at_or_before(tx, did, collection, key).await? {
+                Some(found) => Some(found),
+                None => tx
+                    .query_opt(
+                        "SELECT first_rkey, entries FROM record_chunks \
+                         WHERE did = $1 AND collection = $2 ORDER BY first_rkey LIMIT 1",
+                        &[&did, &collection],
+                    )
+                    .await
+                    .map_err(pg(OP))?
+                    .map(|row| found_chunk(&row))
+                    .transpose()?,
+            };
+            let upper: Option<String> = match &found {
+                None => None,
+                Some(found) => tx
+                    .query_opt(
+                        "SELECT first_rkey FROM record_chunks \
+                         WHERE did = $1 AND collection = $2 AND first_rkey > $3 \
+                         ORDER BY first_rkey LIMIT 1",
+                        &[&did, &collection, &found.first],
+                    )
+                    .await
+                    .map_err(pg(OP))?
+                    .map(|row| row.try_get(0))
+                    .transpose()
+                    .map_err(pg(OP))?,
+            };
+            let rewrite = work.apply(found.as_ref(), upper.as_deref())?;
+            if let Some(first) = rewrite.remove {
+                tx.execute(
+                    "DELETE FROM record_chunks WHERE did = $1 AND collection = $2 \
+                     AND first_rkey = $3",
+                    &[&did, &collection, &first],
+                )
+                .await
+                .map_err(pg(OP))?;
+            }
+            if !rewrite.insert.is_empty() {
+                let (firsts, counts, texts): (Vec<_>, Vec<_>, Vec<_>) = rewrite
+                    .insert
+                    .into_iter()
+                    .map(|c| (c.first, c.count, c.text))
+                    .collect();
+                tx.execute(
+                    "INSERT INTO record_chunks (did, collection, first_rkey, n, entries) \
+                     SELECT $1, $2, * FROM unnest($3::text[], $4::bigint[], $5::text[])",
+                    &[&did, &collection, &firsts, &counts, &texts],
+                )
+                .await
+                .map_err(pg(OP))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The chunk of `collection` with the greatest first rkey at or below `rkey`.
+async fn chunk_at_or_before(
+    client: &impl tokio_postgres::GenericClient,
+    did: &str,
+    collection: &str,
+    rkey: &str,
+) -> Result<Option<FoundChunk>, StoreError> {
+    client
+        .query_opt(
+            "SELECT first_rkey, entries FROM record_chunks \
+             WHERE did = $1 AND collection = $2 AND first_rkey <= $3 \
+             ORDER BY first_rkey DESC LIMIT 1",
+            &[&did, &collection, &rkey],
+        )
+        .await
+        .map_err(pg("record index"))?
+        .map(|row| found_chunk(&row))
+        .transpose()
+}
+
+fn found_chunk(row: &tokio_postgres::Row) -> Result<FoundChunk, StoreError> {
+    Ok(FoundChunk {
+        first: row.try_get(0).map_err(pg("record index"))?,
+        text: row.try_get(1).map_err(pg("record index"))?,
     })
 }
 

@@ -982,6 +982,129 @@ test_each_store!(records_page_walks_keys_in_byte_order, |store, _url| {
 });
 
 test_each_store!(
+    a_large_index_spread_over_many_chunks_matches_every_write_and_pages_exactly,
+    |store, _url| {
+        store.add_repos(&dids(&["a", "b"])).await.unwrap();
+        let cid = |n: usize| format!("bafyreicid{n:06}");
+        let mut model = std::collections::BTreeMap::new();
+        let mut apply = |records: Vec<RecordChange>| {
+            for r in &records {
+                match r {
+                    RecordChange::Put {
+                        collection,
+                        rkey,
+                        cid,
+                    } => {
+                        model.insert((collection.clone(), rkey.clone()), cid.clone());
+                    }
+                    RecordChange::Delete { collection, rkey } => {
+                        model.remove(&(collection.clone(), rkey.clone()));
+                    }
+                }
+            }
+            let mut write = RepoWrite::new("did:plc:a");
+            write.records = records;
+            write
+        };
+        // A backfill in key order, 100 at a time: many chunks per collection.
+        for collection in ["app.bsky.feed.like", "app.bsky.feed.post"] {
+            for batch in 0..12 {
+                let records = (0..100)
+                    .map(|i| {
+                        let n = batch * 100 + i;
+                        put(collection, &format!("3k{:010}", n * 10), &cid(n))
+                    })
+                    .collect();
+                store.apply(apply(records)).await.unwrap();
+            }
+        }
+        // Live writes anywhere: before the first key, between keys, updates, deletes of
+        // present and absent keys, a whole chunk's worth deleted, a new collection.
+        let mut mixed = vec![
+            put("app.bsky.feed.post", "0000", &cid(1)),
+            put("app.bsky.feed.post", &format!("3k{:010}", 55), &cid(2)),
+            put("app.bsky.feed.post", &format!("3k{:010}", 60), &cid(3)),
+            delete("app.bsky.feed.post", &format!("3k{:010}", 70)),
+            delete("app.bsky.feed.post", "absent"),
+            put("app.bsky.graph.follow", "f1", &cid(4)),
+            put("zzz.last", "z", &cid(5)),
+        ];
+        mixed
+            .extend((200..320).map(|n| delete("app.bsky.feed.like", &format!("3k{:010}", n * 10))));
+        store.apply(apply(mixed)).await.unwrap();
+        // Another repo's records must never show up in this one's pages.
+        let mut other = RepoWrite::new("did:plc:b");
+        other.records = vec![put("app.bsky.feed.post", "3k", &cid(9))];
+        store.apply(other).await.unwrap();
+
+        let expected: Vec<(String, String, String)> = model
+            .iter()
+            .map(|((c, r), cid)| (c.clone(), r.clone(), cid.clone()))
+            .collect();
+        assert_eq!(records_of(&store, "did:plc:a").await, expected);
+        assert_eq!(
+            store.count_records_for("did:plc:a").await.unwrap(),
+            expected.len() as u64
+        );
+        assert_eq!(
+            store.record_count().await.unwrap(),
+            expected.len() as u64 + 1
+        );
+        assert_eq!(
+            store.record_collections("did:plc:a").await.unwrap(),
+            [
+                "app.bsky.feed.like",
+                "app.bsky.feed.post",
+                "app.bsky.graph.follow",
+                "zzz.last"
+            ]
+        );
+        // Small pages resume exactly where the last one ended, inside or across chunks.
+        for size in [1, 7, 100] {
+            let mut seen = Vec::new();
+            let mut after = None;
+            loop {
+                let page = store
+                    .records_page("did:plc:a", after.clone(), size)
+                    .await
+                    .unwrap();
+                assert!(page.len() <= size);
+                let Some(last) = page.last() else { break };
+                after = Some((last.collection.clone(), last.rkey.clone()));
+                seen.extend(page.into_iter().map(|r| (r.collection, r.rkey, r.cid)));
+            }
+            assert_eq!(seen, expected, "page size {size}");
+        }
+        // A page may start from a key that is not stored.
+        let page = store
+            .records_page(
+                "did:plc:a",
+                Some(("app.bsky.feed.post".into(), format!("3k{:010}", 56))),
+                2,
+            )
+            .await
+            .unwrap();
+        assert_eq!(page[0].rkey, format!("3k{:010}", 60));
+        assert_eq!(page[1].rkey, format!("3k{:010}", 80));
+    }
+);
+
+test_each_store!(
+    an_index_change_the_index_cannot_hold_is_refused_and_writes_nothing,
+    |store, _url| {
+        store.add_repos(&dids(&["a"])).await.unwrap();
+        let mut write = RepoWrite::new("did:plc:a");
+        write.records = vec![put("col", "ok", "c1"), put("col", "has space", "c2")];
+        write.events = vec![event(true, 1)];
+        let err = store.apply(write).await.unwrap_err();
+        assert!(matches!(err, StoreError::Unindexable(_)), "{err}");
+        assert!(!err.is_transient());
+        assert_eq!(store.record_count().await.unwrap(), 0);
+        assert_eq!(store.outbox_count().await.unwrap(), 0);
+    }
+);
+
+test_each_store!(
     resync_buffer_round_trips_and_is_consumed_by_apply,
     |store, _url| {
         store.add_repos(&dids(&["a", "b"])).await.unwrap();
@@ -1197,6 +1320,93 @@ async fn sqlite_refuses_a_database_made_by_another_program() {
     .err()
     .expect("open must fail");
     assert!(matches!(err, StoreError::ForeignSchema { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn sqlite_index_rows_from_before_chunking_are_migrated_and_stay_writable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    // A database as schema version 2 left it, with one row per record.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE schema_migrations (version INTEGER NOT NULL PRIMARY KEY, \
+         name TEXT NOT NULL, applied_at INTEGER NOT NULL DEFAULT (unixepoch()));",
+    )
+    .unwrap();
+    for m in sqlite::migrations().iter().filter(|m| m.version <= 2) {
+        conn.execute_batch(m.sql).unwrap();
+        conn.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES (?1, ?2)",
+            rusqlite::params![m.version, m.name],
+        )
+        .unwrap();
+    }
+    conn.execute_batch(OLD_INDEX_ROWS).unwrap();
+    drop(conn);
+    check_index_migrated_from_rows(&DatabaseUrl::Sqlite(path.display().to_string())).await;
+}
+
+#[tokio::test]
+async fn postgres_index_rows_from_before_chunking_are_migrated_and_stay_writable() {
+    let Some(db) = TestPostgres::create().await else {
+        return;
+    };
+    let DatabaseUrl::Postgres(raw) = &db.url else {
+        unreachable!()
+    };
+    let mut sql = String::from(
+        "CREATE TABLE schema_migrations (version BIGINT NOT NULL PRIMARY KEY, \
+         name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now());",
+    );
+    for m in postgres::migrations().iter().filter(|m| m.version <= 2) {
+        sql.push_str(m.sql);
+        sql.push_str(&format!(
+            ";INSERT INTO schema_migrations (version, name) VALUES ({}, '{}');",
+            m.version, m.name
+        ));
+    }
+    sql.push_str(OLD_INDEX_ROWS);
+    admin_execute(raw, &sql).await;
+    check_index_migrated_from_rows(&db.url).await;
+    db.drop_database().await;
+}
+
+/// Rows as schema version 2 stored them: one per record.
+const OLD_INDEX_ROWS: &str = "INSERT INTO repos (did, state) VALUES ('did:plc:a', 'active'); \
+     INSERT INTO repo_records (did, collection, rkey, cid) VALUES \
+       ('did:plc:a', 'col', 'k1', 'c1'), ('did:plc:a', 'col', 'k3', 'c3'), \
+       ('did:plc:a', 'other', 'k2', 'c2');";
+
+/// Opens (and so migrates) a database holding [`OLD_INDEX_ROWS`]; the index must read back
+/// the same and take writes around and over the migrated entries.
+async fn check_index_migrated_from_rows(url: &DatabaseUrl) {
+    let store = Store::open(url, StoreOptions::default()).await.unwrap();
+    assert_eq!(
+        records_of(&store, "did:plc:a").await,
+        [
+            triple("col", "k1", "c1"),
+            triple("col", "k3", "c3"),
+            triple("other", "k2", "c2")
+        ]
+    );
+    let mut write = RepoWrite::new("did:plc:a");
+    write.records = vec![
+        put("col", "k2", "c2b"),
+        delete("col", "k3"),
+        put("col", "k0", "c0"),
+    ];
+    store.apply(write).await.unwrap();
+    assert_eq!(
+        records_of(&store, "did:plc:a").await,
+        [
+            triple("col", "k0", "c0"),
+            triple("col", "k1", "c1"),
+            triple("col", "k2", "c2b"),
+            triple("other", "k2", "c2")
+        ]
+    );
+    assert_eq!(store.count_records_for("did:plc:a").await.unwrap(), 4);
+    store.close().await;
 }
 
 #[tokio::test]
