@@ -761,20 +761,21 @@ async fn interrupted_backfill_resumes_after_restart(db: TestDb) {
         return;
     };
     let did = net.did(0);
-    write_notes(&mut net, &did, "com.example.bulk", 600).await;
+    let batch = tap::resync::BATCH;
+    write_notes(&mut net, &did, "com.example.bulk", batch + batch / 2).await;
     let expected = net.records(&did).await;
     let config = net.tap_config(&db);
 
     let mut small = config.clone();
-    small.outbox_capacity = 250;
+    small.outbox_capacity = batch + batch / 4;
     let tap = TestTap::start(small).await;
     add_repos(&tap.url(""), &[&did]).await;
-    // Two batches of 100 fit; the third waits for acks that never come.
+    // The first batch fits; the second waits for acks that never come.
     wait_info(
         &tap.url(""),
         &did,
         "a resync stuck on the full outbox",
-        |i| i.is_some_and(|i| i["state"] == "resyncing" && i["records"] == 200),
+        |i| i.is_some_and(|i| i["state"] == "resyncing" && i["records"] == batch),
     )
     .await;
     tap.stop().await;

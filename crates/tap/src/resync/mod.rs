@@ -34,7 +34,7 @@ use fetch::{FetchError, PdsClient};
 /// new work first (error repos whose retry time comes are only found by this poll).
 pub const IDLE_POLL: Duration = Duration::from_secs(1);
 /// Historical events per transaction.
-pub const BATCH: usize = 100;
+pub const BATCH: usize = 400;
 /// Stored index rows read per page.
 const INDEX_PAGE: usize = 1000;
 /// Memory a walk may use for blocks that arrive before they are needed; beyond it they
