@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::{Router, routing::get};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AdminAuth, ApiState};
@@ -17,6 +17,7 @@ use crate::delivery::{DeliveryHub, webhook};
 use crate::error::AppError;
 use crate::firehose::{self, FirehoseSettings};
 use crate::identity::{Identity, IdentityOptions};
+use crate::outbox::capacity::{Capacity, PAYLOAD_BUDGET};
 use crate::outbox::{
     AckMode, Delivery, Finished, Input, Outbox, OutboxSettings, acks, loader, scheduler,
 };
@@ -38,7 +39,7 @@ const ACKED_QUEUE: usize = 1024;
 /// [`Outbox`] before the tasks run.
 struct OutboxParts {
     handle: Outbox,
-    permits: Arc<Semaphore>,
+    capacity: Capacity,
     inputs_tx: mpsc::Sender<Input>,
     inputs_rx: mpsc::Receiver<Input>,
     queue_tx: async_channel::Sender<Delivery>,
@@ -61,21 +62,15 @@ impl OutboxParts {
             ack_mode,
             retry_timeout: config.retry_timeout,
         };
-        let permits = Arc::new(Semaphore::new(settings.capacity));
+        let capacity = Capacity::new(settings.capacity, PAYLOAD_BUDGET);
         let (inputs_tx, inputs_rx) = mpsc::channel(ACTOR_INPUTS);
         let (queue_tx, queue_rx) = async_channel::bounded(scheduler::DELIVERY_QUEUE);
         let (acked_tx, acked_rx) = mpsc::channel(ACKED_QUEUE);
         let (ready_tx, ready_rx) = watch::channel(false);
-        let handle = Outbox::new(
-            store.clone(),
-            Arc::clone(&permits),
-            settings.capacity,
-            inputs_tx.clone(),
-            ready_rx,
-        );
+        let handle = Outbox::new(store.clone(), capacity.clone(), inputs_tx.clone(), ready_rx);
         Self {
             handle,
-            permits,
+            capacity,
             inputs_tx,
             inputs_rx,
             queue_tx,
@@ -222,7 +217,7 @@ impl App {
         // Outbox: actor, deleter, backlog loader.
         let OutboxParts {
             handle: outbox_handle,
-            permits,
+            capacity,
             inputs_tx,
             inputs_rx,
             queue_tx,
@@ -237,7 +232,7 @@ impl App {
             inputs_rx,
             queue_tx,
             acked_tx,
-            Arc::clone(&permits),
+            capacity.clone(),
             progress.in_memory_events_counter(),
         );
         let actor_task = tokio::spawn(actor.run(delivery_stop.clone()));
@@ -245,7 +240,7 @@ impl App {
         shutdown.tracker().spawn(loader::run_loader(
             store.clone(),
             inputs_tx.clone(),
-            permits,
+            capacity,
             ready_tx,
             config.outbox_only,
             intake.clone(),

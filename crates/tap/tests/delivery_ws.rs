@@ -515,7 +515,16 @@ async fn fire_and_forget_failed_write_puts_the_events_back_for_the_next_connecti
         .into_iter()
         .map(|id| id.0)
         .collect();
-    let live = tap.append(&a, vec![record(&a, "l1", true)]).await[0].0;
+    // The batch holds the outbox's whole payload budget, so the live write waits for
+    // capacity until the historical events have been written to a consumer.
+    let live = {
+        let outbox = tap.outbox.clone();
+        let a = a.clone();
+        tokio::spawn(async move {
+            let live = vec![record(&a, "l1", true)];
+            delivery_support::append(&outbox, &a, live).await[0].0
+        })
+    };
     // One frame read proves the session has taken a batch and is writing it.
     let first = slow.event().await;
     assert_eq!(event_id(&first), historical[0]);
@@ -523,15 +532,16 @@ async fn fire_and_forget_failed_write_puts_the_events_back_for_the_next_connecti
 
     let mut client = Client::connect(tap.addr).await;
     let mut seen = HashSet::new();
-    loop {
+    let live_seen = loop {
         let ev = client.event().await;
         let id = event_id(&ev);
-        if id == live {
-            break;
+        if ev["record"]["live"] == true {
+            break id;
         }
         assert_eq!(event_did(&ev), a);
         seen.insert(id);
-    }
+    };
+    assert_eq!(live_seen, live.await.unwrap());
     assert!(
         seen.contains(&historical[0]),
         "the event of the failed batch is sent again"
@@ -587,5 +597,52 @@ async fn acks_from_any_connection_count() {
         "l2",
         "the ack on another connection released the barrier"
     );
+    tap.stop().await;
+}
+
+/// Unacked events hold their payload bytes: once they fill the outbox's memory budget a
+/// producer waits (however few events that is), and acks let it through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producers_wait_while_unacked_payloads_fill_the_memory_budget() {
+    let (tap, _db) = sqlite_tap(|_| {}).await;
+    let a = did(1);
+    let size = 64 * 1024;
+    let n = tap::outbox::capacity::PAYLOAD_BUDGET / size;
+    let held = tap
+        .append(
+            &a,
+            (0..n)
+                .map(|i| big_record(&a, &format!("h{i}"), false, size))
+                .collect(),
+        )
+        .await;
+    let mut next = {
+        let outbox = tap.outbox.clone();
+        let a = a.clone();
+        tokio::spawn(async move {
+            let more = vec![big_record(&a, "more", false, size)];
+            delivery_support::append(&outbox, &a, more).await[0].0
+        })
+    };
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut next)
+            .await
+            .is_err(),
+        "a write beyond the budget waits while nothing is acked"
+    );
+    let mut client = Client::connect(tap.addr).await;
+    for _ in 0..n {
+        let ev = client.event().await;
+        client.ack(event_id(&ev)).await;
+    }
+    let id = tokio::time::timeout(SOON, next)
+        .await
+        .expect("the write goes through once the held events are acked")
+        .unwrap();
+    assert!(id > held.last().unwrap().0);
+    let ev = client.event().await;
+    assert_eq!(event_id(&ev), id);
+    client.ack(id).await;
+    tap.wait_outbox_len(0).await;
     tap.stop().await;
 }

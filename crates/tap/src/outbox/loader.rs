@@ -2,12 +2,12 @@
 //! before any producer may append (so per-DID order holds across restarts). In
 //! outbox-only mode it keeps polling for rows written by another process.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::capacity::Capacity;
 use super::scheduler::{Input, Queued};
 use crate::store::{EventId, Store};
 
@@ -20,7 +20,7 @@ pub const POLL: Duration = Duration::from_secs(1);
 pub async fn run_loader(
     store: Store,
     inputs: mpsc::Sender<Input>,
-    permits: Arc<Semaphore>,
+    capacity: Capacity,
     ready: watch::Sender<bool>,
     follow: bool,
     stop: CancellationToken,
@@ -78,8 +78,8 @@ pub async fn run_loader(
             if !follow && backlog_end.is_some_and(|end| row.id > end) {
                 break;
             }
-            if let Ok(permit) = permits.try_acquire() {
-                permit.forget();
+            let hold = if let Some(hold) = capacity.try_acquire_one(row.payload.len()) {
+                hold
             } else {
                 // At capacity: hand over what is loaded so it can be delivered and acked,
                 // which is what frees the capacity we wait for.
@@ -87,13 +87,13 @@ pub async fn run_loader(
                 if !full.is_empty() && inputs.send(Input::Appended(full)).await.is_err() {
                     return;
                 }
-                let permit = tokio::select! {
+                let hold = tokio::select! {
                     () = stop.cancelled() => return,
-                    p = permits.acquire() => p,
+                    hold = capacity.acquire_one(row.payload.len()) => hold,
                 };
-                let Ok(permit) = permit else { return };
-                permit.forget();
-            }
+                let Ok(hold) = hold else { return };
+                hold
+            };
             after = Some(row.id);
             loaded += 1;
             batch.push(Queued {
@@ -101,7 +101,7 @@ pub async fn run_loader(
                 did: row.did.into(),
                 live: row.live,
                 payload: row.payload,
-                holds_permit: true,
+                hold,
                 durable: true,
             });
         }

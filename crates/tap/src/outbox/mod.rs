@@ -11,10 +11,12 @@
 //! every such event of a repo is acked it asks the deleter to clear the repo's backfill
 //! token, the durable marker that makes the next start re-run an unfinished delivery.
 //!
-//! Back-pressure: a semaphore of `--outbox-capacity` permits; every event holds one from
-//! append to ack, so producers wait when consumers fall behind. No queue is unbounded.
+//! Back-pressure ([`capacity`]): every event holds one of `--outbox-capacity` permits and
+//! its payload's bytes from a fixed budget, from append to ack, so producers wait when
+//! consumers fall behind. No queue is unbounded, in count or in bytes.
 
 pub mod acks;
+pub mod capacity;
 pub mod loader;
 pub mod ordering;
 pub mod scheduler;
@@ -22,7 +24,9 @@ pub mod scheduler;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
+
+use capacity::Capacity;
 
 use crate::store::{EventId, EventStorage, RepoWrite, Store, StoreError};
 
@@ -76,8 +80,7 @@ impl OutboxError {
 #[derive(Clone)]
 pub struct Outbox {
     store: Store,
-    permits: Arc<Semaphore>,
-    capacity: usize,
+    capacity: Capacity,
     inputs: mpsc::Sender<Input>,
     ready: watch::Receiver<bool>,
 }
@@ -86,14 +89,12 @@ impl Outbox {
     /// A handle over the given store, actor inputs and capacity semaphore.
     pub(crate) fn new(
         store: Store,
-        permits: Arc<Semaphore>,
-        capacity: usize,
+        capacity: Capacity,
         inputs: mpsc::Sender<Input>,
         ready: watch::Receiver<bool>,
     ) -> Self {
         Self {
             store,
-            permits,
             capacity,
             inputs,
             ready,
@@ -114,15 +115,12 @@ impl Outbox {
             .wait_for(|r| *r)
             .await
             .map_err(|_| OutboxError::Closed)?;
-        let wanted = write.events.len().min(self.capacity);
-        let permits = u32::try_from(wanted).unwrap_or(u32::MAX);
-        if permits > 0 {
-            self.permits
-                .acquire_many(permits)
-                .await
-                .map_err(|_| OutboxError::Closed)?
-                .forget();
-        }
+        let sizes: Vec<usize> = write.events.iter().map(|e| e.payload.len()).collect();
+        let holds = self
+            .capacity
+            .acquire(&sizes)
+            .await
+            .map_err(|_| OutboxError::Closed)?;
         let mut write = write;
         let did: Arc<str> = Arc::from(write.did.as_str());
         let durable = write.storage == EventStorage::Durable;
@@ -143,25 +141,25 @@ impl Outbox {
         let ids = match self.store.apply(write).await {
             Ok(ids) => ids,
             Err(e) => {
-                self.permits.add_permits(wanted);
+                self.capacity.release_all(&holds);
                 return Err(e.into());
             }
         };
         if ids.len() < events.len() {
             // The write was skipped by its precondition (e.g. the repo was removed).
-            self.permits.add_permits(wanted);
+            self.capacity.release_all(&holds);
             return Ok(ids);
         }
         let queued = ids
             .iter()
             .zip(events)
-            .enumerate()
-            .map(|(i, (&id, (live, payload)))| scheduler::Queued {
+            .zip(holds)
+            .map(|((&id, (live, payload)), hold)| scheduler::Queued {
                 id,
                 did: Arc::clone(&did),
                 live,
                 payload,
-                holds_permit: i < wanted,
+                hold,
                 durable,
             })
             .collect();

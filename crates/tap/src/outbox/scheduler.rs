@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::capacity::{Capacity, Hold};
 use super::ordering::{Barrier, OrderingScheduler};
 use super::{AckMode, OutboxSettings};
 use crate::store::EventId;
@@ -28,8 +29,8 @@ pub struct Queued {
     pub live: bool,
     /// Stored payload (no id).
     pub payload: String,
-    /// Whether it holds a capacity permit to return on ack.
-    pub holds_permit: bool,
+    /// The capacity it holds, returned on ack.
+    pub hold: Hold,
     /// Whether it is an outbox row (`false`: numbered only, see
     /// [`EventStorage::InMemoryBackfill`](crate::store::EventStorage)).
     pub durable: bool,
@@ -73,7 +74,7 @@ pub struct Delivery {
 
 struct Held {
     payload: String,
-    holds_permit: bool,
+    hold: Hold,
     appended_at: Instant,
     /// For an event that is not stored: its repo, whose backfill count it is part of.
     in_memory_of: Option<Arc<str>>,
@@ -96,7 +97,7 @@ pub struct Actor {
     inputs: mpsc::Receiver<Input>,
     out: async_channel::Sender<Delivery>,
     acked_out: mpsc::Sender<Finished>,
-    permits: Arc<Semaphore>,
+    capacity: Capacity,
     order: OrderingScheduler,
     in_memory: HashMap<Arc<str>, InMemoryBackfill>,
     /// Sum of `unacked` over `in_memory`, published through `in_memory_held`.
@@ -115,7 +116,7 @@ impl Actor {
         inputs: mpsc::Receiver<Input>,
         out: async_channel::Sender<Delivery>,
         acked_out: mpsc::Sender<Finished>,
-        permits: Arc<Semaphore>,
+        capacity: Capacity,
         in_memory_held: Arc<AtomicU64>,
     ) -> Self {
         Self {
@@ -123,7 +124,7 @@ impl Actor {
             inputs,
             out,
             acked_out,
-            permits,
+            capacity,
             order: OrderingScheduler::new(),
             in_memory: HashMap::new(),
             in_memory_total: 0,
@@ -200,7 +201,7 @@ impl Actor {
                         ev.id,
                         Held {
                             payload: ev.payload,
-                            holds_permit: ev.holds_permit,
+                            hold: ev.hold,
                             appended_at: now,
                             in_memory_of,
                         },
@@ -216,9 +217,7 @@ impl Actor {
                         continue; // unknown or repeated ack
                     };
                     acked += 1;
-                    if held.holds_permit {
-                        self.permits.add_permits(1);
-                    }
+                    self.capacity.release(held.hold);
                     let released = self.order.ack(id);
                     self.queue_ready(released);
                     match held.in_memory_of {
