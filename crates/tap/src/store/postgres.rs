@@ -387,6 +387,16 @@ impl PgStore {
         const OP: &str = "apply";
         let mut client = self.client(OP).await?;
         let tx = client.transaction().await.map_err(pg(OP))?;
+        if !w.records.is_empty() {
+            // First, before any row lock: every index writer takes its locks in this order,
+            // so they cannot deadlock with each other.
+            tx.execute(
+                "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                &[&RECORD_INDEX_LOCK, &w.did],
+            )
+            .await
+            .map_err(pg(OP))?;
+        }
 
         if w.condition != WriteCondition::Always {
             // FOR UPDATE: a concurrent remove_repos waits for this transaction, then removes
@@ -849,21 +859,14 @@ const RECORD_INDEX_LOCK: i32 = 0x7461_7072; // "tapr"
 
 /// Applies index changes chunk by chunk; [`record_index`] decides what to rewrite. Chunks
 /// are read, merged and rewritten, so two transactions must not do it to one repo at once:
-/// a transaction-scoped advisory lock on the DID serializes them.
+/// the caller holds the repo's [`RECORD_INDEX_LOCK`] for the transaction.
 async fn write_record_index(
     tx: &tokio_postgres::Transaction<'_>,
     did: &str,
     records: &[super::RecordChange],
 ) -> Result<(), StoreError> {
     const OP: &str = "apply";
-    let groups = record_index::plan(records)?;
-    tx.execute(
-        "SELECT pg_advisory_xact_lock($1, hashtext($2))",
-        &[&RECORD_INDEX_LOCK, &did],
-    )
-    .await
-    .map_err(pg(OP))?;
-    for group in groups {
+    for group in record_index::plan(records)? {
         let collection = group.collection;
         let mut work = CollectionWork::new(group.changes);
         while let Some(key) = work.next_key() {

@@ -1090,6 +1090,46 @@ test_each_store!(
 );
 
 test_each_store!(
+    concurrent_writes_to_one_repos_index_lose_nothing,
+    |store, _url| {
+        store.add_repos(&dids(&["a"])).await.unwrap();
+        // Interleaved keys, so every write merges into the chunks the others rewrite.
+        let writers: Vec<_> = (0..16)
+            .map(|w| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    for round in 0..5 {
+                        let mut write = RepoWrite::new("did:plc:a");
+                        write.condition = if w % 2 == 0 {
+                            WriteCondition::RepoExists
+                        } else {
+                            WriteCondition::Always
+                        };
+                        write.records = (0..20)
+                            .map(|i| {
+                                let n = (round * 20 + i) * 16 + w;
+                                put("app.test", &format!("k{n:05}"), &format!("c{n}"))
+                            })
+                            .collect();
+                        store.apply(write).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        let all = records_of(&store, "did:plc:a").await;
+        assert_eq!(all.len(), 16 * 5 * 20);
+        assert_eq!(store.count_records_for("did:plc:a").await.unwrap(), 1600);
+        for (n, (_, rkey, cid)) in all.iter().enumerate() {
+            assert_eq!(rkey, &format!("k{n:05}"));
+            assert_eq!(cid, &format!("c{n}"));
+        }
+    }
+);
+
+test_each_store!(
     an_index_change_the_index_cannot_hold_is_refused_and_writes_nothing,
     |store, _url| {
         store.add_repos(&dids(&["a"])).await.unwrap();
