@@ -737,13 +737,22 @@ impl PgStore {
         limit: usize,
     ) -> Result<Vec<RecordRow>, StoreError> {
         const OP: &str = "records_page";
-        let client = self.client(OP).await?;
+        let mut client = self.client(OP).await?;
+        // One snapshot for the several reads of a page: a chunk rewritten between them
+        // (split or merged) would otherwise show some entries twice or not at all.
+        let client = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(pg(OP))?;
         let mut page = Vec::with_capacity(limit);
         // Where the next read of whole chunks starts: after `after`'s own chunk, then after
         // the last chunk read.
         let mut resume = None;
         if let Some((collection, rkey)) = &after {
-            if let Some(found) = chunk_at_or_before(&**client, &did, collection, rkey).await?
+            if let Some(found) = chunk_at_or_before(&*client, &did, collection, rkey).await?
                 && !record_index::fill_page(&mut page, limit, collection, &found.text, Some(rkey))?
             {
                 return Ok(page);

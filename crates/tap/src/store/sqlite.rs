@@ -649,6 +649,14 @@ impl SqliteStore {
     ) -> Result<Vec<RecordRow>, StoreError> {
         self.read("records_page", move |conn| {
             const OP: &str = "records_page";
+            // One snapshot for the two reads of a page: a chunk rewritten between them (split
+            // or merged) would otherwise show some entries twice or not at all. (Through the
+            // writer, for in-memory databases, the page is read inside its transaction.)
+            let _snapshot = if conn.is_autocommit() {
+                Some(conn.unchecked_transaction().map_err(sq(OP))?)
+            } else {
+                None
+            };
             let mut page = Vec::with_capacity(limit);
             // The rest of the chunk holding `after`, then the chunks after it, read lazily
             // until the page is full.
