@@ -150,7 +150,7 @@ pub const SETTINGS: &[Setting] = &[
         "outbox-capacity",
         &["TAP_OUTBOX_CAPACITY"],
         "100000",
-        "events in flight in the outbox before back-pressure is applied",
+        "events in flight in the outbox before back-pressure is applied (their payloads are also capped at 4 MiB in all)",
     ),
     boolean(
         "full-network",

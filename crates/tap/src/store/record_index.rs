@@ -2,8 +2,8 @@
 //!
 //! A repo's index (collection, rkey → CID) is kept as rows that each hold a sorted run of
 //! one collection's entries, keyed by the run's first rkey, instead of one row per record.
-//! A first backfill of 100 records then writes one or two rows rather than a hundred, which
-//! is what lets it keep up with the rest of the pipeline (docs/architecture.md, "Write
+//! A backfill batch of 400 records then writes a handful of rows rather than 400, which is
+//! what lets it keep up with the rest of the pipeline (docs/architecture.md, "Write
 //! volume"). The runs of a collection never overlap, so the chunk that holds a key is the
 //! one with the greatest first rkey at or below it.
 //!
