@@ -181,6 +181,8 @@ impl Actor {
                 let write_token = events.first().map_or(EventId(0), |e| e.id);
                 for ev in events {
                     if self.held.contains_key(&ev.id) {
+                        // Already held: this copy is dropped, and so is what it holds.
+                        self.capacity.release(ev.hold);
                         continue;
                     }
                     let released = self.order.push(&ev.did, ev.id, Barrier::from_live(ev.live));
@@ -331,5 +333,67 @@ fn empty() -> Delivery {
     Delivery {
         id: EventId(0),
         text: String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::capacity::PAYLOAD_BUDGET;
+
+    /// A copy of an event the actor already holds (a loader reading a row twice) is
+    /// dropped, and the capacity it took is given back rather than leaked.
+    #[tokio::test]
+    async fn a_duplicate_event_returns_its_capacity() {
+        let capacity = Capacity::new(10, PAYLOAD_BUDGET);
+        let (inputs_tx, inputs_rx) = mpsc::channel(8);
+        let (out_tx, _out_rx) = async_channel::bounded(DELIVERY_QUEUE);
+        let (acked_tx, _acked_rx) = mpsc::channel(8);
+        let settings = OutboxSettings {
+            capacity: 10,
+            ack_mode: AckMode::ClientAck,
+            retry_timeout: Duration::from_secs(60),
+        };
+        let actor = Actor::new(
+            settings,
+            inputs_rx,
+            out_tx,
+            acked_tx,
+            capacity.clone(),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(actor.run(stop.clone()));
+        let event = |hold| Queued {
+            id: EventId(1),
+            did: Arc::from("did:plc:a"),
+            live: false,
+            payload: "x".repeat(1000),
+            hold,
+            durable: true,
+        };
+        for _ in 0..2 {
+            let hold = capacity.acquire_one(1000).await.unwrap();
+            inputs_tx
+                .send(Input::Appended(vec![event(hold)]))
+                .await
+                .unwrap();
+        }
+        // The original still holds one event and 1000 bytes; the copy held the same.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(hold) = capacity.try_acquire_one(PAYLOAD_BUDGET - 1000) {
+                assert_eq!(hold.bytes as usize, PAYLOAD_BUDGET - 1000);
+                break;
+            }
+            assert!(Instant::now() < deadline, "the copy's capacity came back");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            capacity.try_acquire_one(1).is_none(),
+            "the original's is still held"
+        );
+        stop.cancel();
+        task.await.unwrap();
     }
 }
