@@ -296,23 +296,9 @@ pub fn fill_page(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::tests::{delete as del, put};
     use proptest::prelude::*;
     use std::collections::BTreeMap;
-
-    fn put(collection: &str, rkey: &str, cid: &str) -> RecordChange {
-        RecordChange::Put {
-            collection: collection.into(),
-            rkey: rkey.into(),
-            cid: cid.into(),
-        }
-    }
-
-    fn del(collection: &str, rkey: &str) -> RecordChange {
-        RecordChange::Delete {
-            collection: collection.into(),
-            rkey: rkey.into(),
-        }
-    }
 
     /// A store of chunks for one collection, driven exactly as a backend drives it.
     fn apply_all(

@@ -97,6 +97,14 @@ impl TestPostgres {
         })
     }
 
+    /// The connection string of the database itself.
+    fn raw_url(&self) -> &str {
+        let DatabaseUrl::Postgres(raw) = &self.url else {
+            unreachable!("a TestPostgres always has a Postgres URL")
+        };
+        raw
+    }
+
     async fn drop_database(&self) {
         admin_execute(
             &self.admin_url,
@@ -123,7 +131,7 @@ fn dids(names: &[&str]) -> Vec<String> {
     names.iter().map(|n| format!("did:plc:{n}")).collect()
 }
 
-fn put(collection: &str, rkey: &str, cid: &str) -> RecordChange {
+pub(super) fn put(collection: &str, rkey: &str, cid: &str) -> RecordChange {
     RecordChange::Put {
         collection: collection.into(),
         rkey: rkey.into(),
@@ -131,7 +139,7 @@ fn put(collection: &str, rkey: &str, cid: &str) -> RecordChange {
     }
 }
 
-fn delete(collection: &str, rkey: &str) -> RecordChange {
+pub(super) fn delete(collection: &str, rkey: &str) -> RecordChange {
     RecordChange::Delete {
         collection: collection.into(),
         rkey: rkey.into(),
@@ -1391,9 +1399,7 @@ async fn postgres_index_rows_from_before_chunking_are_migrated_and_stay_writable
     let Some(db) = TestPostgres::create().await else {
         return;
     };
-    let DatabaseUrl::Postgres(raw) = &db.url else {
-        unreachable!()
-    };
+    let raw = db.raw_url();
     let mut sql = String::from(
         "CREATE TABLE schema_migrations (version BIGINT NOT NULL PRIMARY KEY, \
          name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now());",
@@ -1492,9 +1498,7 @@ async fn postgres_refuses_a_database_made_by_another_program() {
     let Some(db) = TestPostgres::create().await else {
         return;
     };
-    let DatabaseUrl::Postgres(raw) = &db.url else {
-        unreachable!()
-    };
+    let raw = db.raw_url();
     admin_execute(raw, "CREATE TABLE repos (did TEXT PRIMARY KEY, state TEXT)").await;
     let result = Store::open(&db.url, StoreOptions::default()).await;
     db.drop_database().await;
