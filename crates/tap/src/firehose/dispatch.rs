@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::cursor::SeqTracker;
-use crate::repos::engine::{Engine, EngineError, Outcome};
+use crate::repos::engine::{Engine, EngineError, FailureClass, Outcome};
 use crate::telemetry as t;
 
 /// Frames queued per worker.
@@ -73,31 +73,69 @@ async fn run_worker(
 ) {
     while let Some(frame) = frames.recv().await {
         let seq = frame.seq();
-        loop {
-            match handle(&engine, &frame).await {
-                Ok(outcome) => {
-                    record(&outcome);
-                    break;
-                }
-                Err(error) if error.is_transient() => {
-                    tracing::warn!(%error, ?seq, "Firehose event failed; retrying.");
-                    tokio::select! {
-                        () = stop.cancelled() => return, // not finished: the cursor stays below it
-                        () = tokio::time::sleep(RETRY_DELAY) => {}
-                    }
-                }
-                Err(error) => {
-                    // A permanent failure would block the repo forever; log and move on.
-                    tracing::error!(%error, ?seq, "Firehose event failed permanently; skipped.");
-                    break;
-                }
-            }
+        if !process(&engine, &frame, &stop).await {
+            // Not finished: the cursor stays below this event, and the next run (or
+            // reconnect) reads it again.
+            return;
         }
         if let Some(seq) = seq {
             seqs.lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .finish(seq);
         }
+    }
+}
+
+/// Handles one frame until it is done: applied, buffered, skipped by rule, or its repo
+/// marked for a resync that will bring in its effects. `false` when tap stops first.
+async fn process(engine: &Engine, frame: &Frame, stop: &CancellationToken) -> bool {
+    let seq = frame.seq();
+    loop {
+        let error = match handle(engine, frame).await {
+            Ok(outcome) => {
+                record(&outcome);
+                return true;
+            }
+            Err(error) => error,
+        };
+        match error.class() {
+            FailureClass::Stopping => return false,
+            FailureClass::Transient => {
+                tracing::warn!(%error, ?seq, "Firehose event failed; retrying.");
+            }
+            FailureClass::Repo => {
+                let Some(did) = frame_did(frame) else {
+                    return true; // only repo events can fail
+                };
+                let reason = format!("firehose event {seq:?} could not be applied: {error}");
+                match engine.desynchronize(did, &reason).await {
+                    Ok(outcome) => {
+                        tracing::warn!(%error, ?seq, did, "Firehose event failed; its repo will be resynced.");
+                        record(&outcome);
+                        return true;
+                    }
+                    Err(e) if e.class() == FailureClass::Stopping => return false,
+                    Err(e) => {
+                        tracing::warn!(error = %e, ?seq, did, "Cannot mark the repo for a resync; retrying.");
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return false,
+            () = tokio::time::sleep(RETRY_DELAY) => {}
+        }
+    }
+}
+
+/// The repo a frame is about, if it is a repo event.
+fn frame_did(frame: &Frame) -> Option<&str> {
+    match frame {
+        Frame::Commit(c) => Some(c.repo.as_str()),
+        Frame::Sync(s) => Some(s.did.as_str()),
+        Frame::Identity(i) => Some(i.did.as_str()),
+        Frame::Account(a) => Some(a.did.as_str()),
+        Frame::Info(_) | Frame::Error(_) | Frame::Unknown { .. } => None,
     }
 }
 

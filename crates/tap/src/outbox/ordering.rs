@@ -110,6 +110,34 @@ impl OrderingScheduler {
         released
     }
 
+    /// Whether `id` is released and not yet acked.
+    #[must_use]
+    pub fn is_in_flight(&self, id: EventId) -> bool {
+        self.in_flight.contains_key(&id)
+    }
+
+    /// Removes an event of `did` that is still waiting (acked before it was released: a
+    /// consumer saw it before a restart) and returns the events this releases. It will
+    /// never be released. Ids that are not waiting for `did` are ignored.
+    pub fn withdraw(&mut self, did: &str, id: EventId) -> Vec<EventId> {
+        let mut released = Vec::new();
+        let Some(did) = self.dids.get_key_value(did).map(|(k, _)| Arc::clone(k)) else {
+            return released;
+        };
+        let Some(queue) = self.dids.get_mut(&did) else {
+            return released;
+        };
+        let Some(at) = queue.waiting.iter().position(|&(w, _)| w == id) else {
+            return released;
+        };
+        queue.waiting.remove(at);
+        Self::release(&did, queue, &mut self.in_flight, &mut released);
+        if queue.waiting.is_empty() && queue.in_flight == 0 {
+            self.dids.remove(&did);
+        }
+        released
+    }
+
     /// Notes that `id` was written to a consumer at `now` (its resend clock starts).
     pub fn mark_sent(&mut self, id: EventId, now: Instant) {
         if let Some(flight) = self.in_flight.get_mut(&id) {

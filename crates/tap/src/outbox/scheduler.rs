@@ -73,11 +73,12 @@ pub struct Delivery {
 }
 
 struct Held {
+    did: Arc<str>,
     payload: String,
     hold: Hold,
     appended_at: Instant,
-    /// For an event that is not stored: its repo, whose backfill count it is part of.
-    in_memory_of: Option<Arc<str>>,
+    /// Not stored: part of its repo's in-memory backfill count.
+    in_memory: bool,
 }
 
 /// A repo's in-memory backfill events not yet acked.
@@ -186,10 +187,11 @@ impl Actor {
                         continue;
                     }
                     let released = self.order.push(&ev.did, ev.id, Barrier::from_live(ev.live));
-                    let in_memory_of = (!ev.durable).then(|| {
+                    let in_memory = !ev.durable;
+                    if in_memory {
                         let track =
                             self.in_memory
-                                .entry(ev.did.clone())
+                                .entry(Arc::clone(&ev.did))
                                 .or_insert(InMemoryBackfill {
                                     unacked: 0,
                                     token: write_token,
@@ -197,15 +199,15 @@ impl Actor {
                         track.token = track.token.max(write_token);
                         track.unacked += 1;
                         self.in_memory_total += 1;
-                        ev.did
-                    });
+                    }
                     self.held.insert(
                         ev.id,
                         Held {
+                            did: ev.did,
                             payload: ev.payload,
                             hold: ev.hold,
                             appended_at: now,
-                            in_memory_of,
+                            in_memory,
                         },
                     );
                     self.queue_ready(released);
@@ -220,11 +222,18 @@ impl Actor {
                     };
                     acked += 1;
                     self.capacity.release(held.hold);
-                    let released = self.order.ack(id);
+                    // An event acked before it was released (the consumer saw it before a
+                    // restart) leaves its DID's queue instead of blocking it forever.
+                    let released = if self.order.is_in_flight(id) {
+                        self.order.ack(id)
+                    } else {
+                        self.order.withdraw(&held.did, id)
+                    };
                     self.queue_ready(released);
-                    match held.in_memory_of {
-                        None => done.ids.push(id),
-                        Some(did) => self.in_memory_acked(did, &mut done),
+                    if held.in_memory {
+                        self.in_memory_acked(held.did, &mut done);
+                    } else {
+                        done.ids.push(id);
                     }
                 }
                 if acked > 0 {
@@ -340,6 +349,120 @@ fn empty() -> Delivery {
 mod tests {
     use super::*;
     use crate::outbox::capacity::PAYLOAD_BUDGET;
+
+    /// A running actor over its own channels, for tests that drive it message by message.
+    struct Harness {
+        capacity: Capacity,
+        inputs: mpsc::Sender<Input>,
+        out: async_channel::Receiver<Delivery>,
+        acked: mpsc::Receiver<Finished>,
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Harness {
+        fn start() -> Self {
+            let capacity = Capacity::new(100, PAYLOAD_BUDGET);
+            let (inputs, inputs_rx) = mpsc::channel(64);
+            let (out_tx, out) = async_channel::bounded(DELIVERY_QUEUE);
+            let (acked_tx, acked) = mpsc::channel(64);
+            let settings = OutboxSettings {
+                capacity: 100,
+                ack_mode: AckMode::ClientAck,
+                retry_timeout: Duration::from_secs(3600),
+            };
+            let actor = Actor::new(
+                settings,
+                inputs_rx,
+                out_tx,
+                acked_tx,
+                capacity.clone(),
+                Arc::new(AtomicU64::new(0)),
+            );
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(actor.run(stop.clone()));
+            Self {
+                capacity,
+                inputs,
+                out,
+                acked,
+                stop,
+                task,
+            }
+        }
+
+        async fn append(&self, did: &str, id: u64, live: bool) {
+            let hold = self.capacity.acquire_one(10).await.unwrap();
+            let event = Queued {
+                id: EventId(id),
+                did: Arc::from(did),
+                live,
+                payload: format!("{{\"n\":{id}}}"),
+                hold,
+                durable: true,
+            };
+            self.inputs
+                .send(Input::Appended(vec![event]))
+                .await
+                .unwrap();
+        }
+
+        async fn ack(&self, ids: &[u64]) {
+            let ids = ids.iter().copied().map(EventId).collect();
+            self.inputs.send(Input::Acked(ids)).await.unwrap();
+        }
+
+        /// The next released event, or `None` if nothing comes within a second.
+        async fn next(&self) -> Option<u64> {
+            tokio::time::timeout(Duration::from_secs(1), self.out.recv())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .map(|d| d.id.0)
+        }
+
+        /// Ids handed to the deleter so far.
+        fn deleted(&mut self) -> Vec<u64> {
+            let mut ids = Vec::new();
+            while let Ok(done) = self.acked.try_recv() {
+                ids.extend(done.ids.iter().map(|id| id.0));
+            }
+            ids
+        }
+
+        async fn stop(self) {
+            self.stop.cancel();
+            self.task.await.unwrap();
+        }
+    }
+
+    /// `@atproto/tap` 0.4 queues acks while disconnected and sends them on the next
+    /// connection, so an ack can name an event that is held behind a live barrier and was
+    /// never released in this run (it was delivered before a restart). The ack is honoured
+    /// (the row is deleted) and the DID keeps delivering: nothing waits for it any more.
+    #[tokio::test]
+    async fn an_ack_for_an_event_not_yet_released_does_not_strand_its_did() {
+        let mut h = Harness::start();
+        h.append("did:plc:a", 1, true).await;
+        h.append("did:plc:a", 2, true).await;
+        assert_eq!(h.next().await, Some(1));
+        // A late ack for 2, which waits behind 1.
+        h.ack(&[2]).await;
+        h.ack(&[1]).await;
+        h.append("did:plc:a", 3, true).await;
+        assert_eq!(h.next().await, Some(3), "the DID delivers again");
+        h.ack(&[3]).await;
+        // The same late ack again, and acks for ids that never existed, change nothing.
+        h.ack(&[2, 2, 999, 0]).await;
+        h.append("did:plc:a", 4, false).await;
+        assert_eq!(h.next().await, Some(4));
+        h.ack(&[4]).await;
+        assert_eq!(h.next().await, None, "2 is never sent after its ack");
+        let mut deleted = h.deleted();
+        deleted.sort_unstable();
+        assert_eq!(deleted, [1, 2, 3, 4], "every acked row is deleted once");
+        h.stop().await;
+    }
 
     /// A copy of an event the actor already holds (a loader reading a row twice) is
     /// dropped, and the capacity it took is given back rather than leaked.

@@ -45,14 +45,41 @@ pub enum EngineError {
     },
 }
 
+/// What a failed event means for the stage that handed it in. The firehose cursor may
+/// pass an event only once its effects are committed, or once its repo is marked for a
+/// resync that will bring them in: no class lets an event be skipped silently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureClass {
+    /// Try the same event again soon (database busy, connection lost).
+    Transient,
+    /// Tap is stopping: leave the event unfinished, so the cursor stays below it.
+    Stopping,
+    /// This event cannot be applied to its repo as it is (it does not index, a buffered
+    /// entry does not encode, the database refused it): resync the repo, then move on.
+    Repo,
+}
+
 impl EngineError {
     /// Whether retrying may succeed.
     #[must_use]
     pub fn is_transient(&self) -> bool {
-        match self {
-            Self::Store(e) => e.is_transient(),
-            Self::Outbox(e) => e.is_transient(),
-            Self::Buffer { .. } => false,
+        self.class() == FailureClass::Transient
+    }
+
+    /// How the caller must treat this failure.
+    #[must_use]
+    pub fn class(&self) -> FailureClass {
+        let store = match self {
+            Self::Store(e) | Self::Outbox(OutboxError::Store(e)) => e,
+            Self::Outbox(OutboxError::Closed) => return FailureClass::Stopping,
+            Self::Buffer { .. } => return FailureClass::Repo,
+        };
+        if store.is_transient() {
+            FailureClass::Transient
+        } else if store.is_closed() {
+            FailureClass::Stopping
+        } else {
+            FailureClass::Repo
         }
     }
 }
@@ -372,7 +399,12 @@ impl Engine {
         Ok(Outcome::Tracked)
     }
 
-    async fn desynchronize(&self, did: &str, reason: &str) -> Result<Outcome, EngineError> {
+    /// Marks `did` desynchronized (a resync will fetch it whole), e.g. after an event of it
+    /// failed in a way retrying cannot fix.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn desynchronize(&self, did: &str, reason: &str) -> Result<Outcome, EngineError> {
         tracing::info!(%did, reason, "Repo desynchronized.");
         self.store.mark_desynchronized(did, reason).await?;
         Ok(Outcome::Desynchronized(reason.to_owned()))

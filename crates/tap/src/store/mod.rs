@@ -592,6 +592,12 @@ impl StoreError {
         }
     }
 
+    /// Whether the store was closed (tap is shutting down).
+    #[must_use]
+    pub fn is_closed(&self) -> bool {
+        matches!(self, Self::Closed)
+    }
+
     /// `true` when a [`RepoWrite`] was refused by its [`WriteCondition`] (typically: the repo
     /// was removed or re-added meanwhile). Nothing was written.
     #[must_use]

@@ -97,6 +97,41 @@ fn unknown_and_duplicate_acks_are_ignored() {
 }
 
 #[test]
+fn an_event_acked_while_waiting_is_withdrawn_and_its_did_moves_on() {
+    let mut s = OrderingScheduler::new();
+    let d: Arc<str> = "d".into();
+    assert_eq!(s.push(&d, EventId(1), L), ids(&[1]));
+    assert_eq!(s.push(&d, EventId(2), L), ids(&[]));
+    assert_eq!(s.push(&d, EventId(3), H), ids(&[]));
+    assert!(!s.is_in_flight(EventId(2)));
+    assert_eq!(s.withdraw(&d, EventId(2)), ids(&[]), "1 still flies");
+    assert_eq!(s.withdraw(&d, EventId(2)), ids(&[]), "twice is harmless");
+    assert_eq!(s.ack(EventId(1)), ids(&[3]), "2 is gone; 3 goes");
+    assert_eq!(s.ack(EventId(3)), ids(&[]));
+    assert_eq!(s.did_count(), 0);
+}
+
+#[test]
+fn withdrawing_the_head_barrier_releases_what_waited_behind_it() {
+    let mut s = OrderingScheduler::new();
+    let d: Arc<str> = "d".into();
+    assert_eq!(s.push(&d, EventId(1), H), ids(&[1]));
+    assert_eq!(s.push(&d, EventId(2), L), ids(&[]));
+    assert_eq!(s.push(&d, EventId(3), H), ids(&[]));
+    // 2 was acked (by a consumer that saw it before a restart) before it was released:
+    // 3 may now fly beside 1, as two historical events may.
+    assert_eq!(s.withdraw(&d, EventId(2)), ids(&[3]));
+    assert_eq!(
+        s.withdraw("other", EventId(1)),
+        ids(&[]),
+        "in flight: not withdrawn"
+    );
+    assert_eq!(s.ack(EventId(1)), ids(&[]));
+    assert_eq!(s.ack(EventId(3)), ids(&[]));
+    assert_eq!(s.did_count(), 0);
+}
+
+#[test]
 fn resend_happens_once_per_timeout_from_the_last_send() {
     let mut s = OrderingScheduler::new();
     let t0 = Instant::now();
@@ -208,12 +243,14 @@ fn compacting_the_send_log_keeps_every_unacked_event_due() {
 enum Op {
     Push { did: u8, live: bool },
     Ack { pick: usize },
+    Withdraw { pick: usize },
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         (0u8..4, any::<bool>()).prop_map(|(did, live)| Op::Push { did, live }),
         any::<usize>().prop_map(|pick| Op::Ack { pick }),
+        any::<usize>().prop_map(|pick| Op::Withdraw { pick }),
     ]
 }
 
@@ -228,7 +265,7 @@ proptest! {
         let mut flying: Vec<(EventId, u8, bool)> = Vec::new();
         let mut released_per_did: HashMap<u8, Vec<u64>> = HashMap::new();
         let mut pushed = 0usize;
-        let mut check = |rel: Vec<EventId>, flying: &mut Vec<(EventId, u8, bool)>, meta: &HashMap<u64, (u8, bool)>| {
+        let check = |rel: Vec<EventId>, flying: &mut Vec<(EventId, u8, bool)>, meta: &HashMap<u64, (u8, bool)>, released_per_did: &mut HashMap<u8, Vec<u64>>| {
             for id in rel {
                 let (did, live) = meta[&id.0];
                 released_per_did.entry(did).or_default().push(id.0);
@@ -243,6 +280,7 @@ proptest! {
             Ok(())
         };
         let mut meta: HashMap<u64, (u8, bool)> = HashMap::new();
+        let mut withdrawn: std::collections::HashSet<u64> = std::collections::HashSet::new();
         for op in ops {
             match op {
                 Op::Push { did, live } => {
@@ -250,26 +288,43 @@ proptest! {
                     let rel = s.push(&did.to_string().into(), EventId(next), Barrier::from_live(live));
                     next += 1;
                     pushed += 1;
-                    check(rel, &mut flying, &meta)?;
+                    check(rel, &mut flying, &meta, &mut released_per_did)?;
                 }
                 Op::Ack { pick } => {
                     if flying.is_empty() { continue; }
                     let (id, _, _) = flying.remove(pick % flying.len());
                     let rel = s.ack(id);
-                    check(rel, &mut flying, &meta)?;
+                    check(rel, &mut flying, &meta, &mut released_per_did)?;
+                }
+                Op::Withdraw { pick } => {
+                    // An ack for an event still waiting: it is never released afterwards.
+                    let waiting: Vec<u64> = meta
+                        .keys()
+                        .copied()
+                        .filter(|id| !withdrawn.contains(id) && !released_per_did.values().any(|r| r.contains(id)))
+                        .collect();
+                    if waiting.is_empty() { continue; }
+                    let id = waiting[pick % waiting.len()];
+                    withdrawn.insert(id);
+                    let did = meta[&id].0;
+                    let rel = s.withdraw(&did.to_string(), EventId(id));
+                    check(rel, &mut flying, &meta, &mut released_per_did)?;
                 }
             }
         }
         while let Some((id, _, _)) = flying.pop() {
             let rel = s.ack(id);
-            check(rel, &mut flying, &meta)?;
+            check(rel, &mut flying, &meta, &mut released_per_did)?;
         }
         for ids in released_per_did.values() {
             let mut sorted = ids.clone();
             sorted.sort_unstable();
             prop_assert_eq!(ids, &sorted, "released out of id order");
         }
-        prop_assert_eq!(released_per_did.values().map(Vec::len).sum::<usize>(), pushed);
+        for id in &withdrawn {
+            prop_assert!(!released_per_did.values().any(|r| r.contains(id)), "a withdrawn event was released");
+        }
+        prop_assert_eq!(released_per_did.values().map(Vec::len).sum::<usize>() + withdrawn.len(), pushed);
         prop_assert_eq!(s.did_count(), 0);
     }
 }

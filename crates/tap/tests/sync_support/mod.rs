@@ -1,0 +1,213 @@
+//! Shared by the sync-engine scenarios: the loopback network (fake relay, PDS, PLC), a
+//! consumer that acks everything, and condition waits over tap's HTTP API.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tap::Config;
+use tap_atproto::syntax::Did;
+use tap_testkit::fake_pds::{FakePds, RepoReply};
+use tap_testkit::fake_plc::FakePlc;
+use tap_testkit::fake_relay::FakeRelay;
+use tap_testkit::repo_builder::RepoBuilder;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::common::{TestDb, TestTap, test_config};
+
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Polls `check` until it returns `Some`, or panics after `WAIT` naming `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub struct Net {
+    pub relay: FakeRelay,
+    pub pds: FakePds,
+    pub plc: FakePlc,
+}
+
+impl Net {
+    pub async fn start() -> Self {
+        Self {
+            relay: FakeRelay::start().await,
+            pds: FakePds::start().await,
+            plc: FakePlc::start().await,
+        }
+    }
+
+    pub fn config(&self, db: &TestDb) -> Config {
+        let mut cfg = test_config(db);
+        cfg.relay_url = url::Url::parse(&self.relay.url()).unwrap();
+        cfg.plc_url = url::Url::parse(&self.plc.url()).unwrap();
+        cfg.handle_resolver_url = Some(url::Url::parse(&self.plc.url()).unwrap());
+        cfg.cursor_save_interval = Duration::from_millis(50);
+        cfg
+    }
+
+    /// Publishes `repo`'s identity and serves `car` as its `getRepo` answer.
+    pub fn host(&self, repo: &RepoBuilder, handle: &str, car: Vec<u8>) {
+        self.publish(repo, handle);
+        self.pds.set_repo(repo.did().as_str(), RepoReply::Car(car));
+    }
+
+    /// Publishes `repo`'s DID document (Multikey form) and handle.
+    pub fn publish(&self, repo: &RepoBuilder, handle: &str) {
+        let did = repo.did().as_str();
+        let multikey = repo
+            .key()
+            .did_key()
+            .trim_start_matches("did:key:")
+            .to_owned();
+        self.plc.set_plc_doc(
+            did,
+            json!({
+                "id": did,
+                "alsoKnownAs": [format!("at://{handle}")],
+                "verificationMethod": [{
+                    "id": format!("{did}#atproto"),
+                    "type": "Multikey",
+                    "controller": did,
+                    "publicKeyMultibase": multikey,
+                }],
+                "service": [{
+                    "id": "#atproto_pds",
+                    "type": "AtprotoPersonalDataServer",
+                    "serviceEndpoint": self.pds.url(),
+                }],
+            }),
+        );
+        self.plc.set_handle(handle, did);
+    }
+}
+
+pub fn did(n: u32) -> Did {
+    format!("did:plc:{:0>24}", format!("test{n}"))
+        .parse()
+        .unwrap()
+}
+
+/// A `/channel` consumer that acks everything and keeps what it received.
+pub struct Consumer {
+    events: Arc<Mutex<Vec<Value>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Consumer {
+    pub async fn connect(tap: &TestTap) -> Self {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/channel", tap.addr))
+            .await
+            .unwrap();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink_events = Arc::clone(&events);
+        let task = tokio::spawn(async move {
+            let (mut tx, mut rx) = ws.split();
+            while let Some(Ok(msg)) = rx.next().await {
+                if let Message::Text(text) = msg {
+                    let v: Value = serde_json::from_str(&text).unwrap();
+                    let id = v["id"].as_u64().unwrap();
+                    sink_events.lock().unwrap().push(v);
+                    let ack = json!({"type": "ack", "id": id}).to_string();
+                    if tx.send(Message::Text(ack.into())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Self { events, task }
+    }
+
+    pub fn events(&self) -> Vec<Value> {
+        self.events.lock().unwrap().clone()
+    }
+
+    pub fn records(&self) -> Vec<Value> {
+        self.events()
+            .into_iter()
+            .filter(|e| e["type"] == "record")
+            .map(|e| e["record"].clone())
+            .collect()
+    }
+
+    pub async fn wait_records(&self, n: usize) -> Vec<Value> {
+        wait_for(&format!("{n} record events"), || async {
+            let r = self.records();
+            (r.len() >= n).then_some(r)
+        })
+        .await
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub async fn add(tap: &TestTap, did: &Did) {
+    let resp = reqwest::Client::new()
+        .post(tap.url("/repos/add"))
+        .json(&json!({"dids": [did.as_str()]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+pub async fn info(tap: &TestTap, did: &Did) -> Value {
+    reqwest::get(tap.url(&format!("/info/{did}")))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+pub async fn wait_state(tap: &TestTap, did: &Did, state: &str) -> Value {
+    wait_for(&format!("{did} to be {state}"), || async {
+        let i = info(tap, did).await;
+        (i["state"] == state).then_some(i)
+    })
+    .await
+}
+
+pub fn paths_and_cids(records: &[Value]) -> BTreeMap<String, String> {
+    records
+        .iter()
+        .map(|r| {
+            (
+                format!(
+                    "{}/{}",
+                    r["collection"].as_str().unwrap(),
+                    r["rkey"].as_str().unwrap()
+                ),
+                r["cid"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+pub fn expected(repo: &RepoBuilder) -> BTreeMap<String, String> {
+    repo.records()
+        .iter()
+        .map(|(p, c)| (p.clone(), c.to_string()))
+        .collect()
+}
