@@ -427,6 +427,48 @@ fn sub_bytes(whole: &Bytes, part: &[u8]) -> Bytes {
     }
 }
 
+/// What can still be read from a frame that [`decode_frame`] refused: enough to skip it
+/// without stalling the stream (its `seq`) and to resync the repo it was about (its DID,
+/// when that has valid syntax).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Salvaged {
+    /// The body's top-level `seq`, if it is an integer.
+    pub seq: Option<i64>,
+    /// The body's top-level `repo` (`#commit`) or `did` (other types), if it is a valid DID.
+    pub did: Option<Did>,
+}
+
+/// Reads the `seq` and DID of a frame that failed to decode, leniently: only the header
+/// map and the body's top-level keys are walked, every other value is skipped, and a
+/// malformed part simply yields less. Never reads more than `frame`.
+#[must_use]
+pub fn salvage_frame(frame: &[u8]) -> Salvaged {
+    let mut out = Salvaged::default();
+    let mut r = Reader::new(frame);
+    let Ok(pairs) = r.map_len() else { return out };
+    for _ in 0..pairs {
+        if r.text().is_err() || r.skip_value(1).is_err() {
+            return out;
+        }
+    }
+    let Ok(pairs) = r.map_len() else { return out };
+    for _ in 0..pairs {
+        let Ok(key) = r.text() else { return out };
+        let ok = match key {
+            "seq" => r.int().map(|seq| out.seq = Some(seq)).is_ok(),
+            "repo" | "did" => r
+                .text()
+                .map(|did| out.did = did.parse().ok().or(out.did.take()))
+                .is_ok(),
+            _ => r.skip_value(1).is_ok(),
+        };
+        if !ok {
+            return out;
+        }
+    }
+    out
+}
+
 /// Decodes one binary WebSocket message of `subscribeRepos`. Unknown message types are
 /// returned as [`Frame::Unknown`], not as errors.
 ///
@@ -878,6 +920,55 @@ mod tests {
 
     fn enc(m: BTreeMap<String, Ipld>) -> Vec<u8> {
         serde_ipld_dagcbor::to_vec(&Ipld::Map(m)).unwrap()
+    }
+
+    fn header(t: &str) -> Vec<u8> {
+        enc(BTreeMap::from([
+            ("op".to_owned(), Ipld::Integer(1)),
+            ("t".to_owned(), text(t)),
+        ]))
+    }
+
+    #[test]
+    fn a_refused_commit_still_yields_its_seq_and_repo() {
+        let mut body = body_map();
+        body.insert(
+            "ops".to_owned(),
+            Ipld::List(vec![op("explode", Some(link(2)), None)]),
+        );
+        body.insert("repo".to_owned(), text("did:plc:ewvi7nxzyoun6zhxrhs64oiz"));
+        let frame = [header("#commit"), enc(body)].concat();
+        assert!(decode_frame(&Bytes::from(frame.clone()), &FrameLimits::default()).is_err());
+        let got = salvage_frame(&frame);
+        assert_eq!(got.seq, Some(42));
+        assert_eq!(
+            got.did.map(|d| d.to_string()).as_deref(),
+            Some("did:plc:ewvi7nxzyoun6zhxrhs64oiz")
+        );
+    }
+
+    #[test]
+    fn salvage_gives_no_did_for_bad_syntax_and_stops_at_garbage() {
+        let mut body = body_map();
+        body.insert("repo".to_owned(), text("not a did"));
+        let frame = [header("#commit"), enc(body)].concat();
+        let got = salvage_frame(&frame);
+        assert_eq!((got.seq, got.did), (Some(42), None));
+        assert_eq!(salvage_frame(b"\xff\x00garbage"), Salvaged::default());
+        let identity = [
+            header("#identity"),
+            enc(BTreeMap::from([
+                ("seq".to_owned(), Ipld::Integer(7)),
+                ("did".to_owned(), text("did:web:example.com")),
+            ])),
+        ]
+        .concat();
+        let truncated = &identity[..identity.len() - 3];
+        assert_eq!(
+            salvage_frame(truncated).seq,
+            Some(7),
+            "keys before the cut are read"
+        );
     }
 
     /// The fast decoder either declines or agrees with serde.

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::response::{AppendHeaders, IntoResponse, Response};
 use tokio::sync::{Notify, oneshot};
 
 /// One request as the sink saw it.
@@ -183,7 +184,7 @@ async fn receive(
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
-) -> StatusCode {
+) -> Response {
     let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     shared.max_in_flight.fetch_max(now, Ordering::SeqCst);
     let received_at = Instant::now();
@@ -217,5 +218,12 @@ async fn receive(
     shared.lock().requests.push(request);
     shared.in_flight.fetch_sub(1, Ordering::SeqCst);
     shared.changed.notify_waiters();
-    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    // A scripted redirect points back here, so a client that follows it is recorded.
+    let location = if status.is_redirection() {
+        vec![(header::LOCATION, uri.path().to_owned())]
+    } else {
+        Vec::new()
+    };
+    (status, AppendHeaders(location)).into_response()
 }

@@ -191,6 +191,33 @@ async fn failed_posts_are_retried_with_backoff_and_hold_back_the_dids_live_event
     tap.stop().await;
 }
 
+/// Defect 4 of issue 10: a followed redirect turned the POST into a bodiless GET whose 200
+/// counted as the ack, so the event left the outbox undelivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_is_a_failure_retried_not_an_ack() {
+    let sink = WebhookSink::start().await.unwrap();
+    sink.script([302, 301]);
+    let (tap, _db) = webhook_tap(&sink, |c| c.webhook_parallelism = 1).await;
+    let a = did(1);
+    tap.append(&a, vec![record(&a, "r1", true)]).await;
+    tap.wait_outbox_len(0).await;
+    let seen: Vec<(String, u16, String)> = sink
+        .requests()
+        .iter()
+        .map(|r| (r.method.clone(), r.status, label(&r.json())))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("POST".into(), 302, "r1".into()),
+            ("POST".into(), 301, "r1".into()),
+            ("POST".into(), 200, "r1".into()),
+        ],
+        "every attempt is the POST with its body; only the 2xx acks"
+    );
+    tap.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_concurrency_is_bounded_by_webhook_parallelism() {
     let sink = WebhookSink::start().await.unwrap();

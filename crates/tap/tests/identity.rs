@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tap::identity::{
     Clock, ERROR_TTL, GOOD_TTL, INVALID_HANDLE, INVALID_HANDLE_TTL, Identity, IdentityError,
-    IdentityOptions, ManualClock,
+    IdentityOptions, ManualClock, TRANSIENT_ERROR_TTL,
 };
 use tap_atproto::syntax::Did;
 use tap_testkit::fake_plc::{FakePlc, KeyForm, Reply, Route, did_doc, k256_key, p256_key};
@@ -419,6 +419,39 @@ async fn failure_is_cached_for_2_minutes() {
     clock.advance(Duration::from_secs(2));
     identity.resolve(&did(DID)).await.unwrap();
     assert_eq!(plc.requests(&Route::Plc(DID.into())), 2);
+}
+
+/// Issue 10, defect 6: a PLC blip cached for two minutes made every retry of the commit
+/// that needed the key fail again; a failure that may pass is asked again after a second.
+#[tokio::test]
+async fn a_transient_failure_is_cached_for_a_second_only() {
+    let plc = good_fake().await;
+    let route = Route::Plc(DID.into());
+    plc.set(route.clone(), Reply::Status(503));
+    let (identity, clock) = identity(&plc);
+    assert!(
+        identity
+            .resolve(&did(DID))
+            .await
+            .unwrap_err()
+            .is_transient()
+    );
+    plc.set_plc_doc(
+        DID,
+        did_doc(
+            DID,
+            None,
+            Some((&k256_key(1), KeyForm::Multikey)),
+            Some(PDS),
+        ),
+    );
+    assert!(
+        identity.resolve(&did(DID)).await.is_err(),
+        "shared by callers within the second"
+    );
+    clock.advance(TRANSIENT_ERROR_TTL + Duration::from_millis(1));
+    identity.resolve(&did(DID)).await.unwrap();
+    assert_eq!(plc.requests(&route), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

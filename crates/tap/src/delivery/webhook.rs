@@ -1,7 +1,7 @@
 //! Webhook delivery: a bounded pool of workers POSTs each released event's JSON to the
 //! receiver. Any 2xx is the ack. Anything else is retried with capped exponential backoff
 //! and jitter, while the event stays in flight (so per-DID ordering holds). Retries are
-//! counted and logged by kind; a 4xx other than 408/429 is almost certainly a receiver
+//! counted and logged by kind; redirects are not followed (a 3xx is a failure); a 4xx other than 408/429 is almost certainly a receiver
 //! bug, so it is logged as a warning, but it is still retried: dropping an event would
 //! break at-least-once delivery.
 
@@ -68,6 +68,9 @@ pub fn spawn(
 ) -> Result<(), reqwest::Error> {
     let client = reqwest::Client::builder()
         .timeout(REQUEST_TIMEOUT)
+        // A followed 301/302/303 turns the POST into a bodiless GET whose 2xx would count
+        // as the ack: the event would be lost. A redirect is a failure, retried and logged.
+        .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("tap/", env!("CARGO_PKG_VERSION")))
         .build()?;
     for _ in 0..settings.parallelism.max(1) {

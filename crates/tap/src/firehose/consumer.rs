@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use tap_atproto::firehose::{Frame, FrameLimits, decode_frame};
+use tap_atproto::firehose::{Frame, FrameLimits, decode_frame, salvage_frame};
 use tokio_tungstenite::tungstenite::{
     Message, client::IntoClientRequest, protocol::WebSocketConfig,
 };
@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use super::cursor::SeqTracker;
-use super::dispatch::Dispatcher;
+use super::dispatch::{Dispatcher, Work};
 use crate::telemetry as t;
 
 /// Interval of client pings.
@@ -161,7 +161,12 @@ async fn connect_and_read(
         let data = match msg {
             Some(Ok(Message::Binary(data))) => data,
             Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-            Some(Ok(Message::Text(_))) => return failed(frames, "relay sent a text frame".into()),
+            Some(Ok(Message::Text(text))) => {
+                // Not part of the protocol; skipping it loses nothing that has a seq.
+                metrics::counter!(t::FIREHOSE_BAD_FRAMES).increment(1);
+                tracing::warn!(bytes = text.len(), "Relay sent a text frame; skipped.");
+                continue;
+            }
             Some(Ok(Message::Close(_))) | None => {
                 return failed(frames, "relay closed the connection".into());
             }
@@ -171,8 +176,13 @@ async fn connect_and_read(
         let frame = match decode_frame(&data, limits) {
             Ok(f) => f,
             Err(e) => {
-                metrics::counter!(t::FIREHOSE_BAD_FRAMES).increment(1);
-                return failed(frames, format!("undecodable frame: {e}"));
+                // Ending the connection would resume below this frame and read it again
+                // forever: skip it, and resync its repo so nothing it carried is lost.
+                frames += 1;
+                if !refuse(&data, &e.to_string(), dispatcher, seqs, stop).await {
+                    return Ended::Stopped;
+                }
+                continue;
             }
         };
         frames += 1;
@@ -205,11 +215,56 @@ async fn connect_and_read(
         }
         let dispatched = tokio::select! {
             () = stop.cancelled() => return Ended::Stopped,
-            ok = dispatcher.dispatch(&did, frame) => ok,
+            ok = dispatcher.dispatch(&did, Work::Frame(frame)) => ok,
         };
         if !dispatched {
             return Ended::Stopped;
         }
+    }
+}
+
+/// Skips a frame the decoder refused: counted, logged with its seq, and its repo (when its
+/// DID can be read) handed to the repo's worker to be desynchronized, in order with the
+/// repo's other events; the cursor passes the frame once that is recorded. `false` when
+/// the workers are gone.
+async fn refuse(
+    data: &[u8],
+    reason: &str,
+    dispatcher: &Dispatcher,
+    seqs: &Mutex<SeqTracker>,
+    stop: &CancellationToken,
+) -> bool {
+    metrics::counter!(t::FIREHOSE_BAD_FRAMES).increment(1);
+    let salvaged = salvage_frame(data);
+    tracing::warn!(
+        seq = ?salvaged.seq,
+        did = ?salvaged.did.as_ref().map(tap_atproto::syntax::Did::as_str),
+        bytes = data.len(),
+        reason,
+        "Undecodable firehose frame skipped."
+    );
+    let Some(did) = salvaged.did else {
+        // Nothing to resync; a readable seq still moves the cursor past it.
+        if let Some(seq) = salvaged.seq {
+            let mut seqs = seqs.lock().unwrap_or_else(PoisonError::into_inner);
+            seqs.start(seq);
+            seqs.finish(seq);
+        }
+        return true;
+    };
+    if let Some(seq) = salvaged.seq {
+        seqs.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .start(seq);
+    }
+    let work = Work::Refused {
+        seq: salvaged.seq,
+        did: did.as_str().to_owned(),
+        reason: reason.to_owned(),
+    };
+    tokio::select! {
+        () = stop.cancelled() => false,
+        ok = dispatcher.dispatch(did.as_str(), work) => ok,
     }
 }
 

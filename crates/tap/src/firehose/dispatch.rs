@@ -24,10 +24,40 @@ use crate::telemetry as t;
 pub const WORKER_QUEUE: usize = 64;
 /// Backoff between retries of an event that failed on a transient error.
 const RETRY_DELAY: Duration = Duration::from_millis(500);
+/// Tries of an event whose identity lookup keeps failing before its repo is left to a
+/// resync: with the doubling delay, about 15 s, enough for a PLC blip, short enough
+/// that an outage does not hold a shard of the stream for long.
+const UNAVAILABLE_ATTEMPTS: u32 = 6;
+
+/// What a worker is handed: a decoded frame, or what could be read of one that failed to
+/// decode (its repo is resynced, in order with that repo's other events).
+#[derive(Debug)]
+pub enum Work {
+    /// A decoded frame.
+    Frame(Frame),
+    /// A frame refused by the decoder, about a repo whose DID could still be read.
+    Refused {
+        /// The frame's seq, if readable.
+        seq: Option<i64>,
+        /// The repo it was about.
+        did: String,
+        /// Why it was refused.
+        reason: String,
+    },
+}
+
+impl Work {
+    fn seq(&self) -> Option<i64> {
+        match self {
+            Self::Frame(f) => f.seq(),
+            Self::Refused { seq, .. } => *seq,
+        }
+    }
+}
 
 /// The sending side: one bounded queue per worker.
 pub struct Dispatcher {
-    workers: Vec<mpsc::Sender<Frame>>,
+    workers: Vec<mpsc::Sender<Work>>,
 }
 
 impl Dispatcher {
@@ -55,25 +85,25 @@ impl Dispatcher {
         Self { workers }
     }
 
-    /// Queues a frame on its DID's worker; waits while that worker is full. Returns
-    /// `false` when the workers are gone (shutdown).
-    pub async fn dispatch(&self, did: &str, frame: Frame) -> bool {
+    /// Queues work on its DID's worker; waits while that worker is full. Returns `false`
+    /// when the workers are gone (shutdown).
+    pub async fn dispatch(&self, did: &str, work: Work) -> bool {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         did.hash(&mut hasher);
         let index = usize::try_from(hasher.finish() % self.workers.len() as u64).unwrap_or(0);
-        self.workers[index].send(frame).await.is_ok()
+        self.workers[index].send(work).await.is_ok()
     }
 }
 
 async fn run_worker(
-    mut frames: mpsc::Receiver<Frame>,
+    mut queue: mpsc::Receiver<Work>,
     engine: Engine,
     seqs: Arc<Mutex<SeqTracker>>,
     stop: CancellationToken,
 ) {
-    while let Some(frame) = frames.recv().await {
-        let seq = frame.seq();
-        if !process(&engine, &frame, &stop).await {
+    while let Some(work) = queue.recv().await {
+        let seq = work.seq();
+        if !process(&engine, &work, &stop).await {
             // Not finished: the cursor stays below this event, and the next run (or
             // reconnect) reads it again.
             return;
@@ -88,8 +118,16 @@ async fn run_worker(
 
 /// Handles one frame until it is done: applied, buffered, skipped by rule, or its repo
 /// marked for a resync that will bring in its effects. `false` when tap stops first.
-async fn process(engine: &Engine, frame: &Frame, stop: &CancellationToken) -> bool {
-    let seq = frame.seq();
+async fn process(engine: &Engine, work: &Work, stop: &CancellationToken) -> bool {
+    let seq = work.seq();
+    let frame = match work {
+        Work::Frame(frame) => frame,
+        Work::Refused { did, reason, .. } => {
+            let reason = format!("firehose event {seq:?} could not be decoded: {reason}");
+            return desynchronize(engine, did, &reason, stop).await;
+        }
+    };
+    let mut unavailable = 0u32;
     loop {
         let error = match handle(engine, frame).await {
             Ok(outcome) => {
@@ -98,33 +136,68 @@ async fn process(engine: &Engine, frame: &Frame, stop: &CancellationToken) -> bo
             }
             Err(error) => error,
         };
+        let mut delay = RETRY_DELAY;
         match error.class() {
             FailureClass::Stopping => return false,
             FailureClass::Transient => {
                 tracing::warn!(%error, ?seq, "Firehose event failed; retrying.");
+            }
+            FailureClass::Unavailable if unavailable + 1 < UNAVAILABLE_ATTEMPTS => {
+                unavailable += 1;
+                delay = RETRY_DELAY * (1 << unavailable);
+                tracing::info!(%error, ?seq, attempt = unavailable, ?delay, "Firehose event waits for its identity; retrying.");
+            }
+            FailureClass::Unavailable => {
+                let Some(did) = frame_did(frame) else {
+                    return true;
+                };
+                let reason = format!("firehose event {seq:?} could not be verified: {error}");
+                return desynchronize(engine, did, &reason, stop).await;
             }
             FailureClass::Repo => {
                 let Some(did) = frame_did(frame) else {
                     return true; // only repo events can fail
                 };
                 let reason = format!("firehose event {seq:?} could not be applied: {error}");
-                match engine.desynchronize(did, &reason).await {
-                    Ok(outcome) => {
-                        tracing::warn!(%error, ?seq, did, "Firehose event failed; its repo will be resynced.");
-                        record(&outcome);
-                        return true;
-                    }
-                    Err(e) if e.class() == FailureClass::Stopping => return false,
-                    Err(e) => {
-                        tracing::warn!(error = %e, ?seq, did, "Cannot mark the repo for a resync; retrying.");
-                    }
-                }
+                return desynchronize(engine, did, &reason, stop).await;
             }
         }
-        tokio::select! {
-            () = stop.cancelled() => return false,
-            () = tokio::time::sleep(RETRY_DELAY) => {}
+        if !pause(stop, delay).await {
+            return false;
         }
+    }
+}
+
+/// Marks `did` for a resync that brings in the effects of an event that could not be
+/// applied, retrying store failures until it is recorded. `false` when tap stops first.
+async fn desynchronize(engine: &Engine, did: &str, reason: &str, stop: &CancellationToken) -> bool {
+    loop {
+        match engine.desynchronize(did, reason).await {
+            Ok(outcome) => {
+                tracing::warn!(
+                    did,
+                    reason,
+                    "Firehose event dropped; its repo will be resynced."
+                );
+                record(&outcome);
+                return true;
+            }
+            Err(e) if e.class() == FailureClass::Stopping => return false,
+            Err(e) => {
+                tracing::warn!(error = %e, did, "Cannot mark the repo for a resync; retrying.");
+            }
+        }
+        if !pause(stop, RETRY_DELAY).await {
+            return false;
+        }
+    }
+}
+
+/// Waits before a retry; `false` when tap stops first.
+async fn pause(stop: &CancellationToken, delay: Duration) -> bool {
+    tokio::select! {
+        () = stop.cancelled() => false,
+        () = tokio::time::sleep(delay) => true,
     }
 }
 

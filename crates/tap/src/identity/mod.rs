@@ -45,6 +45,10 @@ pub const GOOD_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 pub const INVALID_HANDLE_TTL: Duration = Duration::from_secs(5 * 60);
 /// How long a failed look-up (not found included) stays cached.
 pub const ERROR_TTL: Duration = Duration::from_secs(2 * 60);
+/// How long a look-up that failed in a way that may pass (timeout, 5xx, connection) stays
+/// cached: long enough for concurrent callers to share it, short enough that a retry
+/// asks again instead of reading the failure back for minutes.
+pub const TRANSIENT_ERROR_TTL: Duration = Duration::from_secs(1);
 /// Default timeout of one HTTP request (the Go tap has none; a stuck PLC must not stall
 /// the pipeline).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -366,6 +370,7 @@ impl Identity {
             Ok(ident) if ident.handle.is_some() => ("ok", GOOD_TTL),
             Ok(_) => ("handle_invalid", INVALID_HANDLE_TTL),
             Err(e) if e.is_not_found() => ("not_found", ERROR_TTL),
+            Err(e) if e.is_transient() => ("unavailable", TRANSIENT_ERROR_TTL),
             Err(_) => ("error", ERROR_TTL),
         };
         metrics::counter!(telemetry::IDENTITY_LOOKUPS, "outcome" => outcome).increment(1);

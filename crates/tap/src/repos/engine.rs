@@ -35,6 +35,10 @@ pub enum EngineError {
     /// The outbox failed.
     #[error(transparent)]
     Outbox(#[from] OutboxError),
+    /// The identity needed to verify the event could not be looked up now (PLC or DID
+    /// host timed out, failed or answered 5xx): no verdict on the event.
+    #[error("identity unavailable: {0}")]
+    Unavailable(IdentityError),
     /// A buffered entry could not be encoded or decoded.
     #[error("resync buffer entry for {did}: {reason}")]
     Buffer {
@@ -54,6 +58,9 @@ pub enum FailureClass {
     Transient,
     /// Tap is stopping: leave the event unfinished, so the cursor stays below it.
     Stopping,
+    /// A peer the event needs is unreachable: retry for a while, then leave the event to
+    /// a resync of its repo (which has its own backoff) rather than hold the stream.
+    Unavailable,
     /// This event cannot be applied to its repo as it is (it does not index, a buffered
     /// entry does not encode, the database refused it): resync the repo, then move on.
     Repo,
@@ -73,6 +80,7 @@ impl EngineError {
             Self::Store(e) | Self::Outbox(OutboxError::Store(e)) => e,
             Self::Outbox(OutboxError::Closed) => return FailureClass::Stopping,
             Self::Buffer { .. } => return FailureClass::Repo,
+            Self::Unavailable(_) => return FailureClass::Unavailable,
         };
         if store.is_transient() {
             FailureClass::Transient
@@ -179,7 +187,8 @@ impl Engine {
             .await
         {
             Ok(v) => v,
-            Err(reason) => {
+            Err(VerifyFailure::Unavailable(e)) => return Err(EngineError::Unavailable(e)),
+            Err(VerifyFailure::Rejected(reason)) => {
                 metrics::counter!(t::COMMITS_REJECTED, "reason" => reason.kind).increment(1);
                 return self.desynchronize(did, &reason.message).await;
             }
@@ -264,7 +273,8 @@ impl Engine {
             .await
         {
             Ok(v) => v,
-            Err(reason) => {
+            Err(VerifyFailure::Unavailable(e)) => return Err(EngineError::Unavailable(e)),
+            Err(VerifyFailure::Rejected(reason)) => {
                 metrics::counter!(t::COMMITS_REJECTED, "reason" => reason.kind).increment(1);
                 return Ok(Outcome::Skipped("sync failed verification"));
             }
@@ -306,14 +316,16 @@ impl Engine {
     }
 
     /// Re-resolves `did` (purging the cache) and, if the verified handle differs from the
-    /// stored one, stores it and emits an identity event in one transaction. Resolution
-    /// failures leave the repo as it is.
+    /// stored one, stores it and emits an identity event in one transaction. A DID that
+    /// does not resolve leaves the repo as it is.
     ///
     /// # Errors
-    /// Store or outbox failures.
+    /// Store or outbox failures; [`EngineError::Unavailable`] when the lookup failed in a
+    /// way that may pass (the change must not be missed).
     pub async fn refresh_handle(&self, did: &Did, repo: &RepoRow) -> Result<Outcome, EngineError> {
         let handle = match self.identity.refresh(did).await {
             Ok(ident) => ident.handle_or_invalid().to_owned(),
+            Err(error) if error.is_transient() => return Err(EngineError::Unavailable(error)),
             Err(error) => {
                 tracing::info!(%did, %error, "Identity refresh failed.");
                 return Ok(Outcome::Skipped("identity unavailable"));
@@ -416,13 +428,13 @@ impl Engine {
         &self,
         did: &Did,
         verify: impl Fn(&PublicKey) -> Result<T, VerifyError>,
-    ) -> Result<T, Rejection> {
+    ) -> Result<T, VerifyFailure> {
         let first = self
             .identity
             .resolve(did)
             .await
-            .map_err(Rejection::identity)?;
-        let key = first.require_signing_key().map_err(Rejection::identity)?;
+            .map_err(VerifyFailure::lookup)?;
+        let key = first.require_signing_key().map_err(VerifyFailure::lookup)?;
         match verify(key) {
             Ok(v) => Ok(v),
             Err(VerifyError::Commit(CommitError::Signature(_))) => {
@@ -430,11 +442,30 @@ impl Engine {
                     .identity
                     .refresh(did)
                     .await
-                    .map_err(Rejection::identity)?;
-                let key = fresh.require_signing_key().map_err(Rejection::identity)?;
-                verify(key).map_err(Rejection::verify)
+                    .map_err(VerifyFailure::lookup)?;
+                let key = fresh.require_signing_key().map_err(VerifyFailure::lookup)?;
+                verify(key).map_err(|e| VerifyFailure::Rejected(Rejection::verify(e)))
             }
-            Err(e) => Err(Rejection::verify(e)),
+            Err(e) => Err(VerifyFailure::Rejected(Rejection::verify(e))),
+        }
+    }
+}
+
+/// Why an event was not verified: no answer yet, or a verdict.
+#[derive(Debug)]
+enum VerifyFailure {
+    /// The identity lookup failed in a way that may pass (timeout, 5xx, connection).
+    Unavailable(IdentityError),
+    /// The event or its identity is refused.
+    Rejected(Rejection),
+}
+
+impl VerifyFailure {
+    fn lookup(e: IdentityError) -> Self {
+        if e.is_transient() {
+            Self::Unavailable(e)
+        } else {
+            Self::Rejected(Rejection::identity(e))
         }
     }
 }

@@ -2,6 +2,11 @@
 //! timeout (`--repo-fetch-timeout`, which also bounds a body that trickles in), a stall
 //! timeout between reads, and a per-host pause after a 429 so a rate-limiting PDS is
 //! left alone for a while.
+//!
+//! Both timeouts count only the time tap waits on the PDS, not the time it spends
+//! waiting for outbox capacity between reads: a slow consumer slows the download down
+//! (TCP flow control holds the PDS back) instead of failing it, which would make the next
+//! attempt download the whole repo again.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
@@ -48,23 +53,63 @@ pub enum FetchError {
 pub struct PdsClient {
     http: reqwest::Client,
     paused: Mutex<HashMap<String, Instant>>,
+    fetch_timeout: Duration,
+}
+
+/// A `getRepo` body being read. Timeouts run only inside [`RepoBody::chunk`].
+pub struct RepoBody {
+    resp: reqwest::Response,
+    host: String,
+    /// What is left of the whole-request budget.
+    remaining: Duration,
+}
+
+impl RepoBody {
+    /// The next piece of the body; `None` at its end.
+    ///
+    /// # Errors
+    /// `Transport` when the PDS is silent for [`STALL_TIMEOUT`], the budget is spent, or
+    /// the connection fails.
+    pub async fn chunk(&mut self) -> Result<Option<bytes::Bytes>, FetchError> {
+        let wait = self.remaining.min(STALL_TIMEOUT);
+        let started = Instant::now();
+        let read = tokio::time::timeout(wait, self.resp.chunk()).await;
+        self.remaining = self.remaining.saturating_sub(started.elapsed());
+        let reason = match read {
+            Ok(Ok(chunk)) => return Ok(chunk),
+            Ok(Err(e)) => format!("failed while reading: {e}"),
+            Err(_) if self.remaining.is_zero() => "the repo fetch timeout ran out".to_owned(),
+            Err(_) => format!("the body stalled for {}s", wait.as_secs()),
+        };
+        Err(FetchError::Transport {
+            host: self.host.clone(),
+            reason,
+        })
+    }
+
+    /// `host[:port]` of the PDS.
+    #[must_use]
+    pub fn host(&self) -> &str {
+        &self.host
+    }
 }
 
 impl PdsClient {
-    /// A client whose requests (body included) time out after `fetch_timeout`.
+    /// A client whose requests (body included) may wait on the network for
+    /// `fetch_timeout` in all.
     ///
     /// # Errors
     /// The TLS configuration cannot be loaded.
     pub fn new(fetch_timeout: Duration) -> Result<Self, reqwest::Error> {
+        // No client-wide timeouts: they would also run while tap is not reading.
         let http = reqwest::Client::builder()
-            .timeout(fetch_timeout)
-            .read_timeout(STALL_TIMEOUT)
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("tap/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(Self {
             http,
             paused: Mutex::new(HashMap::new()),
+            fetch_timeout,
         })
     }
 
@@ -73,7 +118,7 @@ impl PdsClient {
     ///
     /// # Errors
     /// [`FetchError`]; `RateLimited` means "try later", not a failure of the repo.
-    pub async fn get_repo(&self, pds: &Url, did: &Did) -> Result<reqwest::Response, FetchError> {
+    pub async fn get_repo(&self, pds: &Url, did: &Did) -> Result<RepoBody, FetchError> {
         let host = host_of(pds);
         if self.is_paused(&host) {
             return Err(FetchError::RateLimited { host });
@@ -85,12 +130,18 @@ impl PdsClient {
                     reason: e.to_string(),
                 })?;
         url.query_pairs_mut().append_pair("did", did.as_str());
-        let resp = self
+        let started = Instant::now();
+        let send = self
             .http
             .get(url)
             .header(reqwest::header::ACCEPT, "application/vnd.ipld.car")
-            .send()
+            .send();
+        let resp = tokio::time::timeout(self.fetch_timeout, send)
             .await
+            .map_err(|_| FetchError::Transport {
+                host: host.clone(),
+                reason: "no answer in time".into(),
+            })?
             .map_err(|e| FetchError::Transport {
                 host: host.clone(),
                 reason: e.to_string(),
@@ -121,7 +172,11 @@ impl PdsClient {
                 detail,
             });
         }
-        Ok(resp)
+        Ok(RepoBody {
+            resp,
+            host,
+            remaining: self.fetch_timeout.saturating_sub(started.elapsed()),
+        })
     }
 
     fn is_paused(&self, host: &str) -> bool {

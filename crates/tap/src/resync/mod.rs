@@ -18,8 +18,9 @@ use tap_atproto::syntax::Did;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::identity::IdentityError;
 use crate::outbox::OutboxError;
-use crate::repos::engine::Engine;
+use crate::repos::engine::{Engine, EngineError, FailureClass};
 use crate::repos::prepared::Buffered;
 use crate::store::{
     EventStorage, NewEvent, RecordChange, RepoChange, RepoRow, RepoState, RepoWrite, ResyncFailure,
@@ -62,7 +63,11 @@ pub enum ResyncError {
     /// The PDS asked us to slow down: back to desynchronized, retried later.
     #[error("rate limited")]
     RateLimited,
-    /// The repo cannot be synced now (identity, PDS, verification…): error state.
+    /// A peer or the database failed in a way that may pass (timeout, 5xx, connection,
+    /// busy): no verdict on the repo, retried soon.
+    #[error("{0}")]
+    Transient(String),
+    /// A verdict: the repo does not verify, its identity or PDS refuses it: error state.
     #[error("{0}")]
     Failed(String),
     /// The repo was removed or re-added while resyncing: stop quietly.
@@ -86,6 +91,26 @@ impl From<OutboxError> for ResyncError {
     }
 }
 
+impl From<EngineError> for ResyncError {
+    fn from(e: EngineError) -> Self {
+        match e.class() {
+            FailureClass::Stopping => Self::Stopped,
+            FailureClass::Transient | FailureClass::Unavailable => Self::Transient(e.to_string()),
+            FailureClass::Repo => Self::Failed(e.to_string()),
+        }
+    }
+}
+
+impl From<IdentityError> for ResyncError {
+    fn from(e: IdentityError) -> Self {
+        if e.is_transient() {
+            Self::Transient(format!("identity: {e}"))
+        } else {
+            Self::Failed(format!("identity: {e}"))
+        }
+    }
+}
+
 impl From<WalkError> for ResyncError {
     fn from(e: WalkError) -> Self {
         Self::Failed(format!("repo verification failed: {e}"))
@@ -96,7 +121,11 @@ impl From<FetchError> for ResyncError {
     fn from(e: FetchError) -> Self {
         match e {
             FetchError::RateLimited { .. } => Self::RateLimited,
-            other => Self::Failed(other.to_string()),
+            e @ FetchError::Transport { .. } => Self::Transient(e.to_string()),
+            e @ FetchError::Status { status, .. } if status >= 500 || status == 408 => {
+                Self::Transient(e.to_string())
+            }
+            e @ FetchError::Status { .. } => Self::Failed(e.to_string()),
         }
     }
 }
@@ -181,16 +210,38 @@ async fn run_worker(
                 continue;
             }
             Err(ResyncError::RateLimited) => ResyncFailure::RateLimited,
+            Err(ResyncError::Transient(reason)) => ResyncFailure::Transient(reason),
             Err(ResyncError::Failed(reason)) => ResyncFailure::Failed(reason),
+            Err(ResyncError::Store(e)) if e.is_closed() => return,
+            Err(ResyncError::Store(e)) if e.is_transient() => {
+                ResyncFailure::Transient(format!("store: {e}"))
+            }
             Err(ResyncError::Store(e)) => ResyncFailure::Failed(format!("store: {e}")),
         };
         metrics::counter!(t::RESYNCS_FAILED).increment(1);
         tracing::info!(%did, ?failure, "Resync failed.");
-        if let Err(error) = store
-            .mark_resync_failed(&did, failure, now_unix(), rand::random::<u64>() % 60_000)
-            .await
-        {
-            tracing::warn!(%did, %error, "Failed to record a resync failure.");
+        // Until it is recorded the repo stays `resyncing`, which nothing else claims: keep
+        // trying rather than leave it stuck until a restart.
+        loop {
+            match store
+                .mark_resync_failed(
+                    &did,
+                    failure.clone(),
+                    now_unix(),
+                    rand::random::<u64>() % 60_000,
+                )
+                .await
+            {
+                Ok(()) => break,
+                Err(error) if error.is_closed() => return,
+                Err(error) => {
+                    tracing::warn!(%did, %error, "Failed to record a resync failure; retrying.");
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(IDLE_POLL) => {}
+            }
         }
     }
 }
@@ -209,26 +260,12 @@ async fn resync_repo(
         .map_err(|e| ResyncError::Failed(format!("invalid DID: {e}")))?;
     // Refresh the identity first (the cache is purged before every resync) and announce a
     // new or changed handle before any record of the repo.
-    engine
-        .refresh_handle(&did, repo)
-        .await
-        .map_err(|e| ResyncError::Failed(e.to_string()))?;
-    let ident = engine
-        .identity()
-        .resolve(&did)
-        .await
-        .map_err(|e| ResyncError::Failed(format!("identity: {e}")))?;
-    let key = ident
-        .require_signing_key()
-        .map_err(|e| ResyncError::Failed(e.to_string()))?
-        .clone();
-    let pds_url = ident
-        .require_pds()
-        .map_err(|e| ResyncError::Failed(e.to_string()))?
-        .clone();
-    let host = fetch::host_of(&pds_url);
-
-    let mut resp = pds.get_repo(&pds_url, &did).await?;
+    engine.refresh_handle(&did, repo).await?;
+    let ident = engine.identity().resolve(&did).await?;
+    let key = ident.require_signing_key()?.clone();
+    let pds_url = ident.require_pds()?.clone();
+    let mut body = pds.get_repo(&pds_url, &did).await?;
+    let host = body.host().to_owned();
     let mut limits = WalkLimits {
         memory_budget: WALK_MEMORY_BUDGET,
         ..WalkLimits::default()
@@ -247,10 +284,9 @@ async fn resync_repo(
     };
     let mut sink = Snapshot::new(engine, store, &did, repo.rev.clone(), storage);
     loop {
-        let chunk = resp.chunk().await.map_err(|e| {
-            ResyncError::Failed(format!("getRepo from {host} failed while reading: {e}"))
-        })?;
-        let Some(chunk) = chunk else { break };
+        let Some(chunk) = body.chunk().await? else {
+            break;
+        };
         metrics::counter!(t::BYTES_DOWNLOADED, "source" => host.clone())
             .increment(chunk.len() as u64);
         walker.push(&chunk)?;
@@ -583,8 +619,7 @@ async fn cut_over(
                         WriteCondition::RepoInState(RepoState::Resyncing),
                         vec![entry.id],
                     )
-                    .await
-                    .map_err(|e| ResyncError::Failed(e.to_string()))?;
+                    .await?;
                 if !applied {
                     return Err(ResyncError::Abandoned);
                 }

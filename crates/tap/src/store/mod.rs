@@ -439,8 +439,41 @@ pub(crate) fn id_runs(ids: &[EventId]) -> Vec<(i64, i64)> {
 pub enum ResyncFailure {
     /// The PDS rate-limited us: back to `desynchronized`, error cleared.
     RateLimited,
-    /// Any other failure: `error`, with this message.
+    /// A peer or the database failed in a way that may pass (timeout, 5xx, connection,
+    /// busy): back to `desynchronized` with the reason, retried within seconds to minutes.
+    Transient(String),
+    /// A verdict on the repo (it does not verify, the PDS does not have it…): `error`, with
+    /// this message, retried after the long backoff.
     Failed(String),
+}
+
+impl ResyncFailure {
+    /// Where the repo goes: its state, error message and the unix time of the next try,
+    /// given the failures counted before this one.
+    fn next_attempt(
+        &self,
+        now_unix: i64,
+        retry_count_before: u32,
+        jitter_ms: u64,
+    ) -> (RepoState, &str, i64) {
+        match self {
+            Self::RateLimited => (
+                RepoState::Desynchronized,
+                "",
+                resync_retry_after(now_unix, retry_count_before, jitter_ms),
+            ),
+            Self::Transient(message) => (
+                RepoState::Desynchronized,
+                message,
+                transient_retry_after(now_unix, retry_count_before, jitter_ms),
+            ),
+            Self::Failed(message) => (
+                RepoState::Error,
+                message,
+                resync_retry_after(now_unix, retry_count_before, jitter_ms),
+            ),
+        }
+    }
 }
 
 /// Errors of the state store. Callers branch on [`StoreError::is_transient`] and
@@ -626,6 +659,16 @@ fn resync_retry_after(now_unix: i64, retry_count_before: u32, jitter_ms: u64) ->
     let jitter_secs = i64::try_from(jitter_ms.div_ceil(1000)).unwrap_or(i64::MAX);
     now_unix
         .saturating_add(minutes * 60)
+        .saturating_add(jitter_secs)
+}
+
+/// Delay after a transient resync failure: `min(15 s × 2^retry_count, 10 min)` plus up to
+/// 5 s of jitter, so a PDS or PLC blip costs seconds, not the hour a verdict may.
+fn transient_retry_after(now_unix: i64, retry_count_before: u32, jitter_ms: u64) -> i64 {
+    let secs: i64 = 15_i64 << retry_count_before.min(6);
+    let jitter_secs = i64::try_from((jitter_ms % 5000).div_ceil(1000)).unwrap_or(5);
+    now_unix
+        .saturating_add(secs.min(600))
         .saturating_add(jitter_secs)
 }
 
@@ -1154,6 +1197,33 @@ mod unit {
             .map(|count| resync_retry_after(now, count, 0) - now)
             .collect();
         assert_eq!(delays, [60, 120, 240, 480, 960, 1920, 3600, 3600]);
+    }
+
+    #[test]
+    fn a_transient_resync_failure_retries_within_seconds_and_keeps_no_verdict() {
+        let now = 1_000_000;
+        let delays: Vec<i64> = (0..8)
+            .map(|count| transient_retry_after(now, count, 0) - now)
+            .collect();
+        assert_eq!(delays, [15, 30, 60, 120, 240, 480, 600, 600]);
+        assert_eq!(
+            transient_retry_after(i64::MAX - 1, u32::MAX, u64::MAX),
+            i64::MAX
+        );
+        let transient = ResyncFailure::Transient("PDS timed out".into());
+        assert_eq!(
+            transient.next_attempt(now, 0, 0),
+            (RepoState::Desynchronized, "PDS timed out", now + 15)
+        );
+        let verdict = ResyncFailure::Failed("bad signature".into());
+        assert_eq!(
+            verdict.next_attempt(now, 0, 0),
+            (RepoState::Error, "bad signature", now + 60)
+        );
+        assert_eq!(
+            ResyncFailure::RateLimited.next_attempt(now, 1, 0),
+            (RepoState::Desynchronized, "", now + 120)
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use super::record_index::{self, CollectionWork, FoundChunk};
 use super::{
     BufferedCommit, CLAIM_ORDER, EventId, EventStorage, Migration, OutboxRow, RecordRow,
     RepoChange, RepoRow, RepoState, RepoWrite, ResyncFailure, StoreError, Table, WriteCondition,
-    clamp_retry_count, event_id, parse_state, parse_status, resync_retry_after, to_i64,
+    clamp_retry_count, event_id, parse_state, parse_status, to_i64,
 };
 
 /// Schema history, oldest first. Versions must be strictly increasing.
@@ -486,6 +486,13 @@ impl PgStore {
 
         let mut ids = Vec::new();
         if !w.events.is_empty() {
+            if w.storage != EventStorage::InMemoryBackfill {
+                // Ids are taken before the INSERT locks the table; lock it now, so a reader
+                // that waits for the table's writers (`load_outbox`) also waits for this id.
+                tx.batch_execute("LOCK TABLE outbox IN ROW EXCLUSIVE MODE")
+                    .await
+                    .map_err(pg(OP))?;
+            }
             // Take the ids first (then insert with explicit ids: ascending ids map to events in
             // order without relying on the evaluation order of an INSERT … SELECT). The
             // sequence never goes back, so in-memory events' ids are never reused either.
@@ -536,17 +543,27 @@ impl PgStore {
     ) -> Result<Vec<OutboxRow>, StoreError> {
         const OP: &str = "load_outbox";
         let after = after.map_or(0, |id| i64::try_from(id.0).unwrap_or(i64::MAX));
-        let client = self.client(OP).await?;
-        let stmt = client
+        let mut client = self.client(OP).await?;
+        let tx = client.transaction().await.map_err(pg(OP))?;
+        // Writers commit in any order, so a visible id 11 does not mean id 10 is settled: a
+        // reader paging by id would pass it for good (--outbox-only beside a writing tap).
+        // SHARE waits for every transaction that holds an outbox id (they lock the table
+        // before taking one) and keeps new ones out while the page is read; ids taken later
+        // are higher than any row read here.
+        tx.batch_execute("LOCK TABLE outbox IN SHARE MODE")
+            .await
+            .map_err(pg(OP))?;
+        let stmt = tx
             .prepare_cached(
                 "SELECT id, did, live, payload FROM outbox WHERE id > $1 ORDER BY id LIMIT $2",
             )
             .await
             .map_err(pg(OP))?;
-        let rows = client
+        let rows = tx
             .query(&stmt, &[&after, &to_i64(limit)])
             .await
             .map_err(pg(OP))?;
+        tx.commit().await.map_err(pg(OP))?;
         rows.iter()
             .map(|row| {
                 Ok(OutboxRow {
@@ -709,11 +726,7 @@ impl PgStore {
             return Ok(()); // removed (or re-added) mid-resync: nothing to record
         };
         let count = clamp_retry_count(row.try_get(0).map_err(pg(OP))?);
-        let retry_after = resync_retry_after(now_unix, count, jitter_ms);
-        let (state, message) = match &failure {
-            ResyncFailure::RateLimited => (RepoState::Desynchronized, ""),
-            ResyncFailure::Failed(message) => (RepoState::Error, message.as_str()),
-        };
+        let (state, message, retry_after) = failure.next_attempt(now_unix, count, jitter_ms);
         tx.execute(
             "UPDATE repos SET state = $2, error_msg = $3, retry_count = $4, retry_after = $5 \
              WHERE did = $1",

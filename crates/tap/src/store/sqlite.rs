@@ -14,8 +14,7 @@ use super::record_index::{self, CollectionWork, FoundChunk};
 use super::{
     BufferedCommit, CLAIM_ORDER, EventId, EventStorage, Migration, OutboxRow, RecordChange,
     RecordRow, RepoChange, RepoRow, RepoState, RepoWrite, ResyncFailure, StoreError, Table,
-    WriteCondition, clamp_retry_count, event_id, parse_state, parse_status, resync_retry_after,
-    to_i64,
+    WriteCondition, clamp_retry_count, event_id, parse_state, parse_status, to_i64,
 };
 
 /// Schema history, oldest first. Versions must be strictly increasing.
@@ -617,11 +616,7 @@ impl SqliteStore {
                 return Ok(()); // removed (or re-added) mid-resync: nothing to record
             };
             let count = clamp_retry_count(count);
-            let retry_after = resync_retry_after(now_unix, count, jitter_ms);
-            let (state, message) = match &failure {
-                ResyncFailure::RateLimited => (RepoState::Desynchronized, ""),
-                ResyncFailure::Failed(message) => (RepoState::Error, message.as_str()),
-            };
+            let (state, message, retry_after) = failure.next_attempt(now_unix, count, jitter_ms);
             conn.prepare_cached(
                 "UPDATE repos SET state = ?2, error_msg = ?3, retry_count = ?4, retry_after = ?5 \
                  WHERE did = ?1",

@@ -211,3 +211,11 @@ pub fn expected(repo: &RepoBuilder) -> BTreeMap<String, String> {
         .map(|(p, c)| (p.clone(), c.to_string()))
         .collect()
 }
+
+/// An `#identity` frame for `did` at `seq`.
+pub fn identity_frame(seq: i64, did: &Did) -> Vec<u8> {
+    tap_atproto::writer::encode_frame(
+        "#identity",
+        &json!({"seq": seq, "did": did.as_str(), "time": "2024-06-01T00:00:00.000Z"}),
+    )
+}
