@@ -657,6 +657,12 @@ impl RepoBuilder {
         writer::encode_commit_frame(self.writer.did(), self.seq, out, "2024-06-01T00:00:00.000Z")
     }
 
+    /// Numbers the next frame `seq` (and later ones after it): for a relay log shared by
+    /// several repos, whose seqs must grow across all of them.
+    pub fn set_next_seq(&mut self, seq: i64) {
+        self.seq = seq - 1;
+    }
+
     /// Applies `ops` and returns the `#commit` frame bytes (header + body), with a correct
     /// Sync 1.1 proof.
     ///

@@ -25,7 +25,7 @@ use crate::repos::engine::Engine;
 use crate::repos::filter::Scope;
 use crate::repos::locks::DidLocks;
 use crate::resync::{self, ResyncSettings};
-use crate::shutdown::{self, Shutdown};
+use crate::shutdown::{self, Shutdown, Supervisor};
 use crate::status::Progress;
 use crate::store::{Store, StoreOptions};
 use crate::telemetry;
@@ -177,13 +177,14 @@ impl App {
         &self.store
     }
 
-    /// Runs until `shutdown_signal` resolves (or a server fails), then shuts down in order:
-    /// stop intake, stop HTTP and delivery sessions, stop the outbox actor, flush acked
-    /// deletions and close the store, each bounded by a deadline.
+    /// Runs until `shutdown_signal` resolves, a server fails or a task ends unexpectedly,
+    /// then shuts down in order: stop intake, stop HTTP and delivery sessions, stop the
+    /// outbox actor, flush acked deletions and close the store, each bounded by a deadline.
     ///
     /// # Errors
-    /// [`AppError::Serve`] if a server fails while running; [`AppError::HttpClient`] if an
-    /// HTTP client cannot be built.
+    /// [`AppError::Serve`] if a server fails while running; [`AppError::Task`] if a task
+    /// panicked or stopped on its own; [`AppError::HttpClient`] or [`AppError::Store`] if
+    /// a client cannot be built or the cursor read, before anything starts.
     pub async fn run(
         self,
         shutdown_signal: impl Future<Output = ()> + Send,
@@ -197,12 +198,47 @@ impl App {
             outbox,
             identity,
         } = self;
+        // Everything that can fail before a task runs, so a failure here leaves nothing
+        // half started.
+        let webhook_client = match &config.delivery {
+            DeliveryMode::Webhook { .. } => {
+                Some(webhook::client().map_err(|e| AppError::HttpClient {
+                    what: "webhook delivery",
+                    reason: e.to_string(),
+                })?)
+            }
+            _ => None,
+        };
+        let firehose_settings = FirehoseSettings {
+            relay_url: config.relay_url.clone(),
+            no_replay: config.no_replay,
+            parallelism: config.firehose_parallelism,
+            cursor_save_interval: config.cursor_save_interval,
+        };
+        let sync_parts = if config.outbox_only {
+            None
+        } else {
+            let pds = resync::fetch::PdsClient::new(config.repo_fetch_timeout).map_err(|e| {
+                AppError::HttpClient {
+                    what: "resync",
+                    reason: e.to_string(),
+                }
+            })?;
+            Some((
+                pds,
+                firehose::start_cursor(&firehose_settings, &store).await?,
+            ))
+        };
+
         let shutdown = Shutdown::new();
         // Producers (firehose, resync, crawler) stop first; delivery keeps running until
         // they have drained, so what they committed can still go out.
         let intake = shutdown.token().child_token();
         let delivery_stop = CancellationToken::new();
         let delivery_tasks = tokio_util::task::TaskTracker::new();
+        // Tasks may end once intake stops; before that, an end is a failure.
+        let supervisor = Supervisor::new(shutdown.tracker().clone(), intake.clone());
+        let delivery_supervisor = supervisor.with_tracker(delivery_tasks.clone());
         let addr = http
             .local_addr()
             .map_or_else(|_| config.bind.clone(), |a| a.to_string());
@@ -235,25 +271,33 @@ impl App {
             capacity.clone(),
             progress.in_memory_events_counter(),
         );
-        let actor_task = tokio::spawn(actor.run(delivery_stop.clone()));
-        let deleter_task = tokio::spawn(acks::run_deleter(store.clone(), acked_rx));
-        shutdown.tracker().spawn(loader::run_loader(
-            store.clone(),
-            inputs_tx.clone(),
-            capacity,
-            ready_tx,
-            config.outbox_only,
-            intake.clone(),
+        let actor_task =
+            tokio::spawn(supervisor.watch("outbox actor", true, actor.run(delivery_stop.clone())));
+        let deleter_task = tokio::spawn(supervisor.watch(
+            "ack deleter",
+            true,
+            acks::run_deleter(store.clone(), acked_rx),
         ));
+        supervisor.spawn_finite(
+            "outbox loader",
+            loader::run_loader(
+                store.clone(),
+                inputs_tx.clone(),
+                capacity,
+                ready_tx,
+                config.outbox_only,
+                intake.clone(),
+            ),
+        );
 
         let hub = DeliveryHub {
             queue: queue_rx,
             inputs: inputs_tx,
             ack_mode: settings.ack_mode,
         };
-        let channel = if let DeliveryMode::Webhook { url } = &config.delivery {
-            webhook::spawn(
-                webhook::WebhookSettings {
+        let channel = match (&config.delivery, &webhook_client) {
+            (DeliveryMode::Webhook { url }, Some(client)) => {
+                let settings = webhook::WebhookSettings {
                     url: url.clone(),
                     authorization: config
                         .admin_password
@@ -261,23 +305,22 @@ impl App {
                         .map(|p| api::basic_header("admin", p)),
                     secret: config.webhook_secret.clone(),
                     parallelism: config.webhook_parallelism,
-                },
-                hub,
-                &delivery_tasks,
-                delivery_stop.clone(),
-            )
-            .map_err(|e| AppError::HttpClient {
-                what: "webhook delivery",
-                reason: e.to_string(),
-            })?;
-            None
-        } else {
-            Some(hub)
+                };
+                webhook::spawn(
+                    &settings,
+                    client,
+                    &hub,
+                    &delivery_supervisor,
+                    &delivery_stop,
+                );
+                None
+            }
+            _ => Some(hub),
         };
 
         // The sync engine: firehose, resync workers, crawler (not in outbox-only mode).
         let mut firehose_handle = None;
-        if !config.outbox_only {
+        if let Some((pds, start)) = sync_parts {
             let engine = Engine::new(
                 store.clone(),
                 outbox_handle,
@@ -292,39 +335,32 @@ impl App {
                     max_repo_bytes: config.max_repo_bytes,
                     in_memory_backfill: !config.durable_backfill_events,
                 },
+                pds,
                 engine.clone(),
                 store.clone(),
-                shutdown.tracker(),
+                &supervisor,
                 intake.clone(),
-            )
-            .map_err(|e| AppError::HttpClient {
-                what: "resync",
-                reason: e.to_string(),
-            })?;
-            shutdown.tracker().spawn(crawler::run_crawler(
-                CrawlerSettings {
-                    relay_url: config.relay_url.clone(),
-                    scope: config.scope.clone(),
-                },
+            );
+            supervisor.spawn_finite(
+                "crawler",
+                crawler::run_crawler(
+                    CrawlerSettings {
+                        relay_url: config.relay_url.clone(),
+                        scope: config.scope.clone(),
+                    },
+                    store.clone(),
+                    intake.clone(),
+                ),
+            );
+            firehose_handle = Some(firehose::spawn(
+                firehose_settings,
+                start,
+                engine,
                 store.clone(),
+                Arc::clone(&progress),
+                &supervisor,
                 intake.clone(),
             ));
-            firehose_handle = Some(
-                firehose::spawn(
-                    FirehoseSettings {
-                        relay_url: config.relay_url.clone(),
-                        no_replay: config.no_replay,
-                        parallelism: config.firehose_parallelism,
-                        cursor_save_interval: config.cursor_save_interval,
-                    },
-                    engine,
-                    store.clone(),
-                    Arc::clone(&progress),
-                    shutdown.tracker(),
-                    intake.clone(),
-                )
-                .await?,
-            );
         }
 
         let state = ApiState {
@@ -335,6 +371,7 @@ impl App {
             channel,
             stop: delivery_stop.clone(),
             identity,
+            failure: supervisor.subscribe(),
         };
         let auth = config.admin_password.clone().map(AdminAuth::new);
         let api = api::router(state, auth);
@@ -356,6 +393,7 @@ impl App {
         let mut failure = None;
         tokio::select! {
             () = shutdown_signal => tracing::info!("Shutdown requested."),
+            failed = supervisor.failed() => failure = Some(AppError::Task(failed)),
             Some(result) = servers.join_next() => {
                 failure = match result {
                     Ok(Err(e)) => Some(e),

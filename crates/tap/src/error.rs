@@ -30,6 +30,9 @@ pub enum AppError {
     /// The identity resolver could not be built (TLS, system configuration).
     #[error("cannot start identity resolution: {0}")]
     Identity(#[from] crate::identity::IdentityError),
+    /// A long-running task panicked or stopped on its own.
+    #[error("{0}")]
+    Task(crate::shutdown::TaskFailure),
     /// An HTTP server failed while running.
     #[error("{what} server failed: {source}")]
     Serve {

@@ -23,6 +23,7 @@ pub mod config;
 pub mod crawler;
 pub mod delivery;
 pub mod error;
+pub mod failpoint;
 pub mod firehose;
 pub mod identity;
 pub mod outbox;

@@ -2,8 +2,12 @@
 //! awaited. Order (docs/architecture.md): stop intake, drain in-flight work under a
 //! deadline, flush cursors and acks under their own deadline, stop HTTP, close the store.
 
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
+use futures_util::FutureExt;
+use tokio::sync::watch;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 /// How long in-flight work may take to finish after shutdown is requested.
@@ -49,6 +53,130 @@ impl Shutdown {
         tokio::time::timeout(deadline, self.tracker.wait())
             .await
             .is_ok()
+    }
+}
+
+/// A task that ended when it must not have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskFailure {
+    /// The task's name (the stage it belongs to).
+    pub task: &'static str,
+    /// Whether it panicked (else it returned before shutdown started).
+    pub panicked: bool,
+}
+
+impl std::fmt::Display for TaskFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let how = if self.panicked {
+            "panicked"
+        } else {
+            "stopped unexpectedly"
+        };
+        write!(f, "task {} {how}", self.task)
+    }
+}
+
+/// Watches the long-running tasks: a task that panics, or that returns before shutdown
+/// started, is a failure of the whole process (its stage no longer does its work while
+/// `/health` would still answer), so the first one is reported for an ordered shutdown
+/// and a non-zero exit.
+#[derive(Clone, Debug)]
+pub struct Supervisor {
+    tracker: TaskTracker,
+    stopping: CancellationToken,
+    failure: watch::Sender<Option<TaskFailure>>,
+}
+
+impl Supervisor {
+    /// Tasks spawned through it are tracked by `tracker`; returning is expected once
+    /// `stopping` is cancelled.
+    #[must_use]
+    pub fn new(tracker: TaskTracker, stopping: CancellationToken) -> Self {
+        Self {
+            tracker,
+            stopping,
+            failure: watch::Sender::new(None),
+        }
+    }
+
+    /// A supervisor of tasks tracked by `tracker` (awaited at another step of the
+    /// shutdown) that reports to the same place.
+    #[must_use]
+    pub fn with_tracker(&self, tracker: TaskTracker) -> Self {
+        Self {
+            tracker,
+            ..self.clone()
+        }
+    }
+
+    /// Spawns a task that runs until shutdown.
+    pub fn spawn<F>(&self, task: &'static str, fut: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.tracker.spawn(self.watch(task, true, fut));
+    }
+
+    /// Spawns a task that may finish its work and return; only a panic is a failure.
+    pub fn spawn_finite<F>(&self, task: &'static str, fut: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.tracker.spawn(self.watch(task, false, fut));
+    }
+
+    /// `fut`, reporting a panic (or, if `endless`, a return before shutdown) as a failure.
+    /// For tasks the app spawns and awaits itself.
+    pub fn watch<F>(
+        &self,
+        task: &'static str,
+        endless: bool,
+        fut: F,
+    ) -> impl Future<Output = ()> + Send + 'static
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let stopping = self.stopping.clone();
+        let failure = self.failure.clone();
+        async move {
+            let panicked = AssertUnwindSafe(fut).catch_unwind().await.is_err();
+            if panicked || (endless && !stopping.is_cancelled()) {
+                let report = TaskFailure { task, panicked };
+                tracing::error!(task, panicked, "A task ended unexpectedly; tap stops.");
+                failure.send_if_modified(|first| {
+                    let unset = first.is_none();
+                    if unset {
+                        *first = Some(report);
+                    }
+                    unset
+                });
+            }
+        }
+    }
+
+    /// The first failure so far.
+    #[must_use]
+    pub fn failure(&self) -> Option<TaskFailure> {
+        self.failure.borrow().clone()
+    }
+
+    /// A receiver that sees the first failure.
+    #[must_use]
+    pub fn subscribe(&self) -> watch::Receiver<Option<TaskFailure>> {
+        self.failure.subscribe()
+    }
+
+    /// Resolves at the first failure.
+    pub async fn failed(&self) -> TaskFailure {
+        let mut rx = self.failure.subscribe();
+        loop {
+            if let Some(f) = rx.borrow_and_update().clone() {
+                return f;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 }
 

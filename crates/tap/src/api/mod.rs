@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use axum::{
     Router,
+    extract::State,
     http::{StatusCode, header},
     middleware,
     response::{IntoResponse, Response},
@@ -48,6 +49,8 @@ pub struct ApiState {
     pub stop: CancellationToken,
     /// The cached identity resolver behind `/resolve/{did}`.
     pub identity: Identity,
+    /// The first task that ended unexpectedly, if any (tap is then shutting down).
+    pub failure: tokio::sync::watch::Receiver<Option<crate::shutdown::TaskFailure>>,
 }
 
 /// Builds the router. Admin auth, when configured, wraps every route and the fallbacks.
@@ -70,8 +73,16 @@ pub fn router(state: ApiState, auth: Option<AdminAuth>) -> Router {
         .layer(middleware::from_fn_with_state(auth, auth::require_admin))
 }
 
-async fn health() -> Response {
-    json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+/// `{"status":"ok"}` while every stage runs; 503 naming the stage once one has failed
+/// (tap is then shutting down).
+async fn health(State(state): State<ApiState>) -> Response {
+    match state.failure.borrow().as_ref() {
+        None => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        Some(failure) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"status": "error", "error": failure.to_string(), "stage": failure.task}),
+        ),
+    }
 }
 
 async fn not_found() -> Response {

@@ -14,6 +14,7 @@ use url::Url;
 
 use super::DeliveryHub;
 use crate::outbox::{Delivery, Input};
+use crate::shutdown::Supervisor;
 use crate::telemetry as t;
 
 /// Header carrying the HMAC signature when `--webhook-secret` is set.
@@ -59,29 +60,34 @@ pub fn backoff(attempt: u32, jitter_ms: u64) -> Duration {
     base + Duration::from_millis(jitter_ms % 1000)
 }
 
-/// Starts `parallelism` workers on the tracker; they run until `stop` is cancelled.
-pub fn spawn(
-    settings: WebhookSettings,
-    hub: DeliveryHub,
-    tracker: &tokio_util::task::TaskTracker,
-    stop: CancellationToken,
-) -> Result<(), reqwest::Error> {
-    let client = reqwest::Client::builder()
+/// The HTTP client of the webhook workers.
+///
+/// # Errors
+/// The TLS configuration cannot be loaded.
+pub fn client() -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
         .timeout(REQUEST_TIMEOUT)
         // A followed 301/302/303 turns the POST into a bodiless GET whose 2xx would count
         // as the ack: the event would be lost. A redirect is a failure, retried and logged.
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("tap/", env!("CARGO_PKG_VERSION")))
-        .build()?;
+        .build()
+}
+
+/// Starts `parallelism` workers; they run until `stop` is cancelled.
+pub fn spawn(
+    settings: &WebhookSettings,
+    client: &reqwest::Client,
+    hub: &DeliveryHub,
+    supervisor: &Supervisor,
+    stop: &CancellationToken,
+) {
     for _ in 0..settings.parallelism.max(1) {
-        tracker.spawn(run_worker(
-            client.clone(),
-            settings.clone(),
-            hub.clone(),
-            stop.clone(),
-        ));
+        supervisor.spawn(
+            "webhook worker",
+            run_worker(client.clone(), settings.clone(), hub.clone(), stop.clone()),
+        );
     }
-    Ok(())
 }
 
 async fn run_worker(

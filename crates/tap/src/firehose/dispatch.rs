@@ -14,10 +14,10 @@ use std::time::Duration;
 use tap_atproto::firehose::Frame;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::cursor::SeqTracker;
 use crate::repos::engine::{Engine, EngineError, FailureClass, Outcome};
+use crate::shutdown::Supervisor;
 use crate::telemetry as t;
 
 /// Frames queued per worker.
@@ -61,24 +61,22 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    /// Spawns `parallelism` workers on `tracker`.
+    /// Spawns `parallelism` workers.
     #[must_use]
     pub fn spawn(
         parallelism: usize,
         engine: Engine,
         seqs: Arc<Mutex<SeqTracker>>,
-        tracker: &TaskTracker,
+        supervisor: &Supervisor,
         stop: CancellationToken,
     ) -> Self {
         let workers = (0..parallelism.max(1))
             .map(|_| {
                 let (tx, rx) = mpsc::channel(WORKER_QUEUE);
-                tracker.spawn(run_worker(
-                    rx,
-                    engine.clone(),
-                    Arc::clone(&seqs),
-                    stop.clone(),
-                ));
+                supervisor.spawn(
+                    "firehose worker",
+                    run_worker(rx, engine.clone(), Arc::clone(&seqs), stop.clone()),
+                );
                 tx
             })
             .collect();
@@ -108,6 +106,7 @@ async fn run_worker(
             // reconnect) reads it again.
             return;
         }
+        crate::failpoint::hit("firehose-event-committed");
         if let Some(seq) = seq {
             seqs.lock()
                 .unwrap_or_else(PoisonError::into_inner)

@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use url::Url;
 
 use crate::repos::engine::Engine;
+use crate::shutdown::Supervisor;
 use crate::status::Progress;
 use crate::store::{Store, StoreError};
 use cursor::SeqTracker;
@@ -44,27 +44,35 @@ impl FirehoseHandle {
     }
 }
 
-/// Starts the reader and workers on `tracker` (stopped by `intake`) and the cursor saver
-/// (stopped by [`FirehoseHandle::flush`], after the workers, so its last save covers them).
+/// Where the first connection starts: the stored cursor, unless `--no-replay`.
 ///
 /// # Errors
 /// The stored cursor cannot be read.
-pub async fn spawn(
+pub async fn start_cursor(
+    settings: &FirehoseSettings,
+    store: &Store,
+) -> Result<Option<i64>, StoreError> {
+    let stored = store.firehose_cursor(settings.relay_url.as_str()).await?;
+    if settings.no_replay {
+        tracing::info!(stored = ?stored, "Ignoring the saved firehose cursor (--no-replay).");
+        return Ok(None);
+    }
+    Ok(stored)
+}
+
+/// Starts the reader and workers (stopped by `intake`) and the cursor saver (stopped by
+/// [`FirehoseHandle::flush`], after the workers, so its last save covers them), from
+/// `start` (see [`start_cursor`]).
+pub fn spawn(
     settings: FirehoseSettings,
+    start: Option<i64>,
     engine: Engine,
     store: Store,
     progress: Arc<Progress>,
-    tracker: &TaskTracker,
+    supervisor: &Supervisor,
     intake: CancellationToken,
-) -> Result<FirehoseHandle, StoreError> {
+) -> FirehoseHandle {
     let key = settings.relay_url.to_string();
-    let stored = store.firehose_cursor(&key).await?;
-    let start = if settings.no_replay {
-        tracing::info!(stored = ?stored, "Ignoring the saved firehose cursor (--no-replay).");
-        None
-    } else {
-        stored
-    };
     if let Some(seq) = start {
         progress.set_firehose_seq(seq);
     }
@@ -74,26 +82,33 @@ pub async fn spawn(
         settings.parallelism,
         engine,
         Arc::clone(&seqs),
-        tracker,
+        supervisor,
         intake.clone(),
     );
-    tracker.spawn(consumer::run_consumer(
-        settings.relay_url.clone(),
-        start,
-        dispatcher,
-        Arc::clone(&seqs),
-        intake,
-    ));
+    supervisor.spawn(
+        "firehose reader",
+        consumer::run_consumer(
+            settings.relay_url.clone(),
+            start,
+            dispatcher,
+            Arc::clone(&seqs),
+            intake,
+        ),
+    );
     let saver_stop = CancellationToken::new();
-    let saver = tokio::spawn(run_cursor_saver(
-        store,
-        key,
-        seqs,
-        progress,
-        settings.cursor_save_interval,
-        saver_stop.clone(),
+    let saver = tokio::spawn(supervisor.watch(
+        "firehose cursor saver",
+        true,
+        run_cursor_saver(
+            store,
+            key,
+            seqs,
+            progress,
+            settings.cursor_save_interval,
+            saver_stop.clone(),
+        ),
     ));
-    Ok(FirehoseHandle { saver, saver_stop })
+    FirehoseHandle { saver, saver_stop }
 }
 
 /// Persists the low-water mark every `interval` when it moved, and once more on stop.
@@ -113,6 +128,7 @@ async fn run_cursor_saver(
             () = stop.cancelled() => true,
             _ = tick.tick() => false,
         };
+        crate::failpoint::hit("cursor-saver-tick");
         let mark = seqs
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

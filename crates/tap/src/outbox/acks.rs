@@ -107,6 +107,7 @@ fn start(store: &Store, work: Pending) -> Flush {
 
 async fn run_pass(store: &Store, work: &Pending) -> Result<(), StoreError> {
     if !work.ids.is_empty() {
+        crate::failpoint::hit("acks-before-delete");
         store.delete_acked(&work.ids).await?;
     }
     for (did, token) in &work.backfills {

@@ -214,6 +214,7 @@ impl Actor {
                 }
             }
             Input::Acked(ids) => {
+                crate::failpoint::hit("acks-received");
                 let mut done = Finished::default();
                 let mut acked = 0;
                 for id in ids {

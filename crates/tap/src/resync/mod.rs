@@ -16,12 +16,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tap_atproto::stream::{RepoWalker, WalkError, WalkLimits};
 use tap_atproto::syntax::Did;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::identity::IdentityError;
 use crate::outbox::OutboxError;
 use crate::repos::engine::{Engine, EngineError, FailureClass};
 use crate::repos::prepared::Buffered;
+use crate::shutdown::Supervisor;
 use crate::store::{
     EventStorage, NewEvent, RecordChange, RepoChange, RepoRow, RepoState, RepoWrite, ResyncFailure,
     Store, StoreError, WriteCondition,
@@ -130,29 +130,29 @@ impl From<FetchError> for ResyncError {
     }
 }
 
-/// Starts the workers on `tracker`; they stop claiming when `intake` is cancelled and
-/// abandon a resync in progress (the repo is reset at the next start).
-///
-/// # Errors
-/// The HTTP client cannot be built.
+/// Starts the workers; they stop claiming when `intake` is cancelled and abandon a resync
+/// in progress (the repo is reset at the next start).
 pub fn spawn(
     settings: &ResyncSettings,
+    pds: PdsClient,
     engine: Engine,
     store: Store,
-    tracker: &TaskTracker,
+    supervisor: &Supervisor,
     intake: CancellationToken,
-) -> Result<(), reqwest::Error> {
-    let pds = std::sync::Arc::new(PdsClient::new(settings.fetch_timeout)?);
+) {
+    let pds = std::sync::Arc::new(pds);
     for _ in 0..settings.parallelism.max(1) {
-        tracker.spawn(run_worker(
-            engine.clone(),
-            store.clone(),
-            std::sync::Arc::clone(&pds),
-            settings.clone(),
-            intake.clone(),
-        ));
+        supervisor.spawn(
+            "resync worker",
+            run_worker(
+                engine.clone(),
+                store.clone(),
+                std::sync::Arc::clone(&pds),
+                settings.clone(),
+                intake.clone(),
+            ),
+        );
     }
-    Ok(())
 }
 
 fn now_unix() -> i64 {
@@ -563,6 +563,7 @@ impl<'a> Snapshot<'a> {
         }
         let write = std::mem::replace(&mut self.write, Self::empty_write(self.did, self.storage));
         self.engine.outbox().append(write).await?;
+        crate::failpoint::hit("resync-batch-written");
         Ok(())
     }
 
@@ -623,6 +624,7 @@ async fn cut_over(
                 if !applied {
                     return Err(ResyncError::Abandoned);
                 }
+                crate::failpoint::hit("cutover-buffered-applied");
                 rev = commit.rev;
                 data = commit.data;
             }

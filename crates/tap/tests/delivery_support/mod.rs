@@ -382,16 +382,31 @@ impl TapProcess {
     /// Starts `tap run` on `db` bound to `bind` (e.g. `127.0.0.1:0`) with `extra` flags; the
     /// relay and PLC point at a closed loopback port, so nothing leaves the machine.
     pub async fn spawn(db: &tap::store::DatabaseUrl, bind: &str, extra: &[&str]) -> Self {
+        Self::spawn_with(db, bind, extra, &[]).await
+    }
+
+    /// [`spawn`](Self::spawn) with environment variables; `--relay-url` and `--plc-url` in
+    /// `extra` replace the closed-port defaults.
+    pub async fn spawn_with(
+        db: &tap::store::DatabaseUrl,
+        bind: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         use std::io::{BufRead, BufReader};
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tap"));
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(env.iter().copied())
             .arg("run")
             .arg(format!("--db-url={}", db_url_arg(db)))
-            .arg(format!("--bind={bind}"))
-            .arg("--relay-url=http://127.0.0.1:1")
-            .arg("--plc-url=http://127.0.0.1:1")
-            .args(extra)
+            .arg(format!("--bind={bind}"));
+        for flag in ["--relay-url", "--plc-url"] {
+            if !extra.iter().any(|e| e.starts_with(flag)) {
+                cmd.arg(format!("{flag}=http://127.0.0.1:1"));
+            }
+        }
+        cmd.args(extra)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit());
@@ -423,6 +438,18 @@ impl TapProcess {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// Waits for the process to end on its own (a failpoint killed it, or it failed).
+    pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "tap did not exit");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub fn pid(&self) -> u32 {

@@ -113,7 +113,11 @@ pub struct Consumer {
 
 impl Consumer {
     pub async fn connect(tap: &TestTap) -> Self {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/channel", tap.addr))
+        Self::connect_addr(tap.addr).await
+    }
+
+    pub async fn connect_addr(addr: std::net::SocketAddr) -> Self {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/channel"))
             .await
             .unwrap();
         let events = Arc::new(Mutex::new(Vec::new()));
