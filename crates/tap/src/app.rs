@@ -294,6 +294,7 @@ impl App {
             queue: queue_rx,
             inputs: inputs_tx,
             ack_mode: settings.ack_mode,
+            channel_timeout: config.channel_timeout,
         };
         let channel = match (&config.delivery, &webhook_client) {
             (DeliveryMode::Webhook { url }, Some(client)) => {

@@ -646,3 +646,64 @@ async fn producers_wait_while_unacked_payloads_fill_the_memory_budget() {
     tap.wait_outbox_len(0).await;
     tap.stop().await;
 }
+
+/// Issue 10, defect 10: a client that stops reading blocked its session's writer with no
+/// timeout; the events it had taken were never resent and their DID stayed blocked.
+/// Now the blocked write times out and the events go to the other clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_gives_its_events_back_to_the_others() {
+    let (tap, _db) = sqlite_tap(|c| {
+        c.channel_timeout = Duration::from_secs(1);
+        c.retry_timeout = Duration::from_secs(3600);
+    })
+    .await;
+    let a = did(1);
+    // Never read from: its tiny window and a batch far bigger than every socket buffer on
+    // the way leave the session's writer blocked.
+    let _stuck = Client::connect_small_window(tap.addr).await;
+    let ids: Vec<u64> = tap
+        .append(
+            &a,
+            (0..100)
+                .map(|i| big_record(&a, &format!("h{i}"), false, 64 * 1024))
+                .collect(),
+        )
+        .await
+        .into_iter()
+        .map(|id| id.0)
+        .collect();
+    let mut client = Client::connect(tap.addr).await;
+    let mut seen = HashSet::new();
+    while seen.len() < ids.len() {
+        let ev = client.event().await;
+        client.ack(event_id(&ev)).await;
+        seen.insert(event_id(&ev));
+    }
+    assert_eq!(seen, ids.iter().copied().collect::<HashSet<_>>());
+    tap.wait_outbox_len(0).await;
+    tap.stop().await;
+}
+
+/// Defect 10, the quiet case: a client that reads nothing at all answers no ping; its
+/// session ends after --channel-timeout and what it was sent goes to the others at once,
+/// without waiting for --retry-timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_is_dropped_and_its_unacked_events_go_to_the_others() {
+    let (tap, _db) = sqlite_tap(|c| {
+        c.channel_timeout = Duration::from_secs(1);
+        c.retry_timeout = Duration::from_secs(3600);
+    })
+    .await;
+    let a = did(1);
+    let mut silent = Client::connect(tap.addr).await;
+    let id = tap.append(&a, vec![record(&a, "l1", true)]).await[0].0;
+    // The only session takes it; its client reads it, then never reads (or acks) again.
+    assert_eq!(event_id(&silent.event().await), id);
+    let mut client = Client::connect(tap.addr).await;
+    let ev = client.event().await;
+    assert_eq!(event_id(&ev), id);
+    assert_eq!(label(&ev), "l1");
+    client.ack(id).await;
+    tap.wait_outbox_len(0).await;
+    tap.stop().await;
+}

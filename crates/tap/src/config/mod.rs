@@ -153,6 +153,9 @@ pub struct Config {
     pub webhook_parallelism: usize,
     /// `--webhook-secret`: HMAC key for signing webhook bodies; `None` when empty.
     pub webhook_secret: Option<String>,
+    /// `--channel-timeout`: how long a `/channel` write may block, and how long a client
+    /// may stay silent (pings included), before its session is dropped.
+    pub channel_timeout: Duration,
     /// `--durable-backfill-events`: a first backfill's events are outbox rows too.
     pub durable_backfill_events: bool,
     /// `--outbox-only`.
@@ -471,6 +474,10 @@ impl Config {
         if retry_timeout.is_zero() {
             return Err(invalid("retry-timeout", "must be greater than zero"));
         }
+        let channel_timeout = duration_of("channel-timeout")?;
+        if channel_timeout.is_zero() {
+            return Err(invalid("channel-timeout", "must be greater than zero"));
+        }
         let cursor_save_interval = duration_of("cursor-save-interval")?;
         if cursor_save_interval.is_zero() {
             return Err(invalid("cursor-save-interval", "must be greater than zero"));
@@ -543,6 +550,7 @@ impl Config {
             outbox_only: bool_of("outbox-only")?,
             admin_password: non_empty("admin-password"),
             retry_timeout,
+            channel_timeout,
             log_level: LogLevel::parse(v.one("log-level")),
             metrics_listen,
         })

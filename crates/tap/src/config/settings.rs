@@ -199,6 +199,14 @@ pub const SETTINGS: &[Setting] = &[
         extension: true,
     },
     Setting {
+        flag: "channel-timeout",
+        envs: &["TAP_CHANNEL_TIMEOUT"],
+        default: "30s",
+        kind: Kind::Value,
+        help: "a /channel client that takes no frame for this long, or answers no ping, is dropped and its unacked events go to the other clients (extension)",
+        extension: true,
+    },
+    Setting {
         flag: "durable-backfill-events",
         envs: &["TAP_DURABLE_BACKFILL_EVENTS"],
         default: "false",

@@ -23,4 +23,6 @@ pub struct DeliveryHub {
     pub inputs: mpsc::Sender<Input>,
     /// When an event counts as done.
     pub ack_mode: AckMode,
+    /// `--channel-timeout`: longest blocked write, and longest silence of a client.
+    pub channel_timeout: std::time::Duration,
 }

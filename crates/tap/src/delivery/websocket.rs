@@ -4,9 +4,15 @@
 //! The server never sends a close frame: the `@atproto/tap` client reconnects only after an
 //! abnormal closure, so ending a session (shutdown, malformed client frame, write error)
 //! just drops the connection. A malformed frame ends only that session.
+//!
+//! A client that stops reading must not hold events forever: a write blocked for
+//! `--channel-timeout` ends the session, and so does a client silent for that long while
+//! the server pings it every third of it. Whatever the session took and was not acked on
+//! it (written or not) goes back to the actor at once, for the other sessions.
 
+use std::collections::HashSet;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, WebSocket};
 use futures_util::{FutureExt, SinkExt, StreamExt};
@@ -38,6 +44,7 @@ struct ClientFrame {
 const ACK_BURST: usize = 1024;
 
 /// Handles one read from the client: an ack id is pushed onto `acks`; `Err` ends the session.
+/// Any frame (a pong too) counts as a sign of life, recorded by the caller.
 fn read_one(
     msg: Option<Result<Message, axum::Error>>,
     ack_mode: AckMode,
@@ -75,6 +82,8 @@ enum End {
     ClientClosed,
     Malformed,
     WriteFailed,
+    WriteStalled,
+    Silent,
     Shutdown,
 }
 
@@ -89,6 +98,14 @@ pub async fn run_session(socket: WebSocket, hub: DeliveryHub, stop: Cancellation
     // Events taken from the shared queue and not yet confirmed written. Whatever is left
     // here when the session ends goes back to the actor, whichever future was running.
     let taken: Mutex<Vec<EventId>> = Mutex::new(Vec::new());
+    // Written on this session and not acked on it (client-ack mode): they too go back
+    // when the session ends, instead of waiting out --retry-timeout. An ack that comes
+    // later on another connection is still honoured (acks are idempotent).
+    let unacked: Mutex<HashSet<EventId>> = Mutex::new(HashSet::new());
+    let started = Instant::now();
+    // Milliseconds after `started` of the client's latest frame.
+    let heard = std::sync::atomic::AtomicU64::new(0);
+    let timeout = hub.channel_timeout;
 
     let reader = async {
         // Acks that arrived together go to the actor as one message: one actor wake-up per
@@ -96,11 +113,18 @@ pub async fn run_session(socket: WebSocket, hub: DeliveryHub, stop: Cancellation
         let mut acks: Vec<EventId> = Vec::new();
         loop {
             let first = stream.next().await;
+            heard.store(millis_since(started), std::sync::atomic::Ordering::Relaxed);
             let mut end = read_one(first, hub.ack_mode, &mut acks).err();
             while end.is_none() && acks.len() < ACK_BURST {
                 match stream.next().now_or_never() {
                     Some(msg) => end = read_one(msg, hub.ack_mode, &mut acks).err(),
                     None => break,
+                }
+            }
+            if !acks.is_empty() {
+                let mut unacked = lock(&unacked);
+                for id in &acks {
+                    unacked.remove(id);
                 }
             }
             if !acks.is_empty()
@@ -119,8 +143,25 @@ pub async fn run_session(socket: WebSocket, hub: DeliveryHub, stop: Cancellation
     };
 
     let writer = async {
+        let mut ping = tokio::time::interval(timeout / 3);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.tick().await;
         loop {
-            let Ok(first) = hub.queue.recv().await else {
+            let first = tokio::select! {
+                next = hub.queue.recv() => next,
+                _ = ping.tick() => {
+                    let heard = Duration::from_millis(heard.load(std::sync::atomic::Ordering::Relaxed));
+                    if started.elapsed().saturating_sub(heard) > timeout {
+                        return End::Silent;
+                    }
+                    match tokio::time::timeout(timeout, sink.send(Message::Ping(Vec::new().into()))).await {
+                        Ok(Ok(())) => continue,
+                        Ok(Err(_)) => return End::WriteFailed,
+                        Err(_) => return End::WriteStalled,
+                    }
+                }
+            };
+            let Ok(first) = first else {
                 return End::Shutdown;
             };
             let mut batch = vec![first];
@@ -131,17 +172,21 @@ pub async fn run_session(socket: WebSocket, hub: DeliveryHub, stop: Cancellation
                 }
             }
             lock(&taken).extend(batch.iter().map(|d| d.id));
-            let mut ok = true;
-            for d in batch {
-                if sink.feed(Message::Text(d.text.into())).await.is_err() {
-                    ok = false;
-                    break;
+            let write = async {
+                for d in batch {
+                    sink.feed(Message::Text(d.text.into())).await?;
                 }
-            }
-            if !ok || sink.flush().await.is_err() {
-                return End::WriteFailed;
+                sink.flush().await
+            };
+            match tokio::time::timeout(timeout, write).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return End::WriteFailed,
+                Err(_) => return End::WriteStalled,
             }
             let ids = std::mem::take(&mut *lock(&taken));
+            if hub.ack_mode == AckMode::ClientAck {
+                lock(&unacked).extend(ids.iter().copied());
+            }
             metrics::counter!(t::EVENTS_DELIVERED).increment(ids.len() as u64);
             let report = match hub.ack_mode {
                 AckMode::OnWrite => Input::Acked(ids),
@@ -158,7 +203,9 @@ pub async fn run_session(socket: WebSocket, hub: DeliveryHub, stop: Cancellation
         end = writer => end,
         () = stop.cancelled() => End::Shutdown,
     };
-    let unsent = std::mem::take(&mut *lock(&taken));
+    let mut unsent = std::mem::take(&mut *lock(&taken));
+    unsent.extend(lock(&unacked).drain());
+    unsent.sort_unstable();
     if !unsent.is_empty() {
         let _ = hub.inputs.send(Input::Unsent(unsent)).await;
     }
@@ -170,8 +217,10 @@ pub async fn run_session(socket: WebSocket, hub: DeliveryHub, stop: Cancellation
 
 /// Locks the session's bookkeeping; a poisoned lock only means a panic elsewhere in this
 /// session, and the list is still valid.
-fn lock(taken: &Mutex<Vec<EventId>>) -> std::sync::MutexGuard<'_, Vec<EventId>> {
-    taken
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn millis_since(start: Instant) -> u64 {
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
