@@ -367,8 +367,8 @@ async fn during_cutover(db: TestDb) {
     let mut tap = start(&db, &net, Some("cutover-buffered-applied=kill@1"), &[]).await;
     let _consumer = Recorder::connect(tap.addr, 1, &seen).await;
     add(&tap, &[&repos[0]]).await;
-    wait_for("the repo resyncing", || async {
-        (state_of(&tap, &repos[0]).await == "resyncing").then_some(())
+    wait_for("the trickled getRepo under way", || async {
+        (net.pds.requests() >= 1 && state_of(&tap, &repos[0]).await == "resyncing").then_some(())
     })
     .await;
     // The trickled body is the state before these; `commit` makes the PDS serve the

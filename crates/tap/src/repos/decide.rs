@@ -2,6 +2,7 @@
 //! No I/O and no clock: the caller verifies, persists and emits (original-behaviour.md §7,
 //! with decisions.md rows 2 and 4).
 
+use super::prepared::{Buffered, PreparedCommit};
 use crate::store::{AccountStatus, RepoRow, RepoState};
 use crate::wire::IdentityStatus;
 
@@ -167,6 +168,87 @@ pub fn status_to_store(status: IdentityStatus) -> Option<AccountStatus> {
     }
 }
 
+/// What the cutover does with one buffered entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CutoverStep {
+    /// Apply this commit as live events (it chains onto what is applied so far).
+    Apply(PreparedCommit),
+    /// Delete the entry: already in the snapshot, moot, unreadable, or after a decision
+    /// to resync again.
+    Drop,
+}
+
+/// The cutover of a resync (decisions.md row 4), fed the buffered entries in arrival
+/// order, page by page: commits at or below the applied rev are in the snapshot; a later
+/// one that chains is applied; one that does not chain, a `#sync` announcing other data,
+/// or a buffer overflow means the repo changed in a way the snapshot misses, so the rest
+/// is dropped and the repo is resynced again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cutover {
+    rev: String,
+    data: String,
+    resync_again: Option<String>,
+}
+
+impl Cutover {
+    /// Starts from the snapshot's commit.
+    #[must_use]
+    pub fn new(snapshot_rev: &str, snapshot_data: &str) -> Self {
+        Self {
+            rev: snapshot_rev.to_owned(),
+            data: snapshot_data.to_owned(),
+            resync_again: None,
+        }
+    }
+
+    /// Decides one entry (`Err` when it could not be read); an `Apply` moves the applied
+    /// state to that commit.
+    pub fn step(&mut self, entry: Result<Buffered, String>) -> CutoverStep {
+        if self.resync_again.is_some() {
+            return CutoverStep::Drop;
+        }
+        match entry {
+            Ok(Buffered::Commit(commit)) if commit.rev.as_str() <= self.rev.as_str() => {
+                CutoverStep::Drop
+            }
+            Ok(Buffered::Commit(commit)) if commit.prev_data == self.data => {
+                self.rev.clone_from(&commit.rev);
+                self.data.clone_from(&commit.data);
+                CutoverStep::Apply(commit)
+            }
+            Ok(Buffered::Commit(commit)) => {
+                self.resync_again = Some(format!(
+                    "buffered commit {} does not chain onto {}",
+                    commit.rev, self.data
+                ));
+                CutoverStep::Drop
+            }
+            Ok(Buffered::Sync { rev, data }) => {
+                if rev.as_str() > self.rev.as_str() && data != self.data {
+                    self.resync_again = Some(format!(
+                        "#sync announced new data at rev {rev} during the resync"
+                    ));
+                }
+                CutoverStep::Drop
+            }
+            Ok(Buffered::Overflow) => {
+                self.resync_again =
+                    Some("too many live commits arrived during the resync".to_owned());
+                CutoverStep::Drop
+            }
+            // Unreadable: nothing to apply; the rest still decides.
+            Err(_) => CutoverStep::Drop,
+        }
+    }
+
+    /// The state the repo becomes active at (rev, data root), and why it must be resynced
+    /// again right away, if it must.
+    #[must_use]
+    pub fn finish(self) -> (String, String, Option<String>) {
+        (self.rev, self.data, self.resync_again)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,5 +377,89 @@ mod tests {
             decide_account(None, true, None, false),
             AccountAction::Ignore
         );
+    }
+
+    fn buffered(rev: &str, prev_data: &str, data: &str) -> Result<Buffered, String> {
+        Ok(Buffered::Commit(PreparedCommit {
+            rev: rev.into(),
+            data: data.into(),
+            prev_data: prev_data.into(),
+            ops: Vec::new(),
+        }))
+    }
+
+    fn sync(rev: &str, data: &str) -> Result<Buffered, String> {
+        Ok(Buffered::Sync {
+            rev: rev.into(),
+            data: data.into(),
+        })
+    }
+
+    /// Runs a cutover from snapshot (r5, d5): the revs applied, and the final decision.
+    fn cutover(
+        entries: Vec<Result<Buffered, String>>,
+    ) -> (Vec<String>, (String, String, Option<String>)) {
+        let mut c = Cutover::new("r5", "d5");
+        let applied = entries
+            .into_iter()
+            .filter_map(|e| match c.step(e) {
+                CutoverStep::Apply(commit) => Some(commit.rev),
+                CutoverStep::Drop => None,
+            })
+            .collect();
+        (applied, c.finish())
+    }
+
+    #[test]
+    fn cutover_drops_what_the_snapshot_has_and_applies_what_chains() {
+        let (applied, (rev, data, again)) = cutover(vec![
+            buffered("r4", "d3", "d4"),
+            buffered("r5", "d4", "d5"),
+            buffered("r6", "d5", "d6"),
+            buffered("r7", "d6", "d7"),
+        ]);
+        assert_eq!(applied, ["r6", "r7"]);
+        assert_eq!((rev.as_str(), data.as_str(), again), ("r7", "d7", None));
+    }
+
+    #[test]
+    fn cutover_with_an_empty_buffer_activates_at_the_snapshot() {
+        assert_eq!(cutover(vec![]), (vec![], ("r5".into(), "d5".into(), None)));
+    }
+
+    #[test]
+    fn a_commit_that_does_not_chain_stops_the_cutover_and_resyncs_again() {
+        let (applied, (rev, _, again)) = cutover(vec![
+            buffered("r6", "d5", "d6"),
+            buffered("r7", "dX", "d7"),
+            buffered("r8", "d7", "d8"),
+        ]);
+        assert_eq!(applied, ["r6"], "nothing after the break is applied");
+        assert_eq!(rev, "r6");
+        assert!(again.unwrap().contains("does not chain"));
+    }
+
+    #[test]
+    fn a_sync_with_new_data_resyncs_again_and_one_matching_the_state_does_not() {
+        let (_, (_, _, again)) = cutover(vec![sync("r6", "d5")]);
+        assert_eq!(again, None, "announces what the snapshot already has");
+        let (_, (_, _, again)) = cutover(vec![sync("r4", "dOld")]);
+        assert_eq!(again, None, "older than the snapshot");
+        let (applied, (_, _, again)) =
+            cutover(vec![sync("r6", "dNew"), buffered("r7", "d5", "d7")]);
+        assert!(applied.is_empty());
+        assert!(again.unwrap().contains("#sync"));
+    }
+
+    #[test]
+    fn an_overflowed_buffer_resyncs_again_and_unreadable_entries_are_skipped() {
+        let (applied, (_, _, again)) = cutover(vec![
+            Err("garbage".into()),
+            buffered("r6", "d5", "d6"),
+            Ok(Buffered::Overflow),
+            buffered("r7", "d6", "d7"),
+        ]);
+        assert_eq!(applied, ["r6"]);
+        assert!(again.unwrap().contains("too many"));
     }
 }

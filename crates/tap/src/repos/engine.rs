@@ -25,6 +25,10 @@ use crate::store::{
 use crate::telemetry as t;
 use crate::wire::{IdentityEvent, IdentityStatus};
 
+/// Most live events kept for one repo while it resyncs (bounds the buffer's rows and the
+/// cutover's work; the cutover reads it a page at a time).
+pub const RESYNC_BUFFER_LIMIT: u64 = 10_000;
+
 /// Failures that stop an event from being handled; the firehose retries transient ones
 /// (the cursor does not pass the event meanwhile).
 #[derive(Debug, thiserror::Error)]
@@ -197,15 +201,8 @@ impl Engine {
         let prepared = PreparedCommit::from_verified(&verified, |c| self.scope.wants_collection(c));
         match decide::after_verification(&repo, Some(&prepared.prev_data)) {
             CommitAction::Buffer => {
-                let data =
-                    serde_json::to_string(&Buffered::Commit(prepared.clone())).map_err(|e| {
-                        EngineError::Buffer {
-                            did: did.to_owned(),
-                            reason: e.to_string(),
-                        }
-                    })?;
-                self.store.buffer_commit(did, &prepared.rev, &data).await?;
-                Ok(Outcome::Buffered)
+                let rev = prepared.rev.clone();
+                self.buffer(did, &rev, &Buffered::Commit(prepared)).await
             }
             CommitAction::Desynchronize(reason) => self.desynchronize(did, &reason).await,
             CommitAction::Apply => {
@@ -284,19 +281,46 @@ impl Engine {
             SyncAction::Ignore => Ok(Outcome::Skipped("sync changes nothing")),
             SyncAction::Buffer => {
                 let rev = verified.rev.as_str().to_owned();
-                let entry = serde_json::to_string(&Buffered::Sync {
-                    rev: rev.clone(),
-                    data,
-                })
-                .map_err(|e| EngineError::Buffer {
-                    did: did.to_owned(),
-                    reason: e.to_string(),
-                })?;
-                self.store.buffer_commit(did, &rev, &entry).await?;
-                Ok(Outcome::Buffered)
+                self.buffer(
+                    did,
+                    &rev,
+                    &Buffered::Sync {
+                        rev: rev.clone(),
+                        data,
+                    },
+                )
+                .await
             }
             SyncAction::Desynchronize(reason) => self.desynchronize(did, &reason).await,
         }
+    }
+
+    /// Keeps `entry` for the cutover of the repo's resync. Past [`RESYNC_BUFFER_LIMIT`]
+    /// entries the repo only gets one overflow marker: the snapshot being taken is stale
+    /// anyway, and the cutover resyncs it again, which brings in what was not kept.
+    async fn buffer(&self, did: &str, rev: &str, entry: &Buffered) -> Result<Outcome, EngineError> {
+        let encode = |entry: &Buffered| {
+            serde_json::to_string(entry).map_err(|e| EngineError::Buffer {
+                did: did.to_owned(),
+                reason: e.to_string(),
+            })
+        };
+        if !self
+            .store
+            .buffer_commit(did, rev, &encode(entry)?, RESYNC_BUFFER_LIMIT)
+            .await?
+        {
+            // Stored only once: the marker itself fills the last slot.
+            self.store
+                .buffer_commit(
+                    did,
+                    rev,
+                    &encode(&Buffered::Overflow)?,
+                    RESYNC_BUFFER_LIMIT + 1,
+                )
+                .await?;
+        }
+        Ok(Outcome::Buffered)
     }
 
     /// Handles an `#identity`: re-resolves the DID and announces a changed handle.

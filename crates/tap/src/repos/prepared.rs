@@ -138,6 +138,9 @@ pub enum Buffered {
         /// The data root it announced.
         data: String,
     },
+    /// The repo's buffer reached its cap and later events were not kept: the snapshot
+    /// being taken is stale, and the cutover sends the repo to resync again.
+    Overflow,
 }
 
 #[cfg(test)]

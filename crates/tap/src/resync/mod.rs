@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::identity::IdentityError;
 use crate::outbox::OutboxError;
+use crate::repos::decide::{Cutover, CutoverStep};
 use crate::repos::engine::{Engine, EngineError, FailureClass};
 use crate::repos::prepared::Buffered;
 use crate::shutdown::Supervisor;
@@ -36,6 +37,8 @@ use fetch::{FetchError, PdsClient};
 pub const IDLE_POLL: Duration = Duration::from_secs(1);
 /// Historical events per transaction.
 pub const BATCH: usize = 400;
+/// Buffered live commits read per page at the cutover.
+const CUTOVER_PAGE: usize = 500;
 /// Stored index rows read per page.
 const INDEX_PAGE: usize = 1000;
 /// Memory a walk may use for blocks that arrive before they are needed; beyond it they
@@ -585,11 +588,11 @@ fn record_json(cbor: &[u8]) -> Option<String> {
         .and_then(|()| String::from_utf8(out).ok())
 }
 
-/// The cutover, under the repo's lock so no live commit interleaves: buffered commits at
-/// or below the snapshot are dropped, later ones that chain are applied as live events,
-/// and the repo becomes active with an empty buffer (decisions.md row 4). A buffered
-/// commit that does not chain, or a `#sync` with new data, sends the repo straight back
-/// to desynchronized.
+/// The cutover, under the repo's lock so no live commit interleaves: the buffer is read
+/// a page at a time and each entry decided by [`Cutover`] (pure, in `repos::decide`);
+/// applied commits go out as live events, and the repo becomes active at the last one
+/// with an empty buffer, or goes straight back to desynchronized when the plan says the
+/// snapshot missed a change (decisions.md row 4).
 async fn cut_over(
     engine: &Engine,
     store: &Store,
@@ -598,69 +601,53 @@ async fn cut_over(
     snapshot_data: &str,
 ) -> Result<(), ResyncError> {
     let _guard = engine.locks().lock(did.as_str()).await;
-    let buffered = store.buffered_commits(did.as_str()).await?;
-    let mut rev = snapshot_rev.to_owned();
-    let mut data = snapshot_data.to_owned();
-    let mut leftover = Vec::new();
-    let mut desync: Option<String> = None;
-    for entry in buffered {
-        if desync.is_some() {
-            leftover.push(entry.id);
-            continue;
-        }
-        match serde_json::from_str::<Buffered>(&entry.data) {
-            Ok(Buffered::Commit(commit)) if commit.rev.as_str() <= rev.as_str() => {
-                leftover.push(entry.id); // already in the snapshot
-            }
-            Ok(Buffered::Commit(commit)) if commit.prev_data == data => {
-                let applied = engine
-                    .apply_commit(
-                        did.as_str(),
-                        &commit,
-                        WriteCondition::RepoInState(RepoState::Resyncing),
-                        vec![entry.id],
-                    )
-                    .await?;
-                if !applied {
-                    return Err(ResyncError::Abandoned);
-                }
-                crate::failpoint::hit("cutover-buffered-applied");
-                rev = commit.rev;
-                data = commit.data;
-            }
-            Ok(Buffered::Commit(commit)) => {
-                desync = Some(format!(
-                    "buffered commit {} does not chain onto {data}",
-                    commit.rev
-                ));
-                leftover.push(entry.id);
-            }
-            Ok(Buffered::Sync {
-                rev: sync_rev,
-                data: sync_data,
-            }) => {
-                if sync_rev.as_str() > rev.as_str() && sync_data != data {
-                    desync = Some(format!(
-                        "#sync announced new data at rev {sync_rev} during the resync"
-                    ));
-                }
-                leftover.push(entry.id);
-            }
-            Err(e) => {
+    let mut plan = Cutover::new(snapshot_rev, snapshot_data);
+    let mut done_with = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store
+            .buffered_commits(did.as_str(), after, CUTOVER_PAGE)
+            .await?;
+        let last_page = page.len() < CUTOVER_PAGE;
+        for entry in page {
+            after = entry.id;
+            let decoded = serde_json::from_str::<Buffered>(&entry.data).map_err(|e| {
                 tracing::warn!(%did, error = %e, "Dropping an unreadable resync buffer entry.");
-                leftover.push(entry.id);
+                e.to_string()
+            });
+            match plan.step(decoded) {
+                // Applying consumes its entry in the same transaction.
+                CutoverStep::Apply(commit) => {
+                    let applied = engine
+                        .apply_commit(
+                            did.as_str(),
+                            &commit,
+                            WriteCondition::RepoInState(RepoState::Resyncing),
+                            vec![entry.id],
+                        )
+                        .await?;
+                    if !applied {
+                        return Err(ResyncError::Abandoned);
+                    }
+                    crate::failpoint::hit("cutover-buffered-applied");
+                }
+                CutoverStep::Drop => done_with.push(entry.id),
             }
+        }
+        if last_page {
+            break;
         }
     }
+    let (rev, data, resync_again) = plan.finish();
     let mut done = RepoWrite::new(did.as_str());
     done.condition = WriteCondition::RepoInState(RepoState::Resyncing);
     done.repo = RepoChange::ResyncDone {
         rev,
         prev_data: data,
     };
-    done.resync_buffer_delete = leftover;
+    done.resync_buffer_delete = done_with;
     engine.outbox().append(done).await?;
-    if let Some(reason) = desync {
+    if let Some(reason) = resync_again {
         tracing::info!(%did, reason, "Repo changed during its resync; resyncing again.");
         store.mark_desynchronized(did.as_str(), &reason).await?;
     }

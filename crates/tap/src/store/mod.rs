@@ -1096,20 +1096,34 @@ impl Store {
         dispatch!(self.records_page(did.to_owned(), after, limit))
     }
 
-    /// Durably buffers a live commit of a repo that is being resynced.
+    /// Durably buffers a live commit of a repo that is being resynced, unless the repo
+    /// already has `limit` entries. Returns whether it was stored.
     ///
     /// # Errors
     /// Database errors.
-    pub async fn buffer_commit(&self, did: &str, rev: &str, data: &str) -> Result<(), StoreError> {
-        dispatch!(self.buffer_commit(did.to_owned(), rev.to_owned(), data.to_owned()))
+    pub async fn buffer_commit(
+        &self,
+        did: &str,
+        rev: &str,
+        data: &str,
+        limit: u64,
+    ) -> Result<bool, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        dispatch!(self.buffer_commit(did.to_owned(), rev.to_owned(), data.to_owned(), limit))
     }
 
-    /// All buffered commits of `did`, in arrival (id) order.
+    /// Up to `limit` buffered commits of `did` with an id above `after`, in arrival (id)
+    /// order: a page of the buffer.
     ///
     /// # Errors
     /// Database errors.
-    pub async fn buffered_commits(&self, did: &str) -> Result<Vec<BufferedCommit>, StoreError> {
-        dispatch!(self.buffered_commits(did.to_owned()))
+    pub async fn buffered_commits(
+        &self,
+        did: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<BufferedCommit>, StoreError> {
+        dispatch!(self.buffered_commits(did.to_owned(), after, to_i64(limit)))
     }
 }
 

@@ -821,29 +821,36 @@ impl PgStore {
         did: String,
         rev: String,
         data: String,
-    ) -> Result<(), StoreError> {
+        limit: i64,
+    ) -> Result<bool, StoreError> {
         const OP: &str = "buffer_commit";
         let client = self.client(OP).await?;
-        client
+        // One DID's commits are buffered by one firehose worker at a time (under its
+        // lock), so the count cannot race with another insert for the same repo.
+        let stored = client
             .execute(
-                "INSERT INTO resync_buffer (did, rev, data) VALUES ($1, $2, $3)",
-                &[&did, &rev, &data],
+                "INSERT INTO resync_buffer (did, rev, data) SELECT $1, $2, $3 \
+                 WHERE (SELECT count(*) FROM resync_buffer WHERE did = $1) < $4",
+                &[&did, &rev, &data, &limit],
             )
             .await
             .map_err(pg(OP))?;
-        Ok(())
+        Ok(stored == 1)
     }
 
     pub(super) async fn buffered_commits(
         &self,
         did: String,
+        after: i64,
+        limit: i64,
     ) -> Result<Vec<BufferedCommit>, StoreError> {
         const OP: &str = "buffered_commits";
         let client = self.client(OP).await?;
         let rows = client
             .query(
-                "SELECT id, rev, data FROM resync_buffer WHERE did = $1 ORDER BY id",
-                &[&did],
+                "SELECT id, rev, data FROM resync_buffer WHERE did = $1 AND id > $2 \
+                 ORDER BY id LIMIT $3",
+                &[&did, &after, &limit],
             )
             .await
             .map_err(pg(OP))?;

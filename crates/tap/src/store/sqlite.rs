@@ -704,12 +704,17 @@ impl SqliteStore {
         did: String,
         rev: String,
         data: String,
-    ) -> Result<(), StoreError> {
+        limit: i64,
+    ) -> Result<bool, StoreError> {
         self.write(move |conn| {
-            conn.prepare_cached("INSERT INTO resync_buffer (did, rev, data) VALUES (?1, ?2, ?3)")
-                .and_then(|mut stmt| stmt.execute(params![did, rev, data]))
+            let stored = conn
+                .prepare_cached(
+                    "INSERT INTO resync_buffer (did, rev, data) SELECT ?1, ?2, ?3 \
+                     WHERE (SELECT count(*) FROM resync_buffer WHERE did = ?1) < ?4",
+                )
+                .and_then(|mut stmt| stmt.execute(params![did, rev, data, limit]))
                 .map_err(sq("buffer_commit"))?;
-            Ok(())
+            Ok(stored == 1)
         })
         .await
     }
@@ -717,14 +722,17 @@ impl SqliteStore {
     pub(super) async fn buffered_commits(
         &self,
         did: String,
+        after: i64,
+        limit: i64,
     ) -> Result<Vec<BufferedCommit>, StoreError> {
         self.read("buffered_commits", move |conn| {
             let mut stmt = conn
                 .prepare_cached(
-                    "SELECT id, rev, data FROM resync_buffer WHERE did = ?1 ORDER BY id",
+                    "SELECT id, rev, data FROM resync_buffer WHERE did = ?1 AND id > ?2 \
+                     ORDER BY id LIMIT ?3",
                 )
                 .map_err(sq("buffered_commits"))?;
-            stmt.query_map([&did], |row| {
+            stmt.query_map(params![did, after, limit], |row| {
                 Ok(BufferedCommit {
                     id: row.get(0)?,
                     rev: row.get(1)?,

@@ -243,7 +243,7 @@ test_each_store!(
             write.records = vec![put("app.bsky.feed.post", "1", "c1")];
             write.events = vec![event(true, 1)];
             store.apply(write).await.unwrap();
-            store.buffer_commit(did, "rev1", "{}").await.unwrap();
+            store.buffer_commit(did, "rev1", "{}", 100).await.unwrap();
         }
 
         assert_eq!(
@@ -254,14 +254,21 @@ test_each_store!(
         assert_eq!(store.count_records_for("did:plc:a").await.unwrap(), 0);
         assert!(
             store
-                .buffered_commits("did:plc:a")
+                .buffered_commits("did:plc:a", 0, 100)
                 .await
                 .unwrap()
                 .is_empty()
         );
         // Other repos untouched; emitted events still await delivery.
         assert_eq!(store.count_records_for("did:plc:b").await.unwrap(), 1);
-        assert_eq!(store.buffered_commits("did:plc:b").await.unwrap().len(), 1);
+        assert_eq!(
+            store
+                .buffered_commits("did:plc:b", 0, 100)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
         assert_eq!(store.outbox_count().await.unwrap(), 2);
         assert_eq!(store.record_count().await.unwrap(), 1);
         assert_eq!(store.resync_buffer_count().await.unwrap(), 1);
@@ -500,7 +507,10 @@ test_each_store!(
         let mut write = RepoWrite::new("did:plc:a");
         write.records = vec![put("col", "1", "c1")];
         store.apply(write).await.unwrap();
-        store.buffer_commit("did:plc:a", "r", "{}").await.unwrap();
+        store
+            .buffer_commit("did:plc:a", "r", "{}", 100)
+            .await
+            .unwrap();
 
         let mut gone = RepoWrite::new("did:plc:a");
         gone.repo = RepoChange::Delete;
@@ -1157,23 +1167,23 @@ test_each_store!(
     |store, _url| {
         store.add_repos(&dids(&["a", "b"])).await.unwrap();
         store
-            .buffer_commit("did:plc:a", "r1", r#"{"n":1}"#)
+            .buffer_commit("did:plc:a", "r1", r#"{"n":1}"#, 100)
             .await
             .unwrap();
         store
-            .buffer_commit("did:plc:b", "r1", r#"{"n":9}"#)
+            .buffer_commit("did:plc:b", "r1", r#"{"n":9}"#, 100)
             .await
             .unwrap();
         store
-            .buffer_commit("did:plc:a", "r2", r#"{"n":2}"#)
+            .buffer_commit("did:plc:a", "r2", r#"{"n":2}"#, 100)
             .await
             .unwrap();
         store
-            .buffer_commit("did:plc:a", "r3", r#"{"n":3}"#)
+            .buffer_commit("did:plc:a", "r3", r#"{"n":3}"#, 100)
             .await
             .unwrap();
 
-        let buffered = store.buffered_commits("did:plc:a").await.unwrap();
+        let buffered = store.buffered_commits("did:plc:a", 0, 100).await.unwrap();
         assert_eq!(
             buffered
                 .iter()
@@ -1186,7 +1196,7 @@ test_each_store!(
             ]
         );
         assert!(buffered.windows(2).all(|w| w[0].id < w[1].id));
-        let other = store.buffered_commits("did:plc:b").await.unwrap();
+        let other = store.buffered_commits("did:plc:b", 0, 100).await.unwrap();
 
         // Drain r1 (already in the snapshot: discarded) and r2 (applied) in one write; a foreign
         // id in the list is ignored.
@@ -1198,16 +1208,76 @@ test_each_store!(
         drain.events = vec![event(true, 2)];
         drain.resync_buffer_delete = vec![buffered[0].id, buffered[1].id, other[0].id];
         store.apply(drain).await.unwrap();
-        let left = store.buffered_commits("did:plc:a").await.unwrap();
+        let left = store.buffered_commits("did:plc:a", 0, 100).await.unwrap();
         assert_eq!(left, [buffered[2].clone()]);
-        assert_eq!(store.buffered_commits("did:plc:b").await.unwrap(), other);
+        assert_eq!(
+            store.buffered_commits("did:plc:b", 0, 100).await.unwrap(),
+            other
+        );
 
         // A failed write consumes nothing.
         let mut bad = RepoWrite::new("did:plc:a");
         bad.records = vec![put("", "1", "c")];
         bad.resync_buffer_delete = vec![buffered[2].id];
         assert!(store.apply(bad).await.is_err());
-        assert_eq!(store.buffered_commits("did:plc:a").await.unwrap().len(), 1);
+        assert_eq!(
+            store
+                .buffered_commits("did:plc:a", 0, 100)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+);
+
+test_each_store!(
+    a_repos_resync_buffer_is_capped_and_read_a_page_at_a_time,
+    |store, _url| {
+        store.add_repos(&dids(&["a", "b"])).await.unwrap();
+        for n in 0..3 {
+            let data = format!(r#"{{"n":{n}}}"#);
+            assert!(
+                store
+                    .buffer_commit("did:plc:a", "r", &data, 3)
+                    .await
+                    .unwrap()
+            );
+        }
+        assert!(
+            !store
+                .buffer_commit("did:plc:a", "r", "{}", 3)
+                .await
+                .unwrap(),
+            "the fourth entry is refused"
+        );
+        assert!(
+            store
+                .buffer_commit("did:plc:b", "r", "{}", 3)
+                .await
+                .unwrap(),
+            "the cap is per repo"
+        );
+        assert!(
+            store
+                .buffer_commit("did:plc:a", "r", "marker", 4)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .buffer_commit("did:plc:a", "r", "marker", 4)
+                .await
+                .unwrap()
+        );
+
+        let first = store.buffered_commits("did:plc:a", 0, 3).await.unwrap();
+        let rest = store
+            .buffered_commits("did:plc:a", first[2].id, 3)
+            .await
+            .unwrap();
+        let data: Vec<&str> = first.iter().chain(&rest).map(|c| c.data.as_str()).collect();
+        assert_eq!(data, [r#"{"n":0}"#, r#"{"n":1}"#, r#"{"n":2}"#, "marker"]);
     }
 );
 
