@@ -38,7 +38,14 @@ pub enum DataError {
     /// Nested deeper than the limit.
     #[error("nesting deeper than {MAX_DEPTH} levels")]
     TooDeep,
+    /// An integer JSON consumers cannot hold exactly: beyond ±(2^53 − 1), which
+    /// `@atproto/tap` 0.4 refuses (and then never acks the event).
+    #[error("integer beyond the safe JSON range")]
+    UnsafeInteger,
 }
+
+/// Largest integer magnitude JSON consumers hold exactly (JavaScript's safe integers).
+pub const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
 
 /// Transcodes one DAG-CBOR record (a map) to atproto JSON, appending to `out`.
 ///
@@ -69,17 +76,11 @@ pub fn value_to_json(r: &mut Reader<'_>, out: &mut Vec<u8>, depth: usize) -> Res
     }
     let h = r.head()?;
     match h.major {
+        major::UINT if h.arg > MAX_SAFE_INTEGER => return Err(DataError::UnsafeInteger),
         major::UINT => push_u64(out, h.arg, false),
-        major::NINT => {
-            if h.arg > i64::MAX as u64 {
-                return Err(CborError::Invalid {
-                    pos: h.pos,
-                    what: "integer out of i64 range",
-                }
-                .into());
-            }
-            push_u64(out, h.arg + 1, true);
-        }
+        // A negative integer is -1 - arg.
+        major::NINT if h.arg >= MAX_SAFE_INTEGER => return Err(DataError::UnsafeInteger),
+        major::NINT => push_u64(out, h.arg + 1, true),
         major::BYTES => {
             let b = r.take(h.arg)?;
             out.extend_from_slice(b"{\"$bytes\":\"");
@@ -429,14 +430,36 @@ mod tests {
 
     #[test]
     fn transcodes_integers_links_and_bytes() {
-        let v =
-            serde_json::json!({"a": -5, "b": {"$bytes": "AQI"}, "c": i64::MIN, "d": [true, null]});
+        let safe = MAX_SAFE_INTEGER as i64;
+        let v = serde_json::json!({"a": -5, "b": {"$bytes": "AQI"}, "c": -safe, "d": [true, null], "e": safe});
         let cbor = json_to_cbor(&v).unwrap();
         let mut out = Vec::new();
         record_to_json(&cbor, &mut out).unwrap();
         assert_eq!(
             serde_json::from_slice::<serde_json::Value>(&out).unwrap(),
             v
+        );
+    }
+
+    /// Issue 10, defect 13: `@atproto/tap` 0.4 parses events strictly and never acks one
+    /// with an integer it cannot hold exactly, which would block the repo's later events;
+    /// such a record goes without a body, like any record tap cannot transcode.
+    #[test]
+    fn integers_beyond_the_safe_json_range_are_refused() {
+        let safe = MAX_SAFE_INTEGER as i64;
+        for n in [safe + 1, -safe - 1, i64::MIN, i64::MAX] {
+            let cbor = json_to_cbor(&serde_json::json!({"n": n})).unwrap();
+            assert_eq!(
+                record_to_json(&cbor, &mut Vec::new()),
+                Err(DataError::UnsafeInteger),
+                "{n}"
+            );
+        }
+        // {"n": u64::MAX}, beyond what JSON input can express.
+        let big = [&[0xa1, 0x61, b'n', 0x1b][..], &[0xff; 8]].concat();
+        assert_eq!(
+            record_to_json(&big, &mut Vec::new()),
+            Err(DataError::UnsafeInteger)
         );
     }
 

@@ -960,6 +960,8 @@ mod tests {
             enc(BTreeMap::from([
                 ("seq".to_owned(), Ipld::Integer(7)),
                 ("did".to_owned(), text("did:web:example.com")),
+                // Canonical order puts the longer key last: the cut falls in its value.
+                ("time".to_owned(), text("2024-06-01T00:00:00.000Z")),
             ])),
         ]
         .concat();

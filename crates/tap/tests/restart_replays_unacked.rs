@@ -195,3 +195,58 @@ on_both_backends!(
     acks_flushed_at_shutdown,
     acks_are_flushed_at_shutdown_and_ids_keep_growing
 );
+
+/// Issue 10, defect 13: what `@atproto/tap` 0.4 does, played against the real binary. It
+/// queues acks while disconnected and sends them first thing on its next connection, here
+/// to a restarted tap that holds those events again (some released, some waiting behind a
+/// live barrier), plus ids that no longer exist; and it stops for good at any close frame,
+/// so a graceful restart must only drop the connection. Nothing may stay stranded.
+async fn queued_acks_flushed_after_a_restart_strand_nothing(db: TestDb) {
+    let store = Store::open(&db.url, StoreOptions::default()).await.unwrap();
+    let expected = seed(&store).await;
+    store.close().await;
+    let mut tap = TapProcess::spawn(&db.url, "127.0.0.1:0", &[]).await;
+    let mut client = Client::connect(tap.addr).await;
+    // The first wave (9 events, see above), handled but not acked: the client queues them.
+    let mut queued = Vec::new();
+    for _ in 0..9 {
+        let ev = client.event().await;
+        check_event(&ev, &expected);
+        queued.push(event_id(&ev));
+    }
+    tap.terminate().await;
+    assert_eq!(
+        client.ending(SOON).await,
+        delivery_support::Ending::Abnormal,
+        "a graceful stop sends no close frame (0.4 would never reconnect)"
+    );
+
+    let tap = TapProcess::spawn(&db.url, "127.0.0.1:0", &[]).await;
+    let mut client = Client::connect(tap.addr).await;
+    // The flush: every queued ack, and two for ids that never existed or are long gone.
+    for id in queued.iter().copied().chain([0, u64::MAX >> 1]) {
+        client.ack(id).await;
+    }
+    let rest: HashSet<u64> = expected
+        .keys()
+        .copied()
+        .filter(|id| !queued.contains(id))
+        .collect();
+    let mut seen = HashSet::new();
+    while !rest.is_subset(&seen) {
+        let ev = client.event().await;
+        check_event(&ev, &expected);
+        let id = event_id(&ev);
+        seen.insert(id);
+        client.ack(id).await;
+    }
+    wait_until(SOON, "the outbox is empty", || async {
+        tap.outbox_buffer(None).await == 0
+    })
+    .await;
+}
+
+on_both_backends!(
+    queued_acks_flushed_after_a_restart,
+    queued_acks_flushed_after_a_restart_strand_nothing
+);
