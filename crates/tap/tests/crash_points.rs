@@ -6,10 +6,13 @@
 //! - live events came in rev order per repo within each run,
 //! - the record index equals the PDS,
 //! - no repo is stuck: all are `active`, and a new live commit of each is delivered.
+//!
+//! One case runs against the real reference PDS and PLC from npm (`tests/localnet`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 mod delivery_support;
+mod localnet;
 mod sync_support;
 
 use std::collections::{BTreeMap, HashMap};
@@ -304,7 +307,28 @@ async fn backfill_half_acked(db: TestDb) {
         acked_before > 0,
         "some events were delivered before the crash"
     );
+    // While tap is down, a record the consumer saw is deleted: the rerun must say so.
+    let gone = records_of(&seen)[0]["rkey"].as_str().unwrap().to_owned();
+    let path = repos[0]
+        .records()
+        .keys()
+        .find(|p| p.ends_with(&format!("/{gone}")))
+        .unwrap()
+        .clone();
+    repos[0].set_next_seq(1);
+    let frame = repos[0].commit_frame(&[WriteOp::Delete { path }]).unwrap();
+    net.relay.push_frame(1, frame);
+    net.pds.set_repo(
+        repos[0].did().as_str(),
+        RepoReply::Car(repos[0].car_tree_order()),
+    );
     recover_and_check(&db, &net, &mut repos, &seen).await;
+    assert!(
+        records_of(&seen)
+            .iter()
+            .any(|r| r["rkey"] == gone.as_str() && r["action"] == "delete"),
+        "the consumer learns that a record it saw was deleted"
+    );
 }
 on_both_backends!(
     a_crash_with_a_first_backfill_half_acked_loses_nothing,
@@ -409,3 +433,117 @@ async fn a_panicking_task_stops_tap_with_a_failure_exit() {
         "names the task and shuts down in order: {logs}"
     );
 }
+
+/// The same promise against real peers: the reference PDS (as relay and PDS) and PLC from
+/// npm. Killed after a live write is committed and before the cursor passes it; records
+/// are written and deleted while tap is down; the restart catches up from the cursor.
+async fn against_the_real_pds(db: TestDb) {
+    let Some(mut net) = localnet::LocalNet::start(1, 20).await else {
+        return;
+    };
+    let did = net.did(0);
+    let pds = net.str("/pdsUrl");
+    let args = [
+        format!("--relay-url={pds}"),
+        format!("--plc-url={}", net.str("/plcUrl")),
+        format!("--handle-resolver-url={pds}"),
+        "--cursor-save-interval=50ms".to_owned(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let seen: Seen = Arc::default();
+    let delivered = |want: &BTreeMap<String, String>| {
+        let records = records_of(&seen);
+        want.iter().all(|(path, cid)| {
+            let (collection, rkey) = path.split_once('/').unwrap();
+            records.iter().any(|r| {
+                r["did"] == did.as_str()
+                    && r["collection"] == collection
+                    && r["rkey"] == rkey
+                    && r["cid"] == cid.as_str()
+            })
+        })
+    };
+
+    let mut tap = TapProcess::spawn_with(
+        &db.url,
+        "127.0.0.1:0",
+        &args,
+        &[("TAP_FAILPOINTS", "firehose-event-committed=kill@2")],
+    )
+    .await;
+    let consumer = Recorder::connect(tap.addr, 1, &seen).await;
+    let resp = reqwest::Client::new()
+        .post(tap.url("/repos/add"))
+        .json(&json!({ "dids": [did] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let backfill = net.records(&did).await;
+    wait_for("the backfill", || async {
+        delivered(&backfill).then_some(())
+    })
+    .await;
+    for i in 0..3 {
+        net.command(
+            json!({"cmd": "createRecord", "did": did, "collection": "com.example.note",
+                           "rkey": format!("live{i}"),
+                           "record": {"$type": "com.example.note", "text": format!("live {i}")}}),
+        )
+        .await;
+    }
+    killed(&mut tap).await;
+    drop(consumer);
+    // While tap is down.
+    let victim = backfill
+        .keys()
+        .find(|p| p.starts_with("app.bsky.feed.post/"))
+        .unwrap();
+    let (collection, rkey) = victim.split_once('/').unwrap();
+    net.command(json!({"cmd": "deleteRecord", "did": did, "collection": collection, "rkey": rkey}))
+        .await;
+    net.command(json!({"cmd": "createRecord", "did": did, "collection": "com.example.note",
+                       "rkey": "while-down", "record": {"$type": "com.example.note", "text": "down"}}))
+        .await;
+
+    let mut tap = TapProcess::spawn_with(&db.url, "127.0.0.1:0", &args, &[]).await;
+    let _consumer = Recorder::connect(tap.addr, 2, &seen).await;
+    let want = net.records(&did).await;
+    wait_for("every record of the final state", || async {
+        delivered(&want).then_some(())
+    })
+    .await;
+    wait_for("the delete while down", || async {
+        records_of(&seen)
+            .iter()
+            .any(|r| r["rkey"] == rkey && r["action"] == "delete")
+            .then_some(())
+    })
+    .await;
+    // Not stuck: a new write arrives live.
+    net.command(
+        json!({"cmd": "createRecord", "did": did, "collection": "com.example.note",
+                       "rkey": "after", "record": {"$type": "com.example.note", "text": "after"}}),
+    )
+    .await;
+    let want = net.records(&did).await;
+    wait_for("the write after the restart", || async {
+        delivered(&want).then_some(())
+    })
+    .await;
+    assert_live_order(&seen);
+    tap.terminate().await;
+    let store = Store::open(&db.url, StoreOptions::default()).await.unwrap();
+    let mut index = BTreeMap::new();
+    let page = store.records_page(&did, None, 10_000).await.unwrap();
+    for r in page {
+        index.insert(format!("{}/{}", r.collection, r.rkey), r.cid);
+    }
+    assert_eq!(index, want, "record index equals the PDS");
+    store.close().await;
+    net.stop().await;
+}
+on_both_backends!(
+    a_crash_against_the_real_pds_loses_nothing_and_catches_up,
+    against_the_real_pds
+);

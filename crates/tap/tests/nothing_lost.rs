@@ -382,3 +382,38 @@ on_both_backends!(
     a_slow_consumer_slows_a_resync_down_without_a_second_download,
     backpressure_never_refetches
 );
+
+/// Defect 7: a resync fetched the repo only after verifying the handle (DNS TXT or HTTPS
+/// look-ups of seconds each on the real network), which held its worker. Now the fetch
+/// needs only the DID document; the handle is checked apart and its identity event comes
+/// when it is known.
+async fn slow_handle_does_not_hold_the_fetch(db: TestDb) {
+    let net = Net::start().await;
+    let repo = RepoBuilder::with_records(did(36), TestKey::k256(36), 36, 10);
+    net.host(&repo, "slow.test", repo.car_tree_order());
+    net.plc.set_delay(
+        Route::ResolveHandle("slow.test".to_owned()),
+        std::time::Duration::from_secs(5),
+    );
+    let tap = TestTap::start(net.config(&db)).await;
+    let consumer = Consumer::connect(&tap).await;
+    add(&tap, repo.did()).await;
+    consumer.wait_records(repo.records().len()).await;
+    assert!(
+        consumer.events().iter().all(|e| e["type"] != "identity"),
+        "every record arrived while the handle was still being checked"
+    );
+    let identity = wait_for("the identity event", || async {
+        consumer
+            .events()
+            .into_iter()
+            .find(|e| e["type"] == "identity")
+    })
+    .await;
+    assert_eq!(identity["identity"]["handle"], "slow.test");
+    tap.stop().await;
+}
+on_both_backends!(
+    a_slow_handle_check_does_not_hold_the_repo_fetch,
+    slow_handle_does_not_hold_the_fetch
+);

@@ -39,12 +39,15 @@ async fn backfill_then_live(db: TestDb) {
         expected(&repo),
         "backfill equals the repo"
     );
-    let first = &consumer.events()[0];
-    assert_eq!(
-        first["type"], "identity",
-        "identity event before any record"
-    );
-    assert_eq!(first["identity"]["handle"], "alice.test");
+    // The handle is checked apart from the fetch: its event comes when it is known.
+    let identity = wait_for("the identity event", || async {
+        consumer
+            .events()
+            .into_iter()
+            .find(|e| e["type"] == "identity")
+    })
+    .await;
+    assert_eq!(identity["identity"]["handle"], "alice.test");
     let i = wait_state(&tap, repo.did(), "active").await;
     assert_eq!(i["records"], n);
 

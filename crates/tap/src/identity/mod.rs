@@ -8,10 +8,14 @@
 //!   handle verified, 5 min when it did not (`handle.invalid`), 2 min for a failure (failures
 //!   are cached too, so a broken DID is not fetched on every event). Concurrent look-ups of
 //!   one DID share a single fetch.
-//! - [`Identity::purge`] forgets a DID. The sync engine calls it on every `#identity` event
-//!   and before every resync, so key rotations and handle changes take effect there.
-//! - [`Identity::refresh`] fetches anew *now* (never joining a look-up that started earlier)
-//!   and caches the result: the one re-resolution after a signature failure.
+//! - [`Identity::resolve_repo`] / [`Identity::refresh_repo`] give the key and PDS alone,
+//!   from the DID document, with no handle check: what verifying a commit and fetching a
+//!   repo need, so neither waits for DNS or HTTPS handle look-ups (which can take seconds).
+//!   The refresh fetches anew *now*: the one re-resolution after a signature failure, and
+//!   the start of every resync. Every full look-up refreshes this cache too.
+//! - [`Identity::purge`] forgets a DID.
+//! - [`Identity::refresh`] fetches the whole identity anew *now*, handle check included
+//!   (on `#identity` events and, apart from the fetch, for every resync).
 //! - The handle of a [`ResolvedIdentity`] is either verified in both directions or
 //!   [`INVALID_HANDLE`]; never empty.
 
@@ -155,29 +159,31 @@ impl IdentityError {
     }
 }
 
-/// A resolved identity. Immutable; shared as `Arc` from the cache.
+/// What verifying commits and fetching repos need from an identity: its key and PDS, read
+/// from the DID document alone. Resolving it never waits for a handle check, which can
+/// take seconds (DNS TXT, HTTPS well-known) and is done apart.
 #[derive(Debug, Clone)]
-pub struct ResolvedIdentity {
+pub struct RepoIdentity {
     /// The DID.
     pub did: Did,
-    /// The handle, lower-cased, when it is declared (`alsoKnownAs`) *and* resolves back to
-    /// this DID; `None` otherwise. Use [`handle_or_invalid`](Self::handle_or_invalid) for
-    /// what consumers see.
-    pub handle: Option<Handle>,
     /// The `#atproto` key, parsed once (Multikey or the legacy key types), or why there is
     /// none. See [`require_signing_key`](Self::require_signing_key).
     pub signing_key: Result<PublicKey, DidDocError>,
     /// The `#atproto_pds` endpoint when it is an http(s) URL.
     pub pds: Option<Url>,
-    /// The document as fetched (only the parts atproto uses).
-    pub doc: DidDocument,
 }
 
-impl ResolvedIdentity {
-    /// The verified handle, or [`INVALID_HANDLE`]. Never empty.
-    #[must_use]
-    pub fn handle_or_invalid(&self) -> &str {
-        self.handle.as_ref().map_or(INVALID_HANDLE, Handle::as_str)
+impl RepoIdentity {
+    fn from_doc(did: &Did, doc: &DidDocument) -> Self {
+        let pds = doc
+            .pds_endpoint()
+            .and_then(|s| Url::parse(s).ok())
+            .filter(|u| matches!(u.scheme(), "http" | "https"));
+        Self {
+            did: did.clone(),
+            signing_key: doc.atproto_key(),
+            pds,
+        }
     }
 
     /// The signing key, for commit verification.
@@ -201,6 +207,45 @@ impl ResolvedIdentity {
         self.pds.as_ref().ok_or_else(|| IdentityError::NoPds {
             did: self.did.clone(),
         })
+    }
+}
+
+/// A resolved identity, its handle checked. Immutable; shared as `Arc` from the cache.
+#[derive(Debug, Clone)]
+pub struct ResolvedIdentity {
+    /// The DID.
+    pub did: Did,
+    /// The handle, lower-cased, when it is declared (`alsoKnownAs`) *and* resolves back to
+    /// this DID; `None` otherwise. Use [`handle_or_invalid`](Self::handle_or_invalid) for
+    /// what consumers see.
+    pub handle: Option<Handle>,
+    /// Key and PDS.
+    pub repo: Arc<RepoIdentity>,
+    /// The document as fetched (only the parts atproto uses).
+    pub doc: DidDocument,
+}
+
+impl ResolvedIdentity {
+    /// The verified handle, or [`INVALID_HANDLE`]. Never empty.
+    #[must_use]
+    pub fn handle_or_invalid(&self) -> &str {
+        self.handle.as_ref().map_or(INVALID_HANDLE, Handle::as_str)
+    }
+
+    /// The signing key, for commit verification.
+    ///
+    /// # Errors
+    /// As [`RepoIdentity::require_signing_key`].
+    pub fn require_signing_key(&self) -> Result<&PublicKey, IdentityError> {
+        self.repo.require_signing_key()
+    }
+
+    /// The PDS endpoint, for fetching the repo.
+    ///
+    /// # Errors
+    /// As [`RepoIdentity::require_pds`].
+    pub fn require_pds(&self) -> Result<&Url, IdentityError> {
+        self.repo.require_pds()
     }
 }
 
@@ -241,30 +286,51 @@ impl IdentityOptions {
 }
 
 /// One cache slot: a look-up's outcome and when it stops being fresh.
-#[derive(Debug, Clone)]
-struct Cached {
-    result: Result<Arc<ResolvedIdentity>, IdentityError>,
+#[derive(Debug)]
+struct Slot<T> {
+    result: Result<Arc<T>, IdentityError>,
     expires_at: Instant,
     ttl: Duration,
+}
+
+impl<T> Clone for Slot<T> {
+    fn clone(&self) -> Self {
+        Self {
+            result: self.result.clone(),
+            expires_at: self.expires_at,
+            ttl: self.ttl,
+        }
+    }
 }
 
 /// Lets moka reclaim a slot's memory on its own clock, on the same schedule as the logical
 /// expiry (which the [`Clock`] decides).
 struct SlotExpiry;
 
-impl moka::Expiry<Did, Cached> for SlotExpiry {
-    fn expire_after_create(&self, _: &Did, value: &Cached, _: Instant) -> Option<Duration> {
+impl<T> moka::Expiry<Did, Slot<T>> for SlotExpiry {
+    fn expire_after_create(&self, _: &Did, value: &Slot<T>, _: Instant) -> Option<Duration> {
         Some(value.ttl)
     }
 
     fn expire_after_update(
         &self,
         _: &Did,
-        value: &Cached,
+        value: &Slot<T>,
         _: Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
         Some(value.ttl)
+    }
+}
+
+/// How long a failed look-up stays cached, and its metric label.
+fn failure_ttl(e: &IdentityError) -> (&'static str, Duration) {
+    if e.is_not_found() {
+        ("not_found", ERROR_TTL)
+    } else if e.is_transient() {
+        ("unavailable", TRANSIENT_ERROR_TTL)
+    } else {
+        ("error", ERROR_TTL)
     }
 }
 
@@ -275,7 +341,9 @@ pub struct Identity {
 }
 
 struct Inner {
-    cache: moka::future::Cache<Did, Cached>,
+    cache: moka::future::Cache<Did, Slot<ResolvedIdentity>>,
+    /// Key and PDS per DID, filled by their own look-ups and by every full one.
+    repos: moka::future::Cache<Did, Slot<RepoIdentity>>,
     http: Http,
     handles: HandleResolver,
     plc_url: Url,
@@ -314,9 +382,14 @@ impl Identity {
             .max_capacity(options.cache_capacity)
             .expire_after(SlotExpiry)
             .build();
+        let repos = moka::future::Cache::builder()
+            .max_capacity(options.cache_capacity)
+            .expire_after(SlotExpiry)
+            .build();
         Ok(Self {
             inner: Arc::new(Inner {
                 cache,
+                repos,
                 http,
                 handles,
                 plc_url: options.plc_url,
@@ -344,11 +417,55 @@ impl Identity {
         entry.into_value().result
     }
 
+    /// The key and PDS of `did`, from the cache while fresh, else from its DID document
+    /// alone: never waits for a handle check. For verifying commits and fetching repos.
+    ///
+    /// # Errors
+    /// As [`resolve`](Self::resolve).
+    pub async fn resolve_repo(&self, did: &Did) -> Result<Arc<RepoIdentity>, IdentityError> {
+        let now = self.inner.clock.now();
+        let entry = self
+            .inner
+            .repos
+            .entry_by_ref(did)
+            .or_insert_with_if(self.load_repo(did), |slot| slot.expires_at <= now)
+            .await;
+        entry.into_value().result
+    }
+
+    /// Fetches the key and PDS of `did` now (never joining an earlier look-up), caches and
+    /// returns them: after a signature failure, and before a resync.
+    ///
+    /// # Errors
+    /// As [`resolve`](Self::resolve).
+    pub async fn refresh_repo(&self, did: &Did) -> Result<Arc<RepoIdentity>, IdentityError> {
+        let slot = self.load_repo(did).await;
+        self.inner.repos.insert(did.clone(), slot.clone()).await;
+        slot.result
+    }
+
+    async fn load_repo(&self, did: &Did) -> Slot<RepoIdentity> {
+        let result = did::fetch_document(&self.inner.http, &self.inner.plc_url, did)
+            .await
+            .map(|doc| Arc::new(RepoIdentity::from_doc(did, &doc)));
+        let (outcome, ttl) = match &result {
+            Ok(_) => ("ok", GOOD_TTL),
+            Err(e) => failure_ttl(e),
+        };
+        metrics::counter!(telemetry::IDENTITY_LOOKUPS, "outcome" => outcome).increment(1);
+        Slot {
+            result,
+            expires_at: self.inner.clock.now() + ttl,
+            ttl,
+        }
+    }
+
     /// Forgets `did`, so the next [`resolve`](Self::resolve) fetches it again. A look-up
     /// already in flight may still store what it fetched; when the fetch must start after
     /// the call, use [`refresh`](Self::refresh).
     pub async fn purge(&self, did: &Did) {
         self.inner.cache.invalidate(did).await;
+        self.inner.repos.invalidate(did).await;
     }
 
     /// Fetches `did` now, caches the outcome and returns it. Unlike purge + resolve, it never
@@ -358,26 +475,33 @@ impl Identity {
     /// # Errors
     /// As [`resolve`](Self::resolve).
     pub async fn refresh(&self, did: &Did) -> Result<Arc<ResolvedIdentity>, IdentityError> {
-        let cached = self.load(did).await;
-        self.inner.cache.insert(did.clone(), cached.clone()).await;
-        cached.result
+        let slot = self.load(did).await;
+        self.inner.cache.insert(did.clone(), slot.clone()).await;
+        slot.result
     }
 
-    /// Fetches and verifies, recording the outcome and stamping the expiry.
-    async fn load(&self, did: &Did) -> Cached {
+    /// Fetches and verifies, recording the outcome and stamping the expiry; the key and
+    /// PDS it read refresh their own cache too.
+    async fn load(&self, did: &Did) -> Slot<ResolvedIdentity> {
         let result = self.fetch(did).await;
         let (outcome, ttl) = match &result {
             Ok(ident) if ident.handle.is_some() => ("ok", GOOD_TTL),
             Ok(_) => ("handle_invalid", INVALID_HANDLE_TTL),
-            Err(e) if e.is_not_found() => ("not_found", ERROR_TTL),
-            Err(e) if e.is_transient() => ("unavailable", TRANSIENT_ERROR_TTL),
-            Err(_) => ("error", ERROR_TTL),
+            Err(e) => failure_ttl(e),
         };
         metrics::counter!(telemetry::IDENTITY_LOOKUPS, "outcome" => outcome).increment(1);
-        if let Err(e) = &result {
-            tracing::debug!(%did, error = %e, "Identity look-up failed.");
+        match &result {
+            Err(e) => tracing::debug!(%did, error = %e, "Identity look-up failed."),
+            Ok(ident) => {
+                let slot = Slot {
+                    result: Ok(Arc::clone(&ident.repo)),
+                    expires_at: self.inner.clock.now() + GOOD_TTL,
+                    ttl: GOOD_TTL,
+                };
+                self.inner.repos.insert(did.clone(), slot).await;
+            }
         }
-        Cached {
+        Slot {
             result: result.map(Arc::new),
             expires_at: self.inner.clock.now() + ttl,
             ttl,
@@ -387,15 +511,10 @@ impl Identity {
     async fn fetch(&self, did: &Did) -> Result<ResolvedIdentity, IdentityError> {
         let doc = did::fetch_document(&self.inner.http, &self.inner.plc_url, did).await?;
         let handle = self.verified_handle(did, &doc).await;
-        let pds = doc
-            .pds_endpoint()
-            .and_then(|s| Url::parse(s).ok())
-            .filter(|u| matches!(u.scheme(), "http" | "https"));
         Ok(ResolvedIdentity {
             did: did.clone(),
             handle,
-            signing_key: doc.atproto_key(),
-            pds,
+            repo: Arc::new(RepoIdentity::from_doc(did, &doc)),
             doc,
         })
     }

@@ -455,7 +455,7 @@ impl Engine {
     ) -> Result<T, VerifyFailure> {
         let first = self
             .identity
-            .resolve(did)
+            .resolve_repo(did)
             .await
             .map_err(VerifyFailure::lookup)?;
         let key = first.require_signing_key().map_err(VerifyFailure::lookup)?;
@@ -464,7 +464,7 @@ impl Engine {
             Err(VerifyError::Commit(CommitError::Signature(_))) => {
                 let fresh = self
                     .identity
-                    .refresh(did)
+                    .refresh_repo(did)
                     .await
                     .map_err(VerifyFailure::lookup)?;
                 let key = fresh.require_signing_key().map_err(VerifyFailure::lookup)?;

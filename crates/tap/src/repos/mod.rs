@@ -4,5 +4,6 @@
 pub mod decide;
 pub mod engine;
 pub mod filter;
+pub mod handle_checks;
 pub mod locks;
 pub mod prepared;

@@ -2,8 +2,8 @@
 //! emit historical events, then cut over to live processing atomically.
 //!
 //! A worker claims a repo (pending first, then desynchronized, then error repos whose
-//! retry time has come), refreshes its identity (announcing a new or changed handle before
-//! any record), streams `getRepo` through the bounded-memory walker, and writes the diff
+//! retry time has come), fetches its key and PDS anew (its handle is checked apart, see
+//! `repos::handle_checks`), streams `getRepo` through the bounded-memory walker, and writes the diff
 //! in batches, each one transaction guarded by "the repo is still resyncing" (so a repo
 //! removed mid-resync gets nothing written). The cutover, under the repo's lock, replays
 //! the live commits buffered meanwhile and marks the repo active in the same breath.
@@ -21,6 +21,7 @@ use crate::identity::IdentityError;
 use crate::outbox::OutboxError;
 use crate::repos::decide::{Cutover, CutoverStep};
 use crate::repos::engine::{Engine, EngineError, FailureClass};
+use crate::repos::handle_checks::HandleChecks;
 use crate::repos::prepared::Buffered;
 use crate::shutdown::Supervisor;
 use crate::store::{
@@ -144,18 +145,31 @@ pub fn spawn(
     intake: CancellationToken,
 ) {
     let pds = std::sync::Arc::new(pds);
+    let handles = HandleChecks::spawn(&engine, supervisor, &intake);
     for _ in 0..settings.parallelism.max(1) {
         supervisor.spawn(
             "resync worker",
             run_worker(
-                engine.clone(),
-                store.clone(),
-                std::sync::Arc::clone(&pds),
-                settings.clone(),
+                Worker {
+                    engine: engine.clone(),
+                    store: store.clone(),
+                    pds: std::sync::Arc::clone(&pds),
+                    handles: handles.clone(),
+                    settings: settings.clone(),
+                },
                 intake.clone(),
             ),
         );
     }
+}
+
+/// What a resync worker works with.
+struct Worker {
+    engine: Engine,
+    store: Store,
+    pds: std::sync::Arc<PdsClient>,
+    handles: HandleChecks,
+    settings: ResyncSettings,
 }
 
 fn now_unix() -> i64 {
@@ -164,13 +178,8 @@ fn now_unix() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-async fn run_worker(
-    engine: Engine,
-    store: Store,
-    pds: std::sync::Arc<PdsClient>,
-    settings: ResyncSettings,
-    stop: CancellationToken,
-) {
+async fn run_worker(worker: Worker, stop: CancellationToken) {
+    let store = &worker.store;
     loop {
         if stop.is_cancelled() {
             return;
@@ -198,7 +207,7 @@ async fn run_worker(
         let started = std::time::Instant::now();
         let result = tokio::select! {
             () = stop.cancelled() => Err(ResyncError::Stopped),
-            r = resync_repo(&engine, &store, &pds, &repo, &settings) => r,
+            r = resync_repo(&worker, &repo) => r,
         };
         metrics::histogram!(t::RESYNC_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
         let failure = match result {
@@ -250,21 +259,22 @@ async fn run_worker(
 }
 
 /// One resync. Returns the number of records in the snapshot.
-async fn resync_repo(
-    engine: &Engine,
-    store: &Store,
-    pds: &PdsClient,
-    repo: &RepoRow,
-    settings: &ResyncSettings,
-) -> Result<u64, ResyncError> {
+async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError> {
+    let Worker {
+        engine,
+        store,
+        pds,
+        handles,
+        settings,
+    } = worker;
     let did: Did = repo
         .did
         .parse()
         .map_err(|e| ResyncError::Failed(format!("invalid DID: {e}")))?;
-    // Refresh the identity first (the cache is purged before every resync) and announce a
-    // new or changed handle before any record of the repo.
-    engine.refresh_handle(&did, repo).await?;
-    let ident = engine.identity().resolve(&did).await?;
+    // Key and PDS fetched now, from the DID document alone (a rotated key or a moved PDS
+    // takes effect here); the handle is checked apart and announced when it is known.
+    let ident = engine.identity().refresh_repo(&did).await?;
+    handles.submit(did.clone(), repo.clone()).await;
     let key = ident.require_signing_key()?.clone();
     let pds_url = ident.require_pds()?.clone();
     let mut body = pds.get_repo(&pds_url, &did).await?;
@@ -278,14 +288,17 @@ async fn resync_repo(
     // With nothing indexed, every record is a create that the repo itself can produce
     // again, so the events need not be stored one by one (decisions in
     // docs/architecture.md, "Write volume").
-    let storage = if settings.in_memory_backfill
-        && store.records_page(did.as_str(), None, 1).await?.is_empty()
-    {
+    let indexed = !store.records_page(did.as_str(), None, 1).await?.is_empty();
+    let storage = if settings.in_memory_backfill && !indexed {
         EventStorage::InMemoryBackfill
     } else {
         EventStorage::Durable
     };
     let mut sink = Snapshot::new(engine, store, &did, repo.rev.clone(), storage);
+    // An index without a rev is a backfill whose in-memory events may not all have been
+    // acked before a crash (`Store::reset_undelivered_backfills`): the consumer may lack
+    // any record, and may hold ones deleted since. Re-emit every record, delete the rest.
+    sink.replay = indexed && repo.rev.is_none();
     loop {
         let Some(chunk) = body.chunk().await? else {
             break;
@@ -321,6 +334,8 @@ struct Snapshot<'a> {
     seen: Vec<String>,
     /// `InMemoryBackfill` when the index was empty at the start: no merge, all creates.
     storage: EventStorage,
+    /// Emit unchanged records too (as creates): the rerun of an undelivered backfill.
+    replay: bool,
     write: RepoWrite,
 }
 
@@ -341,6 +356,7 @@ impl<'a> Snapshot<'a> {
             current: None,
             seen: Vec::new(),
             storage,
+            replay: false,
             write: Self::empty_write(did, storage),
         }
     }
@@ -409,6 +425,14 @@ impl<'a> Snapshot<'a> {
                     break;
                 }
                 self.refill().await?;
+            }
+            let announced = changes.iter().any(|c| {
+                matches!(c, Change::Create { rkey: k } | Change::Update { rkey: k } if k == rkey)
+            });
+            if self.replay && !announced {
+                changes.push(Change::Create {
+                    rkey: rkey.to_owned(),
+                });
             }
             let json = record_json(&record.bytes);
             for change in changes {

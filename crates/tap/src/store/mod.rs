@@ -1011,9 +1011,10 @@ impl Store {
     }
 
     /// Startup recovery for [`EventStorage::InMemoryBackfill`]: every repo still carrying a
-    /// backfill token (some of its in-memory events may never have been acked) loses its
-    /// record index and goes back to `pending` with no rev, so its backfill runs again from
-    /// scratch and re-emits every record. Returns how many repos were reset.
+    /// backfill token (some of its in-memory events may never have been acked) goes back to
+    /// `pending` with no rev, keeping its record index: its backfill runs again as a replay
+    /// that re-emits every record and deletes what vanished meanwhile (a consumer may have
+    /// seen it). Returns how many repos were reset.
     ///
     /// # Errors
     /// Database errors; nothing is reset then.

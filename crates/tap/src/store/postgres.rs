@@ -622,16 +622,8 @@ impl PgStore {
 
     pub(super) async fn reset_undelivered_backfills(&self) -> Result<u64, StoreError> {
         const OP: &str = "reset_undelivered_backfills";
-        let mut client = self.client(OP).await?;
-        let tx = client.transaction().await.map_err(pg(OP))?;
-        tx.execute(
-            "DELETE FROM record_chunks WHERE did IN \
-               (SELECT did FROM repos WHERE backfill_token IS NOT NULL)",
-            &[],
-        )
-        .await
-        .map_err(pg(OP))?;
-        let reset = tx
+        let client = self.client(OP).await?;
+        let reset = client
             .execute(
                 "UPDATE repos SET state = 'pending', rev = NULL, prev_data = NULL, \
                    error_msg = '', retry_count = 0, retry_after = 0, backfill_token = NULL \
@@ -640,7 +632,6 @@ impl PgStore {
             )
             .await
             .map_err(pg(OP))?;
-        tx.commit().await.map_err(pg(OP))?;
         Ok(reset)
     }
 

@@ -520,12 +520,6 @@ impl SqliteStore {
     pub(super) async fn reset_undelivered_backfills(&self) -> Result<u64, StoreError> {
         const OP: &str = "reset_undelivered_backfills";
         self.write(|conn| {
-            conn.execute(
-                "DELETE FROM record_chunks WHERE did IN \
-                   (SELECT did FROM repos WHERE backfill_token IS NOT NULL)",
-                [],
-            )
-            .map_err(sq(OP))?;
             let reset = conn
                 .execute(
                     "UPDATE repos SET state = 'pending', rev = NULL, prev_data = NULL, \
