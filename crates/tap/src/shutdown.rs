@@ -211,3 +211,59 @@ pub fn signal() -> impl std::future::Future<Output = ()> + Send {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn supervisor() -> (Supervisor, CancellationToken) {
+        let stopping = CancellationToken::new();
+        (
+            Supervisor::new(TaskTracker::new(), stopping.clone()),
+            stopping,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_panicking_task_is_reported_with_its_name() {
+        let (sup, _) = supervisor();
+        sup.spawn("doomed", async { panic!("boom") });
+        let failure = tokio::time::timeout(Duration::from_secs(10), sup.failed())
+            .await
+            .unwrap();
+        assert_eq!(
+            failure,
+            TaskFailure {
+                task: "doomed",
+                panicked: true
+            }
+        );
+        assert_eq!(failure.to_string(), "task doomed panicked");
+    }
+
+    #[tokio::test]
+    async fn an_endless_task_that_returns_before_shutdown_is_a_failure_and_the_first_one_wins() {
+        let (sup, _) = supervisor();
+        sup.spawn("quitter", async {});
+        let first = tokio::time::timeout(Duration::from_secs(10), sup.failed())
+            .await
+            .unwrap();
+        assert_eq!(first.task, "quitter");
+        assert!(!first.panicked);
+        sup.spawn("later", async { panic!("second") });
+        sup.tracker.close();
+        sup.tracker.wait().await;
+        assert_eq!(sup.failure().map(|f| f.task), Some("quitter"));
+    }
+
+    #[tokio::test]
+    async fn tasks_ending_after_shutdown_or_finite_ones_are_no_failure() {
+        let (sup, stopping) = supervisor();
+        sup.spawn_finite("loader", async {});
+        stopping.cancel();
+        sup.spawn("worker", async {});
+        sup.tracker.close();
+        sup.tracker.wait().await;
+        assert_eq!(sup.failure(), None);
+    }
+}
