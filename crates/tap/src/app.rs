@@ -278,17 +278,21 @@ impl App {
             true,
             acks::run_deleter(store.clone(), acked_rx),
         ));
-        supervisor.spawn_finite(
-            "outbox loader",
-            loader::run_loader(
-                store.clone(),
-                inputs_tx.clone(),
-                capacity,
-                ready_tx,
-                config.outbox_only,
-                intake.clone(),
-            ),
+        let loader = loader::run_loader(
+            store.clone(),
+            inputs_tx.clone(),
+            capacity,
+            ready_tx,
+            config.outbox_only,
+            intake.clone(),
         );
+        // With --outbox-only it follows the table for good (the only producer); otherwise
+        // it ends once the backlog is loaded.
+        if config.outbox_only {
+            supervisor.spawn("outbox loader", loader);
+        } else {
+            supervisor.spawn_finite("outbox loader", loader);
+        }
 
         let hub = DeliveryHub {
             queue: queue_rx,

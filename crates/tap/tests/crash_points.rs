@@ -22,13 +22,11 @@ use std::time::Duration;
 
 use common::TestDb;
 use delivery_support::TapProcess;
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tap::store::{Store, StoreOptions};
 use tap_atproto::writer::WriteOp;
 use tap_testkit::fake_pds::RepoReply;
 use tap_testkit::repo_builder::{RepoBuilder, TestKey};
-use tokio_tungstenite::tungstenite::Message;
 
 use sync_support::{Net, did, expected, wait_for};
 
@@ -42,24 +40,8 @@ struct Recorder {
 
 impl Recorder {
     async fn connect(addr: std::net::SocketAddr, run: u32, seen: &Seen) -> Self {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/channel"))
-            .await
-            .unwrap();
         let seen = Arc::clone(seen);
-        let task = tokio::spawn(async move {
-            let (mut tx, mut rx) = ws.split();
-            while let Some(Ok(msg)) = rx.next().await {
-                if let Message::Text(text) = msg {
-                    let v: Value = serde_json::from_str(&text).unwrap();
-                    let id = v["id"].as_u64().unwrap();
-                    seen.lock().unwrap().push((run, v));
-                    let ack = json!({"type": "ack", "id": id}).to_string();
-                    if tx.send(Message::Text(ack.into())).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        });
+        let task = sync_support::ack_all(addr, move |v| seen.lock().unwrap().push((run, v))).await;
         Self { task }
     }
 }

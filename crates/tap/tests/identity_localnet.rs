@@ -83,7 +83,7 @@ async fn resolve_serves_a_real_accounts_key_pds_and_verified_handle() {
         pds_public
     );
 
-    // 3. A handle change reaches tap after a purge (what the sync engine does on #identity).
+    // 3. A handle change reaches tap after a purge.
     net.command(json!({"cmd": "updateHandle", "did": did.as_str(), "handle": "renamed.test"}))
         .await;
     assert_eq!(

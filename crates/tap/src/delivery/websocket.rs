@@ -172,6 +172,10 @@ pub async fn run_session(socket: WebSocket, hub: DeliveryHub, stop: Cancellation
                 }
             }
             lock(&taken).extend(batch.iter().map(|d| d.id));
+            if hub.ack_mode == AckMode::ClientAck {
+                // Before the write: an ack may come back while the rest is still written.
+                lock(&unacked).extend(batch.iter().map(|d| d.id));
+            }
             let write = async {
                 for d in batch {
                     sink.feed(Message::Text(d.text.into())).await?;
@@ -184,9 +188,6 @@ pub async fn run_session(socket: WebSocket, hub: DeliveryHub, stop: Cancellation
                 Err(_) => return End::WriteStalled,
             }
             let ids = std::mem::take(&mut *lock(&taken));
-            if hub.ack_mode == AckMode::ClientAck {
-                lock(&unacked).extend(ids.iter().copied());
-            }
             metrics::counter!(t::EVENTS_DELIVERED).increment(ids.len() as u64);
             let report = match hub.ack_mode {
                 AckMode::OnWrite => Input::Acked(ids),
@@ -206,6 +207,7 @@ pub async fn run_session(socket: WebSocket, hub: DeliveryHub, stop: Cancellation
     let mut unsent = std::mem::take(&mut *lock(&taken));
     unsent.extend(lock(&unacked).drain());
     unsent.sort_unstable();
+    unsent.dedup();
     if !unsent.is_empty() {
         let _ = hub.inputs.send(Input::Unsent(unsent)).await;
     }

@@ -25,8 +25,9 @@ pub const WORKER_QUEUE: usize = 64;
 /// Backoff between retries of an event that failed on a transient error.
 const RETRY_DELAY: Duration = Duration::from_millis(500);
 /// Tries of an event whose identity lookup keeps failing before its repo is left to a
-/// resync: with the doubling delay, about 15 s, enough for a PLC blip, short enough
-/// that an outage does not hold a shard of the stream for long.
+/// resync: with the doubling delay (1, 2, 4, 8, 16 s) about 30 s plus the lookups' own
+/// timeouts, enough for a PLC blip, short enough that an outage does not hold a shard of
+/// the stream for long.
 const UNAVAILABLE_ATTEMPTS: u32 = 6;
 
 /// What a worker is handed: a decoded frame, or what could be read of one that failed to

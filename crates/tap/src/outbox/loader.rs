@@ -27,12 +27,22 @@ pub async fn run_loader(
 ) {
     let mut after: Option<EventId> = None;
     let mut loaded = 0usize;
-    let backlog_end = match store.max_event_id().await {
-        Ok(max) => max,
-        Err(error) => {
-            tracing::error!(%error, "Cannot read the outbox; starting without its backlog.");
-            let _ = ready.send(true);
-            return;
+    let backlog_end = loop {
+        match store.max_event_id().await {
+            Ok(max) => break max,
+            // Following, this task is the only producer: it must not end.
+            Err(error) if follow => {
+                tracing::warn!(%error, "Cannot read the outbox; retrying.");
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(POLL) => {}
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "Cannot read the outbox; starting without its backlog.");
+                let _ = ready.send(true);
+                return;
+            }
         }
     };
     loop {

@@ -446,8 +446,9 @@ impl Engine {
         Ok(Outcome::Desynchronized(reason.to_owned()))
     }
 
-    /// Verifies with the cached key; on a signature failure, purges the identity and tries
-    /// once more with a freshly resolved key (the account may have rotated it).
+    /// Verifies with the cached key (DID document only, no handle check); on a signature
+    /// failure, fetches the document again and tries once more with its key (the account
+    /// may have rotated it).
     async fn verify_with_refresh<T>(
         &self,
         did: &Did,

@@ -663,17 +663,27 @@ async fn cut_over(
         }
     }
     let (rev, data, resync_again) = plan.finish();
+    let stale = resync_again.is_some();
     let mut done = RepoWrite::new(did.as_str());
     done.condition = WriteCondition::RepoInState(RepoState::Resyncing);
-    done.repo = RepoChange::ResyncDone {
-        rev,
-        prev_data: data,
+    done.repo = match resync_again {
+        None => RepoChange::ResyncDone {
+            rev,
+            prev_data: data,
+        },
+        Some(reason) => {
+            tracing::info!(%did, reason, "Repo changed during its resync; resyncing again.");
+            RepoChange::ResyncStale {
+                rev,
+                prev_data: data,
+                reason,
+            }
+        }
     };
     done.resync_buffer_delete = done_with;
     engine.outbox().append(done).await?;
-    if let Some(reason) = resync_again {
-        tracing::info!(%did, reason, "Repo changed during its resync; resyncing again.");
-        store.mark_desynchronized(did.as_str(), &reason).await?;
+    if stale {
+        store.resync_wanted().notify_waiters();
     }
     Ok(())
 }

@@ -314,6 +314,17 @@ pub enum RepoChange {
         /// The snapshot's MST root.
         prev_data: String,
     },
+    /// A resync completed but the repo changed in a way its snapshot misses: `rev`/`prev_data`
+    /// from what was applied, and straight back to `desynchronized` with `reason`, in the
+    /// same transaction (a crash between the two would leave it active and stale).
+    ResyncStale {
+        /// The rev applied.
+        rev: String,
+        /// The MST root applied.
+        prev_data: String,
+        /// Why it must be resynced again.
+        reason: String,
+    },
     /// The repo's handle changed.
     Handle(String),
     /// The account's hosting status changed.

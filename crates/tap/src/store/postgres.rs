@@ -61,7 +61,8 @@ fn pool_err(op: &'static str) -> impl FnOnce(PoolError) -> StoreError {
 }
 
 /// Whether a Postgres error may go away on retry: lost connection, I/O, connection-class and
-/// resource errors, serialization failures, deadlocks, server shutdown.
+/// resource errors, serialization failures, deadlocks, statement and lock timeouts, server
+/// shutdown.
 pub(super) fn is_transient(err: &tokio_postgres::Error) -> bool {
     if err.is_closed() {
         return true;
@@ -74,6 +75,8 @@ pub(super) fn is_transient(err: &tokio_postgres::Error) -> bool {
                 || code.starts_with("57P")
                 || code == "40001"
                 || code == "40P01"
+                || code == "57014"
+                || code == "55P03"
         }
         None => std::error::Error::source(err).is_some_and(|src| src.is::<std::io::Error>()),
     }
@@ -453,6 +456,19 @@ impl PgStore {
                     "UPDATE repos SET state = 'active', rev = $2, prev_data = $3, error_msg = '', \
                      retry_count = 0, retry_after = 0 WHERE did = $1",
                     &[&w.did, rev, prev_data],
+                )
+                .await
+                .map_err(pg(OP))?;
+            }
+            RepoChange::ResyncStale {
+                rev,
+                prev_data,
+                reason,
+            } => {
+                tx.execute(
+                    "UPDATE repos SET state = 'desynchronized', rev = $2, prev_data = $3, \
+                     error_msg = $4, retry_count = 0, retry_after = 0 WHERE did = $1",
+                    &[&w.did, rev, prev_data, reason],
                 )
                 .await
                 .map_err(pg(OP))?;

@@ -936,6 +936,15 @@ fn apply_in_tx(conn: &Connection, w: &RepoWrite) -> Result<Vec<EventId>, StoreEr
              retry_count = 0, retry_after = 0 WHERE did = ?1",
             vec![&w.did, rev, prev_data],
         ),
+        RepoChange::ResyncStale {
+            rev,
+            prev_data,
+            reason,
+        } => (
+            "UPDATE repos SET state = 'desynchronized', rev = ?2, prev_data = ?3, \
+             error_msg = ?4, retry_count = 0, retry_after = 0 WHERE did = ?1",
+            vec![&w.did, rev, prev_data, reason],
+        ),
         RepoChange::Handle(handle) => (
             "UPDATE repos SET handle = ?2 WHERE did = ?1",
             vec![&w.did, handle],

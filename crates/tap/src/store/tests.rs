@@ -1232,6 +1232,28 @@ test_each_store!(
 );
 
 test_each_store!(
+    a_stale_resync_applies_its_snapshot_and_goes_back_to_desynchronized_at_once,
+    |store, _url| {
+        store.add_repos(&dids(&["a"])).await.unwrap();
+        claim(&store, NOW).await;
+        let mut done = RepoWrite::new("did:plc:a");
+        done.condition = WriteCondition::RepoInState(RepoState::Resyncing);
+        done.repo = RepoChange::ResyncStale {
+            rev: "rev9".into(),
+            prev_data: "data9".into(),
+            reason: "buffer overflowed".into(),
+        };
+        store.apply(done).await.unwrap();
+        let repo = store.get_repo("did:plc:a").await.unwrap().unwrap();
+        assert_eq!(repo.state, RepoState::Desynchronized);
+        assert_eq!(repo.rev.as_deref(), Some("rev9"));
+        assert_eq!(repo.prev_data.as_deref(), Some("data9"));
+        assert_eq!(repo.error, "buffer overflowed");
+        assert_eq!(repo.retry_after, 0, "claimable at once");
+    }
+);
+
+test_each_store!(
     a_repos_resync_buffer_is_capped_and_read_a_page_at_a_time,
     |store, _url| {
         store.add_repos(&dids(&["a", "b"])).await.unwrap();

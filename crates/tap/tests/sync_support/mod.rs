@@ -117,25 +117,9 @@ impl Consumer {
     }
 
     pub async fn connect_addr(addr: std::net::SocketAddr) -> Self {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/channel"))
-            .await
-            .unwrap();
         let events = Arc::new(Mutex::new(Vec::new()));
         let sink_events = Arc::clone(&events);
-        let task = tokio::spawn(async move {
-            let (mut tx, mut rx) = ws.split();
-            while let Some(Ok(msg)) = rx.next().await {
-                if let Message::Text(text) = msg {
-                    let v: Value = serde_json::from_str(&text).unwrap();
-                    let id = v["id"].as_u64().unwrap();
-                    sink_events.lock().unwrap().push(v);
-                    let ack = json!({"type": "ack", "id": id}).to_string();
-                    if tx.send(Message::Text(ack.into())).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        });
+        let task = ack_all(addr, move |v| sink_events.lock().unwrap().push(v)).await;
         Self { events, task }
     }
 
@@ -158,6 +142,31 @@ impl Consumer {
         })
         .await
     }
+}
+
+/// Reads `/channel` at `addr`, hands each event to `keep`, then acks it; until the
+/// connection ends or the task is aborted.
+pub async fn ack_all(
+    addr: std::net::SocketAddr,
+    mut keep: impl FnMut(Value) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/channel"))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let (mut tx, mut rx) = ws.split();
+        while let Some(Ok(msg)) = rx.next().await {
+            if let Message::Text(text) = msg {
+                let v: Value = serde_json::from_str(&text).unwrap();
+                let id = v["id"].as_u64().unwrap();
+                keep(v);
+                let ack = json!({"type": "ack", "id": id}).to_string();
+                if tx.send(Message::Text(ack.into())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
 }
 
 impl Drop for Consumer {
