@@ -28,7 +28,8 @@ use tap_atproto::writer::WriteOp;
 use tap_testkit::fake_pds::RepoReply;
 use tap_testkit::repo_builder::{RepoBuilder, TestKey};
 
-use sync_support::{Net, did, expected, wait_for};
+use localnet::EFFECT_TIMEOUT as EFFECT;
+use sync_support::{Net, did, expected, wait_for, wait_for_within};
 
 /// Events as received: (run, event).
 type Seen = Arc<Mutex<Vec<(u32, Value)>>>;
@@ -462,7 +463,7 @@ async fn against_the_real_pds(db: TestDb) {
         .unwrap();
     assert_eq!(resp.status(), 200);
     let backfill = net.records(&did).await;
-    wait_for("the backfill", || async {
+    wait_for_within("the backfill", EFFECT, || async {
         delivered(&backfill).then_some(())
     })
     .await;
@@ -491,11 +492,11 @@ async fn against_the_real_pds(db: TestDb) {
     let mut tap = TapProcess::spawn_with(&db.url, "127.0.0.1:0", &args, &[]).await;
     let _consumer = Recorder::connect(tap.addr, 2, &seen).await;
     let want = net.records(&did).await;
-    wait_for("every record of the final state", || async {
+    wait_for_within("every record of the final state", EFFECT, || async {
         delivered(&want).then_some(())
     })
     .await;
-    wait_for("the delete while down", || async {
+    wait_for_within("the delete while down", EFFECT, || async {
         records_of(&seen)
             .iter()
             .any(|r| r["rkey"] == rkey && r["action"] == "delete")
@@ -509,7 +510,7 @@ async fn against_the_real_pds(db: TestDb) {
     )
     .await;
     let want = net.records(&did).await;
-    wait_for("the write after the restart", || async {
+    wait_for_within("the write after the restart", EFFECT, || async {
         delivered(&want).then_some(())
     })
     .await;

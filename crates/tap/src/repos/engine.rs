@@ -339,6 +339,19 @@ impl Engine {
         self.refresh_handle(&frame.did, &repo).await
     }
 
+    /// Checks `did`'s handle under the repo's lock, against the repo as stored now (an
+    /// `#identity` handled meanwhile may have stored a newer handle than the caller saw).
+    ///
+    /// # Errors
+    /// As [`refresh_handle`](Self::refresh_handle).
+    pub async fn check_handle(&self, did: &Did) -> Result<Outcome, EngineError> {
+        let _guard = self.locks.lock(did.as_str()).await;
+        match self.store.get_repo(did.as_str()).await? {
+            Some(repo) => self.refresh_handle(did, &repo).await,
+            None => Ok(Outcome::Skipped("untracked")),
+        }
+    }
+
     /// Re-resolves `did` (purging the cache) and, if the verified handle differs from the
     /// stored one, stores it and emits an identity event in one transaction. A DID that
     /// does not resolve leaves the repo as it is.

@@ -10,7 +10,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::engine::{Engine, FailureClass};
 use crate::shutdown::Supervisor;
-use crate::store::RepoRow;
 
 /// Handle checks running at once.
 pub const CHECKERS: usize = 8;
@@ -20,7 +19,7 @@ const QUEUE: usize = 1024;
 /// Where resyncs queue their repos' handle checks. Cheap to clone.
 #[derive(Clone)]
 pub struct HandleChecks {
-    queue: async_channel::Sender<(Did, RepoRow)>,
+    queue: async_channel::Sender<Did>,
 }
 
 impl HandleChecks {
@@ -37,22 +36,17 @@ impl HandleChecks {
         Self { queue }
     }
 
-    /// Queues a check of `did`'s handle against what `repo` has stored; waits while the
-    /// queue is full.
-    pub async fn submit(&self, did: Did, repo: RepoRow) {
+    /// Queues a check of `did`'s handle; waits while the queue is full.
+    pub async fn submit(&self, did: Did) {
         // Fails only when the checkers are gone: tap is stopping, and the next resync
         // checks again.
-        let _ = self.queue.send((did, repo)).await;
+        let _ = self.queue.send(did).await;
     }
 }
 
-async fn run_checker(
-    engine: Engine,
-    jobs: async_channel::Receiver<(Did, RepoRow)>,
-    stop: CancellationToken,
-) {
+async fn run_checker(engine: Engine, jobs: async_channel::Receiver<Did>, stop: CancellationToken) {
     loop {
-        let (did, repo) = tokio::select! {
+        let did = tokio::select! {
             () = stop.cancelled() => return,
             job = jobs.recv() => match job {
                 Ok(job) => job,
@@ -61,7 +55,7 @@ async fn run_checker(
         };
         let checked = tokio::select! {
             () = stop.cancelled() => return,
-            r = engine.refresh_handle(&did, &repo) => r,
+            r = engine.check_handle(&did) => r,
         };
         match checked {
             Ok(_) => {}

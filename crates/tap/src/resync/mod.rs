@@ -274,7 +274,7 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
     // Key and PDS fetched now, from the DID document alone (a rotated key or a moved PDS
     // takes effect here); the handle is checked apart and announced when it is known.
     let ident = engine.identity().refresh_repo(&did).await?;
-    handles.submit(did.clone(), repo.clone()).await;
+    handles.submit(did.clone()).await;
     let key = ident.require_signing_key()?.clone();
     let pds_url = ident.require_pds()?.clone();
     let mut body = pds.get_repo(&pds_url, &did).await?;

@@ -21,12 +21,21 @@ use crate::common::{TestDb, TestTap, test_config};
 pub const WAIT: Duration = Duration::from_secs(30);
 
 /// Polls `check` until it returns `Some`, or panics after `WAIT` naming `what`.
-pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+pub async fn wait_for<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + WAIT;
+    wait_for_within(what, WAIT, check).await
+}
+
+/// [`wait_for`] with another timeout (real peers on a loaded machine are slower).
+pub async fn wait_for_within<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if let Some(v) = check().await {
             return v;
