@@ -155,8 +155,8 @@ impl Supervisor {
     }
 
     /// The first failure so far.
-    #[must_use]
-    pub fn failure(&self) -> Option<TaskFailure> {
+    #[cfg(test)]
+    fn failure(&self) -> Option<TaskFailure> {
         self.failure.borrow().clone()
     }
 

@@ -60,9 +60,12 @@ async fn plc_document_with_multikey_key_yields_key_pds_and_verified_handle() {
     let (identity, _) = identity(&plc);
     let ident = identity.resolve(&did(DID)).await.unwrap();
     assert_eq!(ident.did.as_str(), DID);
-    assert_eq!(ident.require_signing_key().unwrap(), &k256_key(1).public);
     assert_eq!(
-        ident.require_pds().unwrap().as_str(),
+        ident.repo.require_signing_key().unwrap(),
+        &k256_key(1).public
+    );
+    assert_eq!(
+        ident.repo.require_pds().unwrap().as_str(),
         "https://pds.example.com/"
     );
     assert_eq!(ident.handle_or_invalid(), HANDLE);
@@ -80,7 +83,7 @@ async fn plc_document_with_legacy_key_types_yields_the_same_keys() {
             did_doc(&did_s, None, Some((&key, KeyForm::Legacy)), Some(PDS)),
         );
         let ident = identity.resolve(&did(&did_s)).await.unwrap();
-        assert_eq!(ident.require_signing_key().unwrap(), &key.public);
+        assert_eq!(ident.repo.require_signing_key().unwrap(), &key.public);
     }
 }
 
@@ -101,7 +104,7 @@ async fn did_web_document_comes_from_the_hosts_well_known_path() {
     plc.set_handle("alice.example.org", web);
     let (identity, _) = identity(&plc);
     let ident = identity.resolve(&did(web)).await.unwrap();
-    assert_eq!(ident.require_signing_key().unwrap(), &key.public);
+    assert_eq!(ident.repo.require_signing_key().unwrap(), &key.public);
     assert_eq!(ident.handle_or_invalid(), "alice.example.org");
     assert_eq!(plc.requests(&Route::WebDoc("alice.example.org".into())), 1);
 }
@@ -152,11 +155,11 @@ async fn document_without_key_or_pds_resolves_but_cannot_serve_sync() {
     let ident = identity.resolve(&did(DID)).await.unwrap();
     assert_eq!(ident.handle_or_invalid(), HANDLE);
     assert!(matches!(
-        ident.require_signing_key(),
+        ident.repo.require_signing_key(),
         Err(IdentityError::NoSigningKey { .. })
     ));
     assert!(matches!(
-        ident.require_pds(),
+        ident.repo.require_pds(),
         Err(IdentityError::NoPds { .. })
     ));
 }
@@ -175,7 +178,7 @@ async fn unparseable_key_is_reported_as_no_signing_key() {
     let (identity, _) = identity(&plc);
     let ident = identity.resolve(&did(DID)).await.unwrap();
     assert!(matches!(
-        ident.require_signing_key(),
+        ident.repo.require_signing_key(),
         Err(IdentityError::NoSigningKey { .. })
     ));
 }
@@ -485,7 +488,10 @@ async fn purge_makes_the_next_lookup_fetch_again() {
     let (identity, _) = identity(&plc);
     let route = Route::Plc(DID.into());
     let first = identity.resolve(&did(DID)).await.unwrap();
-    assert_eq!(first.require_signing_key().unwrap(), &k256_key(1).public);
+    assert_eq!(
+        first.repo.require_signing_key().unwrap(),
+        &k256_key(1).public
+    );
     // Key rotation upstream.
     plc.set_plc_doc(
         DID,
@@ -500,7 +506,10 @@ async fn purge_makes_the_next_lookup_fetch_again() {
     assert_eq!(plc.requests(&route), 1);
     identity.purge(&did(DID)).await;
     let rotated = identity.resolve(&did(DID)).await.unwrap();
-    assert_eq!(rotated.require_signing_key().unwrap(), &k256_key(9).public);
+    assert_eq!(
+        rotated.repo.require_signing_key().unwrap(),
+        &k256_key(9).public
+    );
     assert_eq!(plc.requests(&route), 2);
 }
 
@@ -521,10 +530,13 @@ async fn refresh_fetches_now_and_updates_the_cache() {
     );
     let refreshed = identity.refresh(&did(DID)).await.unwrap();
     assert_eq!(
-        refreshed.require_signing_key().unwrap(),
+        refreshed.repo.require_signing_key().unwrap(),
         &k256_key(9).public
     );
     let cached = identity.resolve(&did(DID)).await.unwrap();
-    assert_eq!(cached.require_signing_key().unwrap(), &k256_key(9).public);
+    assert_eq!(
+        cached.repo.require_signing_key().unwrap(),
+        &k256_key(9).public
+    );
     assert_eq!(plc.requests(&route), 2);
 }

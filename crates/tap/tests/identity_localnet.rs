@@ -77,9 +77,14 @@ async fn resolve_serves_a_real_accounts_key_pds_and_verified_handle() {
     let did = Did::new(did).unwrap();
     let ident = identity.resolve(&did).await.unwrap();
     assert_eq!(ident.handle_or_invalid(), handle);
-    assert_eq!(ident.require_signing_key().unwrap(), &signing_key);
+    assert_eq!(ident.repo.require_signing_key().unwrap(), &signing_key);
     assert_eq!(
-        ident.require_pds().unwrap().as_str().trim_end_matches('/'),
+        ident
+            .repo
+            .require_pds()
+            .unwrap()
+            .as_str()
+            .trim_end_matches('/'),
         pds_public
     );
 

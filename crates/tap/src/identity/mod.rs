@@ -231,22 +231,6 @@ impl ResolvedIdentity {
     pub fn handle_or_invalid(&self) -> &str {
         self.handle.as_ref().map_or(INVALID_HANDLE, Handle::as_str)
     }
-
-    /// The signing key, for commit verification.
-    ///
-    /// # Errors
-    /// As [`RepoIdentity::require_signing_key`].
-    pub fn require_signing_key(&self) -> Result<&PublicKey, IdentityError> {
-        self.repo.require_signing_key()
-    }
-
-    /// The PDS endpoint, for fetching the repo.
-    ///
-    /// # Errors
-    /// As [`RepoIdentity::require_pds`].
-    pub fn require_pds(&self) -> Result<&Url, IdentityError> {
-        self.repo.require_pds()
-    }
 }
 
 /// How an [`Identity`] resolves and caches.
@@ -405,12 +389,21 @@ impl Identity {
     /// [`IdentityError`]: `is_not_found()` when the DID does not exist, `is_transient()` for
     /// network trouble; otherwise the DID or its document is unusable.
     pub async fn resolve(&self, did: &Did) -> Result<Arc<ResolvedIdentity>, IdentityError> {
+        self.cached(&self.inner.cache, did, self.load(did)).await
+    }
+
+    /// The slot of `did` in `cache` while fresh, else what `load` stores (concurrent
+    /// callers for one DID share one load).
+    async fn cached<T: Send + Sync + 'static>(
+        &self,
+        cache: &moka::future::Cache<Did, Slot<T>>,
+        did: &Did,
+        load: impl std::future::Future<Output = Slot<T>>,
+    ) -> Result<Arc<T>, IdentityError> {
         let now = self.inner.clock.now();
-        let entry = self
-            .inner
-            .cache
+        let entry = cache
             .entry_by_ref(did)
-            .or_insert_with_if(self.load(did), |cached| cached.expires_at <= now)
+            .or_insert_with_if(load, |slot| slot.expires_at <= now)
             .await;
         let result = if entry.is_fresh() { "miss" } else { "hit" };
         metrics::counter!(telemetry::IDENTITY_CACHE, "result" => result).increment(1);
@@ -423,14 +416,8 @@ impl Identity {
     /// # Errors
     /// As [`resolve`](Self::resolve).
     pub async fn resolve_repo(&self, did: &Did) -> Result<Arc<RepoIdentity>, IdentityError> {
-        let now = self.inner.clock.now();
-        let entry = self
-            .inner
-            .repos
-            .entry_by_ref(did)
-            .or_insert_with_if(self.load_repo(did), |slot| slot.expires_at <= now)
-            .await;
-        entry.into_value().result
+        self.cached(&self.inner.repos, did, self.load_repo(did))
+            .await
     }
 
     /// Fetches the key and PDS of `did` now (never joining an earlier look-up), caches and

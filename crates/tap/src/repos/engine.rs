@@ -343,7 +343,8 @@ impl Engine {
     /// `#identity` handled meanwhile may have stored a newer handle than the caller saw).
     ///
     /// # Errors
-    /// As [`refresh_handle`](Self::refresh_handle).
+    /// Store or outbox failures; [`EngineError::Unavailable`] when the lookup failed in a
+    /// way that may pass.
     pub async fn check_handle(&self, did: &Did) -> Result<Outcome, EngineError> {
         let _guard = self.locks.lock(did.as_str()).await;
         match self.store.get_repo(did.as_str()).await? {
@@ -359,7 +360,7 @@ impl Engine {
     /// # Errors
     /// Store or outbox failures; [`EngineError::Unavailable`] when the lookup failed in a
     /// way that may pass (the change must not be missed).
-    pub async fn refresh_handle(&self, did: &Did, repo: &RepoRow) -> Result<Outcome, EngineError> {
+    async fn refresh_handle(&self, did: &Did, repo: &RepoRow) -> Result<Outcome, EngineError> {
         let handle = match self.identity.refresh(did).await {
             Ok(ident) => ident.handle_or_invalid().to_owned(),
             Err(error) if error.is_transient() => return Err(EngineError::Unavailable(error)),
