@@ -212,8 +212,26 @@ pub fn push_json_string(out: &mut Vec<u8>, s: &str) {
     let _ = push_json_text(out, s.as_bytes());
 }
 
+/// [`push_json_string`] for a `String` buffer: the same escaping, byte for byte.
+pub fn push_json_str(out: &mut String, s: &str) {
+    out.reserve(s.len() + 2);
+    out.push('"');
+    // Every escaped byte is ASCII, so the plain runs between them end on char boundaries.
+    scan_json_text(s.as_bytes(), |piece| match piece {
+        Piece::Plain(run) => out.push_str(&s[run]),
+        Piece::Escape(esc) => out.push_str(esc),
+        Piece::Control(b) => {
+            out.push_str("\\u00");
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 15)]));
+        }
+    });
+    out.push('"');
+}
+
 const LO: u64 = 0x0101_0101_0101_0101;
 const HI: u64 = 0x8080_8080_8080_8080;
+const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// Whether any byte of `w` is zero (exact as a yes/no answer).
 #[inline]
@@ -221,20 +239,21 @@ fn has_zero(w: u64) -> bool {
     w.wrapping_sub(LO) & !w & HI != 0
 }
 
-/// Appends the UTF-8 `bytes` as a JSON string literal (serde_json's escaping), validating
-/// UTF-8 on the way. ASCII runs without special characters are scanned 8 bytes at a time;
-/// only strings containing non-ASCII bytes pay for a full UTF-8 check.
-///
-/// # Errors
-/// `Err(())` when `bytes` is not UTF-8 (`out` then holds a partial literal).
-#[expect(
-    clippy::result_unit_err,
-    reason = "callers attach their own position-carrying error"
-)]
-pub fn push_json_text(out: &mut Vec<u8>, bytes: &[u8]) -> Result<(), ()> {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.reserve(bytes.len() + 2);
-    out.push(b'"');
+/// One step of a JSON string literal's content.
+enum Piece {
+    /// Input bytes copied as they are.
+    Plain(std::ops::Range<usize>),
+    /// A two-character escape.
+    Escape(&'static str),
+    /// A control character without a short escape: `\u00XX`.
+    Control(u8),
+}
+
+/// Splits `bytes` into the pieces of its JSON escaping (serde_json's choices), in order, and
+/// says whether every byte was ASCII. ASCII runs without special characters are scanned 8
+/// bytes at a time.
+#[inline]
+fn scan_json_text(bytes: &[u8], mut emit: impl FnMut(Piece)) -> bool {
     let mut ascii = true;
     let mut start = 0;
     let mut i = 0;
@@ -256,15 +275,15 @@ pub fn push_json_text(out: &mut Vec<u8>, bytes: &[u8]) -> Result<(), ()> {
             }
         }
         let b = bytes[i];
-        let esc: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0x08 => b"\\b",
-            0x0c => b"\\f",
-            0..=0x1f => b"",
+        let piece = match b {
+            b'"' => Piece::Escape("\\\""),
+            b'\\' => Piece::Escape("\\\\"),
+            b'\n' => Piece::Escape("\\n"),
+            b'\r' => Piece::Escape("\\r"),
+            b'\t' => Piece::Escape("\\t"),
+            0x08 => Piece::Escape("\\b"),
+            0x0c => Piece::Escape("\\f"),
+            0..=0x1f => Piece::Control(b),
             0x80.. => {
                 ascii = false;
                 i += 1;
@@ -275,26 +294,46 @@ pub fn push_json_text(out: &mut Vec<u8>, bytes: &[u8]) -> Result<(), ()> {
                 continue;
             }
         };
-        out.extend_from_slice(&bytes[start..i]);
-        if esc.is_empty() {
-            out.extend_from_slice(&[
-                b'\\',
-                b'u',
-                b'0',
-                b'0',
-                HEX[(b >> 4) as usize],
-                HEX[(b & 15) as usize],
-            ]);
-        } else {
-            out.extend_from_slice(esc);
+        if start < i {
+            emit(Piece::Plain(start..i));
         }
+        emit(piece);
         i += 1;
         start = i;
     }
+    if start < bytes.len() {
+        emit(Piece::Plain(start..bytes.len()));
+    }
+    ascii
+}
+
+/// Appends the UTF-8 `bytes` as a JSON string literal (serde_json's escaping), validating
+/// UTF-8 on the way; only strings containing non-ASCII bytes pay for a full UTF-8 check.
+///
+/// # Errors
+/// `Err(())` when `bytes` is not UTF-8 (`out` then holds a partial literal).
+#[expect(
+    clippy::result_unit_err,
+    reason = "callers attach their own position-carrying error"
+)]
+pub fn push_json_text(out: &mut Vec<u8>, bytes: &[u8]) -> Result<(), ()> {
+    out.reserve(bytes.len() + 2);
+    out.push(b'"');
+    let ascii = scan_json_text(bytes, |piece| match piece {
+        Piece::Plain(run) => out.extend_from_slice(&bytes[run]),
+        Piece::Escape(esc) => out.extend_from_slice(esc.as_bytes()),
+        Piece::Control(b) => out.extend_from_slice(&[
+            b'\\',
+            b'u',
+            b'0',
+            b'0',
+            HEX[usize::from(b >> 4)],
+            HEX[usize::from(b & 15)],
+        ]),
+    });
     if !ascii && std::str::from_utf8(bytes).is_err() {
         return Err(());
     }
-    out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
     Ok(())
 }
@@ -407,10 +446,11 @@ mod tests {
                     .collect();
                 let mut out = Vec::new();
                 push_json_string(&mut out, &s);
-                assert_eq!(
-                    String::from_utf8(out).unwrap(),
-                    serde_json::to_string(&s).unwrap()
-                );
+                let expected = serde_json::to_string(&s).unwrap();
+                assert_eq!(String::from_utf8(out).unwrap(), expected);
+                let mut text = String::new();
+                push_json_str(&mut text, &s);
+                assert_eq!(text, expected, "the String writer escapes the same");
             }
         }
         assert!(push_json_text(&mut Vec::new(), b"abcdefgh\xff").is_err());

@@ -187,16 +187,12 @@ impl FakePlc {
 
     /// Waits until `route` has received at least `n` requests; `false` after `timeout`.
     pub async fn wait_for_requests(&self, route: &Route, n: usize, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if self.requests(route) >= n {
-                return true;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        crate::wait::try_poll_until(timeout, || {
+            let reached = self.requests(route) >= n;
+            async move { reached.then_some(()) }
+        })
+        .await
+        .is_some()
     }
 }
 

@@ -2,7 +2,9 @@
 pub mod fake_pds;
 pub mod fake_plc;
 pub mod fake_relay;
+pub mod postgres;
 pub mod repo_builder;
+pub mod wait;
 pub mod webhook_sink;
 
 /// Serves `app` on 127.0.0.1 on a free port; returns the address and the server task

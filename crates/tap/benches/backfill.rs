@@ -3,8 +3,8 @@
 //! everything. Measures records/s from `/repos/add` until the consumer has every record.
 //!
 //! Parameters (environment): `BACKFILL_REPOS` (default 20), `BACKFILL_RECORDS` per repo
-//! (default 5000), `BACKFILL_RUNS` (default 3), `BACKFILL_RESYNC_PARALLELISM`,
-//! `BACKFILL_OUTBOX_PARALLELISM` (default: tap's), `BACKFILL_DURABLE_EVENTS` (set: store
+//! (default 5000), `BACKFILL_RUNS` (default 3), `BACKFILL_RESYNC_PARALLELISM` (default:
+//! tap's), `BACKFILL_DURABLE_EVENTS` (set: store
 //! every historical event, `--durable-backfill-events`), `BACKFILL_NAIVE_CONSUMER` (set:
 //! parse every event into a JSON tree and flush every ack alone), `BACKFILL_TRACE` (set: print
 //! written/delivered counts every 100 ms). Run: `cargo bench -p tap --bench backfill`.
@@ -68,7 +68,6 @@ async fn run_once(repos: &[RepoBuilder], cars: &[Vec<u8>]) -> (f64, usize) {
     cfg.plc_url = url::Url::parse(&plc.url()).unwrap();
     cfg.handle_resolver_url = Some(url::Url::parse(&plc.url()).unwrap());
     cfg.resync_parallelism = env_usize("BACKFILL_RESYNC_PARALLELISM", cfg.resync_parallelism);
-    cfg.outbox_parallelism = env_usize("BACKFILL_OUTBOX_PARALLELISM", cfg.outbox_parallelism);
     // The other design, for comparison: every historical event stored as an outbox row.
     cfg.durable_backfill_events = std::env::var("BACKFILL_DURABLE_EVENTS").is_ok();
     let app = tap::App::bind(cfg).await.unwrap();

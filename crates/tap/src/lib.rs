@@ -19,6 +19,7 @@
 
 pub mod api;
 pub mod app;
+pub mod backoff;
 pub mod config;
 pub mod crawler;
 pub mod delivery;

@@ -7,10 +7,13 @@
 
 use std::fmt::Write as _;
 
+use tap_atproto::atjson::push_json_str;
+
 use crate::store::EventId;
 
-/// What happened to a record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What happened to a record. Serialized by its wire name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Action {
     /// A new record.
     Create,
@@ -97,34 +100,6 @@ pub struct IdentityEvent<'a> {
 
 /// The handle sent when none could be verified.
 pub const INVALID_HANDLE: &str = "handle.invalid";
-
-/// Appends `s` as a JSON string literal.
-fn push_json_str(out: &mut String, s: &str) {
-    out.push('"');
-    // Copy runs of plain bytes whole (every string here is almost all plain ASCII); the
-    // bytes that need escaping are all ASCII, so the slice bounds are char boundaries.
-    let mut plain_from = 0;
-    for (i, byte) in s.bytes().enumerate() {
-        let escape = match byte {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            0..=0x1f => "",
-            _ => continue,
-        };
-        out.push_str(&s[plain_from..i]);
-        if escape.is_empty() {
-            let _ = write!(out, "\\u{:04x}", byte);
-        } else {
-            out.push_str(escape);
-        }
-        plain_from = i + 1;
-    }
-    out.push_str(&s[plain_from..]);
-    out.push('"');
-}
 
 impl RecordEvent<'_> {
     /// The stored payload (no id).

@@ -4,12 +4,21 @@
 
 use std::collections::BTreeMap;
 
-use tap::config::settings::{Kind, SETTINGS};
+use tap::config::settings::{IGNORED, Kind, SETTINGS};
 
 #[derive(Debug, PartialEq, Eq)]
 struct Row {
     envs: Vec<String>,
     default: String,
+    /// What the meaning column says about the setting's effect.
+    note: Note,
+}
+
+/// The two facts the meaning column must state when they hold, and only then.
+#[derive(Debug, PartialEq, Eq)]
+struct Note {
+    extension: bool,
+    ignored: bool,
 }
 
 fn backticked(cell: &str) -> Vec<String> {
@@ -44,6 +53,10 @@ fn readme_rows() -> BTreeMap<String, Row> {
                 Row {
                     envs: backticked(cells[2]),
                     default,
+                    note: Note {
+                        extension: cells[4].contains("(extension)"),
+                        ignored: cells[4].contains(IGNORED),
+                    },
                 },
             )
         })
@@ -61,6 +74,10 @@ fn readme_config_table_matches_the_cli_definitions() {
                 Row {
                     envs: s.envs.iter().map(|e| (*e).to_owned()).collect(),
                     default: s.default.to_owned(),
+                    note: Note {
+                        extension: s.extension,
+                        ignored: s.ignored,
+                    },
                 },
             )
         })
@@ -83,6 +100,16 @@ fn readme_config_table_matches_the_cli_definitions() {
     );
     for (flag, row) in &defined {
         assert_eq!(&documented[flag], row, "README row for --{flag} drifted");
+    }
+}
+
+/// A setting parsed but without effect must say so in `--help` and the README, so a flag
+/// whose meaning was dropped cannot keep being documented as working.
+#[test]
+fn settings_without_effect_say_so_in_their_help() {
+    for s in SETTINGS {
+        assert_eq!(s.help.starts_with(IGNORED), s.ignored, "--{}", s.flag);
+        assert!(!(s.ignored && s.extension), "--{}", s.flag);
     }
 }
 

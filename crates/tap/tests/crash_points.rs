@@ -29,7 +29,8 @@ use tap_testkit::fake_pds::RepoReply;
 use tap_testkit::repo_builder::{RepoBuilder, TestKey};
 
 use localnet::EFFECT_TIMEOUT as EFFECT;
-use sync_support::{Net, did, expected, wait_for, wait_for_within};
+use sync_support::{Net, did, expected, wait_for};
+use tap_testkit::wait::poll_until;
 
 /// Events as received: (run, event).
 type Seen = Arc<Mutex<Vec<(u32, Value)>>>;
@@ -463,7 +464,7 @@ async fn against_the_real_pds(db: TestDb) {
         .unwrap();
     assert_eq!(resp.status(), 200);
     let backfill = net.records(&did).await;
-    wait_for_within("the backfill", EFFECT, || async {
+    poll_until("the backfill", EFFECT, || async {
         delivered(&backfill).then_some(())
     })
     .await;
@@ -492,11 +493,11 @@ async fn against_the_real_pds(db: TestDb) {
     let mut tap = TapProcess::spawn_with(&db.url, "127.0.0.1:0", &args, &[]).await;
     let _consumer = Recorder::connect(tap.addr, 2, &seen).await;
     let want = net.records(&did).await;
-    wait_for_within("every record of the final state", EFFECT, || async {
+    poll_until("every record of the final state", EFFECT, || async {
         delivered(&want).then_some(())
     })
     .await;
-    wait_for_within("the delete while down", EFFECT, || async {
+    poll_until("the delete while down", EFFECT, || async {
         records_of(&seen)
             .iter()
             .any(|r| r["rkey"] == rkey && r["action"] == "delete")
@@ -510,7 +511,7 @@ async fn against_the_real_pds(db: TestDb) {
     )
     .await;
     let want = net.records(&did).await;
-    wait_for_within("the write after the restart", EFFECT, || async {
+    poll_until("the write after the restart", EFFECT, || async {
         delivered(&want).then_some(())
     })
     .await;

@@ -25,6 +25,7 @@ use common::{Backend, TestDb};
 use delivery_support::{TapProcess, assert_order_allowed, did, identity, record, store_events};
 use serde_json::{Value, json};
 use tap::store::{Store, StoreOptions};
+use tap_testkit::wait::wait_until;
 use tokio::sync::mpsc;
 
 const PASSWORD: &str = "e2e-pass";
@@ -333,7 +334,7 @@ async fn client_consumes_everything_across_a_restart(password: Option<&str>, sig
         .map(|(id, (d, live, _))| (*id, (d.clone(), *live)))
         .collect();
     assert_order_allowed(&acked_order, &by_id);
-    delivery_support::wait_until(Duration::from_secs(30), "the outbox is empty", || async {
+    wait_until("the outbox is empty", Duration::from_secs(30), || async {
         tap.outbox_buffer(password).await == 0
     })
     .await;
@@ -429,7 +430,7 @@ async fn reference_webhook_helpers_accept_taps_webhook_requests() {
         }
     }
     assert_eq!(failed_on_purpose, 2);
-    delivery_support::wait_until(Duration::from_secs(30), "the outbox is empty", || async {
+    wait_until("the outbox is empty", Duration::from_secs(30), || async {
         tap.outbox_buffer(Some(PASSWORD)).await == 0
     })
     .await;

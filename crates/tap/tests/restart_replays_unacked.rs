@@ -118,7 +118,7 @@ async fn crash_with_unacked_events_then_restart_redelivers_them(db: TestDb) {
         .map(|(id, (d, live, _))| (*id, (d.clone(), *live)))
         .collect();
     assert_order_allowed(&order, &by_id);
-    wait_until(SOON, "the outbox is empty", || async {
+    wait_until("the outbox is empty", SOON, || async {
         tap.outbox_buffer(None).await == 0
     })
     .await;
@@ -240,7 +240,7 @@ async fn queued_acks_flushed_after_a_restart_strand_nothing(db: TestDb) {
         seen.insert(id);
         client.ack(id).await;
     }
-    wait_until(SOON, "the outbox is empty", || async {
+    wait_until("the outbox is empty", SOON, || async {
         tap.outbox_buffer(None).await == 0
     })
     .await;

@@ -126,8 +126,6 @@ pub struct Config {
     pub firehose_parallelism: usize,
     /// `--resync-parallelism`.
     pub resync_parallelism: usize,
-    /// `--outbox-parallelism`.
-    pub outbox_parallelism: usize,
     /// `--cursor-save-interval`.
     pub cursor_save_interval: Duration,
     /// `--no-replay` (applies at start-up only).
@@ -507,6 +505,9 @@ impl Config {
             validate_listen_addr(addr).map_err(|m| invalid("metrics-listen", m))?;
         }
 
+        // Validated like the Go tap does, then ignored (settings.rs says why).
+        count_of("outbox-parallelism")?;
+
         Ok(Self {
             env_name: v.one("env").to_owned(),
             database,
@@ -516,7 +517,6 @@ impl Config {
             relay_url: http_url_of("relay-url")?,
             firehose_parallelism: count_of("firehose-parallelism")?,
             resync_parallelism: count_of("resync-parallelism")?,
-            outbox_parallelism: count_of("outbox-parallelism")?,
             cursor_save_interval,
             no_replay,
             repo_fetch_timeout,

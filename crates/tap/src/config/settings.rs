@@ -30,7 +30,13 @@ pub struct Setting {
     pub help: &'static str,
     /// `true` for settings that the Go tap does not have (documented as extensions).
     pub extension: bool,
+    /// `true` for Go tap settings accepted (and validated) so existing deployments start,
+    /// but without effect here; their help says [`IGNORED`].
+    pub ignored: bool,
 }
+
+/// What the help and the README say of every setting that is accepted and ignored.
+pub const IGNORED: &str = "accepted and ignored";
 
 const fn value(
     flag: &'static str,
@@ -45,6 +51,7 @@ const fn value(
         kind: Kind::Value,
         help,
         extension: false,
+        ignored: false,
     }
 }
 
@@ -56,6 +63,7 @@ const fn boolean(flag: &'static str, envs: &'static [&'static str], help: &'stat
         kind: Kind::Bool,
         help,
         extension: false,
+        ignored: false,
     }
 }
 
@@ -109,12 +117,15 @@ pub const SETTINGS: &[Setting] = &[
         "5",
         "concurrent resync workers",
     ),
-    value(
-        "outbox-parallelism",
-        &["TAP_OUTBOX_PARALLELISM"],
-        "1",
-        "concurrent outbox delivery workers",
-    ),
+    Setting {
+        flag: "outbox-parallelism",
+        envs: &["TAP_OUTBOX_PARALLELISM"],
+        default: "1",
+        kind: Kind::Value,
+        help: "accepted and ignored: one outbox delivers every repo's events in order (the Go tap's workers could reorder them); see --webhook-parallelism",
+        extension: false,
+        ignored: true,
+    },
     value(
         "cursor-save-interval",
         &["TAP_CURSOR_SAVE_INTERVAL"],
@@ -145,6 +156,7 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Value,
         help: "resolve handles with com.atproto.identity.resolveHandle at this URL instead of DNS and HTTPS, for test networks (extension)",
         extension: true,
+        ignored: false,
     },
     value(
         "outbox-capacity",
@@ -181,6 +193,7 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Value,
         help: "largest repo CAR fetched from a PDS, in bytes (extension)",
         extension: true,
+        ignored: false,
     },
     Setting {
         flag: "webhook-parallelism",
@@ -189,6 +202,7 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Value,
         help: "concurrent webhook requests (extension)",
         extension: true,
+        ignored: false,
     },
     Setting {
         flag: "webhook-secret",
@@ -197,6 +211,7 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Value,
         help: "sign webhook bodies with HMAC-SHA256 in the x-tap-signature header (extension)",
         extension: true,
+        ignored: false,
     },
     Setting {
         flag: "channel-timeout",
@@ -205,6 +220,7 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Value,
         help: "a /channel client that takes no frame for this long, or answers no ping, is dropped and its unacked events go to the other clients (extension)",
         extension: true,
+        ignored: false,
     },
     Setting {
         flag: "durable-backfill-events",
@@ -213,6 +229,7 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Bool,
         help: "store a first backfill's events in the outbox instead of delivering them from memory and re-running the backfill after a crash; slower (extension)",
         extension: true,
+        ignored: false,
     },
     Setting {
         flag: "collection-filters",
@@ -221,6 +238,7 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::List,
         help: "comma-separated collection filters; `*` only as a whole last segment (app.bsky.*)",
         extension: false,
+        ignored: false,
     },
     boolean(
         "outbox-only",

@@ -26,14 +26,7 @@ fn defaults_match_the_go_tap() {
         cfg.relay_url.as_str(),
         "https://relay1.us-east.bsky.network/"
     );
-    assert_eq!(
-        (
-            cfg.firehose_parallelism,
-            cfg.resync_parallelism,
-            cfg.outbox_parallelism
-        ),
-        (10, 5, 1)
-    );
+    assert_eq!((cfg.firehose_parallelism, cfg.resync_parallelism), (10, 5));
     assert_eq!(cfg.cursor_save_interval, Duration::from_secs(1));
     assert_eq!(cfg.repo_fetch_timeout, Duration::from_secs(300));
     assert_eq!(cfg.ident_cache_size, 2_000_000);
@@ -207,6 +200,10 @@ fn unparseable_durations_and_counts_name_the_flag() {
     );
     let e = invalid_flag(&["--firehose-parallelism=0"], &[]);
     assert_eq!(e.flag, "firehose-parallelism");
+    // Accepted and ignored, but still a count: a typo fails as it would in the Go tap.
+    run(&["--outbox-parallelism=4"], &[]).unwrap();
+    let e = invalid_flag(&["--outbox-parallelism=many"], &[]);
+    assert_eq!(e.flag, "outbox-parallelism");
     let e = invalid_flag(&["--outbox-capacity=lots"], &[]);
     assert_eq!(e.flag, "outbox-capacity");
     let e = invalid_flag(&["--bind=2480"], &[]);

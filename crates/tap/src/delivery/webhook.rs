@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use super::DeliveryHub;
+use crate::backoff::Backoff;
 use crate::outbox::{Delivery, Input};
 use crate::shutdown::Supervisor;
 use crate::telemetry as t;
@@ -56,8 +57,11 @@ pub fn signature(secret: &str, unix_time: u64, body: &[u8]) -> String {
 /// jitter, so receivers coming back are not hit by every worker at once.
 #[must_use]
 pub fn backoff(attempt: u32, jitter_ms: u64) -> Duration {
-    let base = Duration::from_secs(1u64 << attempt.saturating_sub(1).min(5)).min(MAX_BACKOFF);
-    base + Duration::from_millis(jitter_ms % 1000)
+    let doubling = Backoff {
+        first: Duration::from_secs(1),
+        max: MAX_BACKOFF,
+    };
+    doubling.with_jitter(attempt.saturating_sub(1), jitter_ms, Duration::from_secs(1))
 }
 
 /// The HTTP client of the webhook workers.

@@ -16,6 +16,7 @@ use url::Url;
 
 use super::cursor::SeqTracker;
 use super::dispatch::{Dispatcher, Work};
+use crate::backoff::Backoff;
 use crate::telemetry as t;
 
 /// Interval of client pings.
@@ -54,8 +55,15 @@ pub fn subscribe_url(relay: &Url, cursor: Option<i64>) -> Url {
 /// to a second of jitter.
 #[must_use]
 pub fn backoff(failures: u32, jitter_ms: u64) -> Duration {
-    let base = Duration::from_secs(1u64 << failures.saturating_sub(1).min(5)).min(MAX_BACKOFF);
-    base + Duration::from_millis(jitter_ms % 1000)
+    let doubling = Backoff {
+        first: Duration::from_secs(1),
+        max: MAX_BACKOFF,
+    };
+    doubling.with_jitter(
+        failures.saturating_sub(1),
+        jitter_ms,
+        Duration::from_secs(1),
+    )
 }
 
 /// Why a connection ended.

@@ -39,8 +39,9 @@ use crate::telemetry;
 use fetch::Http;
 use handle::{HandleLookup, HandleResolver};
 
-/// The handle reported when none is declared or it does not verify.
-pub const INVALID_HANDLE: &str = "handle.invalid";
+/// The handle reported when none is declared or it does not verify (the event format's
+/// constant: identity events and `/resolve` answers say the same thing).
+pub use crate::wire::INVALID_HANDLE;
 
 /// How long an identity whose handle verified stays cached.
 pub const GOOD_TTL: Duration = Duration::from_secs(24 * 60 * 60);

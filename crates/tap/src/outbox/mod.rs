@@ -16,6 +16,7 @@
 //! consumers fall behind. No queue is unbounded, in count or in bytes.
 
 pub mod acks;
+pub mod backfills;
 pub mod capacity;
 pub mod loader;
 pub mod ordering;

@@ -14,7 +14,9 @@
 
 use std::collections::{HashMap, VecDeque, hash_map::Entry};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::store::EventId;
 

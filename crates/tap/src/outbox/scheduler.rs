@@ -3,14 +3,17 @@
 //! shared queue that every delivery session (WebSocket or webhook worker) pulls from, so
 //! events are sharded across consumers and wait there while none is connected.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::backfills::InMemoryBackfills;
 use super::capacity::{Capacity, Hold};
 use super::ordering::{Barrier, OrderingScheduler};
 use super::{AckMode, OutboxSettings};
@@ -81,13 +84,6 @@ struct Held {
     in_memory: bool,
 }
 
-/// A repo's in-memory backfill events not yet acked.
-struct InMemoryBackfill {
-    unacked: usize,
-    /// First id of the latest write: the value the repo's stored token should have.
-    token: EventId,
-}
-
 /// Capacity of the shared queue between the actor and the sessions. Small on purpose:
 /// events sitting here have not been written anywhere yet.
 pub const DELIVERY_QUEUE: usize = 1024;
@@ -100,9 +96,8 @@ pub struct Actor {
     acked_out: mpsc::Sender<Finished>,
     capacity: Capacity,
     order: OrderingScheduler,
-    in_memory: HashMap<Arc<str>, InMemoryBackfill>,
-    /// Sum of `unacked` over `in_memory`, published through `in_memory_held`.
-    in_memory_total: u64,
+    in_memory: InMemoryBackfills,
+    /// `in_memory.total()`, published for the resync workers' back-pressure.
     in_memory_held: Arc<AtomicU64>,
     held: BTreeMap<EventId, Held>,
     ready: VecDeque<EventId>,
@@ -127,8 +122,7 @@ impl Actor {
             acked_out,
             capacity,
             order: OrderingScheduler::new(),
-            in_memory: HashMap::new(),
-            in_memory_total: 0,
+            in_memory: InMemoryBackfills::default(),
             in_memory_held,
             held: BTreeMap::new(),
             ready: VecDeque::new(),
@@ -189,16 +183,7 @@ impl Actor {
                     let released = self.order.push(&ev.did, ev.id, Barrier::from_live(ev.live));
                     let in_memory = !ev.durable;
                     if in_memory {
-                        let track =
-                            self.in_memory
-                                .entry(Arc::clone(&ev.did))
-                                .or_insert(InMemoryBackfill {
-                                    unacked: 0,
-                                    token: write_token,
-                                });
-                        track.token = track.token.max(write_token);
-                        track.unacked += 1;
-                        self.in_memory_total += 1;
+                        self.in_memory.appended(&ev.did, write_token);
                     }
                     self.held.insert(
                         ev.id,
@@ -232,7 +217,9 @@ impl Actor {
                     };
                     self.queue_ready(released);
                     if held.in_memory {
-                        self.in_memory_acked(held.did, &mut done);
+                        if let Some(token) = self.in_memory.acked(&held.did) {
+                            done.backfills.push((held.did.to_string(), token));
+                        }
                     } else {
                         done.ids.push(id);
                     }
@@ -263,26 +250,12 @@ impl Actor {
         }
         metrics::gauge!(t::OUTBOX_HELD).set(self.held.len() as f64);
         self.in_memory_held
-            .store(self.in_memory_total, std::sync::atomic::Ordering::Relaxed);
+            .store(self.in_memory.total(), std::sync::atomic::Ordering::Relaxed);
         let oldest = self
             .held
             .first_key_value()
             .map_or(0.0, |(_, h)| h.appended_at.elapsed().as_secs_f64());
         metrics::gauge!(t::OUTBOX_OLDEST_UNACKED_SECONDS).set(oldest);
-    }
-
-    /// Counts down a repo's in-memory backfill; at zero its token can be cleared.
-    fn in_memory_acked(&mut self, did: Arc<str>, done: &mut Finished) {
-        let Some(track) = self.in_memory.get_mut(&did) else {
-            return;
-        };
-        track.unacked = track.unacked.saturating_sub(1);
-        self.in_memory_total = self.in_memory_total.saturating_sub(1);
-        if track.unacked == 0 {
-            let token = track.token;
-            self.in_memory.remove(&did);
-            done.backfills.push((did.to_string(), token));
-        }
     }
 
     /// Unacked events whose resend time has come go out again, but only while someone is
@@ -363,6 +336,10 @@ mod tests {
 
     impl Harness {
         fn start() -> Self {
+            Self::with_retry_timeout(Duration::from_secs(3600))
+        }
+
+        fn with_retry_timeout(retry_timeout: Duration) -> Self {
             let capacity = Capacity::new(100, PAYLOAD_BUDGET);
             let (inputs, inputs_rx) = mpsc::channel(64);
             let (out_tx, out) = async_channel::bounded(DELIVERY_QUEUE);
@@ -370,7 +347,7 @@ mod tests {
             let settings = OutboxSettings {
                 capacity: 100,
                 ack_mode: AckMode::ClientAck,
-                retry_timeout: Duration::from_secs(3600),
+                retry_timeout,
             };
             let actor = Actor::new(
                 settings,
@@ -406,6 +383,22 @@ mod tests {
                 .send(Input::Appended(vec![event]))
                 .await
                 .unwrap();
+        }
+
+        async fn input(&self, msg: Input) {
+            self.inputs.send(msg).await.unwrap();
+        }
+
+        /// Plays a consumer that writes every delivery the moment it comes and never acks,
+        /// until `until`: the instants (after `from`) at which each delivery was written.
+        async fn write_without_acking(&self, from: Instant, until: Instant) -> Vec<Duration> {
+            let mut sent = Vec::new();
+            while let Ok(Ok(d)) = tokio::time::timeout_at(until, self.out.recv()).await {
+                let now = Instant::now();
+                sent.push(now - from);
+                self.input(Input::Sent(vec![d.id], now)).await;
+            }
+            sent
         }
 
         async fn ack(&self, ids: &[u64]) {
@@ -465,6 +458,57 @@ mod tests {
         h.stop().await;
     }
 
+    /// Under tokio's paused clock the resend rule is exact: an unacked event goes out again
+    /// once per retry timeout after its latest write (at the first tick past it), and while
+    /// nobody is connected no copies pile up: the next consumer gets exactly one.
+    #[tokio::test(start_paused = true)]
+    async fn an_unacked_event_is_resent_once_per_retry_timeout_and_not_while_nobody_is_connected() {
+        let timeout = Duration::from_millis(300);
+        let tick = timeout / 4;
+        let h = Harness::with_retry_timeout(timeout);
+        h.input(Input::SessionOpened).await;
+        let start = Instant::now();
+        h.append("did:plc:a", 1, false).await;
+        let sent = h
+            .write_without_acking(start, start + Duration::from_secs(3))
+            .await;
+        assert_eq!(sent[0], Duration::ZERO, "written at once");
+        for pair in sent.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(
+                gap >= timeout && gap <= timeout + tick,
+                "resent after {gap:?} (timeout {timeout:?}, tick {tick:?}): {sent:?}"
+            );
+        }
+        // 3 s at one send per timeout (plus at most a tick of lag each).
+        let most = (3000 / timeout.as_millis()) as usize;
+        let least = (3000 / (timeout + tick).as_millis()) as usize;
+        assert!(
+            (least..=most).contains(&sent.len()),
+            "{} sends in 3 s: {sent:?}",
+            sent.len()
+        );
+
+        // The consumer goes away for ten timeouts; nothing is resent meanwhile.
+        h.input(Input::SessionClosed).await;
+        tokio::time::sleep(timeout * 10).await;
+        assert!(
+            h.out.is_empty(),
+            "no copies queued while nobody is connected"
+        );
+        h.input(Input::SessionOpened).await;
+        let back = Instant::now();
+        let again = h.write_without_acking(back, back + timeout / 2).await;
+        assert_eq!(again.len(), 1, "one copy for the next consumer: {again:?}");
+        h.ack(&[1]).await;
+        let after_ack = Instant::now();
+        let none = h
+            .write_without_acking(after_ack, after_ack + timeout * 4)
+            .await;
+        assert!(none.is_empty(), "an acked event is never resent: {none:?}");
+        h.stop().await;
+    }
+
     /// A copy of an event the actor already holds (a loader reading a row twice) is
     /// dropped, and the capacity it took is given back rather than leaked.
     #[tokio::test]
@@ -504,15 +548,15 @@ mod tests {
                 .unwrap();
         }
         // The original still holds one event and 1000 bytes; the copy held the same.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if let Some(hold) = capacity.try_acquire_one(PAYLOAD_BUDGET - 1000) {
-                assert_eq!(hold.bytes as usize, PAYLOAD_BUDGET - 1000);
-                break;
-            }
-            assert!(Instant::now() < deadline, "the copy's capacity came back");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        tap_testkit::wait::poll_until(
+            "the copy's capacity to come back",
+            Duration::from_secs(5),
+            || {
+                let hold = capacity.try_acquire_one(PAYLOAD_BUDGET - 1000);
+                async move { hold }
+            },
+        )
+        .await;
         assert!(
             capacity.try_acquire_one(1).is_none(),
             "the original's is still held"

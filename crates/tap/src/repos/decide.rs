@@ -50,16 +50,17 @@ pub enum CommitAction {
     Desynchronize(String),
 }
 
-/// Decides what to do with a verified commit (`prev_data` is the commit's `prevData`;
-/// `None` for legacy commits, which are accepted without a chain check).
+/// Decides what to do with a verified commit. `prev_data` is the commit's `prevData`, which
+/// verification requires (Sync 1.1); a repo with no stored data root yet (never backfilled
+/// past its first commit) accepts any chain.
 #[must_use]
-pub fn after_verification(repo: &RepoRow, prev_data: Option<&str>) -> CommitAction {
+pub fn after_verification(repo: &RepoRow, prev_data: &str) -> CommitAction {
     if repo.state == RepoState::Resyncing {
         return CommitAction::Buffer;
     }
-    match (prev_data, repo.prev_data.as_deref()) {
-        (Some(claimed), Some(stored)) if claimed != stored => CommitAction::Desynchronize(format!(
-            "commit prevData {claimed} does not match the stored data root {stored}"
+    match repo.prev_data.as_deref() {
+        Some(stored) if prev_data != stored => CommitAction::Desynchronize(format!(
+            "commit prevData {prev_data} does not match the stored data root {stored}"
         )),
         _ => CommitAction::Apply,
     }
@@ -305,22 +306,23 @@ mod tests {
     #[test]
     fn chained_commit_applies_and_broken_chain_desynchronizes() {
         let r = repo(RepoState::Active, Some("3kb"), Some("bafyA"));
-        assert_eq!(after_verification(&r, Some("bafyA")), CommitAction::Apply);
+        assert_eq!(after_verification(&r, "bafyA"), CommitAction::Apply);
         assert!(matches!(
-            after_verification(&r, Some("bafyB")),
+            after_verification(&r, "bafyB"),
             CommitAction::Desynchronize(_)
         ));
+        let unrooted = repo(RepoState::Active, Some("3kb"), None);
         assert_eq!(
-            after_verification(&r, None),
+            after_verification(&unrooted, "bafyB"),
             CommitAction::Apply,
-            "legacy commit"
+            "no stored data root to chain onto"
         );
     }
 
     #[test]
     fn commits_during_resync_are_buffered() {
         let r = repo(RepoState::Resyncing, None, None);
-        assert_eq!(after_verification(&r, Some("x")), CommitAction::Buffer);
+        assert_eq!(after_verification(&r, "x"), CommitAction::Buffer);
     }
 
     #[test]

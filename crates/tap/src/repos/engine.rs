@@ -199,7 +199,7 @@ impl Engine {
         };
         metrics::counter!(t::COMMITS_VERIFIED).increment(1);
         let prepared = PreparedCommit::from_verified(&verified, |c| self.scope.wants_collection(c));
-        match decide::after_verification(&repo, Some(&prepared.prev_data)) {
+        match decide::after_verification(&repo, &prepared.prev_data) {
             CommitAction::Buffer => {
                 let rev = prepared.rev.clone();
                 self.buffer(did, &rev, &Buffered::Commit(prepared)).await

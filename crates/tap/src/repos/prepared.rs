@@ -11,19 +11,94 @@ use crate::wire::{Action, RecordEvent};
 
 /// One operation of a prepared commit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "StoredOp", into = "StoredOp")]
 pub struct PreparedOp {
     /// Collection NSID.
     pub collection: String,
     /// Record key.
     pub rkey: String,
-    /// `create`, `update` or `delete`.
-    pub action: String,
-    /// Record CID (create/update).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cid: Option<String>,
+    /// What happened, with the new record's CID.
+    pub change: OpChange,
     /// The record as atproto JSON, when it decoded (create/update).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub record: Option<String>,
+}
+
+/// What an op did to its record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpChange {
+    /// A new record with this CID.
+    Create(String),
+    /// The record now has this CID.
+    Update(String),
+    /// The record is gone.
+    Delete,
+}
+
+impl OpChange {
+    /// The event's action.
+    #[must_use]
+    pub fn action(&self) -> Action {
+        match self {
+            Self::Create(_) => Action::Create,
+            Self::Update(_) => Action::Update,
+            Self::Delete => Action::Delete,
+        }
+    }
+
+    /// The record's new CID; `None` for a delete.
+    #[must_use]
+    pub fn cid(&self) -> Option<&str> {
+        match self {
+            Self::Create(cid) | Self::Update(cid) => Some(cid),
+            Self::Delete => None,
+        }
+    }
+}
+
+/// The stored (buffered) form of an op: `action` by its wire name, `cid` beside it. Kept
+/// flat so buffered rows written by earlier versions read back.
+#[derive(Serialize, Deserialize)]
+struct StoredOp {
+    collection: String,
+    rkey: String,
+    action: Action,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    record: Option<String>,
+}
+
+impl TryFrom<StoredOp> for PreparedOp {
+    type Error = String;
+
+    fn try_from(op: StoredOp) -> Result<Self, String> {
+        let change = match (op.action, op.cid) {
+            (Action::Create, Some(cid)) => OpChange::Create(cid),
+            (Action::Update, Some(cid)) => OpChange::Update(cid),
+            (Action::Delete, _) => OpChange::Delete,
+            (action, None) => {
+                return Err(format!("a buffered {} op has no cid", action.as_str()));
+            }
+        };
+        Ok(Self {
+            collection: op.collection,
+            rkey: op.rkey,
+            change,
+            record: op.record,
+        })
+    }
+}
+
+impl From<PreparedOp> for StoredOp {
+    fn from(op: PreparedOp) -> Self {
+        Self {
+            action: op.change.action(),
+            cid: op.change.cid().map(str::to_owned),
+            collection: op.collection,
+            rkey: op.rkey,
+            record: op.record,
+        }
+    }
 }
 
 /// A commit ready to apply (or to buffer until a resync's cutover).
@@ -48,10 +123,10 @@ impl PreparedCommit {
             .iter()
             .filter(|op| wants(op.collection.as_str()))
             .map(|op| {
-                let (action, cid) = match op.action {
-                    OpAction::Create { cid } => ("create", Some(cid.to_string())),
-                    OpAction::Update { cid, .. } => ("update", Some(cid.to_string())),
-                    OpAction::Delete { .. } => ("delete", None),
+                let change = match op.action {
+                    OpAction::Create { cid } => OpChange::Create(cid.to_string()),
+                    OpAction::Update { cid, .. } => OpChange::Update(cid.to_string()),
+                    OpAction::Delete { .. } => OpChange::Delete,
                 };
                 let record = op.record.as_ref().and_then(|bytes| {
                     let mut json = Vec::with_capacity(bytes.len() * 2);
@@ -61,8 +136,7 @@ impl PreparedCommit {
                 PreparedOp {
                     collection: op.collection.as_str().to_owned(),
                     rkey: op.rkey.as_str().to_owned(),
-                    action: action.to_owned(),
-                    cid,
+                    change,
                     record,
                 }
             })
@@ -80,13 +154,13 @@ impl PreparedCommit {
     pub fn record_changes(&self) -> Vec<RecordChange> {
         self.ops
             .iter()
-            .map(|op| match (&op.cid, op.action.as_str()) {
-                (Some(cid), "create" | "update") => RecordChange::Put {
+            .map(|op| match op.change.cid() {
+                Some(cid) => RecordChange::Put {
                     collection: op.collection.clone(),
                     rkey: op.rkey.clone(),
-                    cid: cid.clone(),
+                    cid: cid.to_owned(),
                 },
-                _ => RecordChange::Delete {
+                None => RecordChange::Delete {
                     collection: op.collection.clone(),
                     rkey: op.rkey.clone(),
                 },
@@ -99,26 +173,19 @@ impl PreparedCommit {
     pub fn events(&self, did: &str) -> Vec<NewEvent> {
         self.ops
             .iter()
-            .map(|op| {
-                let action = match op.action.as_str() {
-                    "create" => Action::Create,
-                    "update" => Action::Update,
-                    _ => Action::Delete,
-                };
-                NewEvent {
+            .map(|op| NewEvent {
+                live: true,
+                payload: RecordEvent {
                     live: true,
-                    payload: RecordEvent {
-                        live: true,
-                        did,
-                        rev: &self.rev,
-                        collection: &op.collection,
-                        rkey: &op.rkey,
-                        action,
-                        cid: op.cid.as_deref(),
-                        record_json: op.record.as_deref(),
-                    }
-                    .payload(),
+                    did,
+                    rev: &self.rev,
+                    collection: &op.collection,
+                    rkey: &op.rkey,
+                    action: op.change.action(),
+                    cid: op.change.cid(),
+                    record_json: op.record.as_deref(),
                 }
+                .payload(),
             })
             .collect()
     }
@@ -156,15 +223,13 @@ mod tests {
                 PreparedOp {
                     collection: "app.bsky.feed.post".into(),
                     rkey: "1".into(),
-                    action: "create".into(),
-                    cid: Some("bafyR".into()),
+                    change: OpChange::Create("bafyR".into()),
                     record: Some(r#"{"text":"hi"}"#.into()),
                 },
                 PreparedOp {
                     collection: "app.bsky.feed.like".into(),
                     rkey: "2".into(),
-                    action: "delete".into(),
-                    cid: None,
+                    change: OpChange::Delete,
                     record: None,
                 },
             ],
@@ -182,6 +247,33 @@ mod tests {
         };
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<Buffered>(&json).unwrap(), s);
+    }
+
+    #[test]
+    fn a_buffered_op_with_an_unknown_action_or_no_cid_is_an_error_not_a_delete() {
+        let op = |action: &str, cid: Option<&str>| serde_json::json!({"collection": "a.b.c", "rkey": "1", "action": action, "cid": cid});
+        let stored = serde_json::to_value(&commit().ops[0]).unwrap();
+        assert_eq!(
+            stored,
+            op("create", Some("bafyR"))
+                .as_object()
+                .map(|o| {
+                    let mut o = o.clone();
+                    o["collection"] = "app.bsky.feed.post".into();
+                    o.insert("record".into(), r#"{"text":"hi"}"#.into());
+                    serde_json::Value::Object(o)
+                })
+                .unwrap(),
+            "the stored form is unchanged"
+        );
+        for bad in [op("remove", None), op("create", None), op("update", None)] {
+            assert!(
+                serde_json::from_value::<PreparedOp>(bad.clone()).is_err(),
+                "{bad}"
+            );
+        }
+        let delete: PreparedOp = serde_json::from_value(op("delete", None)).unwrap();
+        assert_eq!(delete.change, OpChange::Delete);
     }
 
     #[test]

@@ -19,6 +19,9 @@ mod tests;
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backoff::Backoff;
 
 /// Where the state lives, parsed from `--db-url` / `TAP_DATABASE_URL`.
 #[derive(Clone, PartialEq, Eq)]
@@ -661,26 +664,37 @@ struct Migration {
 /// using the count before the increment, plus `jitter_ms` rounded up to whole seconds.
 /// Saturates instead of overflowing for any count and clock.
 fn resync_retry_after(now_unix: i64, retry_count_before: u32, jitter_ms: u64) -> i64 {
-    // 2^6 = 64 > 60, so every count from 6 on is capped; the shift never overflows.
-    let minutes: i64 = if retry_count_before >= 6 {
-        60
-    } else {
-        1_i64 << retry_count_before
+    const VERDICT: Backoff = Backoff {
+        first: Duration::from_secs(60),
+        max: Duration::from_secs(60 * 60),
     };
-    let jitter_secs = i64::try_from(jitter_ms.div_ceil(1000)).unwrap_or(i64::MAX);
-    now_unix
-        .saturating_add(minutes * 60)
-        .saturating_add(jitter_secs)
+    after(
+        now_unix,
+        VERDICT.base(retry_count_before),
+        jitter_ms.div_ceil(1000),
+    )
 }
 
 /// Delay after a transient resync failure: `min(15 s × 2^retry_count, 10 min)` plus up to
 /// 5 s of jitter, so a PDS or PLC blip costs seconds, not the hour a verdict may.
 fn transient_retry_after(now_unix: i64, retry_count_before: u32, jitter_ms: u64) -> i64 {
-    let secs: i64 = 15_i64 << retry_count_before.min(6);
-    let jitter_secs = i64::try_from((jitter_ms % 5000).div_ceil(1000)).unwrap_or(5);
+    const TRANSIENT: Backoff = Backoff {
+        first: Duration::from_secs(15),
+        max: Duration::from_secs(10 * 60),
+    };
+    after(
+        now_unix,
+        TRANSIENT.base(retry_count_before),
+        (jitter_ms % 5000).div_ceil(1000),
+    )
+}
+
+/// `now_unix + delay + jitter_secs` in whole seconds, saturating.
+fn after(now_unix: i64, delay: Duration, jitter_secs: u64) -> i64 {
+    let whole = |secs: u64| i64::try_from(secs).unwrap_or(i64::MAX);
     now_unix
-        .saturating_add(secs.min(600))
-        .saturating_add(jitter_secs)
+        .saturating_add(whole(delay.as_secs()))
+        .saturating_add(whole(jitter_secs))
 }
 
 fn parse_state(value: &str) -> Result<RepoState, StoreError> {

@@ -44,7 +44,7 @@ pub(super) fn migrations() -> &'static [Migration] {
 /// Capacity of the writer's command queue; callers wait (asynchronously) when it is full.
 const WRITE_QUEUE: usize = 1024;
 /// Most commands folded into one transaction. Bounds the latency a command waits behind others
-/// and the size of one WAL commit (a resync batch is ~100 events of ~540 B).
+/// and the size of one WAL commit (a resync batch is up to 400 events of ~540 B).
 const MAX_GROUP: usize = 64;
 /// Read-only connections. Reads are short point/range queries; a 2-core box gains nothing from
 /// more, and each connection holds its own page cache.

@@ -5,6 +5,8 @@
 use std::future::Future;
 use std::time::Duration;
 
+use tap_testkit::postgres::TestPostgres;
+
 use super::*;
 
 /// Runs `$body` (an async block using `$store: Store` and `$url: DatabaseUrl`) once per
@@ -60,68 +62,11 @@ where
     let Some(db) = TestPostgres::create().await else {
         return;
     };
-    let store = Store::open(&db.url, StoreOptions { max_pg_conns: 8 })
+    let url = DatabaseUrl::Postgres(db.url().to_owned());
+    let store = Store::open(&url, StoreOptions { max_pg_conns: 8 })
         .await
         .unwrap();
-    run_guarded(store, db.url.clone(), test).await;
-    db.drop_database().await;
-}
-
-/// A throwaway Postgres database.
-struct TestPostgres {
-    admin_url: String,
-    name: String,
-    url: DatabaseUrl,
-}
-
-impl TestPostgres {
-    /// Creates `tap_test_<random>` on the server of `TAP_TEST_POSTGRES_URL`; `None` (after a
-    /// notice) when the variable is unset outside CI.
-    async fn create() -> Option<Self> {
-        let Ok(admin_url) = std::env::var("TAP_TEST_POSTGRES_URL") else {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "TAP_TEST_POSTGRES_URL must be set when CI=true"
-            );
-            eprintln!("SKIP Postgres variant: TAP_TEST_POSTGRES_URL is not set");
-            return None;
-        };
-        let name = format!("tap_test_{:016x}", rand::random::<u64>());
-        admin_execute(&admin_url, &format!("CREATE DATABASE {name}")).await;
-        let mut url = url::Url::parse(&admin_url).unwrap();
-        url.set_path(&format!("/{name}"));
-        Some(Self {
-            admin_url,
-            name,
-            url: DatabaseUrl::Postgres(url.to_string()),
-        })
-    }
-
-    /// The connection string of the database itself.
-    fn raw_url(&self) -> &str {
-        let DatabaseUrl::Postgres(raw) = &self.url else {
-            unreachable!("a TestPostgres always has a Postgres URL")
-        };
-        raw
-    }
-
-    async fn drop_database(&self) {
-        admin_execute(
-            &self.admin_url,
-            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
-        )
-        .await;
-    }
-}
-
-async fn admin_execute(admin_url: &str, sql: &str) {
-    let (client, connection) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    let driver = tokio::spawn(connection);
-    client.batch_execute(sql).await.unwrap();
-    drop(client);
-    let _ = driver.await;
+    run_guarded(store, url, test).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1491,7 +1436,6 @@ async fn postgres_index_rows_from_before_chunking_are_migrated_and_stay_writable
     let Some(db) = TestPostgres::create().await else {
         return;
     };
-    let raw = db.raw_url();
     let mut sql = String::from(
         "CREATE TABLE schema_migrations (version BIGINT NOT NULL PRIMARY KEY, \
          name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now());",
@@ -1504,9 +1448,8 @@ async fn postgres_index_rows_from_before_chunking_are_migrated_and_stay_writable
         ));
     }
     sql.push_str(OLD_INDEX_ROWS);
-    admin_execute(raw, &sql).await;
-    check_index_migrated_from_rows(&db.url).await;
-    db.drop_database().await;
+    db.execute(&sql).await;
+    check_index_migrated_from_rows(&DatabaseUrl::Postgres(db.url().to_owned())).await;
 }
 
 /// Rows as schema version 2 stored them: one per record.
@@ -1590,10 +1533,14 @@ async fn postgres_refuses_a_database_made_by_another_program() {
     let Some(db) = TestPostgres::create().await else {
         return;
     };
-    let raw = db.raw_url();
-    admin_execute(raw, "CREATE TABLE repos (did TEXT PRIMARY KEY, state TEXT)").await;
-    let result = Store::open(&db.url, StoreOptions::default()).await;
-    db.drop_database().await;
+    db.execute("CREATE TABLE repos (did TEXT PRIMARY KEY, state TEXT)")
+        .await;
+    let result = Store::open(
+        &DatabaseUrl::Postgres(db.url().to_owned()),
+        StoreOptions::default(),
+    )
+    .await;
+    drop(db);
     let err = result.err().expect("open must fail");
     assert!(matches!(err, StoreError::ForeignSchema { .. }), "{err}");
 }

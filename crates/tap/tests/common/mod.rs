@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tap::Config;
 use tap::store::DatabaseUrl;
+use tap_testkit::postgres::TestPostgres;
 use tokio::sync::oneshot;
 
 /// Which store backend a test runs on.
@@ -21,7 +22,7 @@ pub enum Backend {
 pub struct TestDb {
     pub url: DatabaseUrl,
     _dir: Option<tempfile::TempDir>,
-    pg: Option<(String, String)>,
+    _pg: Option<TestPostgres>,
 }
 
 impl TestDb {
@@ -35,62 +36,18 @@ impl TestDb {
                 Some(Self {
                     url: DatabaseUrl::Sqlite(path.to_string_lossy().into_owned()),
                     _dir: Some(dir),
-                    pg: None,
+                    _pg: None,
                 })
             }
             Backend::Postgres => {
-                let Ok(admin) = std::env::var("TAP_TEST_POSTGRES_URL") else {
-                    assert!(
-                        std::env::var("CI").as_deref() != Ok("true"),
-                        "CI=true but TAP_TEST_POSTGRES_URL is not set: PostgreSQL tests must run"
-                    );
-                    eprintln!("skipping: TAP_TEST_POSTGRES_URL is not set");
-                    return None;
-                };
-                let name = format!("tap_test_{}_{}", std::process::id(), rand::random::<u32>());
-                let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
-                    .await
-                    .expect("PostgreSQL at TAP_TEST_POSTGRES_URL is reachable");
-                tokio::spawn(conn);
-                client
-                    .batch_execute(&format!("CREATE DATABASE {name}"))
-                    .await
-                    .unwrap();
-                let mut url = url::Url::parse(&admin).unwrap();
-                url.set_path(&format!("/{name}"));
+                let pg = TestPostgres::create().await?;
                 Some(Self {
-                    url: DatabaseUrl::Postgres(url.to_string()),
+                    url: DatabaseUrl::Postgres(pg.url().to_owned()),
                     _dir: None,
-                    pg: Some((admin, name)),
+                    _pg: Some(pg),
                 })
             }
         }
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let Some((admin, name)) = self.pg.take() else {
-            return;
-        };
-        // Drop runs outside any runtime guarantee; use a private one on a plain thread.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                if let Ok((client, conn)) =
-                    tokio_postgres::connect(&admin, tokio_postgres::NoTls).await
-                {
-                    tokio::spawn(conn);
-                    let _ = client
-                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .await;
-                }
-            });
-        })
-        .join();
     }
 }
 

@@ -10,7 +10,6 @@
 )]
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -28,6 +27,8 @@ pub const SOON: Duration = Duration::from_secs(15);
 
 /// A tap running in-process, with the producers' outbox handle (the shared harness).
 pub use crate::common::TestTap as Tap;
+use tap_testkit::wait::poll_until;
+pub use tap_testkit::wait::wait_until;
 
 impl Tap {
     /// Appends one repo event (all of `events` for `did`) through the producers' path.
@@ -42,7 +43,7 @@ impl Tap {
     /// Waits until the outbox table holds exactly `n` rows.
     pub async fn wait_outbox_len(&self, n: u64) {
         let store = self.store.clone();
-        wait_until(SOON, &format!("outbox holds {n} rows"), || {
+        wait_until(&format!("outbox holds {n} rows"), SOON, || {
             let store = store.clone();
             async move { store.outbox_count().await.unwrap() == n }
         })
@@ -142,25 +143,6 @@ pub fn event_did(event: &Value) -> String {
 
 pub fn event_id(event: &Value) -> u64 {
     event["id"].as_u64().unwrap()
-}
-
-/// Polls `cond` every 10 ms until it holds; panics with `what` after `timeout`.
-pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if cond().await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// How a connection ended, as the client saw it.
@@ -442,14 +424,12 @@ impl TapProcess {
 
     /// Waits for the process to end on its own (a failpoint killed it, or it failed).
     pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "tap did not exit");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let child = &mut self.child;
+        poll_until("tap to exit", Duration::from_secs(60), || {
+            let status = child.try_wait().unwrap();
+            async move { status }
+        })
+        .await
     }
 
     pub fn pid(&self) -> u32 {
@@ -474,15 +454,13 @@ impl TapProcess {
             .status()
             .unwrap();
         assert!(status.success());
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(status.success(), "tap exits cleanly on SIGTERM: {status:?}");
-                return;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "tap did not stop");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let child = &mut self.child;
+        let status = poll_until("tap to stop", Duration::from_secs(40), || {
+            let status = child.try_wait().unwrap();
+            async move { status }
+        })
+        .await;
+        assert!(status.success(), "tap exits cleanly on SIGTERM: {status:?}");
     }
 
     /// Log lines printed so far (drains them).

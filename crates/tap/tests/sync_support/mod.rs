@@ -14,6 +14,7 @@ use tap_testkit::fake_pds::{FakePds, RepoReply};
 use tap_testkit::fake_plc::FakePlc;
 use tap_testkit::fake_relay::FakeRelay;
 use tap_testkit::repo_builder::RepoBuilder;
+use tap_testkit::wait::poll_until;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::{TestDb, TestTap, test_config};
@@ -26,26 +27,7 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    wait_for_within(what, WAIT, check).await
-}
-
-/// [`wait_for`] with another timeout (real peers on a loaded machine are slower).
-pub async fn wait_for_within<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll_until(what, WAIT, check).await
 }
 
 pub struct Net {
