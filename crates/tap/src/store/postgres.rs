@@ -11,7 +11,7 @@ use deadpool_postgres::{
 use tokio_postgres::NoTls;
 use tokio_postgres::config::Host;
 
-use super::record_index::{self, CollectionWork, FoundChunk};
+use super::record_index::{self, FoundChunk, IndexStep, IndexWriter};
 use super::{
     BufferedCommit, CLAIM_ORDER, EventId, EventStorage, Migration, OutboxRow, RecordRow,
     RepoChange, RepoRow, RepoState, RepoWrite, ResyncFailure, StoreError, Table, WriteCondition,
@@ -893,74 +893,76 @@ fn read_repo(row: &tokio_postgres::Row, op: &'static str) -> Result<RepoRow, Sto
 /// Namespace of the per-repo advisory locks that serialize record index writers.
 const RECORD_INDEX_LOCK: i32 = 0x7461_7072; // "tapr"
 
-/// Applies index changes chunk by chunk; [`record_index`] decides what to rewrite. Chunks
-/// are read, merged and rewritten, so two transactions must not do it to one repo at once:
-/// the caller holds the repo's [`RECORD_INDEX_LOCK`] for the transaction.
+/// Applies index changes: [`IndexWriter`] names each query and rewrite, this runs them.
+/// Chunks are read, merged and rewritten, so two transactions must not do it to one repo at
+/// once: the caller holds the repo's [`RECORD_INDEX_LOCK`] for the transaction.
 async fn write_record_index(
     tx: &tokio_postgres::Transaction<'_>,
     did: &str,
     records: &[super::RecordChange],
 ) -> Result<(), StoreError> {
     const OP: &str = "apply";
-    for group in record_index::plan(records)? {
-        let collection = group.collection;
-        let mut work = CollectionWork::new(group.changes);
-        while let Some(key) = work.next_key() {
-            let found = match chunk_at_or_before(tx, did, collection, key).await? {
-                Some(found) => Some(found),
-                None => tx
-                    .query_opt(
-                        "SELECT first_rkey, entries FROM record_chunks \
-                         WHERE did = $1 AND collection = $2 ORDER BY first_rkey LIMIT 1",
-                        &[&did, &collection],
-                    )
-                    .await
-                    .map_err(pg(OP))?
-                    .map(|row| found_chunk(&row))
-                    .transpose()?,
-            };
-            let upper: Option<String> = match &found {
-                None => None,
-                Some(found) => tx
-                    .query_opt(
-                        "SELECT first_rkey FROM record_chunks \
-                         WHERE did = $1 AND collection = $2 AND first_rkey > $3 \
-                         ORDER BY first_rkey LIMIT 1",
-                        &[&did, &collection, &found.first],
-                    )
-                    .await
-                    .map_err(pg(OP))?
-                    .map(|row| row.try_get(0))
-                    .transpose()
-                    .map_err(pg(OP))?,
-            };
-            let rewrite = work.apply(found.as_ref(), upper.as_deref())?;
-            if let Some(first) = rewrite.remove {
-                tx.execute(
-                    "DELETE FROM record_chunks WHERE did = $1 AND collection = $2 \
-                     AND first_rkey = $3",
+    let mut index = IndexWriter::new(records)?;
+    loop {
+        match index.step()? {
+            IndexStep::ChunkAtOrBefore { collection, key } => {
+                index.found(chunk_at_or_before(tx, did, collection, key).await?);
+            }
+            IndexStep::FirstChunk { collection } => index.found(
+                tx.query_opt(
+                    "SELECT first_rkey, entries FROM record_chunks \
+                     WHERE did = $1 AND collection = $2 ORDER BY first_rkey LIMIT 1",
+                    &[&did, &collection],
+                )
+                .await
+                .map_err(pg(OP))?
+                .map(|row| found_chunk(&row))
+                .transpose()?,
+            ),
+            IndexStep::FirstKeyAfter { collection, first } => index.upper(
+                tx.query_opt(
+                    "SELECT first_rkey FROM record_chunks \
+                     WHERE did = $1 AND collection = $2 AND first_rkey > $3 \
+                     ORDER BY first_rkey LIMIT 1",
                     &[&did, &collection, &first],
                 )
                 .await
-                .map_err(pg(OP))?;
+                .map_err(pg(OP))?
+                .map(|row| row.try_get(0))
+                .transpose()
+                .map_err(pg(OP))?,
+            ),
+            IndexStep::Rewrite {
+                collection,
+                rewrite,
+            } => {
+                if let Some(first) = rewrite.remove {
+                    tx.execute(
+                        "DELETE FROM record_chunks WHERE did = $1 AND collection = $2 \
+                         AND first_rkey = $3",
+                        &[&did, &collection, &first],
+                    )
+                    .await
+                    .map_err(pg(OP))?;
+                }
+                if !rewrite.insert.is_empty() {
+                    let (firsts, counts, texts): (Vec<_>, Vec<_>, Vec<_>) = rewrite
+                        .insert
+                        .into_iter()
+                        .map(|c| (c.first, c.count, c.text))
+                        .collect();
+                    tx.execute(
+                        "INSERT INTO record_chunks (did, collection, first_rkey, n, entries) \
+                         SELECT $1, $2, * FROM unnest($3::text[], $4::bigint[], $5::text[])",
+                        &[&did, &collection, &firsts, &counts, &texts],
+                    )
+                    .await
+                    .map_err(pg(OP))?;
+                }
             }
-            if !rewrite.insert.is_empty() {
-                let (firsts, counts, texts): (Vec<_>, Vec<_>, Vec<_>) = rewrite
-                    .insert
-                    .into_iter()
-                    .map(|c| (c.first, c.count, c.text))
-                    .collect();
-                tx.execute(
-                    "INSERT INTO record_chunks (did, collection, first_rkey, n, entries) \
-                     SELECT $1, $2, * FROM unnest($3::text[], $4::bigint[], $5::text[])",
-                    &[&did, &collection, &firsts, &counts, &texts],
-                )
-                .await
-                .map_err(pg(OP))?;
-            }
+            IndexStep::Done => return Ok(()),
         }
     }
-    Ok(())
 }
 
 /// The chunk of `collection` with the greatest first rkey at or below `rkey`.

@@ -11,7 +11,7 @@
 //! a space or a newline, the format can be produced by plain SQL (the migration from the
 //! row-per-record table does so), and a stored chunk can be read by eye.
 //!
-//! This module decides; the backends only locate, delete and insert rows.
+//! This module decides ([`IndexWriter`] names every query); the backends only run them.
 
 use super::{RecordChange, RecordRow};
 
@@ -225,6 +225,144 @@ impl<'a> CollectionWork<'a> {
     }
 }
 
+/// What a backend must do next to apply a write's index changes: run the query named, hand
+/// the answer back ([`IndexWriter::found`] / [`IndexWriter::upper`]), and ask again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IndexStep<'a> {
+    /// Read the chunk of `collection` with the greatest first rkey at or below `key`.
+    ChunkAtOrBefore {
+        /// The collection.
+        collection: &'a str,
+        /// The smallest key not yet applied.
+        key: &'a str,
+    },
+    /// Read the collection's first chunk (none lies at or below the key).
+    FirstChunk {
+        /// The collection.
+        collection: &'a str,
+    },
+    /// Read the first rkey of the collection's chunk after the one starting at `first`.
+    FirstKeyAfter {
+        /// The collection.
+        collection: &'a str,
+        /// The found chunk's first rkey.
+        first: String,
+    },
+    /// Delete the chunk `rewrite.remove` (if any) and insert `rewrite.insert`.
+    Rewrite {
+        /// The collection.
+        collection: &'a str,
+        /// The rows to change.
+        rewrite: Rewrite,
+    },
+    /// Every change is applied.
+    Done,
+}
+
+/// Where an [`IndexWriter`] is in locating the chunk for the next key.
+#[derive(Debug)]
+enum Locating {
+    /// Nothing asked yet for the next key.
+    Idle,
+    AskedAtOrBefore,
+    AskedFirst,
+    /// The chunk is known (or there is none); its successor's key is wanted next.
+    Found(Option<FoundChunk>),
+    AskedUpper(FoundChunk),
+    Located(Option<FoundChunk>, Option<String>),
+}
+
+/// The whole index write of one [`RepoWrite`](super::RepoWrite) as a step machine: it
+/// decides every query and every rewrite, so the two SQL backends only translate steps
+/// into statements. The loop is `loop { match writer.step()? { … } }`.
+#[derive(Debug)]
+pub struct IndexWriter<'a> {
+    groups: std::vec::IntoIter<CollectionChanges<'a>>,
+    current: Option<(&'a str, CollectionWork<'a>)>,
+    locating: Locating,
+}
+
+impl<'a> IndexWriter<'a> {
+    /// The writer for these changes, applied in order (a later change to a key wins).
+    ///
+    /// # Errors
+    /// A collection, rkey or CID the format cannot hold; nothing has been asked yet.
+    pub fn new(records: &'a [RecordChange]) -> Result<Self, Unindexable> {
+        Ok(Self {
+            groups: plan(records)?.into_iter(),
+            current: None,
+            locating: Locating::Idle,
+        })
+    }
+
+    /// The next thing to do. Asking again without answering repeats the question.
+    ///
+    /// # Errors
+    /// A found chunk does not decode.
+    pub fn step(&mut self) -> Result<IndexStep<'a>, CorruptChunk> {
+        loop {
+            let Some((collection, work)) = &mut self.current else {
+                match self.groups.next() {
+                    Some(group) => {
+                        self.current =
+                            Some((group.collection, CollectionWork::new(group.changes)));
+                        continue;
+                    }
+                    None => return Ok(IndexStep::Done),
+                }
+            };
+            let collection: &'a str = collection;
+            let Some(key) = work.next_key() else {
+                self.current = None;
+                continue;
+            };
+            let (next_state, step) = match std::mem::replace(&mut self.locating, Locating::Idle)
+            {
+                Locating::Idle | Locating::AskedAtOrBefore => (
+                    Locating::AskedAtOrBefore,
+                    IndexStep::ChunkAtOrBefore { collection, key },
+                ),
+                Locating::AskedFirst => (Locating::AskedFirst, IndexStep::FirstChunk { collection }),
+                Locating::Found(None) => {
+                    self.locating = Locating::Located(None, None);
+                    continue;
+                }
+                Locating::Found(Some(chunk)) | Locating::AskedUpper(chunk) => {
+                    let first = chunk.first.clone();
+                    (
+                        Locating::AskedUpper(chunk),
+                        IndexStep::FirstKeyAfter { collection, first },
+                    )
+                }
+                Locating::Located(found, upper) => {
+                    let rewrite = work.apply(found.as_ref(), upper.as_deref())?;
+                    (Locating::Idle, IndexStep::Rewrite { collection, rewrite })
+                }
+            };
+            self.locating = next_state;
+            return Ok(step);
+        }
+    }
+
+    /// The answer to [`IndexStep::ChunkAtOrBefore`] or [`IndexStep::FirstChunk`].
+    pub fn found(&mut self, chunk: Option<FoundChunk>) {
+        self.locating = match (&self.locating, chunk) {
+            (Locating::AskedAtOrBefore, None) => Locating::AskedFirst,
+            (Locating::AskedAtOrBefore | Locating::AskedFirst, chunk) => Locating::Found(chunk),
+            // Not what was asked: ignored, and the question is asked again.
+            _ => return,
+        };
+    }
+
+    /// The answer to [`IndexStep::FirstKeyAfter`].
+    pub fn upper(&mut self, first_after: Option<String>) {
+        if let Locating::AskedUpper(chunk) = std::mem::replace(&mut self.locating, Locating::Idle)
+        {
+            self.locating = Locating::Located(Some(chunk), first_after);
+        }
+    }
+}
+
 /// Sorted entries with sorted, unique-keyed changes applied.
 fn merge<'a>(
     stored: &[(&'a str, &'a str)],
@@ -300,43 +438,92 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
-    /// A store of chunks for one collection, driven exactly as a backend drives it.
+    /// A store of chunks for one collection, driven exactly as a backend drives it: through
+    /// [`IndexWriter`]'s steps. Returns the number of rewrites.
     fn apply_all(
         chunks: &mut BTreeMap<String, String>,
         changes: Vec<(&str, Option<&str>)>,
     ) -> usize {
-        let mut work = CollectionWork::new(changes);
+        let records: Vec<RecordChange> = changes
+            .iter()
+            .map(|(rkey, cid)| match cid {
+                Some(cid) => put("a.b.c", rkey, cid),
+                None => del("a.b.c", rkey),
+            })
+            .collect();
+        drive(chunks, &records)
+    }
+
+    /// Applies `records` (all of one collection) to `chunks` through the writer's steps; returns the number of rewrites.
+    fn drive(chunks: &mut BTreeMap<String, String>, records: &[RecordChange]) -> usize {
+        let mut writer = IndexWriter::new(records).unwrap();
         let mut rounds = 0;
-        while let Some(key) = work.next_key() {
-            rounds += 1;
-            let found = chunks
-                .range(..=key.to_owned())
-                .next_back()
-                .or_else(|| chunks.iter().next())
-                .map(|(first, text)| FoundChunk {
-                    first: first.clone(),
-                    text: text.clone(),
-                });
-            let upper = found.as_ref().and_then(|f| {
-                chunks
-                    .range((
-                        std::ops::Bound::Excluded(f.first.clone()),
-                        std::ops::Bound::Unbounded,
-                    ))
-                    .next()
-                    .map(|(k, _)| k.clone())
-            });
-            let rewrite = work.apply(found.as_ref(), upper.as_deref()).unwrap();
-            if let Some(old) = rewrite.remove {
-                chunks.remove(&old);
-            }
-            for chunk in rewrite.insert {
-                assert!(chunk.text.len() <= CHUNK_BYTES);
-                assert_eq!(chunk.count as usize, decode(&chunk.text).unwrap().len());
-                assert!(chunks.insert(chunk.first, chunk.text).is_none());
+        let found = |first: &String, text: &String| FoundChunk {
+            first: first.clone(),
+            text: text.clone(),
+        };
+        loop {
+            match writer.step().unwrap() {
+                IndexStep::ChunkAtOrBefore { key, .. } => {
+                    let chunk = chunks.range(..=key.to_owned()).next_back();
+                    writer.found(chunk.map(|(f, t)| found(f, t)));
+                }
+                IndexStep::FirstChunk { .. } => {
+                    writer.found(chunks.iter().next().map(|(f, t)| found(f, t)));
+                }
+                IndexStep::FirstKeyAfter { first, .. } => {
+                    let after = chunks
+                        .range((
+                            std::ops::Bound::Excluded(first),
+                            std::ops::Bound::Unbounded,
+                        ))
+                        .next()
+                        .map(|(k, _)| k.clone());
+                    writer.upper(after);
+                }
+                IndexStep::Rewrite { rewrite, .. } => {
+                    rounds += 1;
+                    if let Some(old) = rewrite.remove {
+                        chunks.remove(&old);
+                    }
+                    for chunk in rewrite.insert {
+                        assert!(chunk.text.len() <= CHUNK_BYTES);
+                        assert_eq!(chunk.count as usize, decode(&chunk.text).unwrap().len());
+                        assert!(chunks.insert(chunk.first, chunk.text).is_none());
+                    }
+                }
+                IndexStep::Done => return rounds,
             }
         }
-        rounds
+    }
+
+    #[test]
+    fn an_unanswered_question_is_asked_again_and_empty_writes_are_done_at_once() {
+        let records = vec![put("a.b.c", "k", "c1")];
+        let mut writer = IndexWriter::new(&records).unwrap();
+        let ask = IndexStep::ChunkAtOrBefore {
+            collection: "a.b.c",
+            key: "k",
+        };
+        assert_eq!(writer.step().unwrap(), ask);
+        assert_eq!(writer.step().unwrap(), ask, "no answer: same question");
+        writer.upper(Some("z".into())); // not what was asked: ignored
+        assert_eq!(writer.step().unwrap(), ask);
+        writer.found(None);
+        assert_eq!(
+            writer.step().unwrap(),
+            IndexStep::FirstChunk {
+                collection: "a.b.c"
+            }
+        );
+        writer.found(None);
+        let IndexStep::Rewrite { rewrite, .. } = writer.step().unwrap() else {
+            panic!("an empty collection gets its first chunk");
+        };
+        assert_eq!(rewrite.remove, None);
+        assert_eq!(rewrite.insert.len(), 1);
+        assert_eq!(writer.step().unwrap(), IndexStep::Done);
+        assert_eq!(IndexWriter::new(&[]).unwrap().step().unwrap(), IndexStep::Done);
     }
 
     fn contents(chunks: &BTreeMap<String, String>) -> BTreeMap<String, String> {
@@ -467,9 +654,7 @@ mod tests {
                         RecordChange::Delete { rkey, .. } => { model.remove(rkey); }
                     }
                 }
-                for group in plan(&records).unwrap() {
-                    apply_all(&mut chunks, group.changes);
-                }
+                drive(&mut chunks, &records);
                 prop_assert_eq!(contents(&chunks), model.clone());
             }
         }

@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::record_index::{self, CollectionWork, FoundChunk};
+use super::record_index::{self, FoundChunk, IndexStep, IndexWriter};
 use super::{
     BufferedCommit, CLAIM_ORDER, EventId, EventStorage, Migration, OutboxRow, RecordChange,
     RecordRow, RepoChange, RepoRow, RepoState, RepoWrite, ResyncFailure, StoreError, Table,
@@ -791,73 +791,75 @@ fn delete_repo(conn: &Connection, did: &str, op: &'static str) -> Result<u64, St
     Ok(removed as u64)
 }
 
-/// Applies index changes chunk by chunk; [`record_index`] decides what to rewrite.
+/// Applies index changes: [`IndexWriter`] names each query and rewrite, this runs them.
 fn write_record_index(
     conn: &Connection,
     did: &str,
     records: &[RecordChange],
 ) -> Result<(), StoreError> {
     const OP: &str = "apply";
-    for group in record_index::plan(records)? {
-        let collection = group.collection;
-        let mut work = CollectionWork::new(group.changes);
-        while let Some(key) = work.next_key() {
-            let found = match chunk_at_or_before(conn, did, collection, key, OP)? {
-                Some(found) => Some(found),
-                None => conn
-                    .prepare_cached(
-                        "SELECT first_rkey, entries FROM record_chunks \
-                         WHERE did = ?1 AND collection = ?2 ORDER BY first_rkey LIMIT 1",
-                    )
-                    .and_then(|mut stmt| {
-                        stmt.query_row(params![did, collection], found_chunk)
-                            .optional()
-                    })
-                    .map_err(sq(OP))?,
-            };
-            let upper: Option<String> = match &found {
-                None => None,
-                Some(found) => conn
-                    .prepare_cached(
-                        "SELECT first_rkey FROM record_chunks \
-                         WHERE did = ?1 AND collection = ?2 AND first_rkey > ?3 \
-                         ORDER BY first_rkey LIMIT 1",
-                    )
-                    .and_then(|mut stmt| {
-                        stmt.query_row(params![did, collection, found.first], |row| row.get(0))
-                            .optional()
-                    })
-                    .map_err(sq(OP))?,
-            };
-            let rewrite = work.apply(found.as_ref(), upper.as_deref())?;
-            if let Some(first) = rewrite.remove {
+    let mut index = IndexWriter::new(records)?;
+    loop {
+        match index.step()? {
+            IndexStep::ChunkAtOrBefore { collection, key } => {
+                index.found(chunk_at_or_before(conn, did, collection, key, OP)?);
+            }
+            IndexStep::FirstChunk { collection } => index.found(
                 conn.prepare_cached(
-                    "DELETE FROM record_chunks WHERE did = ?1 AND collection = ?2 \
-                     AND first_rkey = ?3",
+                    "SELECT first_rkey, entries FROM record_chunks \
+                     WHERE did = ?1 AND collection = ?2 ORDER BY first_rkey LIMIT 1",
                 )
-                .and_then(|mut stmt| stmt.execute(params![did, collection, first]))
-                .map_err(sq(OP))?;
-            }
-            let mut insert = conn
-                .prepare_cached(
-                    "INSERT INTO record_chunks (did, collection, first_rkey, n, entries) \
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                .and_then(|mut stmt| {
+                    stmt.query_row(params![did, collection], found_chunk)
+                        .optional()
+                })
+                .map_err(sq(OP))?,
+            ),
+            IndexStep::FirstKeyAfter { collection, first } => index.upper(
+                conn.prepare_cached(
+                    "SELECT first_rkey FROM record_chunks \
+                     WHERE did = ?1 AND collection = ?2 AND first_rkey > ?3 \
+                     ORDER BY first_rkey LIMIT 1",
                 )
-                .map_err(sq(OP))?;
-            for chunk in rewrite.insert {
-                insert
-                    .execute(params![
-                        did,
-                        collection,
-                        chunk.first,
-                        chunk.count,
-                        chunk.text
-                    ])
+                .and_then(|mut stmt| {
+                    stmt.query_row(params![did, collection, first], |row| row.get(0))
+                        .optional()
+                })
+                .map_err(sq(OP))?,
+            ),
+            IndexStep::Rewrite {
+                collection,
+                rewrite,
+            } => {
+                if let Some(first) = rewrite.remove {
+                    conn.prepare_cached(
+                        "DELETE FROM record_chunks WHERE did = ?1 AND collection = ?2 \
+                         AND first_rkey = ?3",
+                    )
+                    .and_then(|mut stmt| stmt.execute(params![did, collection, first]))
                     .map_err(sq(OP))?;
+                }
+                let mut insert = conn
+                    .prepare_cached(
+                        "INSERT INTO record_chunks (did, collection, first_rkey, n, entries) \
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )
+                    .map_err(sq(OP))?;
+                for chunk in rewrite.insert {
+                    insert
+                        .execute(params![
+                            did,
+                            collection,
+                            chunk.first,
+                            chunk.count,
+                            chunk.text
+                        ])
+                        .map_err(sq(OP))?;
+                }
             }
+            IndexStep::Done => return Ok(()),
         }
     }
-    Ok(())
 }
 
 /// The chunk of `collection` with the greatest first rkey at or below `rkey`.

@@ -1,0 +1,311 @@
+//! The walked snapshot against the stored record index: index changes and historical
+//! events, written in batches each guarded by "the repo is still resyncing".
+
+use tap_atproto::stream::RepoWalker;
+use tap_atproto::syntax::Did;
+
+use super::diff::{Change, CollectionMerge};
+use super::{BATCH, ResyncError};
+use crate::repos::engine::Engine;
+use crate::store::{
+    EventStorage, NewEvent, RecordChange, RepoState, RepoWrite, Store, WriteCondition,
+};
+use crate::wire::{Action, RecordEvent};
+
+/// Stored index rows read per page.
+const INDEX_PAGE: usize = 1000;
+
+/// Turns the walked snapshot into index changes and historical events.
+pub(super) struct Snapshot<'a> {
+    engine: &'a Engine,
+    store: &'a Store,
+    did: &'a Did,
+    stored_rev: Option<String>,
+    rev: Option<String>,
+    /// Collection being merged, and its merge state.
+    current: Option<(String, CollectionMerge)>,
+    /// Collections seen in the snapshot (to find stored collections that vanished).
+    seen: Vec<String>,
+    /// `InMemoryBackfill` when the index was empty at the start: no merge, all creates.
+    storage: EventStorage,
+    /// Emit unchanged records too (as creates): the rerun of an undelivered backfill.
+    replay: bool,
+    write: RepoWrite,
+}
+
+impl<'a> Snapshot<'a> {
+    /// A snapshot of `did` to merge against what is stored. `replay`: emit unchanged
+    /// records too (the rerun of a backfill whose events may not all have been delivered).
+    pub(super) fn new(
+        engine: &'a Engine,
+        store: &'a Store,
+        did: &'a Did,
+        stored_rev: Option<String>,
+        storage: EventStorage,
+        replay: bool,
+    ) -> Self {
+        Self {
+            engine,
+            store,
+            did,
+            stored_rev,
+            rev: None,
+            current: None,
+            seen: Vec::new(),
+            storage,
+            replay,
+            write: Self::empty_write(did, storage),
+        }
+    }
+
+    fn empty_write(did: &Did, storage: EventStorage) -> RepoWrite {
+        let mut w = RepoWrite::new(did.as_str());
+        w.condition = WriteCondition::RepoInState(RepoState::Resyncing);
+        w.storage = storage;
+        w
+    }
+
+    /// Whether the index was empty at the start, so there is nothing to merge against.
+    fn is_first_backfill(&self) -> bool {
+        self.storage == EventStorage::InMemoryBackfill
+    }
+
+    /// The snapshot must not be older than what tap already applied.
+    pub(super) fn check_rev(&self, rev: &str) -> Result<(), ResyncError> {
+        match &self.stored_rev {
+            Some(stored) if rev < stored.as_str() => Err(ResyncError::Failed(format!(
+                "snapshot rev {rev} is older than the stored rev {stored}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    pub(super) async fn drain(&mut self, walker: &mut RepoWalker) -> Result<(), ResyncError> {
+        while let Some(record) = walker.next_record()? {
+            if self.rev.is_none() {
+                let rev = walker
+                    .commit()
+                    .map(|c| c.rev.as_str().to_owned())
+                    .ok_or_else(|| ResyncError::Failed("record before commit".into()))?;
+                self.check_rev(&rev)?;
+                self.rev = Some(rev);
+            }
+            let Some((collection, rkey)) = record.path.split_once('/') else {
+                continue; // not a record path; the Go tap skips these too
+            };
+            if !self.engine.scope().wants_collection(collection) {
+                continue;
+            }
+            if self.is_first_backfill() {
+                let cid = record.cid.to_string();
+                let json = record_json(&record.bytes);
+                let create = Change::Create {
+                    rkey: rkey.to_owned(),
+                };
+                self.add(collection, create, Some((&cid, json.as_deref())))
+                    .await?;
+                continue;
+            }
+            if self.current.as_ref().is_none_or(|(c, _)| c != collection) {
+                self.finish_collection().await?;
+                self.seen.push(collection.to_owned());
+                self.current = Some((collection.to_owned(), CollectionMerge::new()));
+            }
+            let cid = record.cid.to_string();
+            let mut changes = Vec::new();
+            loop {
+                let done = match &mut self.current {
+                    Some((_, merge)) => merge.push(rkey, &cid, &mut changes),
+                    None => true,
+                };
+                if done {
+                    break;
+                }
+                self.refill().await?;
+            }
+            let announced = changes.iter().any(|c| {
+                matches!(c, Change::Create { rkey: k } | Change::Update { rkey: k } if k == rkey)
+            });
+            if self.replay && !announced {
+                changes.push(Change::Create {
+                    rkey: rkey.to_owned(),
+                });
+            }
+            let json = record_json(&record.bytes);
+            for change in changes {
+                self.add(collection, change, Some((&cid, json.as_deref())))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the next page of the current collection's stored rows.
+    async fn refill(&mut self) -> Result<(), ResyncError> {
+        let Some((collection, merge)) = &mut self.current else {
+            return Ok(());
+        };
+        let after = (
+            collection.clone(),
+            merge.stored_resume_key().unwrap_or("").to_owned(),
+        );
+        let page = self
+            .store
+            .records_page(self.did.as_str(), Some(after), INDEX_PAGE)
+            .await?;
+        let mine: Vec<(String, String)> = page
+            .into_iter()
+            .take_while(|r| r.collection == *collection)
+            .map(|r| (r.rkey, r.cid))
+            .collect();
+        // A short page (the index ended, or ran into the next collection) is the last.
+        let last = mine.len() < INDEX_PAGE;
+        merge.feed_stored(mine, last);
+        Ok(())
+    }
+
+    /// Ends the current collection: stored rows after the snapshot's last record of it are
+    /// deletes, emitted a page at a time (memory stays bounded however many there are).
+    async fn finish_collection(&mut self) -> Result<(), ResyncError> {
+        let Some(collection) = self.current.as_ref().map(|(c, _)| c.clone()) else {
+            return Ok(());
+        };
+        let mut changes = Vec::new();
+        loop {
+            let done = match &mut self.current {
+                Some((_, merge)) => merge.finish(&mut changes),
+                None => true,
+            };
+            for change in changes.drain(..) {
+                self.add(&collection, change, None).await?;
+            }
+            if done {
+                break;
+            }
+            self.refill().await?;
+        }
+        self.current = None;
+        Ok(())
+    }
+
+    /// Stored collections absent from the snapshot: every record in them was deleted.
+    async fn delete_vanished_collections(&mut self) -> Result<(), ResyncError> {
+        // Only the collections the snapshot did not have are read again.
+        let mut vanished = self.store.record_collections(self.did.as_str()).await?;
+        vanished.retain(|c| !self.seen.contains(c));
+        for collection in vanished {
+            let wanted = self.engine.scope().wants_collection(&collection);
+            let mut last_rkey = String::new();
+            loop {
+                let page = self
+                    .store
+                    .records_page(
+                        self.did.as_str(),
+                        Some((collection.clone(), last_rkey.clone())),
+                        INDEX_PAGE,
+                    )
+                    .await?;
+                let rows: Vec<_> = page
+                    .into_iter()
+                    .take_while(|r| r.collection == collection)
+                    .collect();
+                let done = rows.len() < INDEX_PAGE;
+                for row in rows {
+                    last_rkey.clone_from(&row.rkey);
+                    if wanted {
+                        self.add(&collection, Change::Delete { rkey: row.rkey }, None)
+                            .await?;
+                    } else {
+                        // No longer wanted by the filters: forget it silently.
+                        self.write.records.push(RecordChange::Delete {
+                            collection: collection.clone(),
+                            rkey: row.rkey,
+                        });
+                        if self.write.records.len() >= BATCH {
+                            self.flush().await?;
+                        }
+                    }
+                }
+                if done {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn add(
+        &mut self,
+        collection: &str,
+        change: Change,
+        record: Option<(&str, Option<&str>)>,
+    ) -> Result<(), ResyncError> {
+        let (action, rkey) = match change {
+            Change::Create { rkey } => (Action::Create, rkey),
+            Change::Update { rkey } => (Action::Update, rkey),
+            Change::Delete { rkey } => (Action::Delete, rkey),
+        };
+        let (cid, json) = match (action, record) {
+            (Action::Delete, _) | (_, None) => (None, None),
+            (_, Some((cid, json))) => (Some(cid), json),
+        };
+        let payload = RecordEvent {
+            live: false,
+            did: self.did.as_str(),
+            rev: self.rev.as_deref().unwrap_or_default(),
+            collection,
+            rkey: &rkey,
+            action,
+            cid,
+            record_json: json,
+        }
+        .payload();
+        self.write.events.push(NewEvent {
+            live: false,
+            payload,
+        });
+        self.write.records.push(match cid {
+            Some(cid) => RecordChange::Put {
+                collection: collection.to_owned(),
+                rkey,
+                cid: cid.to_owned(),
+            },
+            None => RecordChange::Delete {
+                collection: collection.to_owned(),
+                rkey,
+            },
+        });
+        if self.write.events.len() >= BATCH {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), ResyncError> {
+        if self.write.events.is_empty() && self.write.records.is_empty() {
+            return Ok(());
+        }
+        let write = std::mem::replace(&mut self.write, Self::empty_write(self.did, self.storage));
+        self.engine.outbox().append(write).await?;
+        crate::failpoint::hit("resync-batch-written");
+        Ok(())
+    }
+
+    pub(super) async fn finish(mut self) -> Result<(), ResyncError> {
+        if !self.is_first_backfill() {
+            self.finish_collection().await?;
+            self.delete_vanished_collections().await?;
+        }
+        self.flush().await
+    }
+}
+
+/// The record as atproto JSON; `None` if it cannot be transcoded (the event then carries
+/// no record body, as for a record tap cannot read).
+fn record_json(cbor: &[u8]) -> Option<String> {
+    let mut out = Vec::with_capacity(cbor.len() * 2);
+    tap_atproto::record_to_json(cbor, &mut out)
+        .ok()
+        .and_then(|()| String::from_utf8(out).ok())
+}
+

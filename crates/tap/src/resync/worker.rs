@@ -1,0 +1,207 @@
+//! The resync workers: claim a repo, fetch and verify it, hand the walk to the snapshot,
+//! cut over; record a failure with its class so the retry policy can tell a verdict from a
+//! passing fault.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tap_atproto::stream::{RepoWalker, WalkLimits};
+use tap_atproto::syntax::Did;
+use tokio_util::sync::CancellationToken;
+
+use super::cutover::cut_over;
+use super::fetch::PdsClient;
+use super::snapshot::Snapshot;
+use super::{IDLE_POLL, ResyncError, ResyncSettings, WALK_MEMORY_BUDGET};
+use crate::repos::engine::Engine;
+use crate::repos::handle_checks::HandleChecks;
+use crate::shutdown::Supervisor;
+use crate::store::{EventStorage, RepoRow, ResyncFailure, Store};
+use crate::telemetry as t;
+
+/// Starts the workers; they stop claiming when `intake` is cancelled and abandon a resync
+/// in progress (the repo is reset at the next start).
+pub fn spawn(
+    settings: &ResyncSettings,
+    pds: PdsClient,
+    engine: Engine,
+    store: Store,
+    supervisor: &Supervisor,
+    intake: CancellationToken,
+) {
+    let pds = std::sync::Arc::new(pds);
+    let handles = HandleChecks::spawn(&engine, supervisor, &intake);
+    for _ in 0..settings.parallelism.max(1) {
+        supervisor.spawn(
+            "resync worker",
+            run_worker(
+                Worker {
+                    engine: engine.clone(),
+                    store: store.clone(),
+                    pds: std::sync::Arc::clone(&pds),
+                    handles: handles.clone(),
+                    settings: settings.clone(),
+                },
+                intake.clone(),
+            ),
+        );
+    }
+}
+
+/// What a resync worker works with.
+struct Worker {
+    engine: Engine,
+    store: Store,
+    pds: std::sync::Arc<PdsClient>,
+    handles: HandleChecks,
+    settings: ResyncSettings,
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+async fn run_worker(worker: Worker, stop: CancellationToken) {
+    let store = &worker.store;
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        // Armed before the claim: a repo added between the claim and the wait still wakes us.
+        let wanted = store.resync_wanted().notified();
+        tokio::pin!(wanted);
+        wanted.as_mut().enable();
+        let job = match store.claim_resync_job(now_unix()).await {
+            Ok(job) => job,
+            Err(error) => {
+                tracing::warn!(%error, "Failed to claim a resync job.");
+                None
+            }
+        };
+        let Some(repo) = job else {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = &mut wanted => continue,
+                () = tokio::time::sleep(IDLE_POLL) => continue,
+            }
+        };
+        let did = repo.did.clone();
+        metrics::counter!(t::RESYNCS_STARTED).increment(1);
+        let started = std::time::Instant::now();
+        let result = tokio::select! {
+            () = stop.cancelled() => Err(ResyncError::Stopped),
+            r = resync_repo(&worker, &repo) => r,
+        };
+        metrics::histogram!(t::RESYNC_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
+        let failure = match result {
+            Ok(records) => {
+                metrics::counter!(t::RESYNCS_COMPLETED).increment(1);
+                tracing::info!(%did, records, elapsed = ?started.elapsed(), "Resync complete.");
+                continue;
+            }
+            Err(ResyncError::Stopped) => return,
+            Err(ResyncError::Abandoned) => {
+                tracing::info!(%did, "Repo removed during its resync; stopped.");
+                continue;
+            }
+            Err(ResyncError::RateLimited) => ResyncFailure::RateLimited,
+            Err(ResyncError::Transient(reason)) => ResyncFailure::Transient(reason),
+            Err(ResyncError::Failed(reason)) => ResyncFailure::Failed(reason),
+            Err(ResyncError::Store(e)) if e.is_closed() => return,
+            Err(ResyncError::Store(e)) if e.is_transient() => {
+                ResyncFailure::Transient(format!("store: {e}"))
+            }
+            Err(ResyncError::Store(e)) => ResyncFailure::Failed(format!("store: {e}")),
+        };
+        metrics::counter!(t::RESYNCS_FAILED).increment(1);
+        tracing::info!(%did, ?failure, "Resync failed.");
+        // Until it is recorded the repo stays `resyncing`, which nothing else claims: keep
+        // trying rather than leave it stuck until a restart.
+        loop {
+            match store
+                .mark_resync_failed(
+                    &did,
+                    failure.clone(),
+                    now_unix(),
+                    rand::random::<u64>() % 60_000,
+                )
+                .await
+            {
+                Ok(()) => break,
+                Err(error) if error.is_closed() => return,
+                Err(error) => {
+                    tracing::warn!(%did, %error, "Failed to record a resync failure; retrying.");
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(IDLE_POLL) => {}
+            }
+        }
+    }
+}
+
+/// One resync. Returns the number of records in the snapshot.
+async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError> {
+    let Worker {
+        engine,
+        store,
+        pds,
+        handles,
+        settings,
+    } = worker;
+    let did: Did = repo
+        .did
+        .parse()
+        .map_err(|e| ResyncError::Failed(format!("invalid DID: {e}")))?;
+    // Key and PDS fetched now, from the DID document alone (a rotated key or a moved PDS
+    // takes effect here); the handle is checked apart and announced when it is known.
+    let ident = engine.identity().refresh_repo(&did).await?;
+    handles.submit(did.clone()).await;
+    let key = ident.require_signing_key()?.clone();
+    let pds_url = ident.require_pds()?.clone();
+    let mut body = pds.get_repo(&pds_url, &did).await?;
+    let host = body.host().to_owned();
+    let mut limits = WalkLimits {
+        memory_budget: WALK_MEMORY_BUDGET,
+        ..WalkLimits::default()
+    };
+    limits.car.max_total_bytes = settings.max_repo_bytes;
+    let mut walker = RepoWalker::new(Some(did.clone()), Some(key), limits);
+    // With nothing indexed, every record is a create that the repo itself can produce
+    // again, so the events need not be stored one by one (decisions in
+    // docs/architecture.md, "Write volume").
+    let indexed = !store.records_page(did.as_str(), None, 1).await?.is_empty();
+    let storage = if settings.in_memory_backfill && !indexed {
+        EventStorage::InMemoryBackfill
+    } else {
+        EventStorage::Durable
+    };
+    // An index without a rev is a backfill whose in-memory events may not all have been
+    // acked before a crash (`Store::reset_undelivered_backfills`): the consumer may lack
+    // any record, and may hold ones deleted since. Re-emit every record, delete the rest.
+    let replay = indexed && repo.rev.is_none();
+    let mut sink = Snapshot::new(engine, store, &did, repo.rev.clone(), storage, replay);
+    loop {
+        let Some(chunk) = body.chunk().await? else {
+            break;
+        };
+        metrics::counter!(t::BYTES_DOWNLOADED, "source" => host.clone())
+            .increment(chunk.len() as u64);
+        walker.push(&chunk)?;
+        sink.drain(&mut walker).await?;
+    }
+    walker.finish()?;
+    sink.drain(&mut walker).await?;
+    let (rev, data) = match walker.commit() {
+        Some(c) => (c.rev.as_str().to_owned(), c.data.to_string()),
+        None => return Err(ResyncError::Failed("repo CAR has no commit".into())),
+    };
+    sink.check_rev(&rev)?;
+    let records = walker.records_emitted();
+    sink.finish().await?;
+    cut_over(engine, store, &did, &rev, &data).await?;
+    Ok(records)
+}
+
