@@ -122,4 +122,3 @@ impl From<FetchError> for ResyncError {
         }
     }
 }
-

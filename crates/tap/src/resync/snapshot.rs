@@ -308,4 +308,3 @@ fn record_json(cbor: &[u8]) -> Option<String> {
         .ok()
         .and_then(|()| String::from_utf8(out).ok())
 }
-

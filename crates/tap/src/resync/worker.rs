@@ -204,4 +204,3 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
     cut_over(engine, store, &did, &rev, &data).await?;
     Ok(records)
 }
-

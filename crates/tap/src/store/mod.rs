@@ -13,6 +13,7 @@
 
 mod postgres;
 pub mod record_index;
+mod schema;
 mod sqlite;
 #[cfg(test)]
 mod tests;
@@ -461,7 +462,28 @@ pub enum ResyncFailure {
     Failed(String),
 }
 
+/// The repo row's new values after a failed resync: what both backends write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FailedResync<'a> {
+    pub state: RepoState,
+    pub message: &'a str,
+    pub retry_count: i64,
+    pub retry_after: i64,
+}
+
 impl ResyncFailure {
+    /// The row update for a repo whose stored retry count is `stored_count`.
+    fn row_update(&self, stored_count: i64, now_unix: i64, jitter_ms: u64) -> FailedResync<'_> {
+        let count = schema::clamp_retry_count(stored_count);
+        let (state, message, retry_after) = self.next_attempt(now_unix, count, jitter_ms);
+        FailedResync {
+            state,
+            message,
+            retry_count: i64::from(count.saturating_add(1)),
+            retry_after,
+        }
+    }
+
     /// Where the repo goes: its state, error message and the unix time of the next try,
     /// given the failures counted before this one.
     fn next_attempt(
@@ -653,13 +675,6 @@ impl StoreError {
     }
 }
 
-/// One numbered schema migration, embedded at build time.
-struct Migration {
-    version: i64,
-    name: &'static str,
-    sql: &'static str,
-}
-
 /// Delay policy of failed resyncs (original-behaviour §5): `min(2^retry_count, 60)` minutes
 /// using the count before the increment, plus `jitter_ms` rounded up to whole seconds.
 /// Saturates instead of overflowing for any count and clock.
@@ -695,26 +710,6 @@ fn after(now_unix: i64, delay: Duration, jitter_secs: u64) -> i64 {
     now_unix
         .saturating_add(whole(delay.as_secs()))
         .saturating_add(whole(jitter_secs))
-}
-
-fn parse_state(value: &str) -> Result<RepoState, StoreError> {
-    RepoState::from_name(value).ok_or_else(|| StoreError::Corrupt {
-        table: "repos",
-        column: "state",
-        value: value.to_owned(),
-    })
-}
-
-fn parse_status(value: &str) -> Result<AccountStatus, StoreError> {
-    AccountStatus::from_name(value).ok_or_else(|| StoreError::Corrupt {
-        table: "repos",
-        column: "status",
-        value: value.to_owned(),
-    })
-}
-
-fn clamp_retry_count(stored: i64) -> u32 {
-    u32::try_from(stored.max(0)).unwrap_or(u32::MAX)
 }
 
 fn event_id(stored: i64, table: &'static str) -> Result<EventId, StoreError> {
@@ -1263,6 +1258,27 @@ mod unit {
         assert_eq!(
             ResyncFailure::RateLimited.next_attempt(now, 1, 0),
             (RepoState::Desynchronized, "", now + 120)
+        );
+    }
+
+    #[test]
+    fn a_failed_resync_counts_one_more_failure_from_the_stored_count() {
+        let verdict = ResyncFailure::Failed("bad signature".into());
+        let update = verdict.row_update(2, 1_000, 0);
+        assert_eq!(
+            update,
+            FailedResync {
+                state: RepoState::Error,
+                message: "bad signature",
+                retry_count: 3,
+                retry_after: 1_000 + 240,
+            }
+        );
+        assert_eq!(verdict.row_update(-5, 0, 0).retry_count, 1, "corrupt count");
+        assert_eq!(
+            verdict.row_update(i64::MAX, 0, 0).retry_count,
+            i64::from(u32::MAX),
+            "saturates"
         );
     }
 

@@ -12,35 +12,11 @@ use tokio_postgres::NoTls;
 use tokio_postgres::config::Host;
 
 use super::record_index::{self, FoundChunk, IndexStep, IndexWriter};
+use super::schema::{self, REPO_COLUMNS, StoredRepo};
 use super::{
-    BufferedCommit, CLAIM_ORDER, EventId, EventStorage, Migration, OutboxRow, RecordRow,
-    RepoChange, RepoRow, RepoState, RepoWrite, ResyncFailure, StoreError, Table, WriteCondition,
-    clamp_retry_count, event_id, parse_state, parse_status, to_i64,
+    BufferedCommit, CLAIM_ORDER, EventId, EventStorage, OutboxRow, RecordRow, RepoChange, RepoRow,
+    RepoState, RepoWrite, ResyncFailure, StoreError, Table, event_id, to_i64,
 };
-
-/// Schema history, oldest first. Versions must be strictly increasing.
-const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "0001_initial",
-        sql: include_str!("migrations/postgres/0001_initial.sql"),
-    },
-    Migration {
-        version: 2,
-        name: "0002_backfill_token",
-        sql: include_str!("migrations/postgres/0002_backfill_token.sql"),
-    },
-    Migration {
-        version: 3,
-        name: "0003_record_chunks",
-        sql: include_str!("migrations/postgres/0003_record_chunks.sql"),
-    },
-];
-
-#[cfg(test)]
-pub(super) fn migrations() -> &'static [Migration] {
-    MIGRATIONS
-}
 
 /// Key of the advisory lock that serializes migrations of several processes starting at once.
 const MIGRATION_LOCK: i64 = 0x7461_705f_6d69_6772; // "tap_migr"
@@ -48,9 +24,6 @@ const MIGRATION_LOCK: i64 = 0x7461_705f_6d69_6772; // "tap_migr"
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Ids per `DELETE … = ANY($1)` statement in `delete_acked`.
 const DELETE_CHUNK: usize = 10_000;
-
-const REPO_COLUMNS: &str =
-    "did, state, status, handle, rev, prev_data, error_msg, retry_count, retry_after";
 
 fn pg(op: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
     move |source| StoreError::Postgres { op, source }
@@ -401,7 +374,7 @@ impl PgStore {
             .map_err(pg(OP))?;
         }
 
-        if w.condition != WriteCondition::Always {
+        if w.has_condition() {
             // FOR UPDATE: a concurrent remove_repos waits for this transaction, then removes
             // whatever it wrote.
             let state: Option<String> = tx
@@ -414,18 +387,8 @@ impl PgStore {
                 .map(|row| row.try_get(0))
                 .transpose()
                 .map_err(pg(OP))?;
-            let met = match (w.condition, state) {
-                (_, None) => false,
-                (WriteCondition::RepoInState(want), Some(state)) => state == want.as_str(),
-                (WriteCondition::Always | WriteCondition::RepoExists, Some(_)) => true,
-            };
-            if !met {
-                // Dropping the transaction rolls it back.
-                return Err(StoreError::ConditionNotMet {
-                    did: w.did,
-                    condition: w.condition,
-                });
-            }
+            // Dropping the transaction rolls it back.
+            w.check_condition(state.as_deref())?;
         }
 
         if !w.records.is_empty() {
@@ -732,17 +695,16 @@ impl PgStore {
         let Some(row) = row else {
             return Ok(()); // removed (or re-added) mid-resync: nothing to record
         };
-        let count = clamp_retry_count(row.try_get(0).map_err(pg(OP))?);
-        let (state, message, retry_after) = failure.next_attempt(now_unix, count, jitter_ms);
+        let update = failure.row_update(row.try_get(0).map_err(pg(OP))?, now_unix, jitter_ms);
         tx.execute(
             "UPDATE repos SET state = $2, error_msg = $3, retry_count = $4, retry_after = $5 \
              WHERE did = $1",
             &[
                 &did,
-                &state.as_str(),
-                &message,
-                &i64::from(count.saturating_add(1)),
-                &retry_after,
+                &update.state.as_str(),
+                &update.message,
+                &update.retry_count,
+                &update.retry_after,
             ],
         )
         .await
@@ -875,19 +837,18 @@ impl PgStore {
 }
 
 fn read_repo(row: &tokio_postgres::Row, op: &'static str) -> Result<RepoRow, StoreError> {
-    let state: String = row.try_get(1).map_err(pg(op))?;
-    let status: String = row.try_get(2).map_err(pg(op))?;
-    Ok(RepoRow {
+    let stored = StoredRepo {
         did: row.try_get(0).map_err(pg(op))?,
-        state: parse_state(&state)?,
-        status: parse_status(&status)?,
+        state: row.try_get(1).map_err(pg(op))?,
+        status: row.try_get(2).map_err(pg(op))?,
         handle: row.try_get(3).map_err(pg(op))?,
         rev: row.try_get(4).map_err(pg(op))?,
         prev_data: row.try_get(5).map_err(pg(op))?,
         error: row.try_get(6).map_err(pg(op))?,
-        retry_count: clamp_retry_count(row.try_get(7).map_err(pg(op))?),
+        retry_count: row.try_get(7).map_err(pg(op))?,
         retry_after: row.try_get(8).map_err(pg(op))?,
-    })
+    };
+    RepoRow::try_from(stored)
 }
 
 /// Namespace of the per-repo advisory locks that serialize record index writers.
@@ -1008,12 +969,11 @@ async fn migrate(client: &mut Object, target: &str) -> Result<(), StoreError> {
             row.try_get::<_, bool>(0).map_err(pg(OP))
         }
     };
-    if !exists("schema_migrations").await? {
-        if exists("repos").await? {
-            return Err(StoreError::ForeignSchema {
-                target: target.to_owned(),
-            });
-        }
+    let found = schema::Existing {
+        history: exists("schema_migrations").await?,
+        repos: exists("repos").await?,
+    };
+    if schema::needs_history(found, target)? {
         tx.batch_execute(
             "CREATE TABLE schema_migrations (
                  version    BIGINT      NOT NULL PRIMARY KEY,
@@ -1033,14 +993,7 @@ async fn migrate(client: &mut Object, target: &str) -> Result<(), StoreError> {
         .map_err(pg(OP))?
         .try_get(0)
         .map_err(pg(OP))?;
-    let supported = MIGRATIONS.last().map_or(0, |m| m.version);
-    if current > supported {
-        return Err(StoreError::SchemaTooNew {
-            found: current,
-            supported,
-        });
-    }
-    for migration in MIGRATIONS.iter().filter(|m| m.version > current) {
+    for migration in schema::pending(current)? {
         let failed = |err: tokio_postgres::Error| StoreError::Migration {
             version: migration.version,
             name: migration.name,
@@ -1048,7 +1001,7 @@ async fn migrate(client: &mut Object, target: &str) -> Result<(), StoreError> {
                 .as_db_error()
                 .map_or_else(|| err.to_string(), ToString::to_string),
         };
-        tx.batch_execute(migration.sql).await.map_err(failed)?;
+        tx.batch_execute(migration.postgres).await.map_err(failed)?;
         tx.execute(
             "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
             &[&migration.version, &migration.name],

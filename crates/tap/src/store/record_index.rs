@@ -304,8 +304,7 @@ impl<'a> IndexWriter<'a> {
             let Some((collection, work)) = &mut self.current else {
                 match self.groups.next() {
                     Some(group) => {
-                        self.current =
-                            Some((group.collection, CollectionWork::new(group.changes)));
+                        self.current = Some((group.collection, CollectionWork::new(group.changes)));
                         continue;
                     }
                     None => return Ok(IndexStep::Done),
@@ -316,13 +315,14 @@ impl<'a> IndexWriter<'a> {
                 self.current = None;
                 continue;
             };
-            let (next_state, step) = match std::mem::replace(&mut self.locating, Locating::Idle)
-            {
+            let (next_state, step) = match std::mem::replace(&mut self.locating, Locating::Idle) {
                 Locating::Idle | Locating::AskedAtOrBefore => (
                     Locating::AskedAtOrBefore,
                     IndexStep::ChunkAtOrBefore { collection, key },
                 ),
-                Locating::AskedFirst => (Locating::AskedFirst, IndexStep::FirstChunk { collection }),
+                Locating::AskedFirst => {
+                    (Locating::AskedFirst, IndexStep::FirstChunk { collection })
+                }
                 Locating::Found(None) => {
                     self.locating = Locating::Located(None, None);
                     continue;
@@ -336,7 +336,13 @@ impl<'a> IndexWriter<'a> {
                 }
                 Locating::Located(found, upper) => {
                     let rewrite = work.apply(found.as_ref(), upper.as_deref())?;
-                    (Locating::Idle, IndexStep::Rewrite { collection, rewrite })
+                    (
+                        Locating::Idle,
+                        IndexStep::Rewrite {
+                            collection,
+                            rewrite,
+                        },
+                    )
                 }
             };
             self.locating = next_state;
@@ -356,8 +362,7 @@ impl<'a> IndexWriter<'a> {
 
     /// The answer to [`IndexStep::FirstKeyAfter`].
     pub fn upper(&mut self, first_after: Option<String>) {
-        if let Locating::AskedUpper(chunk) = std::mem::replace(&mut self.locating, Locating::Idle)
-        {
+        if let Locating::AskedUpper(chunk) = std::mem::replace(&mut self.locating, Locating::Idle) {
             self.locating = Locating::Located(Some(chunk), first_after);
         }
     }
@@ -473,10 +478,7 @@ mod tests {
                 }
                 IndexStep::FirstKeyAfter { first, .. } => {
                     let after = chunks
-                        .range((
-                            std::ops::Bound::Excluded(first),
-                            std::ops::Bound::Unbounded,
-                        ))
+                        .range((std::ops::Bound::Excluded(first), std::ops::Bound::Unbounded))
                         .next()
                         .map(|(k, _)| k.clone());
                     writer.upper(after);
@@ -523,7 +525,10 @@ mod tests {
         assert_eq!(rewrite.remove, None);
         assert_eq!(rewrite.insert.len(), 1);
         assert_eq!(writer.step().unwrap(), IndexStep::Done);
-        assert_eq!(IndexWriter::new(&[]).unwrap().step().unwrap(), IndexStep::Done);
+        assert_eq!(
+            IndexWriter::new(&[]).unwrap().step().unwrap(),
+            IndexStep::Done
+        );
     }
 
     fn contents(chunks: &BTreeMap<String, String>) -> BTreeMap<String, String> {

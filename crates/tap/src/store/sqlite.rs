@@ -11,35 +11,11 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, pa
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::record_index::{self, FoundChunk, IndexStep, IndexWriter};
+use super::schema::{self, REPO_COLUMNS, StoredRepo};
 use super::{
-    BufferedCommit, CLAIM_ORDER, EventId, EventStorage, Migration, OutboxRow, RecordChange,
-    RecordRow, RepoChange, RepoRow, RepoState, RepoWrite, ResyncFailure, StoreError, Table,
-    WriteCondition, clamp_retry_count, event_id, parse_state, parse_status, to_i64,
+    BufferedCommit, CLAIM_ORDER, EventId, EventStorage, OutboxRow, RecordChange, RecordRow,
+    RepoChange, RepoRow, RepoState, RepoWrite, ResyncFailure, StoreError, Table, event_id, to_i64,
 };
-
-/// Schema history, oldest first. Versions must be strictly increasing.
-const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "0001_initial",
-        sql: include_str!("migrations/sqlite/0001_initial.sql"),
-    },
-    Migration {
-        version: 2,
-        name: "0002_backfill_token",
-        sql: include_str!("migrations/sqlite/0002_backfill_token.sql"),
-    },
-    Migration {
-        version: 3,
-        name: "0003_record_chunks",
-        sql: include_str!("migrations/sqlite/0003_record_chunks.sql"),
-    },
-];
-
-#[cfg(test)]
-pub(super) fn migrations() -> &'static [Migration] {
-    MIGRATIONS
-}
 
 /// Capacity of the writer's command queue; callers wait (asynchronously) when it is full.
 const WRITE_QUEUE: usize = 1024;
@@ -615,8 +591,7 @@ impl SqliteStore {
             let Some(count) = count else {
                 return Ok(()); // removed (or re-added) mid-resync: nothing to record
             };
-            let count = clamp_retry_count(count);
-            let (state, message, retry_after) = failure.next_attempt(now_unix, count, jitter_ms);
+            let update = failure.row_update(count, now_unix, jitter_ms);
             conn.prepare_cached(
                 "UPDATE repos SET state = ?2, error_msg = ?3, retry_count = ?4, retry_after = ?5 \
                  WHERE did = ?1",
@@ -624,10 +599,10 @@ impl SqliteStore {
             .and_then(|mut stmt| {
                 stmt.execute(params![
                     did,
-                    state.as_str(),
-                    message,
-                    i64::from(count.saturating_add(1)),
-                    retry_after
+                    update.state.as_str(),
+                    update.message,
+                    update.retry_count,
+                    update.retry_after
                 ])
             })
             .map_err(sq(OP))?;
@@ -746,34 +721,21 @@ impl SqliteStore {
     }
 }
 
-const REPO_COLUMNS: &str =
-    "did, state, status, handle, rev, prev_data, error_msg, retry_count, retry_after";
-
 /// Maps a row selected with [`REPO_COLUMNS`]. The outer result is the driver's, the inner one
 /// rejects state/status names we never write.
 fn read_repo(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<RepoRow, StoreError>> {
-    let state: String = row.get(1)?;
-    let status: String = row.get(2)?;
-    let did: String = row.get(0)?;
-    let handle: Option<String> = row.get(3)?;
-    let rev: Option<String> = row.get(4)?;
-    let prev_data: Option<String> = row.get(5)?;
-    let error: String = row.get(6)?;
-    let retry_count: i64 = row.get(7)?;
-    let retry_after: i64 = row.get(8)?;
-    Ok((|| {
-        Ok(RepoRow {
-            did,
-            state: parse_state(&state)?,
-            status: parse_status(&status)?,
-            handle,
-            rev,
-            prev_data,
-            error,
-            retry_count: clamp_retry_count(retry_count),
-            retry_after,
-        })
-    })())
+    let stored = StoredRepo {
+        did: row.get(0)?,
+        state: row.get(1)?,
+        status: row.get(2)?,
+        handle: row.get(3)?,
+        rev: row.get(4)?,
+        prev_data: row.get(5)?,
+        error: row.get(6)?,
+        retry_count: row.get(7)?,
+        retry_after: row.get(8)?,
+    };
+    Ok(RepoRow::try_from(stored))
 }
 
 /// Deletes a repo row with its record index and resync buffer; returns 1 if the row existed.
@@ -892,22 +854,12 @@ fn found_chunk(row: &rusqlite::Row<'_>) -> rusqlite::Result<FoundChunk> {
 /// The body of [`super::Store::apply`]; runs inside the writer's transaction.
 fn apply_in_tx(conn: &Connection, w: &RepoWrite) -> Result<Vec<EventId>, StoreError> {
     const OP: &str = "apply";
-    if w.condition != WriteCondition::Always {
+    if w.has_condition() {
         let state: Option<String> = conn
             .prepare_cached("SELECT state FROM repos WHERE did = ?1")
             .and_then(|mut stmt| stmt.query_row([&w.did], |row| row.get(0)).optional())
             .map_err(sq(OP))?;
-        let met = match (w.condition, state) {
-            (_, None) => false,
-            (WriteCondition::RepoInState(want), Some(state)) => state == want.as_str(),
-            (WriteCondition::Always | WriteCondition::RepoExists, Some(_)) => true,
-        };
-        if !met {
-            return Err(StoreError::ConditionNotMet {
-                did: w.did.clone(),
-                condition: w.condition,
-            });
-        }
+        w.check_condition(state.as_deref())?;
     }
 
     if !w.records.is_empty() {
@@ -1051,12 +1003,11 @@ fn migrate(conn: &mut Connection, path: &str) -> Result<(), StoreError> {
         )
         .map_err(sq(OP))
     };
-    if !table_exists("schema_migrations")? {
-        if table_exists("repos")? {
-            return Err(StoreError::ForeignSchema {
-                target: path.to_owned(),
-            });
-        }
+    let found = schema::Existing {
+        history: table_exists("schema_migrations")?,
+        repos: table_exists("repos")?,
+    };
+    if schema::needs_history(found, path)? {
         tx.execute_batch(
             "CREATE TABLE schema_migrations (
                  version    INTEGER NOT NULL PRIMARY KEY,
@@ -1073,20 +1024,13 @@ fn migrate(conn: &mut Connection, path: &str) -> Result<(), StoreError> {
             |row| row.get(0),
         )
         .map_err(sq(OP))?;
-    let supported = MIGRATIONS.last().map_or(0, |m| m.version);
-    if current > supported {
-        return Err(StoreError::SchemaTooNew {
-            found: current,
-            supported,
-        });
-    }
-    for migration in MIGRATIONS.iter().filter(|m| m.version > current) {
+    for migration in schema::pending(current)? {
         let failed = |err: rusqlite::Error| StoreError::Migration {
             version: migration.version,
             name: migration.name,
             reason: err.to_string(),
         };
-        tx.execute_batch(migration.sql).map_err(failed)?;
+        tx.execute_batch(migration.sqlite).map_err(failed)?;
         tx.execute(
             "INSERT INTO schema_migrations (version, name) VALUES (?1, ?2)",
             params![migration.version, migration.name],

@@ -1373,7 +1373,7 @@ async fn sqlite_file_uses_wal_and_the_configured_pragmas() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    let all: Vec<i64> = sqlite::migrations().iter().map(|m| m.version).collect();
+    let all: Vec<i64> = schema::MIGRATIONS.iter().map(|m| m.version).collect();
     assert_eq!(versions, all, "every migration applied once");
 }
 
@@ -1418,8 +1418,8 @@ async fn sqlite_index_rows_from_before_chunking_are_migrated_and_stay_writable()
          name TEXT NOT NULL, applied_at INTEGER NOT NULL DEFAULT (unixepoch()));",
     )
     .unwrap();
-    for m in sqlite::migrations().iter().filter(|m| m.version <= 2) {
-        conn.execute_batch(m.sql).unwrap();
+    for m in schema::MIGRATIONS.iter().filter(|m| m.version <= 2) {
+        conn.execute_batch(m.sqlite).unwrap();
         conn.execute(
             "INSERT INTO schema_migrations (version, name) VALUES (?1, ?2)",
             rusqlite::params![m.version, m.name],
@@ -1440,8 +1440,8 @@ async fn postgres_index_rows_from_before_chunking_are_migrated_and_stay_writable
         "CREATE TABLE schema_migrations (version BIGINT NOT NULL PRIMARY KEY, \
          name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now());",
     );
-    for m in postgres::migrations().iter().filter(|m| m.version <= 2) {
-        sql.push_str(m.sql);
+    for m in schema::MIGRATIONS.iter().filter(|m| m.version <= 2) {
+        sql.push_str(m.postgres);
         sql.push_str(&format!(
             ";INSERT INTO schema_migrations (version, name) VALUES ({}, '{}');",
             m.version, m.name
@@ -1547,7 +1547,7 @@ async fn postgres_refuses_a_database_made_by_another_program() {
 
 #[test]
 fn migrations_are_numbered_in_order() {
-    for list in [sqlite::migrations(), postgres::migrations()] {
+    for list in [schema::MIGRATIONS] {
         assert!(!list.is_empty());
         assert!(list.windows(2).all(|w| w[0].version < w[1].version));
         for m in list {
