@@ -65,7 +65,7 @@ async fn prefill(store: &Store, n: usize) -> usize {
     let mut bytes = 0;
     while written < n {
         let owner = did(written / per_write % DIDS);
-        let mut write = RepoWrite::new(&owner);
+        let mut write = RepoWrite::new(owner.parse().unwrap());
         write.events = (written..(written + per_write).min(n))
             .map(|i| event(&owner, i))
             .collect();

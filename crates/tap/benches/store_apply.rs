@@ -68,7 +68,7 @@ impl Fixture {
 
     fn batch(&self, events: usize) -> RepoWrite {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut write = RepoWrite::new(did(n % REPOS));
+        let mut write = RepoWrite::new(did(n % REPOS).parse().expect("a valid DID"));
         write.condition = WriteCondition::RepoExists;
         if events == 1 {
             write.repo = RepoChange::Commit {

@@ -54,7 +54,7 @@ async fn stop_while_backlog_loads(db: TestDb) {
     // A backlog bigger than the capacity of the next run, with nobody to ack it: the loader
     // waits for capacity, so producers wait for the loader.
     let store = Store::open(&db.url, StoreOptions::default()).await.unwrap();
-    let mut write = RepoWrite::new("did:plc:backlogbacklogbacklogbac");
+    let mut write = RepoWrite::new("did:plc:backlogbacklogbacklogbac".parse().unwrap());
     write.events = (0..5)
         .map(|i| NewEvent {
             live: false,

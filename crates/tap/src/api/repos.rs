@@ -12,7 +12,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use serde::Deserialize;
-use tap_atproto::syntax::Did;
+use tap_atproto::syntax::{Did, Tid};
 
 use super::{ApiError, ApiState, MAX_BODY_BYTES, json};
 
@@ -146,7 +146,7 @@ pub(super) async fn info(
             "did": repo.did,
             "handle": repo.handle.unwrap_or_default(),
             "state": repo.state.as_str(),
-            "rev": repo.rev.unwrap_or_default(),
+            "rev": repo.rev.as_ref().map_or("", Tid::as_str),
             "error": repo.error,
             "retries": repo.retry_count,
             "records": records,

@@ -207,7 +207,7 @@ impl Engine {
             CommitAction::Desynchronize(reason) => self.desynchronize(did, &reason).await,
             CommitAction::Apply => {
                 self.apply_commit(
-                    did,
+                    &frame.repo,
                     &prepared,
                     WriteCondition::RepoInState(RepoState::Active),
                     Vec::new(),
@@ -225,20 +225,20 @@ impl Engine {
     /// Store or outbox failures.
     pub async fn apply_commit(
         &self,
-        did: &str,
+        did: &Did,
         commit: &PreparedCommit,
         condition: WriteCondition,
         consumed_buffer: Vec<i64>,
     ) -> Result<bool, EngineError> {
         let write = RepoWrite {
-            did: did.to_owned(),
+            did: did.clone(),
             condition,
             repo: RepoChange::Commit {
                 rev: commit.rev.clone(),
                 prev_data: commit.data.clone(),
             },
             records: commit.record_changes(),
-            events: commit.events(did),
+            events: commit.events(did.as_str()),
             resync_buffer_delete: consumed_buffer,
             storage: EventStorage::Durable,
         };
@@ -379,7 +379,7 @@ impl Engine {
             is_active: status == IdentityStatus::Active,
             status,
         };
-        self.emit_identity(&event, RepoChange::Handle(handle.clone()))
+        self.emit_identity(did, &event, RepoChange::Handle(handle.clone()))
             .await
     }
 
@@ -387,10 +387,11 @@ impl Engine {
     /// still exists (it may have been removed meanwhile).
     async fn emit_identity(
         &self,
+        did: &Did,
         event: &IdentityEvent<'_>,
         change: RepoChange,
     ) -> Result<Outcome, EngineError> {
-        let mut write = RepoWrite::new(event.did);
+        let mut write = RepoWrite::new(did.clone());
         write.condition = WriteCondition::RepoExists;
         write.repo = change;
         write.events.push(crate::store::NewEvent {
@@ -437,7 +438,7 @@ impl Engine {
                     Some(s) => RepoChange::Status(s),
                     None => RepoChange::Delete,
                 };
-                self.emit_identity(&event, change).await
+                self.emit_identity(&frame.did, &event, change).await
             }
         }
     }

@@ -45,7 +45,7 @@ pub(super) async fn cut_over(
                 CutoverStep::Apply(commit) => {
                     let applied = engine
                         .apply_commit(
-                            did.as_str(),
+                            did,
                             &commit,
                             WriteCondition::RepoInState(RepoState::Resyncing),
                             vec![entry.id],
@@ -65,7 +65,7 @@ pub(super) async fn cut_over(
     }
     let (rev, data, resync_again) = plan.finish();
     let stale = resync_again.is_some();
-    let mut done = RepoWrite::new(did.as_str());
+    let mut done = RepoWrite::new(did.clone());
     done.condition = WriteCondition::RepoInState(RepoState::Resyncing);
     done.repo = match resync_again {
         None => RepoChange::ResyncDone {

@@ -2,7 +2,7 @@
 //! events, written in batches each guarded by "the repo is still resyncing".
 
 use tap_atproto::stream::RepoWalker;
-use tap_atproto::syntax::Did;
+use tap_atproto::syntax::{Did, Tid};
 
 use super::diff::{Change, CollectionMerge};
 use super::{BATCH, ResyncError};
@@ -20,7 +20,7 @@ pub(super) struct Snapshot<'a> {
     engine: &'a Engine,
     store: &'a Store,
     did: &'a Did,
-    stored_rev: Option<String>,
+    stored_rev: Option<Tid>,
     rev: Option<String>,
     /// Collection being merged, and its merge state.
     current: Option<(String, CollectionMerge)>,
@@ -40,7 +40,7 @@ impl<'a> Snapshot<'a> {
         engine: &'a Engine,
         store: &'a Store,
         did: &'a Did,
-        stored_rev: Option<String>,
+        stored_rev: Option<Tid>,
         storage: EventStorage,
         replay: bool,
     ) -> Self {
@@ -59,7 +59,7 @@ impl<'a> Snapshot<'a> {
     }
 
     fn empty_write(did: &Did, storage: EventStorage) -> RepoWrite {
-        let mut w = RepoWrite::new(did.as_str());
+        let mut w = RepoWrite::new(did.clone());
         w.condition = WriteCondition::RepoInState(RepoState::Resyncing);
         w.storage = storage;
         w

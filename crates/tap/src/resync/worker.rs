@@ -5,7 +5,6 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tap_atproto::stream::{RepoWalker, WalkLimits};
-use tap_atproto::syntax::Did;
 use tokio_util::sync::CancellationToken;
 
 use super::cutover::cut_over;
@@ -121,7 +120,7 @@ async fn run_worker(worker: Worker, stop: CancellationToken) {
         loop {
             match store
                 .mark_resync_failed(
-                    &did,
+                    did.as_str(),
                     failure.clone(),
                     now_unix(),
                     rand::random::<u64>() % 60_000,
@@ -151,17 +150,14 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
         handles,
         settings,
     } = worker;
-    let did: Did = repo
-        .did
-        .parse()
-        .map_err(|e| ResyncError::Failed(format!("invalid DID: {e}")))?;
+    let did = &repo.did;
     // Key and PDS fetched now, from the DID document alone (a rotated key or a moved PDS
     // takes effect here); the handle is checked apart and announced when it is known.
-    let ident = engine.identity().refresh_repo(&did).await?;
+    let ident = engine.identity().refresh_repo(did).await?;
     handles.submit(did.clone()).await;
     let key = ident.require_signing_key()?.clone();
     let pds_url = ident.require_pds()?.clone();
-    let mut body = pds.get_repo(&pds_url, &did).await?;
+    let mut body = pds.get_repo(&pds_url, did).await?;
     let host = body.host().to_owned();
     let mut limits = WalkLimits {
         memory_budget: WALK_MEMORY_BUDGET,
@@ -182,7 +178,7 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
     // acked before a crash (`Store::reset_undelivered_backfills`): the consumer may lack
     // any record, and may hold ones deleted since. Re-emit every record, delete the rest.
     let replay = indexed && repo.rev.is_none();
-    let mut sink = Snapshot::new(engine, store, &did, repo.rev.clone(), storage, replay);
+    let mut sink = Snapshot::new(engine, store, did, repo.rev, storage, replay);
     loop {
         let Some(chunk) = body.chunk().await? else {
             break;
@@ -201,6 +197,6 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
     sink.check_rev(&rev)?;
     let records = walker.records_emitted();
     sink.finish().await?;
-    cut_over(engine, store, &did, &rev, &data).await?;
+    cut_over(engine, store, did, &rev, &data).await?;
     Ok(records)
 }

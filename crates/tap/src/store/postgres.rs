@@ -360,6 +360,7 @@ impl PgStore {
     }
 
     pub(super) async fn apply(&self, w: RepoWrite) -> Result<Vec<EventId>, StoreError> {
+        let did = w.did.as_str();
         const OP: &str = "apply";
         let mut client = self.client(OP).await?;
         let tx = client.transaction().await.map_err(pg(OP))?;
@@ -368,7 +369,7 @@ impl PgStore {
             // so they cannot deadlock with each other.
             tx.execute(
                 "SELECT pg_advisory_xact_lock($1, hashtext($2))",
-                &[&RECORD_INDEX_LOCK, &w.did],
+                &[&RECORD_INDEX_LOCK, &did],
             )
             .await
             .map_err(pg(OP))?;
@@ -378,10 +379,7 @@ impl PgStore {
             // FOR UPDATE: a concurrent remove_repos waits for this transaction, then removes
             // whatever it wrote.
             let state: Option<String> = tx
-                .query_opt(
-                    "SELECT state FROM repos WHERE did = $1 FOR UPDATE",
-                    &[&w.did],
-                )
+                .query_opt("SELECT state FROM repos WHERE did = $1 FOR UPDATE", &[&did])
                 .await
                 .map_err(pg(OP))?
                 .map(|row| row.try_get(0))
@@ -392,13 +390,13 @@ impl PgStore {
         }
 
         if !w.records.is_empty() {
-            write_record_index(&tx, &w.did, &w.records).await?;
+            write_record_index(&tx, did, &w.records).await?;
         }
 
         if !w.resync_buffer_delete.is_empty() {
             tx.execute(
                 "DELETE FROM resync_buffer WHERE did = $1 AND id = ANY($2)",
-                &[&w.did, &w.resync_buffer_delete],
+                &[&did, &w.resync_buffer_delete],
             )
             .await
             .map_err(pg(OP))?;
@@ -409,7 +407,7 @@ impl PgStore {
             RepoChange::Commit { rev, prev_data } => {
                 tx.execute(
                     "UPDATE repos SET rev = $2, prev_data = $3 WHERE did = $1",
-                    &[&w.did, rev, prev_data],
+                    &[&did, rev, prev_data],
                 )
                 .await
                 .map_err(pg(OP))?;
@@ -418,7 +416,7 @@ impl PgStore {
                 tx.execute(
                     "UPDATE repos SET state = 'active', rev = $2, prev_data = $3, error_msg = '', \
                      retry_count = 0, retry_after = 0 WHERE did = $1",
-                    &[&w.did, rev, prev_data],
+                    &[&did, rev, prev_data],
                 )
                 .await
                 .map_err(pg(OP))?;
@@ -431,7 +429,7 @@ impl PgStore {
                 tx.execute(
                     "UPDATE repos SET state = 'desynchronized', rev = $2, prev_data = $3, \
                      error_msg = $4, retry_count = 0, retry_after = 0 WHERE did = $1",
-                    &[&w.did, rev, prev_data, reason],
+                    &[&did, rev, prev_data, reason],
                 )
                 .await
                 .map_err(pg(OP))?;
@@ -439,7 +437,7 @@ impl PgStore {
             RepoChange::Handle(handle) => {
                 tx.execute(
                     "UPDATE repos SET handle = $2 WHERE did = $1",
-                    &[&w.did, handle],
+                    &[&did, handle],
                 )
                 .await
                 .map_err(pg(OP))?;
@@ -447,7 +445,7 @@ impl PgStore {
             RepoChange::Status(status) => {
                 tx.execute(
                     "UPDATE repos SET status = $2 WHERE did = $1",
-                    &[&w.did, &status.as_str()],
+                    &[&did, &status.as_str()],
                 )
                 .await
                 .map_err(pg(OP))?;
@@ -458,7 +456,7 @@ impl PgStore {
                     "DELETE FROM record_chunks WHERE did = $1",
                     "DELETE FROM resync_buffer WHERE did = $1",
                 ] {
-                    tx.execute(sql, &[&w.did]).await.map_err(pg(OP))?;
+                    tx.execute(sql, &[&did]).await.map_err(pg(OP))?;
                 }
             }
         }
@@ -492,7 +490,7 @@ impl PgStore {
         if w.storage == EventStorage::InMemoryBackfill && !ids.is_empty() {
             tx.execute(
                 "UPDATE repos SET backfill_token = $2 WHERE did = $1",
-                &[&w.did, &ids.first()],
+                &[&did, &ids.first()],
             )
             .await
             .map_err(pg(OP))?;
@@ -507,7 +505,7 @@ impl PgStore {
                 )
                 .await
                 .map_err(pg(OP))?;
-            tx.execute(&stmt, &[&ids, &w.did, &live, &payload])
+            tx.execute(&stmt, &[&ids, &did, &live, &payload])
                 .await
                 .map_err(pg(OP))?;
         }

@@ -2,6 +2,8 @@
 //! applying it, the repo row's columns and how they read back, and the write precondition.
 //! The backends keep only their dialect: statements, types, locking.
 
+use tap_atproto::syntax::Tid;
+
 use super::{AccountStatus, RepoRow, RepoState, RepoWrite, StoreError, WriteCondition};
 
 /// One numbered schema migration, in both dialects, embedded at build time.
@@ -93,13 +95,19 @@ impl TryFrom<StoredRepo> for RepoRow {
     /// Refuses state and status names tap never writes.
     fn try_from(row: StoredRepo) -> Result<Self, StoreError> {
         Ok(Self {
+            did: row
+                .did
+                .parse()
+                .map_err(|_| corrupt_repo("did", row.did.clone()))?,
+            rev: match row.rev {
+                Some(rev) => Some(Tid::new(&rev).map_err(|_| corrupt_repo("rev", rev.clone()))?),
+                None => None,
+            },
             state: RepoState::from_name(&row.state)
                 .ok_or_else(|| corrupt_repo("state", row.state.clone()))?,
             status: AccountStatus::from_name(&row.status)
                 .ok_or_else(|| corrupt_repo("status", row.status.clone()))?,
-            did: row.did,
             handle: row.handle,
-            rev: row.rev,
             prev_data: row.prev_data,
             error: row.error,
             retry_count: clamp_retry_count(row.retry_count),
@@ -139,7 +147,7 @@ impl RepoWrite {
             Ok(())
         } else {
             Err(StoreError::ConditionNotMet {
-                did: self.did.clone(),
+                did: self.did.to_string(),
                 condition: self.condition,
             })
         }
@@ -188,7 +196,7 @@ mod tests {
 
     #[test]
     fn a_condition_holds_only_for_an_existing_row_in_the_wanted_state() {
-        let mut w = RepoWrite::new("did:plc:a");
+        let mut w = RepoWrite::new("did:plc:a".parse().unwrap());
         assert!(w.check_condition(None).is_ok(), "no condition");
         assert!(!w.has_condition());
         w.condition = WriteCondition::RepoExists;

@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use tap_atproto::syntax::Tid;
 use tap_testkit::postgres::TestPostgres;
 
 use super::*;
@@ -139,7 +140,7 @@ test_each_store!(add_repos_inserts_new_and_ignores_existing, |store, _url| {
     assert_eq!(
         repo,
         RepoRow {
-            did: "did:plc:c".into(),
+            did: "did:plc:c".parse().unwrap(),
             state: RepoState::Pending,
             status: AccountStatus::Active,
             handle: None,
@@ -184,11 +185,14 @@ test_each_store!(
     |store, _url| {
         store.add_repos(&dids(&["a", "b"])).await.unwrap();
         for did in ["did:plc:a", "did:plc:b"] {
-            let mut write = RepoWrite::new(did);
+            let mut write = RepoWrite::new(did.parse().unwrap());
             write.records = vec![put("app.bsky.feed.post", "1", "c1")];
             write.events = vec![event(true, 1)];
             store.apply(write).await.unwrap();
-            store.buffer_commit(did, "rev1", "{}", 100).await.unwrap();
+            store
+                .buffer_commit(did, "3kaaaaaaaaa22", "{}", 100)
+                .await
+                .unwrap();
         }
 
         assert_eq!(
@@ -256,10 +260,10 @@ test_each_store!(
     apply_commit_writes_repo_meta_records_and_events_together,
     |store, _url| {
         store.add_repos(&dids(&["a"])).await.unwrap();
-        let mut write = RepoWrite::new("did:plc:a");
+        let mut write = RepoWrite::new("did:plc:a".parse().unwrap());
         write.condition = WriteCondition::RepoExists;
         write.repo = RepoChange::Commit {
-            rev: "rev1".into(),
+            rev: "3kaaaaaaaaa22".into(),
             prev_data: "data1".into(),
         };
         write.records = vec![
@@ -272,7 +276,7 @@ test_each_store!(
         assert!(ids[0] < ids[1]);
 
         let repo = store.get_repo("did:plc:a").await.unwrap().unwrap();
-        assert_eq!(repo.rev.as_deref(), Some("rev1"));
+        assert_eq!(repo.rev.as_ref().map(Tid::as_str), Some("3kaaaaaaaaa22"));
         assert_eq!(repo.prev_data.as_deref(), Some("data1"));
         assert_eq!(
             records_of(&store, "did:plc:a").await,
@@ -287,13 +291,13 @@ test_each_store!(
             [
                 OutboxRow {
                     id: ids[0],
-                    did: "did:plc:a".into(),
+                    did: "did:plc:a".parse().unwrap(),
                     live: true,
                     payload: event(true, 1).payload,
                 },
                 OutboxRow {
                     id: ids[1],
-                    did: "did:plc:a".into(),
+                    did: "did:plc:a".parse().unwrap(),
                     live: true,
                     payload: event(true, 2).payload,
                 },
@@ -304,7 +308,7 @@ test_each_store!(
 
 test_each_store!(apply_upserts_and_deletes_records_in_order, |store, _url| {
     store.add_repos(&dids(&["a"])).await.unwrap();
-    let mut first = RepoWrite::new("did:plc:a");
+    let mut first = RepoWrite::new("did:plc:a".parse().unwrap());
     first.records = vec![
         put("col.a", "1", "c1"),
         put("col.a", "2", "c2"),
@@ -312,7 +316,7 @@ test_each_store!(apply_upserts_and_deletes_records_in_order, |store, _url| {
     ];
     store.apply(first).await.unwrap();
 
-    let mut second = RepoWrite::new("did:plc:a");
+    let mut second = RepoWrite::new("did:plc:a".parse().unwrap());
     second.records = vec![
         put("col.a", "1", "c1b"),  // update
         delete("col.a", "2"),      // delete
@@ -332,9 +336,9 @@ test_each_store!(apply_upserts_and_deletes_records_in_order, |store, _url| {
 
 test_each_store!(failing_apply_leaves_nothing_behind, |store, _url| {
     store.add_repos(&dids(&["a"])).await.unwrap();
-    let mut good = RepoWrite::new("did:plc:a");
+    let mut good = RepoWrite::new("did:plc:a".parse().unwrap());
     good.repo = RepoChange::Commit {
-        rev: "rev1".into(),
+        rev: "3kaaaaaaaaa22".into(),
         prev_data: "d1".into(),
     };
     good.records = vec![put("col", "1", "c1")];
@@ -343,9 +347,9 @@ test_each_store!(failing_apply_leaves_nothing_behind, |store, _url| {
 
     // The empty rkey violates a constraint after the repo update and the first record change
     // already ran inside the transaction.
-    let mut bad = RepoWrite::new("did:plc:a");
+    let mut bad = RepoWrite::new("did:plc:a".parse().unwrap());
     bad.repo = RepoChange::Commit {
-        rev: "rev2".into(),
+        rev: "3kaaaaaaaaa23".into(),
         prev_data: "d2".into(),
     };
     bad.records = vec![put("col", "2", "c2"), put("col", "", "c3")];
@@ -355,7 +359,7 @@ test_each_store!(failing_apply_leaves_nothing_behind, |store, _url| {
     assert!(!err.is_condition_not_met(), "{err}");
 
     let repo = store.get_repo("did:plc:a").await.unwrap().unwrap();
-    assert_eq!(repo.rev.as_deref(), Some("rev1"));
+    assert_eq!(repo.rev.as_ref().map(Tid::as_str), Some("3kaaaaaaaaa22"));
     assert_eq!(repo.prev_data.as_deref(), Some("d1"));
     assert_eq!(
         records_of(&store, "did:plc:a").await,
@@ -364,14 +368,14 @@ test_each_store!(failing_apply_leaves_nothing_behind, |store, _url| {
     assert_eq!(store.outbox_count().await.unwrap(), 1);
 
     // The store keeps working after the failure.
-    let mut next = RepoWrite::new("did:plc:a");
+    let mut next = RepoWrite::new("did:plc:a".parse().unwrap());
     next.events = vec![event(true, 3)];
     assert_eq!(store.apply(next).await.unwrap().len(), 1);
 });
 
 test_each_store!(apply_refuses_writes_whose_condition_fails, |store, _url| {
     // Repo absent: nothing at all is written.
-    let mut orphan = RepoWrite::new("did:plc:gone");
+    let mut orphan = RepoWrite::new("did:plc:gone".parse().unwrap());
     orphan.condition = WriteCondition::RepoExists;
     orphan.records = vec![put("col", "1", "c1")];
     orphan.events = vec![event(false, 1)];
@@ -385,7 +389,7 @@ test_each_store!(apply_refuses_writes_whose_condition_fails, |store, _url| {
     claim(&store, NOW).await;
     store.remove_repos(&dids(&["a"])).await.unwrap();
     store.add_repos(&dids(&["a"])).await.unwrap();
-    let mut stale = RepoWrite::new("did:plc:a");
+    let mut stale = RepoWrite::new("did:plc:a".parse().unwrap());
     stale.condition = WriteCondition::RepoInState(RepoState::Resyncing);
     stale.records = vec![put("col", "1", "c1")];
     stale.events = vec![event(false, 1)];
@@ -406,12 +410,12 @@ test_each_store!(
         let row = claim(&store, NOW).await;
         assert_eq!(row.state, RepoState::Resyncing);
 
-        let mut handle = RepoWrite::new("did:plc:a");
+        let mut handle = RepoWrite::new("did:plc:a".parse().unwrap());
         handle.repo = RepoChange::Handle("alice.test".into());
         handle.events = vec![event(false, 1)];
         store.apply(handle).await.unwrap();
 
-        let mut status = RepoWrite::new("did:plc:a");
+        let mut status = RepoWrite::new("did:plc:a".parse().unwrap());
         status.repo = RepoChange::Status(AccountStatus::Takendown);
         store.apply(status).await.unwrap();
 
@@ -420,10 +424,10 @@ test_each_store!(
             .await
             .unwrap();
         claim(&store, NOW + 10_000).await;
-        let mut done = RepoWrite::new("did:plc:a");
+        let mut done = RepoWrite::new("did:plc:a".parse().unwrap());
         done.condition = WriteCondition::RepoInState(RepoState::Resyncing);
         done.repo = RepoChange::ResyncDone {
-            rev: "rev9".into(),
+            rev: "3kaaaaaaaaa2z".into(),
             prev_data: "data9".into(),
         };
         store.apply(done).await.unwrap();
@@ -431,11 +435,11 @@ test_each_store!(
         assert_eq!(
             store.get_repo("did:plc:a").await.unwrap().unwrap(),
             RepoRow {
-                did: "did:plc:a".into(),
+                did: "did:plc:a".parse().unwrap(),
                 state: RepoState::Active,
                 status: AccountStatus::Takendown,
                 handle: Some("alice.test".into()),
-                rev: Some("rev9".into()),
+                rev: Some(Tid::new("3kaaaaaaaaa2z").unwrap()),
                 prev_data: Some("data9".into()),
                 error: String::new(),
                 retry_count: 0,
@@ -449,7 +453,7 @@ test_each_store!(
     apply_delete_removes_repo_records_and_buffer_and_keeps_its_event,
     |store, _url| {
         store.add_repos(&dids(&["a"])).await.unwrap();
-        let mut write = RepoWrite::new("did:plc:a");
+        let mut write = RepoWrite::new("did:plc:a".parse().unwrap());
         write.records = vec![put("col", "1", "c1")];
         store.apply(write).await.unwrap();
         store
@@ -457,7 +461,7 @@ test_each_store!(
             .await
             .unwrap();
 
-        let mut gone = RepoWrite::new("did:plc:a");
+        let mut gone = RepoWrite::new("did:plc:a".parse().unwrap());
         gone.repo = RepoChange::Delete;
         gone.events = vec![event(true, 1)];
         assert_eq!(store.apply(gone).await.unwrap().len(), 1);
@@ -474,7 +478,7 @@ test_each_store!(
 test_each_store!(outbox_pages_in_id_order_and_deletes_acked, |store, _url| {
     let mut all = Vec::new();
     for did in ["did:plc:b", "did:plc:a", "did:plc:c"] {
-        let mut write = RepoWrite::new(did);
+        let mut write = RepoWrite::new(did.parse().unwrap());
         write.events = (0..4).map(|n| event(n % 2 == 0, n)).collect();
         all.extend(store.apply(write).await.unwrap());
     }
@@ -517,7 +521,7 @@ test_each_store!(
     event_ids_keep_increasing_after_ack_delete_and_restart,
     |store, url| {
         assert_eq!(store.max_event_id().await.unwrap(), None);
-        let mut write = RepoWrite::new("did:plc:a");
+        let mut write = RepoWrite::new("did:plc:a".parse().unwrap());
         write.events = (0..3).map(|n| event(true, n)).collect();
         let first = store.apply(write.clone()).await.unwrap();
         assert_eq!(store.max_event_id().await.unwrap(), first.last().copied());
@@ -548,7 +552,7 @@ test_each_store!(
     restart_keeps_rows_and_applies_migrations_once,
     |store, url| {
         store.add_repos(&dids(&["a"])).await.unwrap();
-        let mut write = RepoWrite::new("did:plc:a");
+        let mut write = RepoWrite::new("did:plc:a".parse().unwrap());
         write.records = vec![put("col", "1", "c1")];
         write.events = vec![event(false, 1)];
         let ids = store.apply(write).await.unwrap();
@@ -589,7 +593,7 @@ test_each_store!(
                 store.add_repos(std::slice::from_ref(&did)).await.unwrap();
                 let mut ids = Vec::new();
                 for round in 0..5 {
-                    let mut write = RepoWrite::new(did.clone());
+                    let mut write = RepoWrite::new(did.parse().unwrap());
                     write.condition = WriteCondition::RepoExists;
                     write.records = vec![put("col", &format!("{round}"), "cid")];
                     write.events = (0..3).map(|n| event(true, n)).collect();
@@ -650,7 +654,7 @@ test_each_store!(
         .into_iter()
         .map(|row| {
             assert_eq!(row.state, RepoState::Resyncing);
-            row.did
+            row.did.into_string()
         })
         .collect();
         assert_eq!(order, dids(&["pending", "desync", "err"]));
@@ -694,7 +698,7 @@ test_each_store!(
             tasks.push(tokio::spawn(async move {
                 let mut got = Vec::new();
                 while let Some(row) = store.claim_resync_job(NOW).await.unwrap() {
-                    got.push(row.did);
+                    got.push(row.did.into_string());
                 }
                 got
             }));
@@ -761,9 +765,9 @@ test_each_store!(
 
         // Success resets the counters.
         claim(&store, now).await;
-        let mut done = RepoWrite::new("did:plc:a");
+        let mut done = RepoWrite::new("did:plc:a".parse().unwrap());
         done.repo = RepoChange::ResyncDone {
-            rev: "r".into(),
+            rev: "3kaaaaaaaaa24".into(),
             prev_data: "d".into(),
         };
         store.apply(done).await.unwrap();
@@ -868,7 +872,7 @@ test_each_store!(
     record_collections_lists_each_collection_once_in_byte_order,
     |store, _url| {
         store.add_repos(&dids(&["a", "b"])).await.unwrap();
-        let mut write = RepoWrite::new("did:plc:a");
+        let mut write = RepoWrite::new("did:plc:a".parse().unwrap());
         write.records = vec![
             put("app.bsky.feed.post", "2", "cid"),
             put("app.bsky.feed.like", "1", "cid"),
@@ -876,7 +880,7 @@ test_each_store!(
             put("Com.example.x", "1", "cid"),
         ];
         store.apply(write).await.unwrap();
-        let mut other = RepoWrite::new("did:plc:b");
+        let mut other = RepoWrite::new("did:plc:b".parse().unwrap());
         other.records = vec![put("com.other.thing", "1", "cid")];
         store.apply(other).await.unwrap();
         assert_eq!(
@@ -905,11 +909,11 @@ test_each_store!(records_page_walks_keys_in_byte_order, |store, _url| {
         ("app.bsky.graph.follow", "A"),
         ("com.example.Thing", "x"),
     ];
-    let mut write = RepoWrite::new("did:plc:a");
+    let mut write = RepoWrite::new("did:plc:a".parse().unwrap());
     // Inserted in reverse to show the order comes from the query.
     write.records = keys.iter().rev().map(|(c, r)| put(c, r, "cid")).collect();
     store.apply(write).await.unwrap();
-    let mut other = RepoWrite::new("did:plc:b");
+    let mut other = RepoWrite::new("did:plc:b".parse().unwrap());
     other.records = vec![put("app.bsky.feed.post", "abc", "cid")];
     store.apply(other).await.unwrap();
 
@@ -965,7 +969,7 @@ test_each_store!(
                     }
                 }
             }
-            let mut write = RepoWrite::new("did:plc:a");
+            let mut write = RepoWrite::new("did:plc:a".parse().unwrap());
             write.records = records;
             write
         };
@@ -996,7 +1000,7 @@ test_each_store!(
             .extend((200..320).map(|n| delete("app.bsky.feed.like", &format!("3k{:010}", n * 10))));
         store.apply(apply(mixed)).await.unwrap();
         // Another repo's records must never show up in this one's pages.
-        let mut other = RepoWrite::new("did:plc:b");
+        let mut other = RepoWrite::new("did:plc:b".parse().unwrap());
         other.records = vec![put("app.bsky.feed.post", "3k", &cid(9))];
         store.apply(other).await.unwrap();
 
@@ -1062,7 +1066,7 @@ test_each_store!(
                 let store = store.clone();
                 tokio::spawn(async move {
                     for round in 0..5 {
-                        let mut write = RepoWrite::new("did:plc:a");
+                        let mut write = RepoWrite::new("did:plc:a".parse().unwrap());
                         write.condition = if w % 2 == 0 {
                             WriteCondition::RepoExists
                         } else {
@@ -1096,7 +1100,7 @@ test_each_store!(
     an_index_change_the_index_cannot_hold_is_refused_and_writes_nothing,
     |store, _url| {
         store.add_repos(&dids(&["a"])).await.unwrap();
-        let mut write = RepoWrite::new("did:plc:a");
+        let mut write = RepoWrite::new("did:plc:a".parse().unwrap());
         write.records = vec![put("col", "ok", "c1"), put("col", "has space", "c2")];
         write.events = vec![event(true, 1)];
         let err = store.apply(write).await.unwrap_err();
@@ -1145,9 +1149,9 @@ test_each_store!(
 
         // Drain r1 (already in the snapshot: discarded) and r2 (applied) in one write; a foreign
         // id in the list is ignored.
-        let mut drain = RepoWrite::new("did:plc:a");
+        let mut drain = RepoWrite::new("did:plc:a".parse().unwrap());
         drain.repo = RepoChange::Commit {
-            rev: "r2".into(),
+            rev: "3kaaaaaaaaa25".into(),
             prev_data: "d2".into(),
         };
         drain.events = vec![event(true, 2)];
@@ -1161,7 +1165,7 @@ test_each_store!(
         );
 
         // A failed write consumes nothing.
-        let mut bad = RepoWrite::new("did:plc:a");
+        let mut bad = RepoWrite::new("did:plc:a".parse().unwrap());
         bad.records = vec![put("", "1", "c")];
         bad.resync_buffer_delete = vec![buffered[2].id];
         assert!(store.apply(bad).await.is_err());
@@ -1181,17 +1185,17 @@ test_each_store!(
     |store, _url| {
         store.add_repos(&dids(&["a"])).await.unwrap();
         claim(&store, NOW).await;
-        let mut done = RepoWrite::new("did:plc:a");
+        let mut done = RepoWrite::new("did:plc:a".parse().unwrap());
         done.condition = WriteCondition::RepoInState(RepoState::Resyncing);
         done.repo = RepoChange::ResyncStale {
-            rev: "rev9".into(),
+            rev: "3kaaaaaaaaa2z".into(),
             prev_data: "data9".into(),
             reason: "buffer overflowed".into(),
         };
         store.apply(done).await.unwrap();
         let repo = store.get_repo("did:plc:a").await.unwrap().unwrap();
         assert_eq!(repo.state, RepoState::Desynchronized);
-        assert_eq!(repo.rev.as_deref(), Some("rev9"));
+        assert_eq!(repo.rev.as_ref().map(Tid::as_str), Some("3kaaaaaaaaa2z"));
         assert_eq!(repo.prev_data.as_deref(), Some("data9"));
         assert_eq!(repo.error, "buffer overflowed");
         assert_eq!(repo.retry_after, 0, "claimable at once");
@@ -1293,7 +1297,7 @@ async fn sqlite_group_commit_isolates_a_failing_write() {
     for n in 0..10 {
         let sqlite = std::sync::Arc::clone(&sqlite);
         tasks.push(tokio::spawn(async move {
-            let mut write = RepoWrite::new("did:plc:a");
+            let mut write = RepoWrite::new("did:plc:a".parse().unwrap());
             let rkey = if n == 4 { String::new() } else { n.to_string() };
             write.records = vec![put("col", &rkey, "cid")];
             write.events = vec![event(true, n)];
@@ -1341,7 +1345,7 @@ async fn sqlite_memory_uri_works_without_a_reader_pool() {
         let url = DatabaseUrl::Sqlite(path.into());
         let store = Store::open(&url, StoreOptions::default()).await.unwrap();
         store.add_repos(&dids(&["a"])).await.unwrap();
-        let mut write = RepoWrite::new("did:plc:a");
+        let mut write = RepoWrite::new("did:plc:a".parse().unwrap());
         write.events = vec![event(true, 1)];
         store.apply(write).await.unwrap();
         assert_eq!(store.repo_count().await.unwrap(), 1);
@@ -1470,7 +1474,7 @@ async fn check_index_migrated_from_rows(url: &DatabaseUrl) {
             triple("other", "k2", "c2")
         ]
     );
-    let mut write = RepoWrite::new("did:plc:a");
+    let mut write = RepoWrite::new("did:plc:a".parse().unwrap());
     write.records = vec![
         put("col", "k2", "c2b"),
         delete("col", "k3"),
@@ -1608,7 +1612,7 @@ test_each_store!(
 // In-memory backfill events
 
 fn in_memory_write(did: &str, keys: &[&str]) -> RepoWrite {
-    let mut write = RepoWrite::new(did);
+    let mut write = RepoWrite::new(did.parse().unwrap());
     write.storage = EventStorage::InMemoryBackfill;
     write.records = keys
         .iter()
@@ -1638,7 +1642,7 @@ test_each_store!(
         assert_eq!(store.max_event_id().await.unwrap(), first.last().copied());
 
         // A stored event never reuses an in-memory id, also after a restart.
-        let mut durable = RepoWrite::new("did:plc:a");
+        let mut durable = RepoWrite::new("did:plc:a".parse().unwrap());
         durable.events = vec![event(true, 9)];
         let stored = store.apply(durable.clone()).await.unwrap();
         assert!(stored[0] > first[2], "{first:?} then {stored:?}");
@@ -1703,14 +1707,14 @@ test_each_store!(
             .apply(in_memory_write("did:plc:a", &["1", "2"]))
             .await
             .unwrap();
-        let mut done = RepoWrite::new("did:plc:a");
+        let mut done = RepoWrite::new("did:plc:a".parse().unwrap());
         done.repo = RepoChange::ResyncDone {
             rev: "3kaaaaaaaaaa2".into(),
             prev_data: "bafyroot".into(),
         };
         store.apply(done).await.unwrap();
         // "b" was backfilled with stored events: nothing to redo.
-        let mut b = RepoWrite::new("did:plc:b");
+        let mut b = RepoWrite::new("did:plc:b".parse().unwrap());
         b.records = vec![put("col", "1", "c1")];
         b.events = vec![event(false, 1)];
         store.apply(b).await.unwrap();

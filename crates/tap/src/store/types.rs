@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use tap_atproto::syntax::{Did, Tid};
+
 use super::StoreError;
 
 /// Where a tracked repo is in its life cycle (original-behaviour §5). Stored as the lowercase
@@ -103,7 +105,7 @@ impl fmt::Display for AccountStatus {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RepoRow {
     /// The repo's DID.
-    pub did: String,
+    pub did: Did,
     /// Life-cycle state.
     pub state: RepoState,
     /// Account hosting status.
@@ -111,7 +113,7 @@ pub struct RepoRow {
     /// Last known handle; `None` until the first identity resolution.
     pub handle: Option<String>,
     /// Rev of the last applied commit (live or resync snapshot).
-    pub rev: Option<String>,
+    pub rev: Option<Tid>,
     /// MST root (`data` CID) of the last applied commit: what the next commit's `prevData`
     /// must equal.
     pub prev_data: Option<String>,
@@ -278,7 +280,7 @@ pub enum EventStorage {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RepoWrite {
     /// The repo.
-    pub did: String,
+    pub did: Did,
     /// Checked first; when not met nothing is written and
     /// [`StoreError::ConditionNotMet`] is returned.
     pub condition: WriteCondition,
@@ -298,9 +300,9 @@ pub struct RepoWrite {
 impl RepoWrite {
     /// A write for `did` that changes nothing yet and has no condition; fill in the fields.
     #[must_use]
-    pub fn new(did: impl Into<String>) -> Self {
+    pub fn new(did: Did) -> Self {
         Self {
-            did: did.into(),
+            did,
             condition: WriteCondition::Always,
             repo: RepoChange::None,
             records: Vec::new(),

@@ -52,14 +52,14 @@ impl Tap {
 }
 
 pub async fn append(outbox: &Outbox, did: &str, events: Vec<NewEvent>) -> Vec<EventId> {
-    let mut write = RepoWrite::new(did);
+    let mut write = RepoWrite::new(did.parse().unwrap());
     write.events = events;
     outbox.append(write).await.expect("append")
 }
 
 /// Writes events straight to the store (as a previous run would have left them).
 pub async fn store_events(store: &Store, did: &str, events: Vec<NewEvent>) -> Vec<EventId> {
-    let mut write = RepoWrite::new(did);
+    let mut write = RepoWrite::new(did.parse().unwrap());
     write.events = events;
     store.apply(write).await.expect("store apply")
 }

@@ -147,16 +147,17 @@ fn found_chunk(row: &rusqlite::Row<'_>) -> rusqlite::Result<FoundChunk> {
 /// The body of [`super::Store::apply`]; runs inside the writer's transaction.
 pub(super) fn apply_in_tx(conn: &Connection, w: &RepoWrite) -> Result<Vec<EventId>, StoreError> {
     const OP: &str = "apply";
+    let did = w.did.as_str();
     if w.has_condition() {
         let state: Option<String> = conn
             .prepare_cached("SELECT state FROM repos WHERE did = ?1")
-            .and_then(|mut stmt| stmt.query_row([&w.did], |row| row.get(0)).optional())
+            .and_then(|mut stmt| stmt.query_row([&did], |row| row.get(0)).optional())
             .map_err(sq(OP))?;
         w.check_condition(state.as_deref())?;
     }
 
     if !w.records.is_empty() {
-        write_record_index(conn, &w.did, &w.records)?;
+        write_record_index(conn, did, &w.records)?;
     }
 
     if !w.resync_buffer_delete.is_empty() {
@@ -164,7 +165,7 @@ pub(super) fn apply_in_tx(conn: &Connection, w: &RepoWrite) -> Result<Vec<EventI
             .prepare_cached("DELETE FROM resync_buffer WHERE id = ?1 AND did = ?2")
             .map_err(sq(OP))?;
         for id in &w.resync_buffer_delete {
-            delete.execute(params![id, w.did]).map_err(sq(OP))?;
+            delete.execute(params![id, did]).map_err(sq(OP))?;
         }
     }
 
@@ -176,12 +177,12 @@ pub(super) fn apply_in_tx(conn: &Connection, w: &RepoWrite) -> Result<Vec<EventI
         RepoChange::None => ("", Vec::new()),
         RepoChange::Commit { rev, prev_data } => (
             "UPDATE repos SET rev = ?2, prev_data = ?3 WHERE did = ?1",
-            vec![&w.did, rev, prev_data],
+            vec![&did, rev, prev_data],
         ),
         RepoChange::ResyncDone { rev, prev_data } => (
             "UPDATE repos SET state = 'active', rev = ?2, prev_data = ?3, error_msg = '', \
              retry_count = 0, retry_after = 0 WHERE did = ?1",
-            vec![&w.did, rev, prev_data],
+            vec![&did, rev, prev_data],
         ),
         RepoChange::ResyncStale {
             rev,
@@ -190,18 +191,18 @@ pub(super) fn apply_in_tx(conn: &Connection, w: &RepoWrite) -> Result<Vec<EventI
         } => (
             "UPDATE repos SET state = 'desynchronized', rev = ?2, prev_data = ?3, \
              error_msg = ?4, retry_count = 0, retry_after = 0 WHERE did = ?1",
-            vec![&w.did, rev, prev_data, reason],
+            vec![&did, rev, prev_data, reason],
         ),
         RepoChange::Handle(handle) => (
             "UPDATE repos SET handle = ?2 WHERE did = ?1",
-            vec![&w.did, handle],
+            vec![&did, handle],
         ),
         RepoChange::Status(_) => (
             "UPDATE repos SET status = ?2 WHERE did = ?1",
-            vec![&w.did, &status_name],
+            vec![&did, &status_name],
         ),
         RepoChange::Delete => {
-            delete_repo(conn, &w.did, OP)?;
+            delete_repo(conn, did, OP)?;
             ("", Vec::new())
         }
     };
@@ -221,7 +222,7 @@ pub(super) fn apply_in_tx(conn: &Connection, w: &RepoWrite) -> Result<Vec<EventI
             .map_err(sq(OP))?;
         for event in &w.events {
             insert
-                .execute(params![w.did, event.live, event.payload])
+                .execute(params![did, event.live, event.payload])
                 .map_err(sq(OP))?;
             ids.push(event_id(conn.last_insert_rowid(), "outbox")?);
         }
@@ -234,6 +235,7 @@ pub(super) fn apply_in_tx(conn: &Connection, w: &RepoWrite) -> Result<Vec<EventI
 /// the repo with the first as its backfill token.
 fn number_in_memory_events(conn: &Connection, w: &RepoWrite) -> Result<Vec<EventId>, StoreError> {
     const OP: &str = "apply";
+    let did = w.did.as_str();
     if w.events.is_empty() {
         return Ok(Vec::new());
     }
@@ -256,7 +258,7 @@ fn number_in_memory_events(conn: &Connection, w: &RepoWrite) -> Result<Vec<Event
         .map_err(sq(OP))?;
     let first = last - count + 1;
     conn.prepare_cached("UPDATE repos SET backfill_token = ?2 WHERE did = ?1")
-        .and_then(|mut stmt| stmt.execute(params![w.did, first]))
+        .and_then(|mut stmt| stmt.execute(params![did, first]))
         .map_err(sq(OP))?;
     (first..=last).map(|id| event_id(id, "outbox")).collect()
 }
