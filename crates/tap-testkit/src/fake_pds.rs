@@ -1,7 +1,11 @@
 //! A loopback stand-in for a PDS: `com.atproto.sync.getRepo` serving given CAR bytes,
-//! with hostile modes (an error status, a body that trickles, a body that never ends).
+//! with hostile modes (an error status, a body that trickles, a body that never ends), and,
+//! for a repo given as a well-formed CAR, the calls of a sparse fetch answered from its
+//! blocks the way `@atproto/pds` answers them (`getLatestCommit`, `getBlocks`,
+//! `describeRepo`; see research/sync-endpoints-as-served.md). It counts requests and the
+//! body bytes it sends, per endpoint, so tests can check tap's byte ledger against it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,11 +14,16 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Query, State};
+use axum::extract::{Query, RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
+use tap_atproto::Cid;
+use tap_atproto::car::{CarLimits, read_car, write_car_block, write_car_header};
+use tap_atproto::commit::Commit;
+use tap_atproto::hash::BlockMap;
+use tap_atproto::mst::walk_tree_collect;
 
 /// How `getRepo` answers for one DID.
 #[derive(Debug, Clone)]
@@ -35,10 +44,91 @@ pub enum RepoReply {
     },
 }
 
+/// The XRPC methods the fake serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// `com.atproto.sync.getRepo`.
+    GetRepo,
+    /// `com.atproto.sync.getLatestCommit`.
+    GetLatestCommit,
+    /// `com.atproto.sync.getBlocks`.
+    GetBlocks,
+    /// `com.atproto.repo.describeRepo`.
+    DescribeRepo,
+}
+
+/// A repo's blocks, read from the CAR it was given.
+#[derive(Clone)]
+struct Parsed {
+    commit: Cid,
+    rev: String,
+    blocks: BlockMap,
+    collections: Vec<String>,
+}
+
+/// Bytes and requests served for one endpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Served {
+    /// Requests answered.
+    pub requests: u64,
+    /// Response body bytes sent.
+    pub bytes: u64,
+}
+
 #[derive(Default)]
 struct Shared {
     replies: Mutex<HashMap<String, RepoReply>>,
+    parsed: Mutex<HashMap<String, Parsed>>,
+    /// Methods answered 501 `MethodNotImplemented`, like a PDS that lacks them.
+    unsupported: Mutex<HashSet<Endpoint>>,
+    /// `getBlocks` answers leave these CIDs out, as a lying PDS might.
+    withheld: Mutex<HashSet<Cid>>,
+    served: Mutex<HashMap<Endpoint, Served>>,
     requests: AtomicUsize,
+}
+
+impl Shared {
+    fn count(&self, endpoint: Endpoint, bytes: usize) {
+        let mut served = self.served.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = served.entry(endpoint).or_default();
+        entry.requests += 1;
+        entry.bytes += bytes as u64;
+    }
+
+    fn parsed(&self, did: &str) -> Option<Parsed> {
+        self.parsed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(did)
+            .cloned()
+    }
+
+    fn is_unsupported(&self, endpoint: Endpoint) -> bool {
+        self.unsupported
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&endpoint)
+    }
+}
+
+/// Reads a repo CAR's commit, rev, blocks and collections; `None` for bytes that are not a
+/// readable repo (hostile CARs are served by `getRepo` only).
+fn parse_repo(car: &[u8]) -> Option<Parsed> {
+    let car = read_car(Bytes::copy_from_slice(car), CarLimits::default()).ok()?;
+    let commit = *car.roots.first()?;
+    let decoded = Commit::decode(car.blocks.get(&commit)?).ok()?;
+    let keys = walk_tree_collect(&decoded.data, &car.blocks).ok()?;
+    let mut collections: Vec<String> = keys
+        .iter()
+        .filter_map(|(k, _)| k.split_once('/').map(|(c, _)| c.to_owned()))
+        .collect();
+    collections.dedup();
+    Some(Parsed {
+        commit,
+        rev: decoded.rev.as_str().to_owned(),
+        blocks: car.blocks,
+        collections,
+    })
 }
 
 /// The fake PDS. Dropping it stops the server.
@@ -57,6 +147,12 @@ impl FakePds {
         let shared = Arc::new(Shared::default());
         let app = Router::new()
             .route("/xrpc/com.atproto.sync.getRepo", get(get_repo))
+            .route(
+                "/xrpc/com.atproto.sync.getLatestCommit",
+                get(get_latest_commit),
+            )
+            .route("/xrpc/com.atproto.sync.getBlocks", get(get_blocks))
+            .route("/xrpc/com.atproto.repo.describeRepo", get(describe_repo))
             .with_state(Arc::clone(&shared));
         let (addr, task) = crate::serve_loopback(app).await;
         Self { addr, shared, task }
@@ -68,8 +164,23 @@ impl FakePds {
         format!("http://{}", self.addr)
     }
 
-    /// Sets how `getRepo` answers for `did`.
+    /// Sets how `getRepo` answers for `did`. A [`RepoReply::Car`] that reads as a repo is
+    /// also served block by block (`getLatestCommit`, `getBlocks`, `describeRepo`).
     pub fn set_repo(&self, did: &str, reply: RepoReply) {
+        let parsed = match &reply {
+            RepoReply::Car(bytes) => parse_repo(bytes),
+            _ => None,
+        };
+        let mut all = self
+            .shared
+            .parsed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match parsed {
+            Some(p) => all.insert(did.to_owned(), p),
+            None => all.remove(did),
+        };
+        drop(all);
         self.shared
             .replies
             .lock()
@@ -77,10 +188,52 @@ impl FakePds {
             .insert(did.to_owned(), reply);
     }
 
+    /// Answers `endpoint` with 501 `MethodNotImplemented` from now on.
+    pub fn set_unsupported(&self, endpoint: Endpoint) {
+        self.shared
+            .unsupported
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(endpoint);
+    }
+
+    /// Leaves `cid` out of every `getBlocks` answer (a PDS that lies by omission).
+    pub fn withhold_block(&self, cid: Cid) {
+        self.shared
+            .withheld
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(cid);
+    }
+
     /// `getRepo` requests received.
     #[must_use]
     pub fn requests(&self) -> usize {
         self.shared.requests.load(Ordering::SeqCst)
+    }
+
+    /// Requests and body bytes served for `endpoint`.
+    #[must_use]
+    pub fn served(&self, endpoint: Endpoint) -> Served {
+        self.shared
+            .served
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&endpoint)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Body bytes served over every endpoint.
+    #[must_use]
+    pub fn bytes_served(&self) -> u64 {
+        self.shared
+            .served
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .map(|s| s.bytes)
+            .sum()
     }
 }
 
@@ -109,7 +262,10 @@ async fn get_repo(
             r#"{"error":"RepoNotFound","message":"Could not find repo"}"#,
         )
             .into_response(),
-        Some(RepoReply::Car(bytes)) => (car, bytes).into_response(),
+        Some(RepoReply::Car(bytes)) => {
+            shared.count(Endpoint::GetRepo, bytes.len());
+            (car, bytes).into_response()
+        }
         Some(RepoReply::Status(code)) => (
             StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             r#"{"error":"Scripted","message":"scripted failure"}"#,
@@ -146,4 +302,164 @@ async fn get_repo(
                 .into_response()
         }
     }
+}
+
+/// An XRPC error answer, counted like any other body.
+fn xrpc_error(shared: &Shared, endpoint: Endpoint, status: StatusCode, body: String) -> Response {
+    shared.count(endpoint, body.len());
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+fn json_reply(shared: &Shared, endpoint: Endpoint, value: &serde_json::Value) -> Response {
+    let body = value.to_string();
+    shared.count(endpoint, body.len());
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+fn not_implemented(shared: &Shared, endpoint: Endpoint) -> Option<Response> {
+    shared.is_unsupported(endpoint).then(|| {
+        xrpc_error(
+            shared,
+            endpoint,
+            StatusCode::NOT_IMPLEMENTED,
+            r#"{"error":"MethodNotImplemented","message":"Method Not Implemented"}"#.to_owned(),
+        )
+    })
+}
+
+fn repo_not_found(shared: &Shared, endpoint: Endpoint, did: &str) -> Response {
+    xrpc_error(
+        shared,
+        endpoint,
+        StatusCode::BAD_REQUEST,
+        serde_json::json!({"error": "RepoNotFound", "message": format!("Could not find repo for DID: {did}")})
+            .to_string(),
+    )
+}
+
+async fn get_latest_commit(State(shared): State<Arc<Shared>>, RawQuery(q): RawQuery) -> Response {
+    const EP: Endpoint = Endpoint::GetLatestCommit;
+    if let Some(r) = not_implemented(&shared, EP) {
+        return r;
+    }
+    let did = query_values(q.as_deref(), "did").pop().unwrap_or_default();
+    match shared.parsed(&did) {
+        Some(p) => json_reply(
+            &shared,
+            EP,
+            &serde_json::json!({"cid": p.commit.to_string(), "rev": p.rev}),
+        ),
+        None => repo_not_found(&shared, EP, &did),
+    }
+}
+
+async fn get_blocks(State(shared): State<Arc<Shared>>, RawQuery(q): RawQuery) -> Response {
+    const EP: Endpoint = Endpoint::GetBlocks;
+    if let Some(r) = not_implemented(&shared, EP) {
+        return r;
+    }
+    let did = query_values(q.as_deref(), "did").pop().unwrap_or_default();
+    let Some(p) = shared.parsed(&did) else {
+        return repo_not_found(&shared, EP, &did);
+    };
+    let mut cids: Vec<Cid> = Vec::new();
+    for text in query_values(q.as_deref(), "cids") {
+        match Cid::try_from(text.as_str()) {
+            Ok(cid) => cids.push(cid),
+            Err(_) => {
+                return xrpc_error(
+                    &shared,
+                    EP,
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"error": "InvalidRequest", "message": format!("invalid cid: {text}")}).to_string(),
+                );
+            }
+        }
+    }
+    // Duplicates removed, blocks in CID order, as the reference PDS answers.
+    cids.sort_by_key(|c| c.to_bytes());
+    cids.dedup();
+    let withheld = shared
+        .withheld
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let missing: Vec<String> = cids
+        .iter()
+        .filter(|c| !p.blocks.contains_key(*c) || withheld.contains(*c))
+        .map(ToString::to_string)
+        .collect();
+    if !missing.is_empty() && withheld.is_empty() {
+        return xrpc_error(
+            &shared,
+            EP,
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": "InvalidRequest", "message": format!("Could not find cids: {}", missing.join(","))}).to_string(),
+        );
+    }
+    let mut out = Vec::new();
+    write_car_header(&mut out, &[]);
+    for cid in cids.iter().filter(|c| !withheld.contains(*c)) {
+        if let Some(block) = p.blocks.get(cid) {
+            write_car_block(&mut out, cid, block);
+        }
+    }
+    shared.count(EP, out.len());
+    ([(header::CONTENT_TYPE, "application/vnd.ipld.car")], out).into_response()
+}
+
+async fn describe_repo(State(shared): State<Arc<Shared>>, RawQuery(q): RawQuery) -> Response {
+    const EP: Endpoint = Endpoint::DescribeRepo;
+    if let Some(r) = not_implemented(&shared, EP) {
+        return r;
+    }
+    let did = query_values(q.as_deref(), "repo").pop().unwrap_or_default();
+    match shared.parsed(&did) {
+        Some(p) => json_reply(
+            &shared,
+            EP,
+            &serde_json::json!({
+                "handle": "handle.invalid",
+                "did": did,
+                "didDoc": {},
+                "collections": p.collections,
+                "handleIsCorrect": false,
+            }),
+        ),
+        None => repo_not_found(&shared, EP, &did),
+    }
+}
+
+/// Every value of `name` in a query string, percent-decoded (repeated keys kept in order).
+fn query_values(query: Option<&str>, name: &str) -> Vec<String> {
+    query
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .filter(|(k, _)| *k == name)
+        .map(|(_, v)| percent_decode(v))
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

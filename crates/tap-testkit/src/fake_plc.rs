@@ -59,6 +59,8 @@ struct Config {
     delays: HashMap<Route, Duration>,
     counts: HashMap<Route, usize>,
     total: usize,
+    /// Response body bytes sent (every route).
+    bytes: u64,
     last_user_agent: Option<String>,
 }
 
@@ -179,6 +181,12 @@ impl FakePlc {
         self.shared.lock().total
     }
 
+    /// Response body bytes sent so far, over every route.
+    #[must_use]
+    pub fn bytes_served(&self) -> u64 {
+        self.shared.lock().bytes
+    }
+
     /// The `User-Agent` of the latest request.
     #[must_use]
     pub fn last_user_agent(&self) -> Option<String> {
@@ -246,24 +254,38 @@ async fn handle(
     if let Some(delay) = delay {
         tokio::time::sleep(delay).await;
     }
-    match (reply, route) {
+    let (response, bytes) = match (reply, route) {
         (Some(reply), _) => render(reply),
-        (None, Some(Route::ResolveHandle(_))) => (
+        (None, Some(Route::ResolveHandle(_))) => json_body(
             StatusCode::BAD_REQUEST,
-            axum::Json(json!({"error": "HandleNotFound", "message": "Unable to resolve handle"})),
-        )
-            .into_response(),
+            &json!({"error": "HandleNotFound", "message": "Unable to resolve handle"}),
+        ),
         (None, _) => render(Reply::Status(404)),
-    }
+    };
+    shared.lock().bytes += bytes;
+    response
 }
 
-fn render(reply: Reply) -> Response {
+/// A JSON answer and its body length.
+fn json_body(status: StatusCode, value: &Value) -> (Response, u64) {
+    let text = value.to_string();
+    let len = text.len() as u64;
+    (
+        (status, [(header::CONTENT_TYPE, "application/json")], text).into_response(),
+        len,
+    )
+}
+
+fn render(reply: Reply) -> (Response, u64) {
     match reply {
-        Reply::Json(value) => axum::Json(value).into_response(),
-        Reply::Text(text) => text.into_response(),
+        Reply::Json(value) => json_body(StatusCode::OK, &value),
+        Reply::Text(text) => {
+            let len = text.len() as u64;
+            (text.into_response(), len)
+        }
         Reply::Status(code) => {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            (status, axum::Json(json!({"message": "fake answer"}))).into_response()
+            json_body(status, &json!({"message": "fake answer"}))
         }
         Reply::Oversized(len) => {
             const CHUNK: usize = 64 * 1024;
@@ -271,7 +293,10 @@ fn render(reply: Reply) -> Response {
                 let n = CHUNK.min(len - i * CHUNK);
                 Ok::<_, std::convert::Infallible>(bytes::Bytes::from(vec![b' '; n]))
             });
-            Response::new(Body::from_stream(futures_util::stream::iter(chunks)))
+            (
+                Response::new(Body::from_stream(futures_util::stream::iter(chunks))),
+                len as u64,
+            )
         }
     }
 }

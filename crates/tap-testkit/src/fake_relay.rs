@@ -5,13 +5,13 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::Router;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
-use axum::response::{IntoResponse, Json, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
 use serde_json::{Value, json};
@@ -38,6 +38,9 @@ struct Shared {
     live: broadcast::Sender<Push>,
     connections: AtomicUsize,
     cursors: Mutex<Vec<Option<i64>>>,
+    /// WebSocket message bytes written to subscribers, and listing page bytes.
+    firehose_bytes: AtomicU64,
+    listing_bytes: AtomicU64,
 }
 
 /// The fake relay. Dropping it stops the server.
@@ -58,6 +61,8 @@ impl FakeRelay {
             inner: Mutex::new(Inner::default()),
             live,
             connections: AtomicUsize::new(0),
+            firehose_bytes: AtomicU64::new(0),
+            listing_bytes: AtomicU64::new(0),
             cursors: Mutex::new(Vec::new()),
         });
         let app = Router::new()
@@ -88,6 +93,19 @@ impl FakeRelay {
     /// Sends raw bytes (e.g. garbage) to connected subscribers, without logging them.
     pub fn push_raw(&self, bytes: Vec<u8>) {
         let _ = self.shared.live.send(Push::Raw(Bytes::from(bytes)));
+    }
+
+    /// Firehose message bytes written to subscribers so far (a message counts once written,
+    /// whether or not the subscriber read it).
+    #[must_use]
+    pub fn firehose_bytes(&self) -> u64 {
+        self.shared.firehose_bytes.load(Ordering::SeqCst)
+    }
+
+    /// Listing page bytes served so far.
+    #[must_use]
+    pub fn listing_bytes(&self) -> u64 {
+        self.shared.listing_bytes.load(Ordering::SeqCst)
     }
 
     /// Cuts every connection (no close frame).
@@ -166,25 +184,31 @@ async fn serve_socket(mut socket: WebSocket, shared: Arc<Shared>, cursor: Option
         .collect();
     let mut last = cursor.unwrap_or(0);
     for (seq, frame) in backlog {
+        let len = frame.len() as u64;
         if socket.send(Message::Binary(frame)).await.is_err() {
             return;
         }
+        shared.firehose_bytes.fetch_add(len, Ordering::SeqCst);
         last = last.max(seq);
     }
     loop {
         tokio::select! {
             push = live.recv() => match push {
                 Ok(Push::Frame(seq, frame)) if seq > last => {
+                    let len = frame.len() as u64;
                     if socket.send(Message::Binary(frame)).await.is_err() {
                         return;
                     }
+                    shared.firehose_bytes.fetch_add(len, Ordering::SeqCst);
                     last = seq;
                 }
                 Ok(Push::Frame(..)) => {}
                 Ok(Push::Raw(bytes)) => {
+                    let len = bytes.len() as u64;
                     if socket.send(Message::Binary(bytes)).await.is_err() {
                         return;
                     }
+                    shared.firehose_bytes.fetch_add(len, Ordering::SeqCst);
                 }
                 Ok(Push::Drop) | Err(_) => return,
             },
@@ -223,5 +247,14 @@ fn page(shared: &Shared, key: &str, q: &HashMap<String, String>) -> Response {
         .and_then(|p| p.get(index))
         .cloned()
         .unwrap_or_else(|| json!({"repos": []}));
-    Json(body).into_response()
+    drop(inner);
+    let text = body.to_string();
+    shared
+        .listing_bytes
+        .fetch_add(text.len() as u64, Ordering::SeqCst);
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        text,
+    )
+        .into_response()
 }

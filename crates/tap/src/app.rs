@@ -17,6 +17,7 @@ use crate::delivery::{DeliveryHub, webhook};
 use crate::error::AppError;
 use crate::firehose::{self, FirehoseSettings};
 use crate::identity::{Identity, IdentityOptions};
+use crate::ledger::Ledger;
 use crate::outbox::capacity::{Capacity, PAYLOAD_BUDGET};
 use crate::outbox::{
     AckMode, Delivery, Finished, Input, Outbox, OutboxSettings, acks, loader, scheduler,
@@ -92,6 +93,7 @@ pub struct App {
     progress: Arc<Progress>,
     outbox: OutboxParts,
     identity: Identity,
+    ledger: Ledger,
 }
 
 impl App {
@@ -136,8 +138,10 @@ impl App {
             );
         }
         let outbox = OutboxParts::new(&config, &store);
+        let ledger = Ledger::default();
         let identity = Identity::new(IdentityOptions {
             handle_resolver: config.handle_resolver_url.clone(),
+            ledger: ledger.clone(),
             ..IdentityOptions::new(config.plc_url.clone(), config.ident_cache_size)
         })?;
         Ok(Self {
@@ -148,6 +152,7 @@ impl App {
             progress: Arc::new(Progress::default()),
             outbox,
             identity,
+            ledger,
         })
     }
 
@@ -197,6 +202,7 @@ impl App {
             progress,
             outbox,
             identity,
+            ledger,
         } = self;
         // Everything that can fail before a task runs, so a failure here leaves nothing
         // half started.
@@ -218,12 +224,11 @@ impl App {
         let sync_parts = if config.outbox_only {
             None
         } else {
-            let pds = resync::fetch::PdsClient::new(config.repo_fetch_timeout).map_err(|e| {
-                AppError::HttpClient {
+            let pds = resync::fetch::PdsClient::new(config.repo_fetch_timeout, ledger.clone())
+                .map_err(|e| AppError::HttpClient {
                     what: "resync",
                     reason: e.to_string(),
-                }
-            })?;
+                })?;
             Some((
                 pds,
                 firehose::start_cursor(&firehose_settings, &store).await?,
@@ -332,12 +337,14 @@ impl App {
                 identity.clone(),
                 Scope::new(config.scope.clone(), config.collection_filters.clone()),
                 DidLocks::new(),
+                ledger.clone(),
             );
             resync::spawn(
                 &ResyncSettings {
                     parallelism: config.resync_parallelism,
                     fetch_timeout: config.repo_fetch_timeout,
                     max_repo_bytes: config.max_repo_bytes,
+                    fetch_strategy: config.fetch_strategy,
                     in_memory_backfill: !config.durable_backfill_events,
                 },
                 pds,
@@ -352,6 +359,7 @@ impl App {
                     CrawlerSettings {
                         relay_url: config.relay_url.clone(),
                         scope: config.scope.clone(),
+                        ledger: ledger.clone(),
                     },
                     store.clone(),
                     intake.clone(),
@@ -376,6 +384,7 @@ impl App {
             channel,
             stop: delivery_stop.clone(),
             identity,
+            ledger,
             failure: supervisor.subscribe(),
         };
         let auth = config.admin_password.clone().map(AdminAuth::new);

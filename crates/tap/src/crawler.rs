@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use crate::config::TrackingScope;
+use crate::ledger::{Ledger, Source};
 use crate::store::{Store, StoreError};
 use crate::telemetry as t;
 
@@ -54,6 +55,8 @@ pub struct CrawlerSettings {
     pub relay_url: Url,
     /// Tracking scope; the crawler does nothing in dynamic mode.
     pub scope: TrackingScope,
+    /// Where listing pages' bytes are counted.
+    pub ledger: Ledger,
 }
 
 #[derive(Debug, Deserialize)]
@@ -99,7 +102,7 @@ pub async fn run_crawler(settings: CrawlerSettings, store: Store, stop: Cancella
     loop {
         let mut failed = false;
         for listing in &listings {
-            match crawl(&client, &settings.relay_url, listing, &store, &stop).await {
+            match crawl(&client, &settings, listing, &store, &stop).await {
                 Ok(found) => tracing::info!(?listing, found, "Finished enumerating repos."),
                 Err(CrawlerError::Stopped) => return,
                 Err(error) => {
@@ -123,11 +126,12 @@ pub async fn run_crawler(settings: CrawlerSettings, store: Store, stop: Cancella
 /// One pass over one listing, resuming from the saved cursor. Returns DIDs seen.
 async fn crawl(
     client: &reqwest::Client,
-    relay: &Url,
+    settings: &CrawlerSettings,
     listing: &Listing,
     store: &Store,
     stop: &CancellationToken,
 ) -> Result<u64, CrawlerError> {
+    let relay = &settings.relay_url;
     let key = relay.as_str();
     let mut cursor = match listing {
         Listing::All => store.list_repos_cursor(key).await?,
@@ -156,7 +160,7 @@ async fn crawl(
         }
         let page = tokio::select! {
             () = stop.cancelled() => return Err(CrawlerError::Stopped),
-            page = fetch_page(client, &url) => page?,
+            page = fetch_page(client, &url, &settings.ledger) => page?,
         };
         let dids: Vec<String> = page
             .repos
@@ -199,7 +203,11 @@ fn cursor_advanced(previous: &Option<String>, next: &str) -> bool {
     previous.as_deref() != Some(next)
 }
 
-async fn fetch_page(client: &reqwest::Client, url: &Url) -> Result<Page, CrawlerError> {
+async fn fetch_page(
+    client: &reqwest::Client,
+    url: &Url,
+    ledger: &Ledger,
+) -> Result<Page, CrawlerError> {
     let fail = |reason: String| CrawlerError::Relay {
         url: url.to_string(),
         reason,
@@ -214,6 +222,7 @@ async fn fetch_page(client: &reqwest::Client, url: &Url) -> Result<Page, Crawler
     }
     let mut body = Vec::new();
     while let Some(chunk) = resp.chunk().await.map_err(|e| fail(e.to_string()))? {
+        ledger.downloaded(Source::RelayListing, url.host_str(), chunk.len() as u64);
         if body.len() + chunk.len() > MAX_PAGE_BYTES {
             return Err(fail(format!("page larger than {MAX_PAGE_BYTES} bytes")));
         }

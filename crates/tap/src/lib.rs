@@ -27,6 +27,7 @@ pub mod error;
 pub mod failpoint;
 pub mod firehose;
 pub mod identity;
+pub mod ledger;
 pub mod outbox;
 pub mod repos;
 pub mod resync;

@@ -51,6 +51,12 @@ pub const FIREHOSE_LAG_SECONDS: &str = "tap_firehose_lag_seconds";
 pub const FIREHOSE_LAST_SEQ: &str = "tap_firehose_last_seq";
 /// Bytes downloaded, by source (`relay`, or a PDS host).
 pub const BYTES_DOWNLOADED: &str = "tap_bytes_downloaded_total";
+/// Record bytes downloaded, by fate (`delivered`: kept by the filters, `discarded`).
+pub const RECORD_BYTES: &str = "tap_record_bytes_total";
+/// Resync fetches, by kind (`full`, `sparse`, `skipped`).
+pub const RESYNC_FETCHES: &str = "tap_resync_fetches_total";
+/// Sparse fetches refused (missing or lying blocks, bad tree) and redone in full.
+pub const SPARSE_FALLBACKS: &str = "tap_sparse_fallbacks_total";
 
 /// Resyncs started.
 pub const RESYNCS_STARTED: &str = "tap_resyncs_started_total";
@@ -141,6 +147,18 @@ fn describe() {
     );
     metrics::describe_gauge!(FIREHOSE_LAST_SEQ, "Seq of the latest frame read.");
     metrics::describe_counter!(BYTES_DOWNLOADED, "Bytes downloaded, by source.");
+    metrics::describe_counter!(
+        RESYNC_FETCHES,
+        "Resync fetches, by kind: full, sparse, skipped."
+    );
+    metrics::describe_counter!(
+        SPARSE_FALLBACKS,
+        "Sparse fetches refused (missing or lying blocks, bad tree) and redone in full."
+    );
+    metrics::describe_counter!(
+        RECORD_BYTES,
+        "Record bytes downloaded, by fate: delivered (kept by the filters) or discarded."
+    );
     metrics::describe_counter!(RESYNCS_STARTED, "Resyncs started.");
     metrics::describe_counter!(RESYNCS_COMPLETED, "Resyncs completed.");
     metrics::describe_counter!(RESYNCS_FAILED, "Resyncs failed, rate limits included.");

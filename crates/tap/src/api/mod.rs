@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::TrackingScope;
 use crate::delivery::DeliveryHub;
 use crate::identity::Identity;
+use crate::ledger::Ledger;
 use crate::status::Progress;
 use crate::store::Store;
 
@@ -49,6 +50,8 @@ pub struct ApiState {
     pub stop: CancellationToken,
     /// The cached identity resolver behind `/resolve/{did}`.
     pub identity: Identity,
+    /// Downloaded bytes, for `/stats/bandwidth`.
+    pub ledger: Ledger,
     /// The first task that ended unexpectedly, if any (tap is then shutting down).
     pub failure: tokio::sync::watch::Receiver<Option<crate::shutdown::TaskFailure>>,
 }
@@ -67,6 +70,7 @@ pub fn router(state: ApiState, auth: Option<AdminAuth>) -> Router {
         .route("/stats/outbox-buffer", get(stats::outbox_buffer))
         .route("/stats/resync-buffer", get(stats::resync_buffer))
         .route("/stats/cursors", get(stats::cursors))
+        .route("/stats/bandwidth", get(stats::bandwidth))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

@@ -150,6 +150,12 @@ pub(super) async fn info(
             "error": repo.error,
             "retries": repo.retry_count,
             "records": records,
+            // Extension (issue 12): how the repo was last fetched and what it cost.
+            "last_fetch": repo.last_fetch.map(|f| serde_json::json!({
+                "kind": f.kind.as_str(),
+                "bytes": f.bytes,
+                "at": f.at,
+            })),
         }),
     ))
 }

@@ -79,3 +79,9 @@ pub(super) async fn cursors(State(state): State<ApiState>) -> Result<Response, A
         }),
     ))
 }
+
+/// `GET /stats/bandwidth`: every downloaded byte by source, PDS host and collection
+/// ([`crate::ledger`]).
+pub(super) async fn bandwidth(State(state): State<ApiState>) -> Response {
+    json(StatusCode::OK, &state.ledger.report())
+}

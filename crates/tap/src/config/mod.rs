@@ -72,6 +72,28 @@ pub enum TrackingScope {
     FullNetwork,
 }
 
+/// How resyncs download a repo (`--fetch-strategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchStrategy {
+    /// Sparse when the collection filters narrow the repo, full otherwise.
+    Auto,
+    /// Always the whole repo, as the Go tap does (and no skipping of unchanged repos).
+    Full,
+    /// Always sparse, even unfiltered (then every node comes through `getBlocks`).
+    Sparse,
+}
+
+impl FetchStrategy {
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "auto" => Some(Self::Auto),
+            "full" => Some(Self::Full),
+            "sparse" => Some(Self::Sparse),
+            _ => None,
+        }
+    }
+}
+
 /// Log verbosity. Unknown values fall back to `info`, as in the Go tap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogLevel {
@@ -147,6 +169,8 @@ pub struct Config {
     pub delivery: DeliveryMode,
     /// `--max-repo-bytes`: largest repo CAR accepted from a PDS.
     pub max_repo_bytes: u64,
+    /// `--fetch-strategy`.
+    pub fetch_strategy: FetchStrategy,
     /// `--webhook-parallelism`: concurrent webhook requests.
     pub webhook_parallelism: usize,
     /// `--webhook-secret`: HMAC key for signing webhook bodies; `None` when empty.
@@ -530,6 +554,12 @@ impl Config {
             scope,
             collection_filters,
             delivery,
+            fetch_strategy: FetchStrategy::parse(v.one("fetch-strategy")).ok_or_else(|| {
+                invalid(
+                    "fetch-strategy",
+                    format!("{:?} is not auto, full or sparse", v.one("fetch-strategy")),
+                )
+            })?,
             max_repo_bytes: v
                 .one("max-repo-bytes")
                 .parse::<u64>()

@@ -187,6 +187,15 @@ pub const SETTINGS: &[Setting] = &[
         "deliver events by POST to this URL instead of the WebSocket",
     ),
     Setting {
+        flag: "fetch-strategy",
+        envs: &["TAP_FETCH_STRATEGY"],
+        default: "auto",
+        kind: Kind::Value,
+        help: "how repos are downloaded: full (getRepo, as the Go tap), sparse (only the signed commit, the MST paths to the wanted collections and their records), or auto (sparse when collection filters narrow the repo); an unchanged repo is never downloaded again unless full (extension)",
+        extension: true,
+        ignored: false,
+    },
+    Setting {
         flag: "max-repo-bytes",
         envs: &["TAP_MAX_REPO_BYTES"],
         default: "4294967296",

@@ -17,6 +17,7 @@ use url::Url;
 use super::cursor::SeqTracker;
 use super::dispatch::{Dispatcher, Work};
 use crate::backoff::Backoff;
+use crate::ledger::{Ledger, Source};
 use crate::telemetry as t;
 
 /// Interval of client pings.
@@ -80,6 +81,7 @@ pub async fn run_consumer(
     start_cursor: Option<i64>,
     dispatcher: Dispatcher,
     seqs: Arc<Mutex<SeqTracker>>,
+    ledger: Ledger,
     stop: CancellationToken,
 ) {
     let limits = FrameLimits::default();
@@ -88,7 +90,7 @@ pub async fn run_consumer(
     loop {
         let url = subscribe_url(&relay, cursor);
         tracing::info!(%url, "Connecting to the relay firehose.");
-        match connect_and_read(&url, &limits, &dispatcher, &seqs, &stop).await {
+        match connect_and_read(&url, &limits, &dispatcher, &seqs, &ledger, &stop).await {
             Ended::Stopped => return,
             Ended::Failed { frames, reason } => {
                 // A connection that carried events was healthy; one that dropped at once
@@ -124,6 +126,7 @@ async fn connect_and_read(
     limits: &FrameLimits,
     dispatcher: &Dispatcher,
     seqs: &Mutex<SeqTracker>,
+    ledger: &Ledger,
     stop: &CancellationToken,
 ) -> Ended {
     let failed = |frames: u64, reason: String| Ended::Failed { frames, reason };
@@ -170,6 +173,7 @@ async fn connect_and_read(
             Some(Ok(Message::Binary(data))) => data,
             Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
             Some(Ok(Message::Text(text))) => {
+                ledger.downloaded(Source::Relay, None, text.len() as u64);
                 // Not part of the protocol; skipping it loses nothing that has a seq.
                 metrics::counter!(t::FIREHOSE_BAD_FRAMES).increment(1);
                 tracing::warn!(bytes = text.len(), "Relay sent a text frame; skipped.");
@@ -180,7 +184,7 @@ async fn connect_and_read(
             }
             Some(Err(e)) => return failed(frames, e.to_string()),
         };
-        metrics::counter!(t::BYTES_DOWNLOADED, "source" => "relay").increment(data.len() as u64);
+        ledger.downloaded(Source::Relay, None, data.len() as u64);
         let frame = match decode_frame(&data, limits) {
             Ok(f) => f,
             Err(e) => {

@@ -78,6 +78,7 @@ pub fn spawn(
     }
     // With --no-replay the tracker starts empty: the first frames set the mark.
     let seqs = Arc::new(Mutex::new(SeqTracker::resume(start)));
+    let ledger = engine.ledger().clone();
     let dispatcher = dispatch::Dispatcher::spawn(
         settings.parallelism,
         engine,
@@ -92,6 +93,7 @@ pub fn spawn(
             start,
             dispatcher,
             Arc::clone(&seqs),
+            ledger,
             intake,
         ),
     );

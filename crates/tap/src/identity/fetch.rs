@@ -8,6 +8,8 @@ use std::time::Duration;
 use reqwest::header::{ACCEPT, HOST};
 use url::Url;
 
+use crate::ledger::{Ledger, Source};
+
 use super::IdentityError;
 
 /// Connecting may take at most this long (within the overall request timeout).
@@ -30,6 +32,9 @@ pub(super) struct Http {
     client: reqwest::Client,
     /// Test-only: where `https://{host}/…` requests go instead, over plain HTTP.
     loopback_web: Option<SocketAddr>,
+    ledger: Ledger,
+    /// Requests to this host are PLC bytes in the ledger; others are handle resolution.
+    plc_host: Option<String>,
 }
 
 impl Http {
@@ -37,6 +42,8 @@ impl Http {
     pub(super) fn new(
         timeout: Duration,
         loopback_web: Option<SocketAddr>,
+        ledger: Ledger,
+        plc_url: &Url,
     ) -> Result<Self, IdentityError> {
         let client = reqwest::Client::builder()
             .timeout(timeout)
@@ -48,6 +55,8 @@ impl Http {
         Ok(Self {
             client,
             loopback_web,
+            ledger,
+            plc_host: plc_url.host_str().map(str::to_owned),
         })
     }
 
@@ -57,7 +66,18 @@ impl Http {
             .client
             .get(url.clone())
             .header(ACCEPT, "application/json");
-        send(request, url.as_str(), limit).await
+        let source = if url.host_str() == self.plc_host.as_deref() {
+            Source::Plc
+        } else {
+            Source::WellKnown
+        };
+        self.send(
+            request,
+            url.as_str(),
+            (source, url.host_str().unwrap_or_default()),
+            limit,
+        )
+        .await
     }
 
     /// `GET https://{host}{path}` (a did:web document or a handle's well-known file), reading
@@ -83,37 +103,44 @@ impl Http {
                 .get(format!("http://{addr}{path}"))
                 .header(HOST, host),
         };
-        send(request, &shown, limit).await
+        self.send(request, &shown, (Source::WellKnown, host), limit)
+            .await
     }
-}
 
-async fn send(
-    request: reqwest::RequestBuilder,
-    url: &str,
-    limit: usize,
-) -> Result<Reply, IdentityError> {
-    let mut response = request.send().await.map_err(|e| classify(url, &e))?;
-    let status = response.status().as_u16();
-    if status != 200 {
-        return Ok(Reply::Status(status));
-    }
-    if response.content_length().is_some_and(|n| n > limit as u64) {
-        return Err(IdentityError::TooLarge {
-            url: url.to_owned(),
-            limit,
-        });
-    }
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| classify(url, &e))? {
-        if body.len() + chunk.len() > limit {
+    /// Sends `request` and reads at most `limit` bytes of a 200 body, counting what it reads
+    /// in the ledger under `(source, host)`.
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+        url: &str,
+        (source, host): (Source, &str),
+        limit: usize,
+    ) -> Result<Reply, IdentityError> {
+        let mut response = request.send().await.map_err(|e| classify(url, &e))?;
+        let status = response.status().as_u16();
+        if status != 200 {
+            return Ok(Reply::Status(status));
+        }
+        if response.content_length().is_some_and(|n| n > limit as u64) {
             return Err(IdentityError::TooLarge {
                 url: url.to_owned(),
                 limit,
             });
         }
-        body.extend_from_slice(&chunk);
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| classify(url, &e))? {
+            self.ledger
+                .downloaded(source, Some(host), chunk.len() as u64);
+            if body.len() + chunk.len() > limit {
+                return Err(IdentityError::TooLarge {
+                    url: url.to_owned(),
+                    limit,
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Reply::Ok(body))
     }
-    Ok(Reply::Ok(body))
 }
 
 fn classify(url: &str, e: &reqwest::Error) -> IdentityError {

@@ -35,6 +35,7 @@ use url::Url;
 
 pub use clock::{Clock, ManualClock};
 
+use crate::ledger::Ledger;
 use crate::telemetry;
 use fetch::Http;
 use handle::{HandleLookup, HandleResolver};
@@ -253,6 +254,8 @@ pub struct IdentityOptions {
     /// the `Host` header, and disables DNS. Must be a loopback address; the daemon never sets
     /// it.
     pub loopback_web: Option<SocketAddr>,
+    /// Where the bytes of PLC and handle look-ups are counted.
+    pub ledger: Ledger,
 }
 
 impl IdentityOptions {
@@ -266,6 +269,7 @@ impl IdentityOptions {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             clock: Clock::System,
             loopback_web: None,
+            ledger: Ledger::default(),
         }
     }
 }
@@ -358,7 +362,12 @@ impl Identity {
                 "loopback_web must be a loopback address, not {addr}"
             )));
         }
-        let http = Http::new(options.request_timeout, options.loopback_web)?;
+        let http = Http::new(
+            options.request_timeout,
+            options.loopback_web,
+            options.ledger.clone(),
+            &options.plc_url,
+        )?;
         let handles = match options.handle_resolver {
             Some(base) => HandleResolver::xrpc(http.clone(), base),
             None => HandleResolver::public(http.clone(), options.loopback_web.is_none()),

@@ -279,6 +279,7 @@ mod tests {
             error: String::new(),
             retry_count: 0,
             retry_after: 0,
+            last_fetch: None,
         }
     }
 

@@ -18,6 +18,7 @@ use super::filter::Scope;
 use super::locks::DidLocks;
 use super::prepared::{Buffered, PreparedCommit};
 use crate::identity::{Identity, IdentityError};
+use crate::ledger::Ledger;
 use crate::outbox::{Outbox, OutboxError};
 use crate::store::{
     EventStorage, RepoChange, RepoRow, RepoState, RepoWrite, Store, StoreError, WriteCondition,
@@ -119,6 +120,7 @@ pub struct Engine {
     identity: Identity,
     scope: Arc<Scope>,
     locks: DidLocks,
+    ledger: Ledger,
 }
 
 impl Engine {
@@ -130,6 +132,7 @@ impl Engine {
         identity: Identity,
         scope: Scope,
         locks: DidLocks,
+        ledger: Ledger,
     ) -> Self {
         Self {
             store,
@@ -137,7 +140,14 @@ impl Engine {
             identity,
             scope: Arc::new(scope),
             locks,
+            ledger,
         }
+    }
+
+    /// Where downloaded bytes are counted.
+    #[must_use]
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
     }
 
     /// The per-DID locks (the resync cutover takes them too).
@@ -198,6 +208,16 @@ impl Engine {
             }
         };
         metrics::counter!(t::COMMITS_VERIFIED).increment(1);
+        for op in &verified.ops {
+            if let Some(record) = &op.record {
+                let collection = op.collection.as_str();
+                self.ledger.record(
+                    collection,
+                    record.len() as u64,
+                    self.scope.wants_collection(collection),
+                );
+            }
+        }
         let prepared = PreparedCommit::from_verified(&verified, |c| self.scope.wants_collection(c));
         match decide::after_verification(&repo, &prepared.prev_data) {
             CommitAction::Buffer => {

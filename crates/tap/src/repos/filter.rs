@@ -1,6 +1,7 @@
 //! Which repos are tracked and which records pass: the tracking scope (dynamic, signal
 //! collections, full network) and the collection filters. Pure.
 
+use tap_atproto::mst::KeyRange;
 use tap_atproto::syntax::CollectionFilter;
 
 use crate::config::TrackingScope;
@@ -50,6 +51,26 @@ impl Scope {
     #[must_use]
     pub fn wants_collection(&self, collection: &str) -> bool {
         self.filters.is_empty() || self.filters.iter().any(|f| f.matches_str(collection))
+    }
+
+    /// The MST key ranges holding every wanted record; `None` when every collection is
+    /// wanted (no filters, or `*`).
+    #[must_use]
+    pub fn key_ranges(&self) -> Option<Vec<KeyRange>> {
+        if self.filters.is_empty() {
+            return None;
+        }
+        self.filters
+            .iter()
+            .map(|f| match f.as_str() {
+                "*" => None,
+                // `app.bsky.*`: every collection below `app.bsky.` (the prefix keeps the dot).
+                text => Some(match text.strip_suffix('*') {
+                    Some(prefix) => KeyRange::prefix(prefix.as_bytes()),
+                    None => KeyRange::collection(text),
+                }),
+            })
+            .collect()
     }
 }
 

@@ -8,12 +8,17 @@
 //! (TCP flow control holds the PDS back) instead of failing it, which would make the next
 //! attempt download the whole repo again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use tap_atproto::syntax::Did;
+use tap_atproto::Cid;
+use tap_atproto::car::{CarLimits, read_car};
+use tap_atproto::hash::BlockMap;
+use tap_atproto::syntax::{Did, Tid};
 use url::Url;
+
+use crate::ledger::{Ledger, PdsCall, Source};
 
 /// How long a PDS that answered 429 is left alone.
 pub const RATE_LIMIT_PAUSE: Duration = Duration::from_secs(10);
@@ -30,8 +35,10 @@ pub enum FetchError {
         host: String,
     },
     /// The PDS answered with an error status.
-    #[error("getRepo from {host} answered {status}{detail}")]
+    #[error("{method} from {host} answered {status}{detail}")]
     Status {
+        /// The XRPC method.
+        method: &'static str,
         /// PDS host.
         host: String,
         /// HTTP status.
@@ -39,9 +46,29 @@ pub enum FetchError {
         /// `: <error name>` from an XRPC error body, when there is one.
         detail: String,
     },
+    /// The PDS does not implement the method (remembered per host).
+    #[error("{host} does not implement {method}")]
+    Unsupported {
+        /// The XRPC method.
+        method: &'static str,
+        /// PDS host.
+        host: String,
+    },
+    /// The answer is not what the method returns (bad JSON, too large).
+    #[error("{method} from {host}: {reason}")]
+    Malformed {
+        /// The XRPC method.
+        method: &'static str,
+        /// PDS host.
+        host: String,
+        /// What was wrong.
+        reason: String,
+    },
     /// The request failed (connection, timeout, body read).
-    #[error("getRepo from {host} failed: {reason}")]
+    #[error("{method} from {host} failed: {reason}")]
     Transport {
+        /// The XRPC method.
+        method: &'static str,
         /// PDS host.
         host: String,
         /// What failed.
@@ -53,13 +80,42 @@ pub enum FetchError {
 pub struct PdsClient {
     http: reqwest::Client,
     paused: Mutex<HashMap<String, Instant>>,
+    /// Hosts that answered a sparse call with "not implemented": they get full fetches.
+    no_sparse: Mutex<HashSet<String>>,
     fetch_timeout: Duration,
+    ledger: Ledger,
+}
+
+/// The method names tap calls.
+const GET_REPO: &str = "com.atproto.sync.getRepo";
+const GET_LATEST_COMMIT: &str = "com.atproto.sync.getLatestCommit";
+const GET_BLOCKS: &str = "com.atproto.sync.getBlocks";
+
+/// A PDS's answer to `getLatestCommit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LatestCommit {
+    /// The head commit's CID.
+    pub cid: Cid,
+    /// Its rev.
+    pub rev: Tid,
+}
+
+/// A small answer and the bytes it cost.
+#[derive(Debug)]
+pub struct Small<T> {
+    /// The answer.
+    pub value: T,
+    /// Body bytes downloaded.
+    pub bytes: u64,
 }
 
 /// A `getRepo` body being read. Timeouts run only inside [`RepoBody::chunk`].
 pub struct RepoBody {
     resp: reqwest::Response,
     host: String,
+    ledger: Ledger,
+    /// Body bytes read so far.
+    read: u64,
     /// What is left of the whole-request budget.
     remaining: Duration,
 }
@@ -76,21 +132,32 @@ impl RepoBody {
         let read = tokio::time::timeout(wait, self.resp.chunk()).await;
         self.remaining = self.remaining.saturating_sub(started.elapsed());
         let reason = match read {
-            Ok(Ok(chunk)) => return Ok(chunk),
+            Ok(Ok(chunk)) => {
+                if let Some(bytes) = &chunk {
+                    self.read += bytes.len() as u64;
+                    self.ledger.downloaded(
+                        Source::Pds(PdsCall::GetRepo),
+                        Some(&self.host),
+                        bytes.len() as u64,
+                    );
+                }
+                return Ok(chunk);
+            }
             Ok(Err(e)) => format!("failed while reading: {e}"),
             Err(_) if self.remaining.is_zero() => "the repo fetch timeout ran out".to_owned(),
             Err(_) => format!("the body stalled for {}s", wait.as_secs()),
         };
         Err(FetchError::Transport {
+            method: GET_REPO,
             host: self.host.clone(),
             reason,
         })
     }
 
-    /// `host[:port]` of the PDS.
+    /// Body bytes read so far.
     #[must_use]
-    pub fn host(&self) -> &str {
-        &self.host
+    pub fn bytes_read(&self) -> u64 {
+        self.read
     }
 }
 
@@ -100,7 +167,7 @@ impl PdsClient {
     ///
     /// # Errors
     /// The TLS configuration cannot be loaded.
-    pub fn new(fetch_timeout: Duration) -> Result<Self, reqwest::Error> {
+    pub fn new(fetch_timeout: Duration, ledger: Ledger) -> Result<Self, reqwest::Error> {
         // No client-wide timeouts: they would also run while tap is not reading.
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
@@ -109,7 +176,9 @@ impl PdsClient {
         Ok(Self {
             http,
             paused: Mutex::new(HashMap::new()),
+            no_sparse: Mutex::new(HashSet::new()),
             fetch_timeout,
+            ledger,
         })
     }
 
@@ -119,64 +188,227 @@ impl PdsClient {
     /// # Errors
     /// [`FetchError`]; `RateLimited` means "try later", not a failure of the repo.
     pub async fn get_repo(&self, pds: &Url, did: &Did) -> Result<RepoBody, FetchError> {
+        let started = Instant::now();
+        let (resp, host) = self
+            .start(
+                pds,
+                GET_REPO,
+                &[("did", did.as_str())],
+                "application/vnd.ipld.car",
+            )
+            .await?;
+        Ok(RepoBody {
+            resp,
+            host,
+            ledger: self.ledger.clone(),
+            read: 0,
+            remaining: self.fetch_timeout.saturating_sub(started.elapsed()),
+        })
+    }
+
+    /// `com.atproto.sync.getLatestCommit`: the PDS's head for `did` (unproven: a hint of
+    /// whether anything changed, never a substitute for the signed commit).
+    ///
+    /// # Errors
+    /// [`FetchError`]; `Unsupported` when the PDS lacks the method.
+    pub async fn latest_commit(
+        &self,
+        pds: &Url,
+        did: &Did,
+    ) -> Result<Small<LatestCommit>, FetchError> {
+        let query = [("did", did.as_str())];
+        let (body, host) = self
+            .small(
+                pds,
+                GET_LATEST_COMMIT,
+                &query,
+                "application/json",
+                PdsCall::GetLatestCommit,
+                4096,
+            )
+            .await?;
+        let malformed = |reason: String| FetchError::Malformed {
+            method: GET_LATEST_COMMIT,
+            host: host.clone(),
+            reason,
+        };
+        #[derive(serde::Deserialize)]
+        struct Raw {
+            cid: String,
+            rev: String,
+        }
+        let raw: Raw = serde_json::from_slice(&body).map_err(|e| malformed(e.to_string()))?;
+        let cid = Cid::try_from(raw.cid.as_str()).map_err(|e| malformed(format!("cid: {e}")))?;
+        let rev = Tid::new(&raw.rev).map_err(|e| malformed(format!("rev: {e}")))?;
+        Ok(Small {
+            value: LatestCommit { cid, rev },
+            bytes: body.len() as u64,
+        })
+    }
+
+    /// `com.atproto.sync.getBlocks` for `cids`: a CAR of those blocks, read whole (at most
+    /// `limit` bytes) and hash-checked block by block.
+    ///
+    /// # Errors
+    /// [`FetchError`]; `Malformed` for a CAR that does not read or a block that does not hash
+    /// to its CID.
+    pub async fn get_blocks(
+        &self,
+        pds: &Url,
+        did: &Did,
+        cids: &[Cid],
+        limit: u64,
+    ) -> Result<Small<BlockMap>, FetchError> {
+        let texts: Vec<String> = cids.iter().map(ToString::to_string).collect();
+        let mut query: Vec<(&str, &str)> = vec![("did", did.as_str())];
+        query.extend(texts.iter().map(|c| ("cids", c.as_str())));
+        let (body, host) = self
+            .small(
+                pds,
+                GET_BLOCKS,
+                &query,
+                "application/vnd.ipld.car",
+                PdsCall::GetBlocks,
+                limit,
+            )
+            .await?;
+        let bytes = body.len() as u64;
+        let limits = CarLimits {
+            max_total_bytes: limit,
+            ..CarLimits::repo()
+        };
+        let car = read_car(body, limits).map_err(|e| FetchError::Malformed {
+            method: GET_BLOCKS,
+            host,
+            reason: e.to_string(),
+        })?;
+        Ok(Small {
+            value: car.blocks,
+            bytes,
+        })
+    }
+
+    /// Whether `pds` is known to lack the calls of a sparse fetch.
+    #[must_use]
+    pub fn lacks_sparse(&self, pds: &Url) -> bool {
+        self.no_sparse
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&host_of(pds))
+    }
+
+    /// Sends `GET {pds}/xrpc/{method}?{query}`; a success gives the response to read.
+    async fn start(
+        &self,
+        pds: &Url,
+        method: &'static str,
+        query: &[(&str, &str)],
+        accept: &'static str,
+    ) -> Result<(reqwest::Response, String), FetchError> {
         let host = host_of(pds);
         if self.is_paused(&host) {
             return Err(FetchError::RateLimited { host });
         }
-        let mut url =
-            pds.join("/xrpc/com.atproto.sync.getRepo")
-                .map_err(|e| FetchError::Transport {
-                    host: host.clone(),
-                    reason: e.to_string(),
-                })?;
-        url.query_pairs_mut().append_pair("did", did.as_str());
-        let started = Instant::now();
+        let transport = |reason: String| FetchError::Transport {
+            method,
+            host: host.clone(),
+            reason,
+        };
+        let mut url = pds
+            .join(&format!("/xrpc/{method}"))
+            .map_err(|e| transport(e.to_string()))?;
+        url.query_pairs_mut().extend_pairs(query);
         let send = self
             .http
             .get(url)
-            .header(reqwest::header::ACCEPT, "application/vnd.ipld.car")
+            .header(reqwest::header::ACCEPT, accept)
             .send();
         let resp = tokio::time::timeout(self.fetch_timeout, send)
             .await
-            .map_err(|_| FetchError::Transport {
-                host: host.clone(),
-                reason: "no answer in time".into(),
-            })?
-            .map_err(|e| FetchError::Transport {
-                host: host.clone(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|_| transport("no answer in time".into()))?
+            .map_err(|e| transport(e.to_string()))?;
         let status = resp.status();
         if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
             self.pause(&host);
             return Err(FetchError::RateLimited { host });
         }
-        if !status.is_success() {
-            // XRPC errors carry a small JSON body naming the error (RepoNotFound, …).
-            let detail = match tokio::time::timeout(Duration::from_secs(5), resp.bytes()).await {
-                Ok(Ok(body)) if body.len() <= 4096 => {
-                    serde_json::from_slice::<serde_json::Value>(&body)
-                        .ok()
-                        .and_then(|v| {
-                            v.get("error")
-                                .and_then(|e| e.as_str())
-                                .map(|e| format!(": {e}"))
-                        })
-                        .unwrap_or_default()
-                }
-                _ => String::new(),
-            };
-            return Err(FetchError::Status {
-                host,
-                status: status.as_u16(),
-                detail,
-            });
+        if status.is_success() {
+            return Ok((resp, host));
         }
-        Ok(RepoBody {
-            resp,
+        // XRPC errors carry a small JSON body naming the error (RepoNotFound, …).
+        let name = match tokio::time::timeout(Duration::from_secs(5), resp.bytes()).await {
+            Ok(Ok(body)) if body.len() <= 4096 => {
+                self.ledger.downloaded(
+                    Source::Pds(PdsCall::for_method(method)),
+                    Some(&host),
+                    body.len() as u64,
+                );
+                serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+            }
+            _ => None,
+        };
+        let unsupported = matches!(status.as_u16(), 404 | 501)
+            || matches!(
+                name.as_deref(),
+                Some("MethodNotImplemented" | "XRPCNotSupported")
+            );
+        if unsupported && method != GET_REPO {
+            self.no_sparse
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(host.clone());
+            return Err(FetchError::Unsupported { method, host });
+        }
+        Err(FetchError::Status {
+            method,
             host,
-            remaining: self.fetch_timeout.saturating_sub(started.elapsed()),
+            status: status.as_u16(),
+            detail: name.map(|n| format!(": {n}")).unwrap_or_default(),
         })
+    }
+
+    /// A whole answer of at most `limit` bytes, counted in the ledger as `call`.
+    async fn small(
+        &self,
+        pds: &Url,
+        method: &'static str,
+        query: &[(&str, &str)],
+        accept: &'static str,
+        call: PdsCall,
+        limit: u64,
+    ) -> Result<(bytes::Bytes, String), FetchError> {
+        let started = Instant::now();
+        let (mut resp, host) = self.start(pds, method, query, accept).await?;
+        let mut body = bytes::BytesMut::new();
+        loop {
+            let left = self.fetch_timeout.saturating_sub(started.elapsed());
+            let chunk = tokio::time::timeout(left.min(STALL_TIMEOUT), resp.chunk())
+                .await
+                .map_err(|_| FetchError::Transport {
+                    method,
+                    host: host.clone(),
+                    reason: "the answer stalled or the fetch timeout ran out".into(),
+                })?
+                .map_err(|e| FetchError::Transport {
+                    method,
+                    host: host.clone(),
+                    reason: format!("failed while reading: {e}"),
+                })?;
+            let Some(chunk) = chunk else { break };
+            self.ledger
+                .downloaded(Source::Pds(call), Some(&host), chunk.len() as u64);
+            if (body.len() + chunk.len()) as u64 > limit {
+                return Err(FetchError::Malformed {
+                    method,
+                    host,
+                    reason: format!("answer larger than {limit} bytes"),
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok((body.freeze(), host))
     }
 
     fn is_paused(&self, host: &str) -> bool {

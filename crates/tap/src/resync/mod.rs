@@ -12,6 +12,8 @@ mod cutover;
 pub mod diff;
 pub mod fetch;
 mod snapshot;
+pub mod sparse;
+pub mod strategy;
 mod worker;
 
 pub use worker::spawn;
@@ -20,6 +22,7 @@ use std::time::Duration;
 
 use tap_atproto::stream::WalkError;
 
+use crate::config::FetchStrategy;
 use crate::identity::IdentityError;
 use crate::outbox::OutboxError;
 use crate::repos::engine::{EngineError, FailureClass};
@@ -44,6 +47,8 @@ pub struct ResyncSettings {
     pub fetch_timeout: Duration,
     /// Largest repo CAR accepted, in bytes.
     pub max_repo_bytes: u64,
+    /// `--fetch-strategy`.
+    pub fetch_strategy: FetchStrategy,
     /// Deliver a first backfill's events from memory (see
     /// [`EventStorage::InMemoryBackfill`]) instead of storing each one
     /// (`--durable-backfill-events` turns this off).
@@ -118,7 +123,9 @@ impl From<FetchError> for ResyncError {
             e @ FetchError::Status { status, .. } if status >= 500 || status == 408 => {
                 Self::Transient(e.to_string())
             }
-            e @ FetchError::Status { .. } => Self::Failed(e.to_string()),
+            e @ (FetchError::Status { .. }
+            | FetchError::Unsupported { .. }
+            | FetchError::Malformed { .. }) => Self::Failed(e.to_string()),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The walked snapshot against the stored record index: index changes and historical
 //! events, written in batches each guarded by "the repo is still resyncing".
 
+use tap_atproto::Cid;
 use tap_atproto::stream::RepoWalker;
 use tap_atproto::syntax::{Did, Tid};
 
@@ -80,62 +81,80 @@ impl<'a> Snapshot<'a> {
         }
     }
 
+    /// Feeds every record the walker has ready.
     pub(super) async fn drain(&mut self, walker: &mut RepoWalker) -> Result<(), ResyncError> {
         while let Some(record) = walker.next_record()? {
-            if self.rev.is_none() {
-                let rev = walker
-                    .commit()
-                    .map(|c| c.rev.as_str().to_owned())
-                    .ok_or_else(|| ResyncError::Failed("record before commit".into()))?;
-                self.check_rev(&rev)?;
-                self.rev = Some(rev);
-            }
-            let Some((collection, rkey)) = record.path.split_once('/') else {
-                continue; // not a record path; the Go tap skips these too
+            let rev = walker
+                .commit()
+                .map(|c| c.rev)
+                .ok_or_else(|| ResyncError::Failed("record before commit".into()))?;
+            self.record(&rev, &record.path, &record.cid, &record.bytes)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// One record of the snapshot at `rev`, in key order (`path` is `collection/rkey`).
+    pub(super) async fn record(
+        &mut self,
+        rev: &Tid,
+        path: &str,
+        cid: &Cid,
+        bytes: &[u8],
+    ) -> Result<(), ResyncError> {
+        if self.rev.is_none() {
+            self.check_rev(rev.as_str())?;
+            self.rev = Some(rev.as_str().to_owned());
+        }
+        let Some((collection, rkey)) = path.split_once('/') else {
+            return Ok(()); // not a record path; the Go tap skips these too
+        };
+        let wanted = self.engine.scope().wants_collection(collection);
+        self.engine
+            .ledger()
+            .record(collection, bytes.len() as u64, wanted);
+        if !wanted {
+            return Ok(());
+        }
+        if self.is_first_backfill() {
+            let cid = cid.to_string();
+            let json = record_json(bytes);
+            let create = Change::Create {
+                rkey: rkey.to_owned(),
             };
-            if !self.engine.scope().wants_collection(collection) {
-                continue;
+            return self
+                .add(collection, create, Some((&cid, json.as_deref())))
+                .await;
+        }
+        if self.current.as_ref().is_none_or(|(c, _)| c != collection) {
+            self.finish_collection().await?;
+            self.seen.push(collection.to_owned());
+            self.current = Some((collection.to_owned(), CollectionMerge::new()));
+        }
+        let cid = cid.to_string();
+        let mut changes = Vec::new();
+        loop {
+            let done = match &mut self.current {
+                Some((_, merge)) => merge.push(rkey, &cid, &mut changes),
+                None => true,
+            };
+            if done {
+                break;
             }
-            if self.is_first_backfill() {
-                let cid = record.cid.to_string();
-                let json = record_json(&record.bytes);
-                let create = Change::Create {
-                    rkey: rkey.to_owned(),
-                };
-                self.add(collection, create, Some((&cid, json.as_deref())))
-                    .await?;
-                continue;
-            }
-            if self.current.as_ref().is_none_or(|(c, _)| c != collection) {
-                self.finish_collection().await?;
-                self.seen.push(collection.to_owned());
-                self.current = Some((collection.to_owned(), CollectionMerge::new()));
-            }
-            let cid = record.cid.to_string();
-            let mut changes = Vec::new();
-            loop {
-                let done = match &mut self.current {
-                    Some((_, merge)) => merge.push(rkey, &cid, &mut changes),
-                    None => true,
-                };
-                if done {
-                    break;
-                }
-                self.refill().await?;
-            }
-            let announced = changes.iter().any(|c| {
-                matches!(c, Change::Create { rkey: k } | Change::Update { rkey: k } if k == rkey)
+            self.refill().await?;
+        }
+        let announced = changes.iter().any(
+            |c| matches!(c, Change::Create { rkey: k } | Change::Update { rkey: k } if k == rkey),
+        );
+        if self.replay && !announced {
+            changes.push(Change::Create {
+                rkey: rkey.to_owned(),
             });
-            if self.replay && !announced {
-                changes.push(Change::Create {
-                    rkey: rkey.to_owned(),
-                });
-            }
-            let json = record_json(&record.bytes);
-            for change in changes {
-                self.add(collection, change, Some((&cid, json.as_deref())))
-                    .await?;
-            }
+        }
+        let json = record_json(bytes);
+        for change in changes {
+            self.add(collection, change, Some((&cid, json.as_deref())))
+                .await?;
         }
         Ok(())
     }

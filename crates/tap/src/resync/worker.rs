@@ -5,16 +5,19 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tap_atproto::stream::{RepoWalker, WalkLimits};
+use tap_atproto::syntax::Did;
 use tokio_util::sync::CancellationToken;
 
 use super::cutover::cut_over;
-use super::fetch::PdsClient;
+use super::fetch::{FetchError, PdsClient};
 use super::snapshot::Snapshot;
+use super::sparse::{self, SparseError};
+use super::strategy;
 use super::{IDLE_POLL, ResyncError, ResyncSettings, WALK_MEMORY_BUDGET};
 use crate::repos::engine::Engine;
 use crate::repos::handle_checks::HandleChecks;
 use crate::shutdown::Supervisor;
-use crate::store::{EventStorage, RepoRow, ResyncFailure, Store};
+use crate::store::{EventStorage, FetchKind, LastFetch, RepoRow, ResyncFailure, Store};
 use crate::telemetry as t;
 
 /// Starts the workers; they stop claiming when `intake` is cancelled and abandon a resync
@@ -157,14 +160,6 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
     handles.submit(did.clone()).await;
     let key = ident.require_signing_key()?.clone();
     let pds_url = ident.require_pds()?.clone();
-    let mut body = pds.get_repo(&pds_url, did).await?;
-    let host = body.host().to_owned();
-    let mut limits = WalkLimits {
-        memory_budget: WALK_MEMORY_BUDGET,
-        ..WalkLimits::default()
-    };
-    limits.car.max_total_bytes = settings.max_repo_bytes;
-    let mut walker = RepoWalker::new(Some(did.clone()), Some(key), limits);
     // With nothing indexed, every record is a create that the repo itself can produce
     // again, so the events need not be stored one by one (decisions in
     // docs/architecture.md, "Write volume").
@@ -178,13 +173,73 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
     // acked before a crash (`Store::reset_undelivered_backfills`): the consumer may lack
     // any record, and may hold ones deleted since. Re-emit every record, delete the rest.
     let replay = indexed && repo.rev.is_none();
+
+    let plan = strategy::plan(
+        settings.fetch_strategy,
+        engine.scope().key_ranges(),
+        pds.lacks_sparse(&pds_url),
+    );
+    let mut spent = 0;
+    let head = if plan.ask_head {
+        match pds.latest_commit(&pds_url, did).await {
+            Ok(head) => {
+                spent += head.bytes;
+                Some(head.value)
+            }
+            // Remembered per host by the client: the whole repo from now on.
+            Err(FetchError::Unsupported { .. }) => None,
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        None
+    };
+    if let (Some(head), Some(data)) = (&head, &repo.prev_data)
+        && strategy::unchanged(repo, replay, head)
+    {
+        note_fetch(store, did, FetchKind::Skipped, spent).await;
+        // Buffered live commits still go through the cutover's checks.
+        cut_over(engine, store, did, head.rev.as_str(), data).await?;
+        return Ok(0);
+    }
+
     let mut sink = Snapshot::new(engine, store, did, repo.rev, storage, replay);
+    if let (Some(head), Some(ranges)) = (head, &plan.sparse) {
+        let mut cost = sparse::Cost::default();
+        let fetched = sparse::fetch(pds, &pds_url, did, &key, head, ranges, &mut cost).await;
+        spent += cost.bytes;
+        match fetched {
+            Ok(snapshot) => {
+                let rev = snapshot.commit.rev;
+                sink.check_rev(rev.as_str())?;
+                for (path, cid, bytes) in &snapshot.records {
+                    sink.record(&rev, path, cid, bytes).await?;
+                }
+                sink.finish().await?;
+                note_fetch(store, did, FetchKind::Sparse, spent).await;
+                let data = snapshot.commit.data.to_string();
+                cut_over(engine, store, did, rev.as_str(), &data).await?;
+                return Ok(snapshot.records.len() as u64);
+            }
+            Err(SparseError::Fetch(e)) => return Err(e.into()),
+            // Nothing was handed on: the whole repo, verified as always, decides.
+            Err(refused) => {
+                metrics::counter!(t::SPARSE_FALLBACKS).increment(1);
+                tracing::warn!(%did, reason = %refused, "Sparse fetch refused; fetching the whole repo.");
+            }
+        }
+    }
+
+    let mut body = pds.get_repo(&pds_url, did).await?;
+    let mut limits = WalkLimits {
+        memory_budget: WALK_MEMORY_BUDGET,
+        ..WalkLimits::default()
+    };
+    limits.car.max_total_bytes = settings.max_repo_bytes;
+    let mut walker = RepoWalker::new(Some(did.clone()), Some(key), limits);
     loop {
         let Some(chunk) = body.chunk().await? else {
             break;
         };
-        metrics::counter!(t::BYTES_DOWNLOADED, "source" => host.clone())
-            .increment(chunk.len() as u64);
         walker.push(&chunk)?;
         sink.drain(&mut walker).await?;
     }
@@ -197,6 +252,21 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
     sink.check_rev(&rev)?;
     let records = walker.records_emitted();
     sink.finish().await?;
+    note_fetch(store, did, FetchKind::Full, spent + body.bytes_read()).await;
     cut_over(engine, store, did, &rev, &data).await?;
     Ok(records)
+}
+
+/// Records how the repo was fetched (for `/info/{did}`), before the cutover makes it
+/// active; a failure only costs that note.
+async fn note_fetch(store: &Store, did: &Did, kind: FetchKind, bytes: u64) {
+    metrics::counter!(t::RESYNC_FETCHES, "kind" => kind.as_str()).increment(1);
+    let fetch = LastFetch {
+        kind,
+        bytes,
+        at: now_unix(),
+    };
+    if let Err(error) = store.record_fetch(did.as_str(), fetch).await {
+        tracing::warn!(%did, %error, "Failed to note how the repo was fetched.");
+    }
 }

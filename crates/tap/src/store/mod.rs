@@ -25,8 +25,8 @@ mod url;
 pub use error::StoreError;
 pub use retry::ResyncFailure;
 pub use types::{
-    AccountStatus, BufferedCommit, EventId, EventStorage, NewEvent, OutboxRow, RecordChange,
-    RecordRow, RepoChange, RepoRow, RepoState, RepoWrite, WriteCondition,
+    AccountStatus, BufferedCommit, EventId, EventStorage, FetchKind, LastFetch, NewEvent,
+    OutboxRow, RecordChange, RecordRow, RepoChange, RepoRow, RepoState, RepoWrite, WriteCondition,
 };
 pub use url::DatabaseUrl;
 
@@ -191,6 +191,15 @@ impl Store {
     /// Database errors.
     pub async fn record_collections(&self, did: &str) -> Result<Vec<String>, StoreError> {
         dispatch!(self.record_collections(did.to_owned()))
+    }
+
+    /// Notes how the repo was just fetched (shown by `/info/{did}`). A repo removed
+    /// meanwhile is left alone.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn record_fetch(&self, did: &str, fetch: LastFetch) -> Result<(), StoreError> {
+        dispatch!(self.record_fetch(did.to_owned(), fetch))
     }
 
     /// Number of tracked repos.

@@ -14,8 +14,8 @@ use tokio_postgres::config::Host;
 use super::record_index::{self, FoundChunk, IndexStep, IndexWriter};
 use super::schema::{self, REPO_COLUMNS, StoredRepo};
 use super::{
-    BufferedCommit, CLAIM_ORDER, EventId, EventStorage, OutboxRow, RecordRow, RepoChange, RepoRow,
-    RepoState, RepoWrite, ResyncFailure, StoreError, Table, event_id, to_i64,
+    BufferedCommit, CLAIM_ORDER, EventId, EventStorage, LastFetch, OutboxRow, RecordRow,
+    RepoChange, RepoRow, RepoState, RepoWrite, ResyncFailure, StoreError, Table, event_id, to_i64,
 };
 
 /// Key of the advisory lock that serializes migrations of several processes starting at once.
@@ -230,6 +230,29 @@ impl PgStore {
             .map_err(pg(OP))?;
         let count: i64 = row.try_get(0).map_err(pg(OP))?;
         Ok(count.unsigned_abs())
+    }
+
+    pub(super) async fn record_fetch(
+        &self,
+        did: String,
+        fetch: LastFetch,
+    ) -> Result<(), StoreError> {
+        const OP: &str = "record_fetch";
+        let client = self.client(OP).await?;
+        client
+            .execute(
+                "UPDATE repos SET fetch_kind = $2, fetch_bytes = $3, fetched_at = $4 \
+                 WHERE did = $1",
+                &[
+                    &did,
+                    &fetch.kind.as_str(),
+                    &i64::try_from(fetch.bytes).unwrap_or(i64::MAX),
+                    &fetch.at,
+                ],
+            )
+            .await
+            .map_err(pg(OP))?;
+        Ok(())
     }
 
     pub(super) async fn record_collections(&self, did: String) -> Result<Vec<String>, StoreError> {
@@ -845,6 +868,9 @@ fn read_repo(row: &tokio_postgres::Row, op: &'static str) -> Result<RepoRow, Sto
         error: row.try_get(6).map_err(pg(op))?,
         retry_count: row.try_get(7).map_err(pg(op))?,
         retry_after: row.try_get(8).map_err(pg(op))?,
+        fetch_kind: row.try_get(9).map_err(pg(op))?,
+        fetch_bytes: row.try_get(10).map_err(pg(op))?,
+        fetched_at: row.try_get(11).map_err(pg(op))?,
     };
     RepoRow::try_from(stored)
 }

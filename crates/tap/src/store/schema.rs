@@ -4,7 +4,9 @@
 
 use tap_atproto::syntax::Tid;
 
-use super::{AccountStatus, RepoRow, RepoState, RepoWrite, StoreError, WriteCondition};
+use super::{
+    AccountStatus, FetchKind, LastFetch, RepoRow, RepoState, RepoWrite, StoreError, WriteCondition,
+};
 
 /// One numbered schema migration, in both dialects, embedded at build time.
 pub(super) struct Migration {
@@ -34,6 +36,7 @@ pub(super) const MIGRATIONS: &[Migration] = &[
     migration!(1, "0001_initial"),
     migration!(2, "0002_backfill_token"),
     migration!(3, "0003_record_chunks"),
+    migration!(4, "0004_last_fetch"),
 ];
 
 /// What a backend found before migrating.
@@ -73,8 +76,8 @@ pub(super) fn pending(
 }
 
 /// The columns of a repo row, in the order [`StoredRepo`] reads them.
-pub(super) const REPO_COLUMNS: &str =
-    "did, state, status, handle, rev, prev_data, error_msg, retry_count, retry_after";
+pub(super) const REPO_COLUMNS: &str = "did, state, status, handle, rev, prev_data, error_msg, \
+     retry_count, retry_after, fetch_kind, fetch_bytes, fetched_at";
 
 /// A repo row as the database returns it ([`REPO_COLUMNS`], in order).
 pub(super) struct StoredRepo {
@@ -87,6 +90,9 @@ pub(super) struct StoredRepo {
     pub error: String,
     pub retry_count: i64,
     pub retry_after: i64,
+    pub fetch_kind: String,
+    pub fetch_bytes: i64,
+    pub fetched_at: i64,
 }
 
 impl TryFrom<StoredRepo> for RepoRow {
@@ -112,6 +118,15 @@ impl TryFrom<StoredRepo> for RepoRow {
             error: row.error,
             retry_count: clamp_retry_count(row.retry_count),
             retry_after: row.retry_after,
+            last_fetch: match FetchKind::from_name(&row.fetch_kind) {
+                None if row.fetch_kind.is_empty() => None,
+                None => return Err(corrupt_repo("fetch_kind", row.fetch_kind)),
+                Some(kind) => Some(LastFetch {
+                    kind,
+                    bytes: u64::try_from(row.fetch_bytes).unwrap_or(0),
+                    at: row.fetched_at,
+                }),
+            },
         })
     }
 }
@@ -179,17 +194,17 @@ mod tests {
             Err(StoreError::ForeignSchema { .. })
         ));
         let all: Vec<i64> = pending(0).unwrap().map(|m| m.version).collect();
-        assert_eq!(all, [1, 2, 3]);
+        assert_eq!(all, [1, 2, 3, 4]);
         assert_eq!(
             pending(2).unwrap().map(|m| m.version).collect::<Vec<_>>(),
             [3]
         );
-        assert_eq!(pending(3).unwrap().count(), 0);
+        assert_eq!(pending(4).unwrap().count(), 0);
         assert!(matches!(
-            pending(4).map(Iterator::count),
+            pending(5).map(Iterator::count),
             Err(StoreError::SchemaTooNew {
-                found: 4,
-                supported: 3
+                found: 5,
+                supported: 4
             })
         ));
     }
@@ -220,6 +235,9 @@ mod tests {
             error: String::new(),
             retry_count: -3,
             retry_after: 0,
+            fetch_kind: String::new(),
+            fetch_bytes: 0,
+            fetched_at: 0,
         };
         let ok = RepoRow::try_from(row("active", "active")).unwrap();
         assert_eq!(ok.retry_count, 0, "a negative count reads as zero");

@@ -149,6 +149,7 @@ test_each_store!(add_repos_inserts_new_and_ignores_existing, |store, _url| {
             error: String::new(),
             retry_count: 0,
             retry_after: 0,
+            last_fetch: None,
         }
     );
     assert_eq!(store.get_repo("did:plc:nope").await.unwrap(), None);
@@ -444,6 +445,7 @@ test_each_store!(
                 error: String::new(),
                 retry_count: 0,
                 retry_after: 0,
+                last_fetch: None,
             }
         );
     }

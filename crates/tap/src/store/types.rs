@@ -123,6 +123,51 @@ pub struct RepoRow {
     pub retry_count: u32,
     /// Unix seconds before which the repo is not claimed for resync; 0 = immediately.
     pub retry_after: i64,
+    /// How tap last fetched the repo from its PDS; `None` before the first fetch.
+    pub last_fetch: Option<LastFetch>,
+}
+
+/// How a resync got the repo from its PDS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FetchKind {
+    /// The whole repo (`getRepo`).
+    Full,
+    /// The signed commit, the MST paths to the wanted collections and their records
+    /// (`getBlocks`).
+    Sparse,
+    /// Nothing: the PDS's head was the commit tap already held.
+    Skipped,
+}
+
+impl FetchKind {
+    /// The stored and displayed name.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::Sparse => "sparse",
+            Self::Skipped => "skipped",
+        }
+    }
+
+    /// Parses a name written by [`FetchKind::as_str`].
+    #[must_use]
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Full, Self::Sparse, Self::Skipped]
+            .into_iter()
+            .find(|k| k.as_str() == name)
+    }
+}
+
+/// The last fetch of a repo.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LastFetch {
+    /// What was downloaded.
+    pub kind: FetchKind,
+    /// Bytes downloaded for it (every call of the fetch).
+    pub bytes: u64,
+    /// When it finished (unix seconds).
+    pub at: i64,
 }
 
 /// An outbox event id: unique and strictly increasing in commit order for the life of the

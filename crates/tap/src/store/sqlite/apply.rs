@@ -23,6 +23,9 @@ pub(super) fn read_repo(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Repo
         error: row.get(6)?,
         retry_count: row.get(7)?,
         retry_after: row.get(8)?,
+        fetch_kind: row.get(9)?,
+        fetch_bytes: row.get(10)?,
+        fetched_at: row.get(11)?,
     };
     Ok(RepoRow::try_from(stored))
 }

@@ -1,0 +1,342 @@
+//! A walk of only the parts of a tree that hold wanted keys: the basis of a sparse fetch,
+//! where a client downloads the signed commit, then the nodes whose key intervals meet the
+//! wanted ranges level by level, then the wanted records, instead of the whole repo.
+//!
+//! The walk runs over whatever blocks are at hand and reports the nodes it still needs;
+//! the caller fetches them (every block hash-checked by the CAR reader) and walks again.
+//! When nothing is missing, the keys it returns are every key of the tree inside the
+//! ranges: a subtree is skipped only when its whole key interval lies outside them, so an
+//! absent key is proven absent by the same nodes that would have held it.
+//!
+//! Every node visited is checked as a full walk checks it (key syntax, one layer per node,
+//! keys strictly increasing across everything visited, no empty or non-canonical nodes).
+
+use cid::Cid;
+
+use super::node::decode_node;
+use super::{MstError, is_valid_mst_key, key_height, key_string};
+use crate::hash::BlockSource;
+
+/// A half-open interval of keys, `start ≤ key < end` in byte order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRange {
+    start: Vec<u8>,
+    end: Vec<u8>,
+}
+
+impl KeyRange {
+    /// Every key beginning with `prefix` (which must not be empty).
+    #[must_use]
+    pub fn prefix(prefix: &[u8]) -> Self {
+        let start = prefix.to_vec();
+        // The smallest byte string greater than every string with this prefix: the prefix
+        // with its last byte below 0xff incremented (MST keys are ASCII, so that byte
+        // exists whenever the prefix is non-empty).
+        let mut end = prefix.to_vec();
+        while let Some(last) = end.pop() {
+            if last < u8::MAX {
+                end.push(last + 1);
+                break;
+            }
+        }
+        Self { start, end }
+    }
+
+    /// Every record of one collection: keys `"<nsid>/…"`.
+    #[must_use]
+    pub fn collection(nsid: &str) -> Self {
+        Self::prefix(format!("{nsid}/").as_bytes())
+    }
+
+    /// Whether `key` lies in the range.
+    #[must_use]
+    pub fn contains(&self, key: &[u8]) -> bool {
+        key >= self.start.as_slice() && (self.end.is_empty() || key < self.end.as_slice())
+    }
+
+    /// Whether some key strictly between `lo` and `hi` (`None`: unbounded) lies in the range.
+    fn meets(&self, lo: Option<&[u8]>, hi: Option<&[u8]>) -> bool {
+        // The open interval (lo, hi) meets [start, end) unless it ends at or before start or
+        // begins at or after end.
+        let ends_before = hi.is_some_and(|hi| hi <= self.start.as_slice());
+        let starts_after = !self.end.is_empty() && lo.is_some_and(|lo| lo >= self.end.as_slice());
+        !ends_before && !starts_after
+    }
+}
+
+/// Where a sparse walk stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SparseWalk {
+    /// Every node that may hold a wanted key was at hand: the wanted keys and values, in
+    /// key order.
+    Complete(Vec<(String, Cid)>),
+    /// These nodes (each on a path to wanted keys) must be fetched before the walk can
+    /// finish.
+    Missing(Vec<Cid>),
+}
+
+/// Walks the tree rooted at `root` through the blocks of `src`, descending only into
+/// subtrees whose key interval meets one of `ranges`.
+///
+/// # Errors
+/// [`MstError`] on any structural problem in the nodes visited.
+pub fn walk_ranges(
+    root: &Cid,
+    ranges: &[KeyRange],
+    src: &dyn BlockSource,
+) -> Result<SparseWalk, MstError> {
+    let mut walk = Walk {
+        ranges,
+        src,
+        last: None,
+        found: Vec::new(),
+        missing: Vec::new(),
+    };
+    walk.node(root, None, true, None, None)?;
+    if walk.missing.is_empty() {
+        Ok(SparseWalk::Complete(walk.found))
+    } else {
+        Ok(SparseWalk::Missing(walk.missing))
+    }
+}
+
+struct Walk<'a> {
+    ranges: &'a [KeyRange],
+    src: &'a dyn BlockSource,
+    /// The greatest key visited so far (keys must increase across the whole walk).
+    last: Option<Vec<u8>>,
+    found: Vec<(String, Cid)>,
+    missing: Vec<Cid>,
+}
+
+impl Walk<'_> {
+    fn wanted_between(&self, lo: Option<&[u8]>, hi: Option<&[u8]>) -> bool {
+        self.ranges.iter().any(|r| r.meets(lo, hi))
+    }
+
+    /// Visits a subtree covering the keys strictly between `lo` and `hi`, if it may hold a
+    /// wanted key.
+    fn child(
+        &mut self,
+        cid: &Cid,
+        height: u8,
+        lo: Option<&[u8]>,
+        hi: Option<&[u8]>,
+    ) -> Result<(), MstError> {
+        if !self.wanted_between(lo, hi) {
+            return Ok(());
+        }
+        self.node(cid, Some(height), false, lo, hi)
+    }
+
+    fn node(
+        &mut self,
+        cid: &Cid,
+        height: Option<u8>,
+        is_root: bool,
+        lo: Option<&[u8]>,
+        hi: Option<&[u8]>,
+    ) -> Result<(), MstError> {
+        let Some(bytes) = self.src.get_block(cid) else {
+            self.missing.push(*cid);
+            return Ok(());
+        };
+        let node = decode_node(bytes)?;
+        if node.entries.is_empty() {
+            if is_root && node.left.is_none() {
+                return Ok(());
+            }
+            if is_root {
+                return Err(MstError::NotCanonical("root has a subtree but no keys"));
+            }
+            if node.left.is_none() {
+                return Err(MstError::EmptyNode(*cid));
+            }
+        }
+        let h = match (height, node.entries.first()) {
+            (Some(h), _) => h,
+            (None, Some(e)) => key_height(&e.key),
+            (None, None) => 0,
+        };
+        for e in &node.entries {
+            if !is_valid_mst_key(&e.key) {
+                return Err(MstError::InvalidKey(key_string(&e.key)));
+            }
+            if key_height(&e.key) != h {
+                return Err(MstError::WrongLayer(key_string(&e.key)));
+            }
+            // A node's keys must lie inside the interval its parent gave it.
+            let outside = lo.is_some_and(|lo| e.key.as_slice() <= lo)
+                || hi.is_some_and(|hi| e.key.as_slice() >= hi);
+            if outside {
+                return Err(MstError::KeyOrder(key_string(&e.key)));
+            }
+        }
+        let has_children = node.left.is_some() || node.entries.iter().any(|e| e.right.is_some());
+        if has_children && h == 0 {
+            return Err(MstError::NotCanonical("subtree below layer 0"));
+        }
+        if let Some(left) = &node.left {
+            let first = node.entries.first().map(|e| e.key.as_slice()).or(hi);
+            self.child(left, h - 1, lo, first)?;
+        }
+        for (i, e) in node.entries.iter().enumerate() {
+            if self.last.as_ref().is_some_and(|p| *p >= e.key) {
+                return Err(MstError::KeyOrder(key_string(&e.key)));
+            }
+            if self.ranges.iter().any(|r| r.contains(&e.key)) {
+                self.found.push((key_string(&e.key), e.value));
+            }
+            self.last = Some(e.key.clone());
+            if let Some(right) = &e.right {
+                let next = node.entries.get(i + 1).map(|n| n.key.as_slice()).or(hi);
+                self.child(right, h - 1, Some(&e.key), next)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::{self, BlockMap};
+    use crate::mst::{Mst, walk_tree_collect};
+    use bytes::Bytes;
+    use proptest::prelude::*;
+
+    const COLLECTIONS: [&str; 5] = [
+        "app.bsky.actor.profile",
+        "app.bsky.feed.like",
+        "app.bsky.feed.post",
+        "app.bsky.feed.postgate",
+        "app.bsky.graph.starterpack",
+    ];
+
+    /// A tree of `keys` (collection index, rkey number) and every block of it.
+    fn tree(keys: &std::collections::BTreeSet<(usize, u32)>) -> (Cid, BlockMap) {
+        let mut entries: Vec<(Vec<u8>, Cid)> = keys
+            .iter()
+            .map(|(c, n)| {
+                let key = format!("{}/3k{n:011}", COLLECTIONS[*c]).into_bytes();
+                let value = hash::cid_for_cbor(&n.to_be_bytes());
+                (key, value)
+            })
+            .collect();
+        entries.sort();
+        let mut mst = Mst::from_sorted(entries).unwrap();
+        let mut out = Vec::new();
+        let root = mst.root_cid_with_blocks(&mut out);
+        let mut blocks = BlockMap::default();
+        for (cid, bytes) in out {
+            blocks.insert(cid, Bytes::from(bytes));
+        }
+        (root, blocks)
+    }
+
+    /// Fetches what the walk asks for from `all`, level by level, until it completes;
+    /// returns the result and how many node blocks were fetched.
+    fn fetch_until_complete(
+        root: &Cid,
+        ranges: &[KeyRange],
+        all: &BlockMap,
+    ) -> (Vec<(String, Cid)>, usize) {
+        let mut have = BlockMap::default();
+        loop {
+            match walk_ranges(root, ranges, &have).unwrap() {
+                SparseWalk::Complete(found) => return (found, have.len()),
+                SparseWalk::Missing(cids) => {
+                    assert!(!cids.is_empty());
+                    for cid in cids {
+                        let block = all.get(&cid).expect("asks only for nodes of the tree");
+                        assert!(have.insert(cid, block.clone()).is_none(), "asked twice");
+                    }
+                }
+            }
+        }
+    }
+
+    proptest! {
+        /// Whatever the tree and the wanted collections, fetching what the walk asks for
+        /// gives exactly the wanted keys of the full walk, and never more nodes than the
+        /// tree has.
+        #[test]
+        fn a_sparse_walk_finds_exactly_the_wanted_keys_of_the_full_walk(
+            keys in proptest::collection::btree_set((0usize..5, 0u32..100_000), 0..400),
+            wanted in proptest::collection::btree_set(0usize..5, 0..3),
+        ) {
+            let (root, all) = tree(&keys);
+            let ranges: Vec<KeyRange> =
+                wanted.iter().map(|c| KeyRange::collection(COLLECTIONS[*c])).collect();
+            let (found, fetched) = fetch_until_complete(&root, &ranges, &all);
+            let expected: Vec<(String, Cid)> = walk_tree_collect(&root, &all)
+                .unwrap()
+                .into_iter()
+                .filter(|(k, _)| ranges.iter().any(|r| r.contains(k.as_bytes())))
+                .collect();
+            prop_assert_eq!(found, expected);
+            prop_assert!(fetched <= all.len());
+        }
+    }
+
+    #[test]
+    fn one_small_collection_of_a_large_tree_costs_a_few_nodes() {
+        // 5000 posts and 10 starter packs.
+        let mut keys = std::collections::BTreeSet::new();
+        for n in 0..5000 {
+            keys.insert((2, n * 13));
+        }
+        for n in 0..10 {
+            keys.insert((4, n * 17));
+        }
+        let (root, all) = tree(&keys);
+        let (found, fetched) =
+            fetch_until_complete(&root, &[KeyRange::collection(COLLECTIONS[4])], &all);
+        assert_eq!(found.len(), 10);
+        assert!(
+            fetched * 20 < all.len(),
+            "{fetched} of {} nodes fetched",
+            all.len()
+        );
+    }
+
+    #[test]
+    fn a_node_key_outside_its_parents_interval_is_refused() {
+        let mut keys = std::collections::BTreeSet::new();
+        for n in 0..300 {
+            keys.insert((2, n));
+        }
+        let (root, all) = tree(&keys);
+        // Swap a child's block for another node's: its keys then lie outside the interval
+        // the parent gives it.
+        let root_node = crate::mst::decode_node(&all[&root]).unwrap();
+        let children: Vec<Cid> = root_node
+            .left
+            .iter()
+            .copied()
+            .chain(root_node.entries.iter().filter_map(|e| e.right))
+            .collect();
+        assert!(children.len() >= 2, "the fixture needs two subtrees");
+        let mut lying = all.clone();
+        let other = all[&children[1]].clone();
+        lying.insert(children[0], other);
+        let everything = [KeyRange::prefix(b"a")];
+        assert!(walk_ranges(&root, &everything, &lying).is_err());
+    }
+
+    #[test]
+    fn ranges_cover_exactly_their_prefix() {
+        let posts = KeyRange::collection("app.bsky.feed.post");
+        assert!(posts.contains(b"app.bsky.feed.post/3k2a"));
+        assert!(!posts.contains(b"app.bsky.feed.postgate/3k2a"));
+        assert!(!posts.contains(b"app.bsky.feed.like/3k2a"));
+        let bsky = KeyRange::prefix(b"app.bsky.");
+        assert!(bsky.contains(b"app.bsky.graph.follow/x"));
+        assert!(!bsky.contains(b"app.bskyx/x"));
+        assert!(posts.meets(Some(b"a"), None));
+        assert!(!posts.meets(Some(b"b"), None));
+        assert!(!posts.meets(None, Some(b"app.bsky.feed.post/")));
+        assert!(posts.meets(None, Some(b"app.bsky.feed.post/0")));
+        assert!(!posts.meets(Some(b"app.bsky.feed.post0"), None));
+    }
+}

@@ -1,0 +1,170 @@
+//! Sparse fetch: only what the filters want, verified as strictly as a whole repo.
+//!
+//! The PDS's head commit comes through `getBlocks` and must carry a valid signature by the
+//! repo's key; then the MST nodes whose key intervals meet the wanted collections, level by
+//! level (`mst::walk_ranges` says which, and checks every node it visits); then the wanted
+//! records. Every block is hash-checked against its CID by the CAR reader, and a block the
+//! PDS does not return is a refusal, never a gap. Nothing is handed on until all of it
+//! checks out, so a failure here writes nothing and the worker can fall back to a full
+//! fetch.
+
+use tap_atproto::commit::Commit;
+use tap_atproto::hash::BlockMap;
+use tap_atproto::mst::{KeyRange, SparseWalk, walk_ranges};
+use tap_atproto::syntax::Did;
+use tap_atproto::{Cid, PublicKey};
+use url::Url;
+
+use super::fetch::{FetchError, LatestCommit, PdsClient};
+
+/// Most CIDs asked for in one `getBlocks` (the URL stays well under common limits).
+pub const BLOCKS_PER_CALL: usize = 100;
+/// Most bytes one sparse fetch holds in memory. A selection this large is better served
+/// by the streaming full fetch, which the worker falls back to.
+pub const SPARSE_MEMORY: u64 = 64 << 20;
+/// Most rounds of node fetching (the MST of any real repo is far shallower).
+const MAX_LEVELS: usize = 64;
+
+/// A verified sparse snapshot: the signed commit and the wanted records in key order.
+#[derive(Debug)]
+pub struct SparseRepo {
+    /// The verified head commit.
+    pub commit: Commit,
+    /// `(collection/rkey, cid, record bytes)` in key order.
+    pub records: Vec<(String, Cid, bytes::Bytes)>,
+}
+
+/// Why a sparse fetch gave up.
+#[derive(Debug, thiserror::Error)]
+pub enum SparseError {
+    /// The PDS could not be asked (rate limit, network, status): the same as for a full
+    /// fetch.
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    /// What the PDS returned does not check out (missing or lying blocks, a bad signature,
+    /// an invalid tree): the repo is fetched whole instead.
+    #[error("sparse fetch refused: {0}")]
+    Refused(String),
+    /// The selection is too large to hold; the streaming full fetch is used instead.
+    #[error("sparse selection larger than {SPARSE_MEMORY} bytes")]
+    TooLarge,
+}
+
+/// What a sparse fetch cost.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Cost {
+    /// Body bytes downloaded.
+    pub bytes: u64,
+    /// `getBlocks` calls made.
+    pub calls: u64,
+}
+
+/// Fetches the parts of `did`'s repo (head `head`) under `ranges`.
+///
+/// # Errors
+/// [`SparseError`]; `cost` holds what was downloaded whatever the outcome.
+pub async fn fetch(
+    pds: &PdsClient,
+    pds_url: &Url,
+    did: &Did,
+    key: &PublicKey,
+    head: LatestCommit,
+    ranges: &[KeyRange],
+    cost: &mut Cost,
+) -> Result<SparseRepo, SparseError> {
+    let mut have = BlockMap::default();
+    fetch_blocks(pds, pds_url, did, &[head.cid], &mut have, cost).await?;
+    let commit_bytes = have
+        .get(&head.cid)
+        .ok_or_else(|| SparseError::Refused(format!("commit {} not returned", head.cid)))?;
+    let commit = Commit::decode(commit_bytes)
+        .map_err(|e| SparseError::Refused(format!("commit {}: {e}", head.cid)))?;
+    if commit.did != *did {
+        return Err(SparseError::Refused(format!(
+            "commit is for {}, not {did}",
+            commit.did
+        )));
+    }
+    commit
+        .verify_signature(key)
+        .map_err(|e| SparseError::Refused(format!("commit signature: {e}")))?;
+
+    let mut levels = 0;
+    let found = loop {
+        match walk_ranges(&commit.data, ranges, &have)
+            .map_err(|e| SparseError::Refused(format!("MST: {e}")))?
+        {
+            SparseWalk::Complete(found) => break found,
+            SparseWalk::Missing(cids) => {
+                levels += 1;
+                if levels > MAX_LEVELS {
+                    return Err(SparseError::Refused("MST deeper than any real repo".into()));
+                }
+                fetch_blocks(pds, pds_url, did, &cids, &mut have, cost).await?;
+            }
+        }
+    };
+    let mut wanted: Vec<Cid> = found
+        .iter()
+        .map(|(_, cid)| *cid)
+        .filter(|cid| !have.contains_key(cid))
+        .collect();
+    wanted.sort_by_key(Cid::to_bytes);
+    wanted.dedup();
+    fetch_blocks(pds, pds_url, did, &wanted, &mut have, cost).await?;
+    let records = found
+        .into_iter()
+        .map(|(path, cid)| {
+            let bytes = have
+                .get(&cid)
+                .cloned()
+                .ok_or_else(|| SparseError::Refused(format!("record {cid} not returned")))?;
+            Ok((path, cid, bytes))
+        })
+        .collect::<Result<_, SparseError>>()?;
+    Ok(SparseRepo { commit, records })
+}
+
+/// Fetches `cids` in batches into `have`; every one must come back.
+async fn fetch_blocks(
+    pds: &PdsClient,
+    pds_url: &Url,
+    did: &Did,
+    cids: &[Cid],
+    have: &mut BlockMap,
+    cost: &mut Cost,
+) -> Result<(), SparseError> {
+    for batch in cids.chunks(BLOCKS_PER_CALL) {
+        let budget = SPARSE_MEMORY.saturating_sub(cost.bytes);
+        if budget == 0 {
+            return Err(SparseError::TooLarge);
+        }
+        let answer = match pds.get_blocks(pds_url, did, batch, budget).await {
+            Ok(answer) => answer,
+            // An answer over the budget ends the sparse attempt, not the resync.
+            Err(FetchError::Malformed { reason, .. }) if reason.starts_with("answer larger") => {
+                cost.bytes = SPARSE_MEMORY;
+                return Err(SparseError::TooLarge);
+            }
+            // A block that does not hash, or a CAR that does not read: the PDS lied.
+            Err(e @ FetchError::Malformed { .. }) => {
+                return Err(SparseError::Refused(e.to_string()));
+            }
+            // `Could not find cids`: a block the tree needs is not there.
+            Err(e @ FetchError::Status { status: 400, .. }) => {
+                return Err(SparseError::Refused(e.to_string()));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        cost.bytes += answer.bytes;
+        cost.calls += 1;
+        let mut blocks = answer.value;
+        for cid in batch {
+            let block = blocks
+                .remove(cid)
+                .ok_or_else(|| SparseError::Refused(format!("block {cid} not returned")))?;
+            have.insert(*cid, block);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,282 @@
+//! Issue 12 against loopback fakes: every downloaded byte is in the ledger and adds up to
+//! what the servers sent; a filtered tap fetches only the wanted part of a repo (verified as
+//! strictly as a whole one); an unchanged repo is not downloaded again; a PDS that lacks
+//! the calls, or lies in them, gets a full verified fetch.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+mod sync_support;
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use common::TestDb;
+use serde_json::Value;
+use tap::config::FetchStrategy;
+use tap_atproto::car::{CarLimits, read_car};
+use tap_atproto::commit::Commit;
+use tap_testkit::fake_pds::Endpoint;
+use tap_testkit::repo_builder::{RepoBuilder, TestKey};
+
+use common::TestTap;
+use sync_support::{Consumer, Net, add, did, expected, paths_and_cids, wait_for, wait_state};
+
+const BLOCKS: &str = "app.bsky.graph.block";
+
+async fn bandwidth(tap: &TestTap) -> Value {
+    reqwest::get(tap.url("/stats/bandwidth"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+fn source(bw: &Value, name: &str) -> u64 {
+    bw["by_source"][name].as_u64().unwrap()
+}
+
+/// The repo's records in `collection`, as `path → cid`.
+fn expected_in(repo: &RepoBuilder, collection: &str) -> BTreeMap<String, String> {
+    expected(repo)
+        .into_iter()
+        .filter(|(path, _)| path.starts_with(&format!("{collection}/")))
+        .collect()
+}
+
+async fn the_ledger_adds_up_to_what_the_servers_sent(db: TestDb) {
+    let net = Net::start().await;
+    let mut repo = RepoBuilder::with_records(did(1), TestKey::k256(1), 1, 300);
+    net.host(&repo, "alice.test", repo.car_tree_order());
+    let mut cfg = net.config(&db);
+    cfg.fetch_strategy = FetchStrategy::Full;
+    let tap = TestTap::start(cfg).await;
+    let consumer = Consumer::connect(&tap).await;
+    add(&tap, repo.did()).await;
+    let n = repo.records().len();
+    consumer.wait_records(n).await;
+    wait_state(&tap, repo.did(), "active").await;
+    let ops = repo.random_ops(3);
+    net.relay.push_frame(1, repo.commit_frame(&ops).unwrap());
+    consumer.wait_records(n + 3).await;
+
+    let bw = wait_for("the ledger to have the live commit", || async {
+        let bw = bandwidth(&tap).await;
+        (source(&bw, "relay.firehose") == net.relay.firehose_bytes()).then_some(bw)
+    })
+    .await;
+    let served = net.pds.served(Endpoint::GetRepo);
+    assert_eq!(served.requests, 1);
+    assert_eq!(source(&bw, "pds.getRepo"), served.bytes, "{bw}");
+    assert_eq!(
+        source(&bw, "plc") + source(&bw, "handle_resolution"),
+        net.plc.bytes_served(),
+        "{bw}"
+    );
+    let sum: u64 = bw["by_source"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(bw["total"], sum);
+    assert_eq!(
+        bw["total"],
+        served.bytes + net.relay.firehose_bytes() + net.plc.bytes_served()
+    );
+    // No filters: every record byte was delivered, and records plus structure is the total.
+    assert_eq!(bw["records"]["discarded"], 0);
+    let records = bw["records"]["downloaded"].as_u64().unwrap();
+    assert!(records > 0 && records < served.bytes, "{bw}");
+    assert_eq!(bw["structure"].as_u64().unwrap() + records, sum);
+    let host = net.pds.url().trim_start_matches("http://").to_owned();
+    assert_eq!(bw["by_host"]["top"][&host], served.bytes, "{bw}");
+
+    let info = sync_support::info(&tap, repo.did()).await;
+    assert_eq!(info["last_fetch"]["kind"], "full");
+    assert_eq!(info["last_fetch"]["bytes"], served.bytes);
+    tap.stop().await;
+}
+on_both_backends!(
+    the_ledger_adds_up_to_what_the_servers_sent_on,
+    the_ledger_adds_up_to_what_the_servers_sent
+);
+
+async fn a_filtered_tap_fetches_only_the_wanted_collection(db: TestDb) {
+    let net = Net::start().await;
+    let repo = RepoBuilder::with_records(did(2), TestKey::k256(2), 2, 3000);
+    let car = repo.car_tree_order();
+    net.host(&repo, "bob.test", car.clone());
+    let mut cfg = net.config(&db);
+    cfg.collection_filters = vec![BLOCKS.parse().unwrap()];
+    let tap = TestTap::start(cfg).await;
+    let consumer = Consumer::connect(&tap).await;
+    add(&tap, repo.did()).await;
+    let want = expected_in(&repo, BLOCKS);
+    assert!(!want.is_empty(), "the fixture has blocks");
+    let got = consumer.wait_records(want.len()).await;
+    let info = wait_state(&tap, repo.did(), "active").await;
+    assert_eq!(paths_and_cids(&got), want, "exactly the wanted records");
+    assert_eq!(info["last_fetch"]["kind"], "sparse");
+    assert_eq!(
+        net.pds.served(Endpoint::GetRepo).requests,
+        0,
+        "no whole repo"
+    );
+    let blocks = net.pds.served(Endpoint::GetBlocks);
+    let head = net.pds.served(Endpoint::GetLatestCommit);
+    let spent = blocks.bytes + head.bytes;
+    assert_eq!(info["last_fetch"]["bytes"], spent);
+    assert!(
+        spent * 5 < car.len() as u64,
+        "sparse cost {spent} bytes of a {} byte repo",
+        car.len()
+    );
+    let bw = bandwidth(&tap).await;
+    assert_eq!(source(&bw, "pds.getBlocks"), blocks.bytes);
+    assert_eq!(source(&bw, "pds.getLatestCommit"), head.bytes);
+    assert_eq!(
+        bw["records"]["discarded"], 0,
+        "nothing unwanted was downloaded"
+    );
+    tap.stop().await;
+}
+on_both_backends!(
+    a_filtered_tap_fetches_only_the_wanted_collection_on,
+    a_filtered_tap_fetches_only_the_wanted_collection
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchanged_repo_is_not_downloaded_again() {
+    let db = TestDb::new(common::Backend::Sqlite).await.unwrap();
+    let net = Net::start().await;
+    let mut repo = RepoBuilder::with_records(did(3), TestKey::k256(3), 3, 200);
+    net.host(&repo, "carol.test", repo.car_tree_order());
+    let tap = TestTap::start(net.config(&db)).await;
+    let consumer = Consumer::connect(&tap).await;
+    add(&tap, repo.did()).await;
+    consumer.wait_records(repo.records().len()).await;
+    wait_state(&tap, repo.did(), "active").await;
+    assert_eq!(net.pds.served(Endpoint::GetRepo).requests, 1);
+
+    // A commit that does not chain desynchronizes the repo; the PDS's head is still the
+    // commit tap holds, so the resync downloads nothing.
+    let ops = repo.random_ops(1);
+    net.relay
+        .push_frame(1, repo.wrong_prev_data_frame(&ops).unwrap());
+    let info = wait_for("the resync to skip the download", || async {
+        let i = sync_support::info(&tap, repo.did()).await;
+        (i["state"] == "active" && i["last_fetch"]["kind"] == "skipped").then_some(i)
+    })
+    .await;
+    assert_eq!(net.pds.served(Endpoint::GetRepo).requests, 1, "not again");
+    // The skip cost one head request: the backfill asked once, the resync once.
+    let heads = net.pds.served(Endpoint::GetLatestCommit);
+    assert_eq!(heads.requests, 2);
+    assert_eq!(info["last_fetch"]["bytes"], heads.bytes / 2);
+    tap.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pds_without_the_sparse_calls_gets_whole_fetches_and_is_asked_once() {
+    let db = TestDb::new(common::Backend::Sqlite).await.unwrap();
+    let net = Net::start().await;
+    net.pds.set_unsupported(Endpoint::GetLatestCommit);
+    let repos: Vec<RepoBuilder> = (4..6)
+        .map(|n| RepoBuilder::with_records(did(n), TestKey::k256(u64::from(n)), 4, 500))
+        .collect();
+    for (i, repo) in repos.iter().enumerate() {
+        net.host(repo, &format!("p{i}.test"), repo.car_tree_order());
+    }
+    let mut cfg = net.config(&db);
+    cfg.collection_filters = vec![BLOCKS.parse().unwrap()];
+    cfg.resync_parallelism = 1;
+    let tap = TestTap::start(cfg).await;
+    let consumer = Consumer::connect(&tap).await;
+    let mut want = BTreeMap::new();
+    for repo in &repos {
+        add(&tap, repo.did()).await;
+        wait_state(&tap, repo.did(), "active").await;
+        want.extend(expected_in(repo, BLOCKS));
+    }
+    let got = consumer.wait_records(want.len()).await;
+    assert_eq!(paths_and_cids(&got), want);
+    assert_eq!(net.pds.served(Endpoint::GetRepo).requests, 2);
+    assert_eq!(
+        net.pds.served(Endpoint::GetLatestCommit).requests,
+        1,
+        "remembered for the host"
+    );
+    let bw = bandwidth(&tap).await;
+    assert!(bw["records"]["discarded"].as_u64().unwrap() > 0, "{bw}");
+    tap.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pds_that_withholds_a_tree_node_gets_a_whole_verified_fetch() {
+    let db = TestDb::new(common::Backend::Sqlite).await.unwrap();
+    let net = Net::start().await;
+    let repo = RepoBuilder::with_records(did(7), TestKey::k256(7), 7, 1000);
+    let car = repo.car_tree_order();
+    net.host(&repo, "dan.test", car.clone());
+    // The MST root: every sparse walk needs it.
+    let parsed = read_car(Bytes::from(car), CarLimits::default()).unwrap();
+    let commit = Commit::decode(&parsed.blocks[&parsed.roots[0]]).unwrap();
+    net.pds.withhold_block(commit.data);
+    let mut cfg = net.config(&db);
+    cfg.collection_filters = vec![BLOCKS.parse().unwrap()];
+    let tap = TestTap::start(cfg).await;
+    let consumer = Consumer::connect(&tap).await;
+    add(&tap, repo.did()).await;
+    let want = expected_in(&repo, BLOCKS);
+    let got = consumer.wait_records(want.len()).await;
+    let info = wait_state(&tap, repo.did(), "active").await;
+    assert_eq!(paths_and_cids(&got), want, "nothing wrong was delivered");
+    assert_eq!(info["last_fetch"]["kind"], "full");
+    assert_eq!(net.pds.served(Endpoint::GetRepo).requests, 1);
+    tap.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pds_that_lies_about_a_record_gets_a_whole_verified_fetch() {
+    let db = TestDb::new(common::Backend::Sqlite).await.unwrap();
+    let net = Net::start().await;
+    let repo = RepoBuilder::with_records(did(8), TestKey::k256(8), 8, 1000);
+    net.host(&repo, "erin.test", repo.car_tree_order());
+    // One wanted record withheld from getBlocks answers.
+    let (_, cid) = repo
+        .records()
+        .iter()
+        .find(|(path, _)| path.starts_with(&format!("{BLOCKS}/")))
+        .expect("the fixture has blocks");
+    net.pds.withhold_block(*cid);
+    let mut cfg = net.config(&db);
+    cfg.collection_filters = vec![BLOCKS.parse().unwrap()];
+    let tap = TestTap::start(cfg).await;
+    let consumer = Consumer::connect(&tap).await;
+    add(&tap, repo.did()).await;
+    let want = expected_in(&repo, BLOCKS);
+    let got = consumer.wait_records(want.len()).await;
+    wait_state(&tap, repo.did(), "active").await;
+    assert_eq!(paths_and_cids(&got), want);
+    assert_eq!(net.pds.served(Endpoint::GetRepo).requests, 1);
+    tap.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_strategy_never_asks_for_the_head() {
+    let db = TestDb::new(common::Backend::Sqlite).await.unwrap();
+    let net = Net::start().await;
+    let repo = RepoBuilder::with_records(did(9), TestKey::k256(9), 9, 100);
+    net.host(&repo, "fay.test", repo.car_tree_order());
+    let mut cfg = net.config(&db);
+    cfg.fetch_strategy = FetchStrategy::Full;
+    cfg.collection_filters = vec![BLOCKS.parse().unwrap()];
+    let tap = TestTap::start(cfg).await;
+    add(&tap, repo.did()).await;
+    wait_state(&tap, repo.did(), "active").await;
+    assert_eq!(net.pds.served(Endpoint::GetLatestCommit).requests, 0);
+    assert_eq!(net.pds.served(Endpoint::GetBlocks).requests, 0);
+    assert_eq!(net.pds.served(Endpoint::GetRepo).requests, 1);
+    tap.stop().await;
+}
