@@ -140,22 +140,22 @@ pub(super) async fn info(
         .count_records_for(did.as_str())
         .await
         .map_err(failed)?;
-    Ok(json(
-        StatusCode::OK,
-        &serde_json::json!({
-            "did": repo.did,
-            "handle": repo.handle.unwrap_or_default(),
-            "state": repo.state.as_str(),
-            "rev": repo.rev.as_ref().map_or("", Tid::as_str),
-            "error": repo.error,
-            "retries": repo.retry_count,
-            "records": records,
-            // Extension (issue 12): how the repo was last fetched and what it cost.
-            "last_fetch": repo.last_fetch.map(|f| serde_json::json!({
-                "kind": f.kind.as_str(),
-                "bytes": f.bytes,
-                "at": f.at,
-            })),
-        }),
-    ))
+    let mut info = serde_json::json!({
+        "did": repo.did,
+        "handle": repo.handle.unwrap_or_default(),
+        "state": repo.state.as_str(),
+        "rev": repo.rev.as_ref().map_or("", Tid::as_str),
+        "error": repo.error,
+        "retries": repo.retry_count,
+        "records": records,
+    });
+    // Extension (issue 12), present once the repo was fetched: how, and what it cost.
+    if let Some(fetch) = repo.last_fetch {
+        info["last_fetch"] = serde_json::json!({
+            "kind": fetch.kind.as_str(),
+            "bytes": fetch.bytes,
+            "at": fetch.at,
+        });
+    }
+    Ok(json(StatusCode::OK, &info))
 }

@@ -186,9 +186,16 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
                 spent += head.bytes;
                 Some(head.value)
             }
-            // Remembered per host by the client: the whole repo from now on.
-            Err(FetchError::Unsupported { .. }) => None,
-            Err(e) => return Err(e.into()),
+            // A PDS that cannot answer is asked for the whole repo instead (a host that
+            // lacks the call is remembered by the client); only a passing fault (rate
+            // limit, network) ends the attempt, since `getRepo` would meet it too.
+            Err(e @ (FetchError::RateLimited { .. } | FetchError::Transport { .. })) => {
+                return Err(e.into());
+            }
+            Err(error) => {
+                tracing::debug!(%did, %error, "No head from the PDS; fetching the whole repo.");
+                None
+            }
         }
     } else {
         None

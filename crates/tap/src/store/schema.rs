@@ -197,7 +197,7 @@ mod tests {
         assert_eq!(all, [1, 2, 3, 4]);
         assert_eq!(
             pending(2).unwrap().map(|m| m.version).collect::<Vec<_>>(),
-            [3]
+            [3, 4]
         );
         assert_eq!(pending(4).unwrap().count(), 0);
         assert!(matches!(
