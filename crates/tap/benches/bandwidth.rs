@@ -174,8 +174,18 @@ async fn run(
 }
 
 fn main() {
-    let n = env_usize("BANDWIDTH_REPOS", 200);
-    let per_repo = env_usize("BANDWIDTH_RECORDS", 2000);
+    // `cargo test --benches` passes no `--bench`: one tiny run then.
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let n = if quick {
+        3
+    } else {
+        env_usize("BANDWIDTH_REPOS", 200)
+    };
+    let per_repo = if quick {
+        50
+    } else {
+        env_usize("BANDWIDTH_RECORDS", 2000)
+    };
     let built: Vec<(RepoBuilder, usize)> = (0..n).map(|i| build_repo(i, per_repo)).collect();
     let wanted: usize = built.iter().map(|(_, w)| w).sum();
     let repos: Vec<RepoBuilder> = built.into_iter().map(|(r, _)| r).collect();

@@ -807,3 +807,61 @@ on_both_backends!(
     interrupted_backfill_resumes_after_restart,
     interrupted_backfill_resumes_after_restart
 );
+
+/// Issue 12: every fetch strategy against the reference PDS (which implements
+/// `getLatestCommit` and `getBlocks`) syncs exactly the PDS's wanted records, as its own
+/// `listRecords` reports them, and `/info` says how the repo was fetched.
+async fn every_fetch_strategy_syncs_what_the_pds_lists(db: TestDb) {
+    use tap::config::FetchStrategy;
+    let Some(mut net) = LocalNet::start(1, 20).await else {
+        return;
+    };
+    let did = net.did(0);
+    write_notes(&mut net, &did, "com.example.keep.a", 120).await;
+    write_notes(&mut net, &did, "com.example.drop", 120).await;
+    let everything = net.records(&did).await;
+    let kept = |p: &str| p.starts_with("com.example.keep.");
+    for (strategy, filtered, kind) in [
+        (FetchStrategy::Full, true, "full"),
+        (FetchStrategy::Auto, true, "sparse"),
+        (FetchStrategy::Auto, false, "full"),
+        (FetchStrategy::Sparse, false, "sparse"),
+    ] {
+        let expected: BTreeMap<String, String> = everything
+            .iter()
+            .filter(|(p, _)| !filtered || kept(p))
+            .map(|(p, c)| (p.clone(), c.clone()))
+            .collect();
+        // A fresh database per run: each strategy backfills from nothing.
+        let run_db = TestDb::new(db.backend()).await.unwrap();
+        let mut config = net.tap_config(&run_db);
+        config.fetch_strategy = strategy;
+        if filtered {
+            config.collection_filters = vec!["com.example.keep.*".parse().unwrap()];
+        }
+        let tap = TestTap::start(config).await;
+        let url = tap.url("");
+        let mut channel = Channel::connect(tap.addr, &[]).await;
+        add_repos(&url, &[&did]).await;
+        let events = await_backfill(&tap, &mut channel, &did, &expected).await;
+        let historical: BTreeMap<String, String> = events
+            .iter()
+            .filter(|e| e.is_record())
+            .map(|e| (e.path(), e.cid().unwrap().to_owned()))
+            .collect();
+        assert_eq!(historical, expected, "{strategy:?}, filtered: {filtered}");
+        let i = info(&url, &did).await.unwrap();
+        assert_eq!(
+            i["last_fetch"]["kind"], kind,
+            "{strategy:?}, filtered: {filtered}"
+        );
+        assert!(i["last_fetch"]["bytes"].as_u64().unwrap() > 0);
+        tap.stop().await;
+    }
+    net.stop().await;
+}
+
+on_both_backends!(
+    every_fetch_strategy_syncs_what_the_pds_lists,
+    every_fetch_strategy_syncs_what_the_pds_lists
+);

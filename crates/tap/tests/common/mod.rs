@@ -21,11 +21,17 @@ pub enum Backend {
 /// A database that exists for one test.
 pub struct TestDb {
     pub url: DatabaseUrl,
+    backend: Backend,
     _dir: Option<tempfile::TempDir>,
     _pg: Option<TestPostgres>,
 }
 
 impl TestDb {
+    /// Which backend this database is on.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
     /// A fresh database, or `None` (with a notice) when PostgreSQL is not configured outside
     /// CI. Under `CI=true` a missing PostgreSQL fails the test.
     pub async fn new(backend: Backend) -> Option<Self> {
@@ -35,6 +41,7 @@ impl TestDb {
                 let path = dir.path().join("tap.db");
                 Some(Self {
                     url: DatabaseUrl::Sqlite(path.to_string_lossy().into_owned()),
+                    backend,
                     _dir: Some(dir),
                     _pg: None,
                 })
@@ -43,6 +50,7 @@ impl TestDb {
                 let pg = TestPostgres::create().await?;
                 Some(Self {
                     url: DatabaseUrl::Postgres(pg.url().to_owned()),
+                    backend,
                     _dir: None,
                     _pg: Some(pg),
                 })
