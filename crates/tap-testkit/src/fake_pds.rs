@@ -58,7 +58,14 @@ pub enum Endpoint {
 }
 
 /// A repo's blocks, read from the CAR it was given.
+/// What `getRepo` serves for a DID: a CAR (shared, never copied per request) or a scripted
+/// behaviour.
 #[derive(Clone)]
+enum Serving {
+    Car(Bytes),
+    Other(RepoReply),
+}
+
 struct Parsed {
     commit: Cid,
     rev: String,
@@ -77,12 +84,15 @@ pub struct Served {
 
 #[derive(Default)]
 struct Shared {
-    replies: Mutex<HashMap<String, RepoReply>>,
-    parsed: Mutex<HashMap<String, Parsed>>,
+    replies: Mutex<HashMap<String, Serving>>,
+    /// Repos read block by block, on first need (`None`: the CAR is not a readable repo).
+    parsed: Mutex<HashMap<String, Option<Arc<Parsed>>>>,
     /// Methods answered 501 `MethodNotImplemented`, like a PDS that lacks them.
     unsupported: Mutex<HashSet<Endpoint>>,
     /// `getBlocks` answers leave these CIDs out, as a lying PDS might.
     withheld: Mutex<HashSet<Cid>>,
+    /// `getBlocks` answers carry other bytes under these CIDs (blocks that do not hash).
+    corrupted: Mutex<HashSet<Cid>>,
     served: Mutex<HashMap<Endpoint, Served>>,
     requests: AtomicUsize,
 }
@@ -95,12 +105,24 @@ impl Shared {
         entry.bytes += bytes as u64;
     }
 
-    fn parsed(&self, did: &str) -> Option<Parsed> {
-        self.parsed
+    /// The repo's blocks, read from its CAR the first time a block-level call needs them.
+    fn parsed(&self, did: &str) -> Option<Arc<Parsed>> {
+        let mut cache = self.parsed.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(known) = cache.get(did) {
+            return known.clone();
+        }
+        let car = match self
+            .replies
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(did)
-            .cloned()
+        {
+            Some(Serving::Car(car)) => car.clone(),
+            _ => return None,
+        };
+        let parsed = parse_repo(car).map(Arc::new);
+        cache.insert(did.to_owned(), parsed.clone());
+        parsed
     }
 
     fn is_unsupported(&self, endpoint: Endpoint) -> bool {
@@ -113,8 +135,9 @@ impl Shared {
 
 /// Reads a repo CAR's commit, rev, blocks and collections; `None` for bytes that are not a
 /// readable repo (hostile CARs are served by `getRepo` only).
-fn parse_repo(car: &[u8]) -> Option<Parsed> {
-    let car = read_car(Bytes::copy_from_slice(car), CarLimits::default()).ok()?;
+fn parse_repo(car: Bytes) -> Option<Parsed> {
+    // Zero-copy: the blocks are slices of the CAR the fake already holds.
+    let car = read_car(car, CarLimits::default()).ok()?;
     let commit = *car.roots.first()?;
     let decoded = Commit::decode(car.blocks.get(&commit)?).ok()?;
     let keys = walk_tree_collect(&decoded.data, &car.blocks).ok()?;
@@ -167,25 +190,20 @@ impl FakePds {
     /// Sets how `getRepo` answers for `did`. A [`RepoReply::Car`] that reads as a repo is
     /// also served block by block (`getLatestCommit`, `getBlocks`, `describeRepo`).
     pub fn set_repo(&self, did: &str, reply: RepoReply) {
-        let parsed = match &reply {
-            RepoReply::Car(bytes) => parse_repo(bytes),
-            _ => None,
+        let serving = match reply {
+            RepoReply::Car(bytes) => Serving::Car(Bytes::from(bytes)),
+            other => Serving::Other(other),
         };
-        let mut all = self
-            .shared
-            .parsed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        match parsed {
-            Some(p) => all.insert(did.to_owned(), p),
-            None => all.remove(did),
-        };
-        drop(all);
         self.shared
             .replies
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(did.to_owned(), reply);
+            .insert(did.to_owned(), serving);
+        self.shared
+            .parsed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(did);
     }
 
     /// Answers `endpoint` with 501 `MethodNotImplemented` from now on.
@@ -201,6 +219,16 @@ impl FakePds {
     pub fn withhold_block(&self, cid: Cid) {
         self.shared
             .withheld
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(cid);
+    }
+
+    /// Serves `cid` with altered bytes in every `getBlocks` answer (a block that does not
+    /// hash to its CID).
+    pub fn corrupt_block(&self, cid: Cid) {
+        self.shared
+            .corrupted
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(cid);
@@ -256,6 +284,14 @@ async fn get_repo(
         .get(&did)
         .cloned();
     let car = [(header::CONTENT_TYPE, "application/vnd.ipld.car")];
+    let reply = match reply {
+        Some(Serving::Car(bytes)) => {
+            shared.count(Endpoint::GetRepo, bytes.len());
+            return (car, bytes).into_response();
+        }
+        Some(Serving::Other(reply)) => Some(reply),
+        None => None,
+    };
     match reply {
         None => (
             StatusCode::BAD_REQUEST,
@@ -399,9 +435,22 @@ async fn get_blocks(State(shared): State<Arc<Shared>>, RawQuery(q): RawQuery) ->
     }
     let mut out = Vec::new();
     write_car_header(&mut out, &[]);
+    let corrupted = shared
+        .corrupted
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
     for cid in cids.iter().filter(|c| !withheld.contains(*c)) {
         if let Some(block) = p.blocks.get(cid) {
-            write_car_block(&mut out, cid, block);
+            if corrupted.contains(cid) {
+                let mut lie = block.to_vec();
+                if let Some(last) = lie.last_mut() {
+                    *last ^= 0xff;
+                }
+                write_car_block(&mut out, cid, &lie);
+            } else {
+                write_car_block(&mut out, cid, block);
+            }
         }
     }
     shared.count(EP, out.len());

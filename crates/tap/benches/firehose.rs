@@ -5,8 +5,9 @@
 //! and the process's CPU seconds per 1,000 commits, from the first frame pushed until the
 //! consumer has every live event.
 //!
-//! Parameters (environment): `FIREHOSE_REPOS` (default 50), `FIREHOSE_COMMITS` (default
-//! 20,000). Run: `cargo bench -p tap --bench firehose`.
+//! Parameters (environment): `FIREHOSE_REPOS` (default 50), `FIREHOSE_RECORDS` per repo
+//! before the live commits (default 2,000: proofs then span a realistic tree depth and node
+//! size), `FIREHOSE_COMMITS` (default 20,000). Run: `cargo bench -p tap --bench firehose`.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::sync::Arc;
@@ -56,6 +57,11 @@ fn main() {
     } else {
         env_usize("FIREHOSE_REPOS", 50)
     };
+    let n_records = if quick {
+        20
+    } else {
+        env_usize("FIREHOSE_RECORDS", 2_000)
+    };
     let n_commits = if quick {
         20
     } else {
@@ -66,7 +72,7 @@ fn main() {
             let did = format!("did:plc:{:0>24}", format!("fh{i}"))
                 .parse()
                 .unwrap();
-            RepoBuilder::with_records(did, TestKey::k256(i as u64 + 1), i as u64, 100)
+            RepoBuilder::with_records(did, TestKey::k256(i as u64 + 1), i as u64, n_records)
         })
         .collect();
     let cars: Vec<Vec<u8>> = repos.iter().map(RepoBuilder::car_tree_order).collect();

@@ -264,6 +264,30 @@ async fn a_pds_that_lies_about_a_record_gets_a_whole_verified_fetch() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pds_that_serves_a_block_that_does_not_hash_gets_a_whole_verified_fetch() {
+    let db = TestDb::new(common::Backend::Sqlite).await.unwrap();
+    let net = Net::start().await;
+    let repo = RepoBuilder::with_records(did(10), TestKey::k256(10), 10, 1000);
+    let car = repo.car_tree_order();
+    net.host(&repo, "gil.test", car.clone());
+    // The signed commit itself, altered: the first block of every sparse fetch.
+    let parsed = read_car(Bytes::from(car), CarLimits::default()).unwrap();
+    net.pds.corrupt_block(parsed.roots[0]);
+    let mut cfg = net.config(&db);
+    cfg.collection_filters = vec![BLOCKS.parse().unwrap()];
+    let tap = TestTap::start(cfg).await;
+    let consumer = Consumer::connect(&tap).await;
+    add(&tap, repo.did()).await;
+    let want = expected_in(&repo, BLOCKS);
+    let got = consumer.wait_records(want.len()).await;
+    let info = wait_state(&tap, repo.did(), "active").await;
+    assert_eq!(paths_and_cids(&got), want, "nothing wrong was delivered");
+    assert_eq!(info["last_fetch"]["kind"], "full");
+    assert_eq!(net.pds.served(Endpoint::GetRepo).requests, 1);
+    tap.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_strategy_never_asks_for_the_head() {
     let db = TestDb::new(common::Backend::Sqlite).await.unwrap();
     let net = Net::start().await;
