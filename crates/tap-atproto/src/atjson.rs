@@ -229,15 +229,7 @@ pub fn push_json_str(out: &mut String, s: &str) {
     out.push('"');
 }
 
-const LO: u64 = 0x0101_0101_0101_0101;
-const HI: u64 = 0x8080_8080_8080_8080;
 const HEX: &[u8; 16] = b"0123456789abcdef";
-
-/// Whether any byte of `w` is zero (exact as a yes/no answer).
-#[inline]
-fn has_zero(w: u64) -> bool {
-    w.wrapping_sub(LO) & !w & HI != 0
-}
 
 /// One step of a JSON string literal's content.
 enum Piece {
@@ -250,30 +242,13 @@ enum Piece {
 }
 
 /// Splits `bytes` into the pieces of its JSON escaping (serde_json's choices), in order, and
-/// says whether every byte was ASCII. ASCII runs without special characters are scanned 8
-/// bytes at a time.
+/// says whether every byte was ASCII.
 #[inline]
 fn scan_json_text(bytes: &[u8], mut emit: impl FnMut(Piece)) -> bool {
     let mut ascii = true;
     let mut start = 0;
     let mut i = 0;
     while i < bytes.len() {
-        if i + 8 <= bytes.len() {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(&bytes[i..i + 8]);
-            let w = u64::from_le_bytes(word);
-            // Any byte < 0x20 (this test is exact for thresholds <= 0x80), '"' or '\\'.
-            let special = (w.wrapping_sub(LO * 0x20) & !w & HI != 0)
-                || has_zero(w ^ (LO * u64::from(b'"')))
-                || has_zero(w ^ (LO * u64::from(b'\\')));
-            if w & HI != 0 {
-                ascii = false;
-            }
-            if !special {
-                i += 8;
-                continue;
-            }
-        }
         let b = bytes[i];
         let piece = match b {
             b'"' => Piece::Escape("\\\""),

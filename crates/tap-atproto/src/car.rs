@@ -1,8 +1,7 @@
 //! CAR v1 reading: one parsing core, two front-ends. [`read_car`]/[`CarSlice`] parse an
 //! in-memory `Bytes` zero-copy (firehose commits); [`CarStream`] is fed chunk by chunk as
 //! an HTTP body arrives (sync push API). Every block's SHA-256 is checked against its CID,
-//! and header, block and total sizes are capped by [`CarLimits`]. Commit verification reads
-//! with `read_car_recording`, which also keeps the hash midstates of MST-node blocks.
+//! and header, block and total sizes are capped by [`CarLimits`].
 
 use bytes::Bytes;
 use cid::Cid;
@@ -149,14 +148,8 @@ struct Located {
 }
 
 /// Parses and verifies the block section at the start of `buf`; `Ok(None)` when more bytes
-/// are needed. `at` is the absolute offset of `buf[0]`, for errors. With `record`, blocks
-/// that look like MST nodes have their SHA-256 midstates appended to it.
-fn parse_block(
-    buf: &[u8],
-    at: u64,
-    limits: &CarLimits,
-    record: Option<&mut Vec<hash::Midstate>>,
-) -> Result<Option<Located>, CarError> {
+/// are needed. `at` is the absolute offset of `buf[0]`, for errors.
+fn parse_block(buf: &[u8], at: u64, limits: &CarLimits) -> Result<Option<Located>, CarError> {
     let Some((len, n)) = varint(buf, at)? else {
         return Ok(None);
     };
@@ -173,17 +166,7 @@ fn parse_block(
         return Err(CarError::UnsupportedHash(cid));
     }
     let data = n + cid_len..n + len;
-    let bytes = &buf[data.clone()];
-    let digest = match record {
-        // MST nodes start with `{"e": ...`; shorter ones gain nothing from midstates.
-        Some(states)
-            if bytes.len() > hash::MIDSTATE_STRIDE && bytes.starts_with(&[0xa2, 0x61, b'e']) =>
-        {
-            hash::sha256_recording(bytes, states)
-        }
-        _ => hash::sha256(bytes),
-    };
-    if mh.digest() != digest {
+    if mh.digest() != hash::sha256(&buf[data.clone()]) {
         return Err(CarError::HashMismatch(cid));
     }
     Ok(Some(Located {
@@ -237,7 +220,7 @@ impl Iterator for CarSlice {
         if self.failed || self.pos >= self.buf.len() {
             return None;
         }
-        let res = match parse_block(&self.buf[self.pos..], self.pos as u64, &self.limits, None) {
+        let res = match parse_block(&self.buf[self.pos..], self.pos as u64, &self.limits) {
             Ok(Some(l)) => {
                 let data = self
                     .buf
@@ -269,88 +252,10 @@ pub struct Car {
 pub fn read_car(buf: Bytes, limits: CarLimits) -> Result<Car, CarError> {
     let slice = CarSlice::new(buf, limits)?;
     let roots = slice.header().roots.clone();
-    // Pre-size for ~300-byte blocks (capped) so small CARs never rehash while filling.
-    let estimate = (slice.buf.len() / 300).clamp(8, 4096);
-    let mut blocks = BlockMap::with_capacity_and_hasher(estimate, Default::default());
+    let mut blocks = BlockMap::default();
     for item in slice {
         let (cid, data) = item?;
         blocks.insert(cid, data);
-    }
-    Ok(Car { roots, blocks })
-}
-
-/// SHA-256 midstates of the larger MST-node blocks of a CAR, recorded while the CAR was
-/// hash-checked ([`read_car_recording`]). Re-hashing an edited node then only covers the
-/// bytes from the last midstate before its first changed byte ([`Midstates::rehash`]).
-#[derive(Debug, Default)]
-pub(crate) struct Midstates {
-    states: Vec<hash::Midstate>,
-    /// Per recorded block: its SHA-256 digest, its bytes and its range in `states`.
-    blocks: Vec<([u8; 32], Bytes, std::ops::Range<usize>)>,
-}
-
-impl Midstates {
-    /// The SHA-256 of `new`, a re-encoding of the recorded block whose digest is
-    /// `original` (or of anything else: unknown blocks are hashed in full).
-    pub(crate) fn rehash(&self, original: &[u8; 32], new: &[u8]) -> [u8; 32] {
-        let Some((_, old, range)) = self.blocks.iter().find(|(d, ..)| d == original) else {
-            return hash::sha256(new);
-        };
-        let states = self.states.get(range.clone()).unwrap_or_default();
-        let k = (shared_prefix(old, new) / hash::MIDSTATE_STRIDE).min(states.len());
-        match k.checked_sub(1).and_then(|i| states.get(i)) {
-            // The first k strides of `new` equal the original's, so its state carries over.
-            Some(st) => {
-                let done = k * hash::MIDSTATE_STRIDE;
-                hash::sha256_resume(*st, done, new.get(done..).unwrap_or_default())
-            }
-            None => hash::sha256(new),
-        }
-    }
-}
-
-/// Length of the common prefix of two byte strings (compared 32 bytes at a time).
-fn shared_prefix(a: &[u8], b: &[u8]) -> usize {
-    let mut n = a
-        .chunks_exact(32)
-        .zip(b.chunks_exact(32))
-        .take_while(|(x, y)| x == y)
-        .count()
-        * 32;
-    while n < a.len() && n < b.len() && a[n] == b[n] {
-        n += 1;
-    }
-    n
-}
-
-/// [`read_car`] that also records the SHA-256 midstates of MST-node blocks into `mids`.
-///
-/// # Errors
-/// As [`read_car`].
-pub(crate) fn read_car_recording(
-    buf: Bytes,
-    limits: CarLimits,
-    mids: &mut Midstates,
-) -> Result<Car, CarError> {
-    let slice = CarSlice::new(buf, limits)?;
-    let roots = slice.header().roots.clone();
-    let estimate = (slice.buf.len() / 300).clamp(8, 4096);
-    let mut blocks = BlockMap::with_capacity_and_hasher(estimate, Default::default());
-    let (buf, mut pos) = (slice.buf, slice.pos);
-    mids.states.reserve(buf.len() / hash::MIDSTATE_STRIDE);
-    while pos < buf.len() {
-        let before = mids.states.len();
-        let l = parse_block(&buf[pos..], pos as u64, &limits, Some(&mut mids.states))?
-            .ok_or(CarError::Truncated)?;
-        let data = buf.slice(pos + l.data.start..pos + l.data.end);
-        let after = mids.states.len();
-        if after > before
-            && let Ok(d) = <[u8; 32]>::try_from(l.cid.hash().digest())
-        {
-            mids.blocks.push((d, data.clone(), before..after));
-        }
-        pos += l.consumed;
-        blocks.insert(l.cid, data);
     }
     Ok(Car { roots, blocks })
 }
@@ -428,7 +333,7 @@ impl CarStream {
         if rest.is_empty() {
             return Ok(None);
         }
-        match parse_block(rest, self.offset, &self.limits, None)? {
+        match parse_block(rest, self.offset, &self.limits)? {
             Some(l) => {
                 let data = Bytes::copy_from_slice(&rest[l.data]);
                 self.start += l.consumed;
@@ -528,43 +433,6 @@ mod tests {
             s.finish().unwrap();
             assert_eq!(got, cids);
         }
-    }
-
-    #[test]
-    fn rehashing_an_edited_node_block_from_its_midstates_gives_its_digest() {
-        // A node-like block (starts with `{"e"`) long enough for three midstates, and a
-        // small one that gets none.
-        let mut node = vec![0xa2, 0x61, b'e'];
-        node.extend((0..900u32).map(|i| (i % 251) as u8));
-        let small = b"\xa2\x61e-short".to_vec();
-        let (cn, cs) = (hash::cid_for_cbor(&node), hash::cid_for_cbor(&small));
-        let car = write_car(&[cn], [(&cn, node.as_slice()), (&cs, small.as_slice())]);
-        let mut mids = Midstates::default();
-        let read =
-            read_car_recording(Bytes::from(car.clone()), CarLimits::default(), &mut mids).unwrap();
-        assert_eq!(
-            read.blocks,
-            read_car(Bytes::from(car), CarLimits::default())
-                .unwrap()
-                .blocks
-        );
-        assert_eq!(mids.blocks.len(), 1);
-        assert_eq!(mids.states.len(), node.len() / hash::MIDSTATE_STRIDE);
-        let original: [u8; 32] = cn.hash().digest().try_into().unwrap();
-        let mut edits: Vec<Vec<u8>> = vec![node.clone(), node[..500].to_vec(), Vec::new()];
-        for at in [2, 255, 256, 257, 600, 767, 768, 902] {
-            let mut e = node.clone();
-            e[at] ^= 0x55;
-            edits.push(e);
-        }
-        let mut longer = node.clone();
-        longer.extend_from_slice(&[7; 300]);
-        edits.push(longer);
-        for e in &edits {
-            assert_eq!(mids.rehash(&original, e), hash::sha256(e));
-        }
-        // Unknown originals are hashed in full.
-        assert_eq!(mids.rehash(&[0; 32], &node), hash::sha256(&node));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use cid::Cid;
 use crate::car::{CarError, CarLimits, CarStream};
 use crate::commit::{Commit, CommitError};
 use crate::crypto::PublicKey;
-use crate::hash::{self, BuildCidHasher};
+use crate::hash;
 use crate::mst::{self, MstError, is_valid_mst_key, key_height, key_string};
 use crate::syntax::Did;
 
@@ -241,10 +241,10 @@ pub struct RepoWalker {
     started: bool,
     finished: bool,
     last_key: Vec<u8>,
-    mem: HashMap<Digest, Bytes, BuildCidHasher>,
+    mem: HashMap<Digest, Bytes>,
     mem_bytes: usize,
     spill: Option<Spill>,
-    recent: HashMap<Digest, Bytes, BuildCidHasher>,
+    recent: HashMap<Digest, Bytes>,
     recent_order: VecDeque<Digest>,
     recent_bytes: usize,
     records: u64,
@@ -382,9 +382,7 @@ impl RepoWalker {
                     }
                     self.remember(cid, block.clone());
                     self.records += 1;
-                    // Reuse the buffer: no allocation per record for the order check.
-                    self.last_key.clear();
-                    self.last_key.extend_from_slice(&key);
+                    self.last_key = key.clone();
                     let path = String::from_utf8(key)
                         .map_err(|e| MstError::InvalidKey(key_string(e.as_bytes())))?;
                     return Ok(Some(WalkedRecord {

@@ -15,7 +15,6 @@ mod walk;
 pub use diff::{DiffAction, DiffOp, diff_sorted, diff_trees};
 pub use node::{Entry, NodeData, decode_node, encode_node, encode_node_parts};
 pub use sparse::{KeyRange, SparseWalk, walk_ranges};
-pub(crate) use tree::invert_ops_with;
 pub use tree::{Mst, OpAction, TreeOp, invert_ops};
 pub use walk::{Visit, walk_tree, walk_tree_collect};
 

@@ -81,77 +81,6 @@ fn nullable_raw_link<'a>(r: &mut Reader<'a>) -> Result<Option<RawLink<'a>>, MstE
     }
 }
 
-/// An entry in its usual canonical shape, matched directly on the bytes: `{k, p, t, v}` with
-/// a suffix shorter than 256 bytes, `p` below 256 and 36-byte binary CIDs (every CIDv1
-/// SHA-256 link). Anything else, including every malformed entry, is `None` and goes
-/// through the general [`Reader`] path, so the fast path accepts a subset of what that path
-/// accepts and yields the same values.
-struct FastEntry<'a> {
-    suffix: &'a [u8],
-    p: u64,
-    right: Option<RawLink<'a>>,
-    value: RawLink<'a>,
-    len: usize,
-}
-
-/// A 36-byte-CID link at `b[i..]`: tag 42, byte string of 37 (`0x58 0x25`), `0x00`.
-#[inline]
-fn fast_link(b: &[u8], i: usize, at: usize) -> Option<RawLink<'_>> {
-    match b.get(i..i + 41)? {
-        [0xd8, 42, 0x58, 37, 0x00, cid @ ..] => Some(RawLink {
-            pos: at + i,
-            bytes: cid,
-        }),
-        _ => None,
-    }
-}
-
-#[inline]
-fn fast_entry(b: &[u8], at: usize) -> Option<FastEntry<'_>> {
-    let b = b.get(at..)?;
-    let (n, mut i) = match *b.get(..5)? {
-        [0xa4, 0x61, b'k', h @ 0x40..=0x57, _] => (usize::from(h - 0x40), 4),
-        [0xa4, 0x61, b'k', 0x58, n @ 24..=255] => (usize::from(n), 5),
-        _ => return None,
-    };
-    let suffix = b.get(i..i + n)?;
-    i += n;
-    let p = match *b.get(i..i + 4)? {
-        [0x61, b'p', h @ 0x00..=0x17, _] => {
-            i += 3;
-            u64::from(h)
-        }
-        [0x61, b'p', 0x18, v @ 24..=255] => {
-            i += 4;
-            u64::from(v)
-        }
-        _ => return None,
-    };
-    if b.get(i..i + 2)? != [0x61, b't'] {
-        return None;
-    }
-    i += 2;
-    let right = if *b.get(i)? == 0xf6 {
-        i += 1;
-        None
-    } else {
-        let l = fast_link(b, i, at)?;
-        i += 41;
-        Some(l)
-    };
-    if b.get(i..i + 2)? != [0x61, b'v'] {
-        return None;
-    }
-    let value = fast_link(b, i + 2, at)?;
-    Some(FastEntry {
-        suffix,
-        p,
-        right,
-        value,
-        len: i + 2 + 41,
-    })
-}
-
 /// The decompressed key being built: on the stack while short, so parsing a node allocates
 /// nothing for it.
 struct KeyBuf {
@@ -199,8 +128,6 @@ impl KeyBuf {
 pub(crate) struct ParsedEntry<'a, 'k> {
     /// The full (decompressed) key.
     pub(crate) key: &'k [u8],
-    /// How many leading bytes the key shares with the previous one (0 for the first).
-    pub(crate) prefix: usize,
     /// On the first entry only: how many entries the node declares (capped by what its
     /// size allows), for pre-sizing.
     pub(crate) first_of: Option<usize>,
@@ -232,16 +159,7 @@ pub(crate) fn parse_node<'a>(
         .min(bytes.len() / 20);
     let mut key = KeyBuf::new();
     for i in 0..n {
-        let (suffix, p, right, value) = match fast_entry(bytes, r.position()) {
-            Some(e) => {
-                r.take(e.len as u64)?;
-                // Nothing after the links can fail in an entry the fast path matched, so
-                // checking them now keeps the general path's error order.
-                let right = e.right.map(RawLink::validate).transpose()?;
-                (e.suffix, e.p, right, e.value.validate()?)
-            }
-            None => general_entry(&mut r)?,
-        };
+        let (suffix, p, right, value) = general_entry(&mut r)?;
         let p = usize::try_from(p).unwrap_or(usize::MAX);
         if i == 0 {
             if p != 0 {
@@ -263,7 +181,6 @@ pub(crate) fn parse_node<'a>(
         }
         entry(ParsedEntry {
             key: key.as_slice(),
-            prefix: if i == 0 { 0 } else { p },
             first_of: (i == 0).then_some(count),
             right,
             value,

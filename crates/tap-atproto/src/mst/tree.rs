@@ -12,7 +12,6 @@ use cid::Cid;
 
 use super::node::{RawLink, STD_CID_PREFIX, parse_node};
 use super::{MstError, common_prefix_len, is_valid_mst_key, key_height, key_string};
-use crate::car::Midstates;
 use crate::cbor::{self, major};
 use crate::hash::{self, BlockSource};
 
@@ -170,9 +169,6 @@ struct TreeNode {
     items: Vec<Item>,
     /// Cached CID; `None` once the node was modified.
     cid: Option<Link>,
-    /// Digest of the block this node was loaded from (kept after edits): its re-encoding
-    /// usually starts with the same bytes, whose hash state may be known ([`Midstates`]).
-    origin: Option<Digest>,
 }
 
 impl TreeNode {
@@ -186,7 +182,6 @@ impl TreeNode {
             height,
             items,
             cid: None,
-            origin: None,
         }
     }
 
@@ -211,41 +206,6 @@ impl TreeNode {
     }
 }
 
-/// Incremental key-syntax check for prefix-compressed keys: `key` = the previous (valid)
-/// key's first `prefix` bytes + a suffix. Only the suffix's bytes are examined; the slash
-/// count of the shared prefix comes from the previous key's slash position. Returns the
-/// position of the key's one `/`, or `None` if the key is not a valid MST key (same verdict
-/// as [`is_valid_mst_key`]).
-fn check_key_incremental(key: &[u8], prefix: usize, prev_slash: usize) -> Option<usize> {
-    if prefix == 0 || prefix >= key.len() {
-        return check_key(key);
-    }
-    if key.len() > 1024 {
-        return None;
-    }
-    let mut slash = (prev_slash < prefix).then_some(prev_slash);
-    for (i, &b) in key.iter().enumerate().skip(prefix) {
-        if b == b'/' {
-            if slash.is_some() {
-                return None;
-            }
-            slash = Some(i);
-        } else if !(b.is_ascii_alphanumeric() || matches!(b, b'_' | b'~' | b'.' | b':' | b'-')) {
-            return None;
-        }
-    }
-    slash.filter(|&s| s != 0 && s != key.len() - 1)
-}
-
-/// The position of the `/` of a valid key, or `None` if the key is invalid.
-fn check_key(key: &[u8]) -> Option<usize> {
-    if is_valid_mst_key(key) {
-        key.iter().position(|&b| b == b'/')
-    } else {
-        None
-    }
-}
-
 /// Loads and decodes a node. `height` is the layer the parent implies (`None` for the root,
 /// whose layer is its first key's). Key order and syntax are checked for every key; the
 /// layer is checked on the first key only (one hash per node instead of one per key): a
@@ -255,10 +215,9 @@ fn load_node(cid: &Link, height: Option<u8>, src: &dyn BlockSource) -> Result<Tr
     let full = cid.to_cid();
     let bytes = src.get_block(&full).ok_or(MstError::MissingBlock(full))?;
     let mut items: Vec<Item> = Vec::new();
-    // Syntax is checked incrementally while decoding, but reported after the structural
+    // Syntax is checked while decoding, but reported after the structural
     // checks below (in key order), as a whole-node decode followed by checks would.
     let mut first_invalid: Option<Vec<u8>> = None;
-    let mut slash = 0;
     let mut first_key_height = None;
     let left = parse_node(bytes, |e| {
         let (k, right, value) = (e.key, e.right, e.value);
@@ -268,16 +227,8 @@ fn load_node(cid: &Link, height: Option<u8>, src: &dyn BlockSource) -> Result<Tr
             items.reserve_exact(2 * n + 1);
             items.push(Item::Sub(Child::Stub(Link::EMPTY)));
         }
-        if first_invalid.is_none() {
-            let checked = if e.first_of.is_some() {
-                check_key(k)
-            } else {
-                check_key_incremental(k, e.prefix, slash)
-            };
-            match checked {
-                Some(s) => slash = s,
-                None => first_invalid = Some(k.to_vec()),
-            }
+        if first_invalid.is_none() && !is_valid_mst_key(k) {
+            first_invalid = Some(k.to_vec());
         }
         if e.first_of.is_some() {
             first_key_height = Some(key_height(k));
@@ -334,10 +285,6 @@ fn load_node(cid: &Link, height: Option<u8>, src: &dyn BlockSource) -> Result<Tr
         height,
         items,
         cid: Some(cid.clone()),
-        origin: match cid {
-            Link::Std(d) => Some(*d),
-            Link::Other(_) => None,
-        },
     })
 }
 
@@ -529,8 +476,6 @@ struct Encoder<'a> {
     links: Vec<Link>,
     /// Newly encoded node blocks are appended here when given.
     emit: Option<&'a mut Vec<(Cid, Vec<u8>)>>,
-    /// Hash states of the blocks nodes were loaded from, when known.
-    mids: Option<&'a Midstates>,
 }
 
 /// Computes (and caches) the CID of a subtree.
@@ -561,11 +506,7 @@ fn node_cid(node: &mut TreeNode, enc: &mut Encoder<'_>) -> Link {
         &mut buf,
     );
     enc.links.truncate(base);
-    let digest = match (enc.mids, &node.origin) {
-        (Some(m), Some(o)) => m.rehash(&o.0, &buf),
-        _ => hash::sha256(&buf),
-    };
-    let link = Link::Std(Digest(digest));
+    let link = Link::Std(Digest(hash::sha256(&buf)));
     if let Some(out) = enc.emit.as_mut() {
         out.push((link.to_cid(), buf.clone()));
     }
@@ -849,18 +790,6 @@ impl Mst {
         subtree_cid(&mut self.root, &mut Encoder::default()).to_cid()
     }
 
-    /// The root CID, re-hashing edited nodes from the hash states in `mids` of the blocks
-    /// they were loaded from where possible.
-    fn root_cid_with_midstates(&mut self, mids: &Midstates) -> Cid {
-        let mut enc = Encoder {
-            // Large enough for the upper nodes of big repos, so it is allocated once.
-            buf: Vec::with_capacity(4096),
-            mids: Some(mids),
-            ..Encoder::default()
-        };
-        subtree_cid(&mut self.root, &mut enc).to_cid()
-    }
-
     /// The root CID, appending every node block that had to be (re-)encoded to `out`.
     pub fn root_cid_with_blocks(&mut self, out: &mut Vec<(Cid, Vec<u8>)>) -> Cid {
         let mut enc = Encoder {
@@ -955,17 +884,6 @@ pub enum OpAction {
 /// # Errors
 /// [`MstError`] when an op does not match the tree or a needed node is missing.
 pub fn invert_ops(tree: &mut Mst, ops: &[TreeOp], src: &dyn BlockSource) -> Result<Cid, MstError> {
-    invert_ops_with(tree, ops, src, None)
-}
-
-/// [`invert_ops`] over blocks read with [`crate::car::read_car_recording`]: the same
-/// checks and result, with edited nodes re-hashed from the recorded hash states.
-pub(crate) fn invert_ops_with(
-    tree: &mut Mst,
-    ops: &[TreeOp],
-    src: &dyn BlockSource,
-    mids: Option<&Midstates>,
-) -> Result<Cid, MstError> {
     for op in ops {
         let key = op.path.as_bytes();
         let current = tree.get(key, src)?;
@@ -993,10 +911,7 @@ pub(crate) fn invert_ops_with(
             OpAction::Delete { prev } => tree.insert(key, prev, src)?,
         }
     }
-    Ok(match mids {
-        Some(m) => tree.root_cid_with_midstates(m),
-        None => tree.root_cid(),
-    })
+    Ok(tree.root_cid())
 }
 
 #[cfg(test)]
@@ -1004,7 +919,6 @@ mod tests {
     use super::*;
     use crate::hash::BlockMap;
     use crate::mst::{decode_node, encode_node};
-    use proptest::prelude::*;
 
     /// Keys longer than the inline capacity and values that are not DAG-CBOR CIDs (raw
     /// codec; a SHA-512-style 64-byte digest) take the boxed paths.
@@ -1081,41 +995,6 @@ mod tests {
     }
 
     #[test]
-    fn edited_nodes_rehashed_from_midstates_give_the_same_roots() {
-        let entries: Vec<(Vec<u8>, Cid)> = (0..3000u32)
-            .map(|i| {
-                let key = format!("app.bsky.feed.like/3k{:0>11}", i * 7919 % 100_003);
-                (key.into_bytes(), hash::cid_for_cbor(&i.to_be_bytes()))
-            })
-            .collect::<std::collections::BTreeMap<_, _>>()
-            .into_iter()
-            .collect();
-        let mut full = Mst::from_sorted(entries.clone()).unwrap();
-        let (root, blocks) = blocks_of(&mut full);
-        let car = crate::car::write_car(&[root], blocks.iter().map(|(c, b)| (c, b.as_ref())));
-        let mut mids = Midstates::default();
-        let read = crate::car::read_car_recording(
-            bytes::Bytes::from(car),
-            crate::car::CarLimits::default(),
-            &mut mids,
-        )
-        .unwrap();
-        for i in (0..entries.len()).step_by(97) {
-            let (k, v) = &entries[i];
-            let ops = [TreeOp {
-                path: String::from_utf8(k.clone()).unwrap(),
-                action: OpAction::Create { cid: *v },
-            }];
-            let with = invert_ops_with(&mut Mst::load(root), &ops, &read.blocks, Some(&mids));
-            let without = invert_ops(&mut Mst::load(root), &ops, &read.blocks);
-            let mut rest = entries.clone();
-            rest.remove(i);
-            assert_eq!(with, without);
-            assert_eq!(with.unwrap(), Mst::from_sorted(rest).unwrap().root_cid());
-        }
-    }
-
-    #[test]
     fn an_unmodified_loaded_tree_keeps_its_root() {
         let mut full = Mst::from_sorted(odd_entries()).unwrap();
         let (root, blocks) = blocks_of(&mut full);
@@ -1157,32 +1036,6 @@ mod tests {
                     matches!(err, Err(MstError::InvalidKey(_))),
                     "{bad:?} at {at}: {err:?}"
                 );
-            }
-        }
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
-
-        #[test]
-        fn the_incremental_key_check_agrees_with_the_full_one(
-            prev in "[ab.]{1,3}/[ab]{1,3}",
-            cut in 0usize..8,
-            suffix in "[abz/!.]{0,4}",
-        ) {
-            // The decoder hands over a key made of the previous (valid) key's first `p`
-            // bytes and a suffix, and only when it sorts after the previous key.
-            let prev = prev.as_bytes();
-            let cut = cut.min(prev.len());
-            let key = [&prev[..cut], suffix.as_bytes()].concat();
-            if key.as_slice() <= prev {
-                return Ok(());
-            }
-            let slash = prev.iter().position(|&b| b == b'/').unwrap();
-            let got = check_key_incremental(&key, cut, slash);
-            prop_assert_eq!(got.is_some(), is_valid_mst_key(&key), "{:?}", String::from_utf8_lossy(&key));
-            if let Some(s) = got {
-                prop_assert_eq!(Some(s), key.iter().position(|&b| b == b'/'));
             }
         }
     }
