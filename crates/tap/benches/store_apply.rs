@@ -72,7 +72,7 @@ impl Fixture {
         write.condition = WriteCondition::RepoExists;
         if events == 1 {
             write.repo = RepoChange::Commit {
-                rev: format!("3l{n:011}"),
+                rev: tap_atproto::syntax::Tid::from_parts(1_700_000_000_000_000 + n, 0),
                 prev_data: "bafyreig2fjxi3rptqdgylg7e5hmjl6mcke7rn2b6cugzlqq3i4zu6rq52q".into(),
             };
         }

@@ -11,7 +11,7 @@ use tap_atproto::firehose::{
     AccountFrame, CommitFrame, IdentityFrame, SyncFrame, VerifyError, verify_commit_frame,
     verify_sync_frame,
 };
-use tap_atproto::syntax::Did;
+use tap_atproto::syntax::{Did, Tid};
 
 use super::decide::{self, AccountAction, CommitAction, CommitGate, SyncAction};
 use super::filter::Scope;
@@ -250,11 +250,16 @@ impl Engine {
         condition: WriteCondition,
         consumed_buffer: Vec<i64>,
     ) -> Result<bool, EngineError> {
+        // Always a TID for a verified commit; only a damaged buffered entry can fail here.
+        let rev = Tid::new(&commit.rev).map_err(|e| EngineError::Buffer {
+            did: did.to_string(),
+            reason: format!("rev {:?}: {e}", commit.rev),
+        })?;
         let write = RepoWrite {
             did: did.clone(),
             condition,
             repo: RepoChange::Commit {
-                rev: commit.rev.clone(),
+                rev,
                 prev_data: commit.data.clone(),
             },
             records: commit.record_changes(),

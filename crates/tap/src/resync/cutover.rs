@@ -2,7 +2,7 @@
 //! [`Cutover`] decides, and the repo becomes active (or desynchronized again) in the same
 //! transaction as the last of them.
 
-use tap_atproto::syntax::Did;
+use tap_atproto::syntax::{Did, Tid};
 
 use super::ResyncError;
 use crate::repos::decide::{Cutover, CutoverStep};
@@ -64,6 +64,8 @@ pub(super) async fn cut_over(
         }
     }
     let (rev, data, resync_again) = plan.finish();
+    let rev =
+        Tid::new(&rev).map_err(|e| ResyncError::Failed(format!("cutover rev {rev:?}: {e}")))?;
     let stale = resync_again.is_some();
     let mut done = RepoWrite::new(did.clone());
     done.condition = WriteCondition::RepoInState(RepoState::Resyncing);

@@ -430,7 +430,7 @@ impl PgStore {
             RepoChange::Commit { rev, prev_data } => {
                 tx.execute(
                     "UPDATE repos SET rev = $2, prev_data = $3 WHERE did = $1",
-                    &[&did, rev, prev_data],
+                    &[&did, &rev.as_str(), prev_data],
                 )
                 .await
                 .map_err(pg(OP))?;
@@ -439,7 +439,7 @@ impl PgStore {
                 tx.execute(
                     "UPDATE repos SET state = 'active', rev = $2, prev_data = $3, error_msg = '', \
                      retry_count = 0, retry_after = 0 WHERE did = $1",
-                    &[&did, rev, prev_data],
+                    &[&did, &rev.as_str(), prev_data],
                 )
                 .await
                 .map_err(pg(OP))?;
@@ -452,7 +452,7 @@ impl PgStore {
                 tx.execute(
                     "UPDATE repos SET state = 'desynchronized', rev = $2, prev_data = $3, \
                      error_msg = $4, retry_count = 0, retry_after = 0 WHERE did = $1",
-                    &[&did, rev, prev_data, reason],
+                    &[&did, &rev.as_str(), prev_data, reason],
                 )
                 .await
                 .map_err(pg(OP))?;

@@ -264,7 +264,7 @@ test_each_store!(
         let mut write = RepoWrite::new("did:plc:a".parse().unwrap());
         write.condition = WriteCondition::RepoExists;
         write.repo = RepoChange::Commit {
-            rev: "3kaaaaaaaaa22".into(),
+            rev: Tid::new("3kaaaaaaaaa22").unwrap(),
             prev_data: "data1".into(),
         };
         write.records = vec![
@@ -339,7 +339,7 @@ test_each_store!(failing_apply_leaves_nothing_behind, |store, _url| {
     store.add_repos(&dids(&["a"])).await.unwrap();
     let mut good = RepoWrite::new("did:plc:a".parse().unwrap());
     good.repo = RepoChange::Commit {
-        rev: "3kaaaaaaaaa22".into(),
+        rev: Tid::new("3kaaaaaaaaa22").unwrap(),
         prev_data: "d1".into(),
     };
     good.records = vec![put("col", "1", "c1")];
@@ -350,7 +350,7 @@ test_each_store!(failing_apply_leaves_nothing_behind, |store, _url| {
     // already ran inside the transaction.
     let mut bad = RepoWrite::new("did:plc:a".parse().unwrap());
     bad.repo = RepoChange::Commit {
-        rev: "3kaaaaaaaaa23".into(),
+        rev: Tid::new("3kaaaaaaaaa23").unwrap(),
         prev_data: "d2".into(),
     };
     bad.records = vec![put("col", "2", "c2"), put("col", "", "c3")];
@@ -428,7 +428,7 @@ test_each_store!(
         let mut done = RepoWrite::new("did:plc:a".parse().unwrap());
         done.condition = WriteCondition::RepoInState(RepoState::Resyncing);
         done.repo = RepoChange::ResyncDone {
-            rev: "3kaaaaaaaaa2z".into(),
+            rev: Tid::new("3kaaaaaaaaa2z").unwrap(),
             prev_data: "data9".into(),
         };
         store.apply(done).await.unwrap();
@@ -769,7 +769,7 @@ test_each_store!(
         claim(&store, now).await;
         let mut done = RepoWrite::new("did:plc:a".parse().unwrap());
         done.repo = RepoChange::ResyncDone {
-            rev: "3kaaaaaaaaa24".into(),
+            rev: Tid::new("3kaaaaaaaaa24").unwrap(),
             prev_data: "d".into(),
         };
         store.apply(done).await.unwrap();
@@ -1153,7 +1153,7 @@ test_each_store!(
         // id in the list is ignored.
         let mut drain = RepoWrite::new("did:plc:a".parse().unwrap());
         drain.repo = RepoChange::Commit {
-            rev: "3kaaaaaaaaa25".into(),
+            rev: Tid::new("3kaaaaaaaaa25").unwrap(),
             prev_data: "d2".into(),
         };
         drain.events = vec![event(true, 2)];
@@ -1190,7 +1190,7 @@ test_each_store!(
         let mut done = RepoWrite::new("did:plc:a".parse().unwrap());
         done.condition = WriteCondition::RepoInState(RepoState::Resyncing);
         done.repo = RepoChange::ResyncStale {
-            rev: "3kaaaaaaaaa2z".into(),
+            rev: Tid::new("3kaaaaaaaaa2z").unwrap(),
             prev_data: "data9".into(),
             reason: "buffer overflowed".into(),
         };
@@ -1711,7 +1711,7 @@ test_each_store!(
             .unwrap();
         let mut done = RepoWrite::new("did:plc:a".parse().unwrap());
         done.repo = RepoChange::ResyncDone {
-            rev: "3kaaaaaaaaaa2".into(),
+            rev: Tid::new("3kaaaaaaaaaa2").unwrap(),
             prev_data: "bafyroot".into(),
         };
         store.apply(done).await.unwrap();

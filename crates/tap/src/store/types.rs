@@ -246,7 +246,7 @@ pub enum RepoChange {
     /// A live commit was applied: set `rev` and `prev_data`.
     Commit {
         /// The commit's rev.
-        rev: String,
+        rev: Tid,
         /// The commit's MST root (`data`), the next commit's expected `prevData`.
         prev_data: String,
     },
@@ -254,7 +254,7 @@ pub enum RepoChange {
     /// `retry_count = 0`, `retry_after = 0`.
     ResyncDone {
         /// The snapshot's rev.
-        rev: String,
+        rev: Tid,
         /// The snapshot's MST root.
         prev_data: String,
     },
@@ -263,7 +263,7 @@ pub enum RepoChange {
     /// same transaction (a crash between the two would leave it active and stale).
     ResyncStale {
         /// The rev applied.
-        rev: String,
+        rev: Tid,
         /// The MST root applied.
         prev_data: String,
         /// Why it must be resynced again.

@@ -176,25 +176,29 @@ pub(super) fn apply_in_tx(conn: &Connection, w: &RepoWrite) -> Result<Vec<EventI
         RepoChange::Status(status) => status.as_str(),
         _ => "",
     };
+    let rev = match &w.repo {
+        RepoChange::Commit { rev, .. }
+        | RepoChange::ResyncDone { rev, .. }
+        | RepoChange::ResyncStale { rev, .. } => rev.as_str(),
+        _ => "",
+    };
     let (sql, args): (&str, Vec<&dyn rusqlite::ToSql>) = match &w.repo {
         RepoChange::None => ("", Vec::new()),
-        RepoChange::Commit { rev, prev_data } => (
+        RepoChange::Commit { prev_data, .. } => (
             "UPDATE repos SET rev = ?2, prev_data = ?3 WHERE did = ?1",
-            vec![&did, rev, prev_data],
+            vec![&did, &rev, prev_data],
         ),
-        RepoChange::ResyncDone { rev, prev_data } => (
+        RepoChange::ResyncDone { prev_data, .. } => (
             "UPDATE repos SET state = 'active', rev = ?2, prev_data = ?3, error_msg = '', \
              retry_count = 0, retry_after = 0 WHERE did = ?1",
-            vec![&did, rev, prev_data],
+            vec![&did, &rev, prev_data],
         ),
         RepoChange::ResyncStale {
-            rev,
-            prev_data,
-            reason,
+            prev_data, reason, ..
         } => (
             "UPDATE repos SET state = 'desynchronized', rev = ?2, prev_data = ?3, \
              error_msg = ?4, retry_count = 0, retry_after = 0 WHERE did = ?1",
-            vec![&did, rev, prev_data, reason],
+            vec![&did, &rev, prev_data, reason],
         ),
         RepoChange::Handle(handle) => (
             "UPDATE repos SET handle = ?2 WHERE did = ?1",
