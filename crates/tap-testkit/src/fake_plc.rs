@@ -187,6 +187,36 @@ impl FakePlc {
         self.shared.lock().bytes
     }
 
+    /// Publishes `repo`'s DID document (its key as a `Multikey`, `pds` as its PDS) and
+    /// `handle` pointing back to it, as a real PLC directory and handle would.
+    pub fn publish(&self, repo: &crate::repo_builder::RepoBuilder, handle: &str, pds: &str) {
+        let did = repo.did().as_str();
+        let multikey = repo
+            .key()
+            .did_key()
+            .trim_start_matches("did:key:")
+            .to_owned();
+        self.set_plc_doc(
+            did,
+            json!({
+                "id": did,
+                "alsoKnownAs": [format!("at://{handle}")],
+                "verificationMethod": [{
+                    "id": format!("{did}#atproto"),
+                    "type": "Multikey",
+                    "controller": did,
+                    "publicKeyMultibase": multikey,
+                }],
+                "service": [{
+                    "id": "#atproto_pds",
+                    "type": "AtprotoPersonalDataServer",
+                    "serviceEndpoint": pds,
+                }],
+            }),
+        );
+        self.set_handle(handle, did);
+    }
+
     /// The `User-Agent` of the latest request.
     #[must_use]
     pub fn last_user_agent(&self) -> Option<String> {

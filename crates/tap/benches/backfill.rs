@@ -43,21 +43,8 @@ async fn run_once(repos: &[RepoBuilder], cars: &[Vec<u8>]) -> (f64, usize) {
     let pds = FakePds::start().await;
     let plc = FakePlc::start().await;
     for (i, repo) in repos.iter().enumerate() {
+        plc.publish(repo, &format!("u{i}.test"), &pds.url());
         let did = repo.did().as_str();
-        let multikey = repo
-            .key()
-            .did_key()
-            .trim_start_matches("did:key:")
-            .to_owned();
-        plc.set_plc_doc(
-            did,
-            json!({"id": did, "alsoKnownAs": [format!("at://u{i}.test")],
-                "verificationMethod": [{"id": format!("{did}#atproto"), "type": "Multikey",
-                    "controller": did, "publicKeyMultibase": multikey}],
-                "service": [{"id": "#atproto_pds", "type": "AtprotoPersonalDataServer",
-                    "serviceEndpoint": pds.url()}]}),
-        );
-        plc.set_handle(&format!("u{i}.test"), did);
         pds.set_repo(did, RepoReply::Car(cars[i].clone()));
     }
     let dir = tempfile::tempdir().unwrap();

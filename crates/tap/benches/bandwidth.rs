@@ -82,21 +82,8 @@ async fn run(
     let plc = FakePlc::start().await;
     let mut listed = Vec::new();
     for (i, repo) in repos.iter().enumerate() {
+        plc.publish(repo, &format!("u{i}.test"), &pds.url());
         let did = repo.did().as_str();
-        let multikey = repo
-            .key()
-            .did_key()
-            .trim_start_matches("did:key:")
-            .to_owned();
-        plc.set_plc_doc(
-            did,
-            json!({"id": did, "alsoKnownAs": [format!("at://u{i}.test")],
-                "verificationMethod": [{"id": format!("{did}#atproto"), "type": "Multikey",
-                    "controller": did, "publicKeyMultibase": multikey}],
-                "service": [{"id": "#atproto_pds", "type": "AtprotoPersonalDataServer",
-                    "serviceEndpoint": pds.url()}]}),
-        );
-        plc.set_handle(&format!("u{i}.test"), did);
         pds.set_repo(did, RepoReply::Car(cars[i].clone()));
         listed.push(json!({"did": did}));
     }

@@ -212,17 +212,23 @@ async fn a_pds_without_the_sparse_calls_gets_whole_fetches_and_is_asked_once() {
     tap.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pds_that_withholds_a_tree_node_gets_a_whole_verified_fetch() {
+/// A PDS that lies in its `getBlocks` answers (`lie` sets it up, given the repo and its CAR):
+/// the sparse fetch refuses what it got and the same resync fetches the whole repo, verified,
+/// so exactly the wanted records arrive.
+async fn a_lying_pds_gets_a_whole_verified_fetch(
+    n: u32,
+    lie: impl FnOnce(&Net, &RepoBuilder, &tap_atproto::car::Car),
+) {
     let db = TestDb::new(common::Backend::Sqlite).await.unwrap();
     let net = Net::start().await;
-    let repo = RepoBuilder::with_records(did(7), TestKey::k256(7), 7, 1000);
+    let repo = RepoBuilder::with_records(did(n), TestKey::k256(u64::from(n)), n.into(), 1000);
     let car = repo.car_tree_order();
-    net.host(&repo, "dan.test", car.clone());
-    // The MST root: every sparse walk needs it.
-    let parsed = read_car(Bytes::from(car), CarLimits::default()).unwrap();
-    let commit = Commit::decode(&parsed.blocks[&parsed.roots[0]]).unwrap();
-    net.pds.withhold_block(commit.data);
+    net.host(&repo, &format!("liar{n}.test"), car.clone());
+    lie(
+        &net,
+        &repo,
+        &read_car(Bytes::from(car), CarLimits::default()).unwrap(),
+    );
     let mut cfg = net.config(&db);
     cfg.collection_filters = vec![BLOCKS.parse().unwrap()];
     let tap = TestTap::start(cfg).await;
@@ -238,53 +244,35 @@ async fn a_pds_that_withholds_a_tree_node_gets_a_whole_verified_fetch() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pds_that_lies_about_a_record_gets_a_whole_verified_fetch() {
-    let db = TestDb::new(common::Backend::Sqlite).await.unwrap();
-    let net = Net::start().await;
-    let repo = RepoBuilder::with_records(did(8), TestKey::k256(8), 8, 1000);
-    net.host(&repo, "erin.test", repo.car_tree_order());
-    // One wanted record withheld from getBlocks answers.
-    let (_, cid) = repo
-        .records()
-        .iter()
-        .find(|(path, _)| path.starts_with(&format!("{BLOCKS}/")))
-        .expect("the fixture has blocks");
-    net.pds.withhold_block(*cid);
-    let mut cfg = net.config(&db);
-    cfg.collection_filters = vec![BLOCKS.parse().unwrap()];
-    let tap = TestTap::start(cfg).await;
-    let consumer = Consumer::connect(&tap).await;
-    add(&tap, repo.did()).await;
-    let want = expected_in(&repo, BLOCKS);
-    let got = consumer.wait_records(want.len()).await;
-    wait_state(&tap, repo.did(), "active").await;
-    assert_eq!(paths_and_cids(&got), want);
-    assert_eq!(net.pds.served(Endpoint::GetRepo).requests, 1);
-    tap.stop().await;
+async fn a_pds_that_withholds_a_tree_node_gets_a_whole_verified_fetch() {
+    // The MST root: every sparse walk needs it.
+    a_lying_pds_gets_a_whole_verified_fetch(7, |net, _, car| {
+        let commit = Commit::decode(&car.blocks[&car.roots[0]]).unwrap();
+        net.pds.withhold_block(commit.data);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pds_that_withholds_a_wanted_record_gets_a_whole_verified_fetch() {
+    a_lying_pds_gets_a_whole_verified_fetch(8, |net, repo, _| {
+        let (_, cid) = repo
+            .records()
+            .iter()
+            .find(|(path, _)| path.starts_with(&format!("{BLOCKS}/")))
+            .expect("the fixture has blocks");
+        net.pds.withhold_block(*cid);
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pds_that_serves_a_block_that_does_not_hash_gets_a_whole_verified_fetch() {
-    let db = TestDb::new(common::Backend::Sqlite).await.unwrap();
-    let net = Net::start().await;
-    let repo = RepoBuilder::with_records(did(10), TestKey::k256(10), 10, 1000);
-    let car = repo.car_tree_order();
-    net.host(&repo, "gil.test", car.clone());
     // The signed commit itself, altered: the first block of every sparse fetch.
-    let parsed = read_car(Bytes::from(car), CarLimits::default()).unwrap();
-    net.pds.corrupt_block(parsed.roots[0]);
-    let mut cfg = net.config(&db);
-    cfg.collection_filters = vec![BLOCKS.parse().unwrap()];
-    let tap = TestTap::start(cfg).await;
-    let consumer = Consumer::connect(&tap).await;
-    add(&tap, repo.did()).await;
-    let want = expected_in(&repo, BLOCKS);
-    let got = consumer.wait_records(want.len()).await;
-    let info = wait_state(&tap, repo.did(), "active").await;
-    assert_eq!(paths_and_cids(&got), want, "nothing wrong was delivered");
-    assert_eq!(info["last_fetch"]["kind"], "full");
-    assert_eq!(net.pds.served(Endpoint::GetRepo).requests, 1);
-    tap.stop().await;
+    a_lying_pds_gets_a_whole_verified_fetch(10, |net, _, car| {
+        net.pds.corrupt_block(car.roots[0]);
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

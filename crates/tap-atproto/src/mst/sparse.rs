@@ -14,7 +14,8 @@
 use cid::Cid;
 
 use super::node::decode_node;
-use super::{MstError, is_valid_mst_key, key_height, key_string};
+use super::walk::check_node;
+use super::{MstError, key_string};
 use crate::hash::BlockSource;
 
 /// A half-open interval of keys, `start ≤ key < end` in byte order.
@@ -142,39 +143,16 @@ impl Walk<'_> {
             return Ok(());
         };
         let node = decode_node(bytes)?;
-        if node.entries.is_empty() {
-            if is_root && node.left.is_none() {
-                return Ok(());
-            }
-            if is_root {
-                return Err(MstError::NotCanonical("root has a subtree but no keys"));
-            }
-            if node.left.is_none() {
-                return Err(MstError::EmptyNode(*cid));
-            }
-        }
-        let h = match (height, node.entries.first()) {
-            (Some(h), _) => h,
-            (None, Some(e)) => key_height(&e.key),
-            (None, None) => 0,
+        let Some(h) = check_node(cid, &node, height, is_root)? else {
+            return Ok(()); // the empty tree
         };
+        // A node's keys must lie inside the interval its parent gave it.
         for e in &node.entries {
-            if !is_valid_mst_key(&e.key) {
-                return Err(MstError::InvalidKey(key_string(&e.key)));
-            }
-            if key_height(&e.key) != h {
-                return Err(MstError::WrongLayer(key_string(&e.key)));
-            }
-            // A node's keys must lie inside the interval its parent gave it.
             let outside = lo.is_some_and(|lo| e.key.as_slice() <= lo)
                 || hi.is_some_and(|hi| e.key.as_slice() >= hi);
             if outside {
                 return Err(MstError::KeyOrder(key_string(&e.key)));
             }
-        }
-        let has_children = node.left.is_some() || node.entries.iter().any(|e| e.right.is_some());
-        if has_children && h == 0 {
-            return Err(MstError::NotCanonical("subtree below layer 0"));
         }
         if let Some(left) = &node.left {
             let first = node.entries.first().map(|e| e.key.as_slice()).or(hi);

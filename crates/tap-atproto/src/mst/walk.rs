@@ -4,7 +4,7 @@
 
 use cid::Cid;
 
-use super::node::decode_node;
+use super::node::{NodeData, decode_node};
 use super::{MstError, is_valid_mst_key, key_height, key_string};
 use crate::hash::BlockSource;
 
@@ -40,6 +40,50 @@ pub fn walk_tree_collect(
     Ok(out)
 }
 
+/// The checks every walk makes of a decoded node before descending: no empty node (the
+/// empty tree's root aside), a canonical root, valid keys all on one layer (`height`, the
+/// layer the parent implies, or the first key's for the root), no subtree below layer 0.
+/// Returns the node's layer, or `None` for the empty tree's root.
+///
+/// # Errors
+/// The [`MstError`] of the first rule broken.
+pub(super) fn check_node(
+    cid: &Cid,
+    node: &NodeData,
+    height: Option<u8>,
+    is_root: bool,
+) -> Result<Option<u8>, MstError> {
+    if node.entries.is_empty() {
+        if is_root && node.left.is_none() {
+            return Ok(None);
+        }
+        if is_root {
+            return Err(MstError::NotCanonical("root has a subtree but no keys"));
+        }
+        if node.left.is_none() {
+            return Err(MstError::EmptyNode(*cid));
+        }
+    }
+    let h = match (height, node.entries.first()) {
+        (Some(h), _) => h,
+        (None, Some(e)) => key_height(&e.key),
+        (None, None) => 0,
+    };
+    for e in &node.entries {
+        if !is_valid_mst_key(&e.key) {
+            return Err(MstError::InvalidKey(key_string(&e.key)));
+        }
+        if key_height(&e.key) != h {
+            return Err(MstError::WrongLayer(key_string(&e.key)));
+        }
+    }
+    let has_children = node.left.is_some() || node.entries.iter().any(|e| e.right.is_some());
+    if has_children && h == 0 {
+        return Err(MstError::NotCanonical("subtree below layer 0"));
+    }
+    Ok(Some(h))
+}
+
 fn walk_node<E: From<MstError>>(
     cid: &Cid,
     height: Option<u8>,
@@ -50,34 +94,9 @@ fn walk_node<E: From<MstError>>(
 ) -> Result<(), E> {
     let bytes = src.get_block(cid).ok_or(MstError::MissingBlock(*cid))?;
     let node = decode_node(bytes)?;
-    if node.entries.is_empty() {
-        if is_root && node.left.is_none() {
-            return Ok(());
-        }
-        if is_root {
-            return Err(MstError::NotCanonical("root has a subtree but no keys").into());
-        }
-        if node.left.is_none() {
-            return Err(MstError::EmptyNode(*cid).into());
-        }
-    }
-    let h = match (height, node.entries.first()) {
-        (Some(h), _) => h,
-        (None, Some(e)) => key_height(&e.key),
-        (None, None) => 0,
+    let Some(h) = check_node(cid, &node, height, is_root)? else {
+        return Ok(()); // the empty tree
     };
-    for e in &node.entries {
-        if !is_valid_mst_key(&e.key) {
-            return Err(MstError::InvalidKey(key_string(&e.key)).into());
-        }
-        if key_height(&e.key) != h {
-            return Err(MstError::WrongLayer(key_string(&e.key)).into());
-        }
-    }
-    let has_children = node.left.is_some() || node.entries.iter().any(|e| e.right.is_some());
-    if has_children && h == 0 {
-        return Err(MstError::NotCanonical("subtree below layer 0").into());
-    }
     if let Some(l) = &node.left {
         walk_node(l, Some(h - 1), false, src, last, f)?;
     }

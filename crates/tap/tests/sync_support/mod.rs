@@ -62,31 +62,7 @@ impl Net {
 
     /// Publishes `repo`'s DID document (Multikey form) and handle.
     pub fn publish(&self, repo: &RepoBuilder, handle: &str) {
-        let did = repo.did().as_str();
-        let multikey = repo
-            .key()
-            .did_key()
-            .trim_start_matches("did:key:")
-            .to_owned();
-        self.plc.set_plc_doc(
-            did,
-            json!({
-                "id": did,
-                "alsoKnownAs": [format!("at://{handle}")],
-                "verificationMethod": [{
-                    "id": format!("{did}#atproto"),
-                    "type": "Multikey",
-                    "controller": did,
-                    "publicKeyMultibase": multikey,
-                }],
-                "service": [{
-                    "id": "#atproto_pds",
-                    "type": "AtprotoPersonalDataServer",
-                    "serviceEndpoint": self.pds.url(),
-                }],
-            }),
-        );
-        self.plc.set_handle(handle, did);
+        self.plc.publish(repo, handle, &self.pds.url());
     }
 }
 
