@@ -81,49 +81,6 @@ fn nullable_raw_link<'a>(r: &mut Reader<'a>) -> Result<Option<RawLink<'a>>, MstE
     }
 }
 
-/// The decompressed key being built: on the stack while short, so parsing a node allocates
-/// nothing for it.
-struct KeyBuf {
-    len: usize,
-    inline: [u8; 128],
-    /// Used instead of `inline` once a key is longer (stays in use for the node).
-    heap: Vec<u8>,
-}
-
-impl KeyBuf {
-    fn new() -> Self {
-        Self {
-            len: 0,
-            inline: [0; 128],
-            heap: Vec::new(),
-        }
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        if self.heap.is_empty() {
-            &self.inline[..self.len]
-        } else {
-            &self.heap
-        }
-    }
-
-    /// The key becomes its first `p` bytes (`p <= len`) followed by `suffix`.
-    fn replace_tail(&mut self, p: usize, suffix: &[u8]) {
-        let total = p + suffix.len();
-        if self.heap.is_empty() && total <= self.inline.len() {
-            self.inline[p..total].copy_from_slice(suffix);
-        } else {
-            if self.heap.is_empty() {
-                self.heap.extend_from_slice(&self.inline[..p]);
-            } else {
-                self.heap.truncate(p);
-            }
-            self.heap.extend_from_slice(suffix);
-        }
-        self.len = total;
-    }
-}
-
 /// One entry as [`parse_node`] hands it over.
 pub(crate) struct ParsedEntry<'a, 'k> {
     /// The full (decompressed) key.
@@ -157,7 +114,8 @@ pub(crate) fn parse_node<'a>(
     let count = usize::try_from(n)
         .unwrap_or(usize::MAX)
         .min(bytes.len() / 20);
-    let mut key = KeyBuf::new();
+    // One buffer for the node's keys: each shares a prefix with the one before.
+    let mut key: Vec<u8> = Vec::new();
     for i in 0..n {
         let (suffix, p, right, value) = general_entry(&mut r)?;
         let p = usize::try_from(p).unwrap_or(usize::MAX);
@@ -165,7 +123,7 @@ pub(crate) fn parse_node<'a>(
             if p != 0 {
                 return Err(MstError::Malformed("first entry must have p = 0"));
             }
-            key.replace_tail(0, suffix);
+            key.extend_from_slice(suffix);
         } else {
             let prev = key.as_slice();
             if p > prev.len() {
@@ -174,7 +132,8 @@ pub(crate) fn parse_node<'a>(
             // The new key shares prev[..p] with the previous one, so it is greater exactly
             // when its suffix is greater than the previous key's rest.
             let greater = suffix > &prev[p..];
-            key.replace_tail(p, suffix);
+            key.truncate(p);
+            key.extend_from_slice(suffix);
             if !greater {
                 return Err(MstError::KeyOrder(super::key_string(key.as_slice())));
             }
@@ -231,10 +190,6 @@ fn general_entry<'a>(r: &mut Reader<'a>) -> Result<EntryParts<'a>, MstError> {
 pub fn decode_node(bytes: &[u8]) -> Result<NodeData, MstError> {
     let mut entries: Vec<Entry> = Vec::new();
     let left = parse_node(bytes, |e| {
-        if let Some(n) = e.first_of {
-            // Exactly sized: small nodes' vectors stay within the allocator's fast caches.
-            entries.reserve_exact(n);
-        }
         entries.push(Entry {
             key: e.key.to_vec(),
             value: e.value.cid()?,
