@@ -54,6 +54,7 @@ async fn run_once(repos: &[RepoBuilder], cars: &[Vec<u8>]) -> (f64, usize) {
     cfg.relay_url = url::Url::parse(&relay.url()).unwrap();
     cfg.plc_url = url::Url::parse(&plc.url()).unwrap();
     cfg.handle_resolver_url = Some(url::Url::parse(&plc.url()).unwrap());
+    cfg.allow_private_network = true; // the fake PDS is on loopback
     cfg.resync_parallelism = env_usize("BACKFILL_RESYNC_PARALLELISM", cfg.resync_parallelism);
     // The other design, for comparison: every historical event stored as an outbox row.
     cfg.durable_backfill_events = std::env::var("BACKFILL_DURABLE_EVENTS").is_ok();

@@ -96,6 +96,7 @@ async fn run(
     cfg.relay_url = url::Url::parse(&relay.url()).unwrap();
     cfg.plc_url = url::Url::parse(&plc.url()).unwrap();
     cfg.handle_resolver_url = Some(url::Url::parse(&plc.url()).unwrap());
+    cfg.allow_private_network = true; // the fake PDS is on loopback
     cfg.scope = TrackingScope::SignalCollections(vec![STARTER_PACK.parse().unwrap()]);
     cfg.collection_filters = vec![
         STARTER_PACK.parse().unwrap(),

@@ -108,6 +108,7 @@ fn main() {
         cfg.relay_url = url::Url::parse(&relay.url()).unwrap();
         cfg.plc_url = url::Url::parse(&plc.url()).unwrap();
         cfg.handle_resolver_url = Some(url::Url::parse(&plc.url()).unwrap());
+    cfg.allow_private_network = true; // the fake PDS is on loopback
         let app = tap::App::bind(cfg).await.unwrap();
         let addr = app.local_addr().unwrap();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -142,6 +142,7 @@ impl App {
         let identity = Identity::new(IdentityOptions {
             handle_resolver: config.handle_resolver_url.clone(),
             ledger: ledger.clone(),
+            allow_private_network: config.allow_private_network,
             ..IdentityOptions::new(config.plc_url.clone(), config.ident_cache_size)
         })?;
         Ok(Self {
@@ -224,11 +225,15 @@ impl App {
         let sync_parts = if config.outbox_only {
             None
         } else {
-            let pds = resync::fetch::PdsClient::new(config.repo_fetch_timeout, ledger.clone())
-                .map_err(|e| AppError::HttpClient {
-                    what: "resync",
-                    reason: e.to_string(),
-                })?;
+            let pds = resync::fetch::PdsClient::new(
+                config.repo_fetch_timeout,
+                ledger.clone(),
+                config.allow_private_network,
+            )
+            .map_err(|e| AppError::HttpClient {
+                what: "resync",
+                reason: e.to_string(),
+            })?;
             Some((
                 pds,
                 firehose::start_cursor(&firehose_settings, &store).await?,

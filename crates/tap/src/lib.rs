@@ -28,6 +28,7 @@ pub mod failpoint;
 pub mod firehose;
 pub mod identity;
 pub mod ledger;
+pub mod netguard;
 pub mod outbox;
 pub mod repos;
 pub mod resync;

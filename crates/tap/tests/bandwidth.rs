@@ -292,3 +292,63 @@ async fn full_strategy_never_asks_for_the_head() {
     assert_eq!(net.pds.served(Endpoint::GetRepo).requests, 1);
     tap.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pds_without_get_blocks_gets_a_whole_fetch_in_the_same_resync() {
+    let db = TestDb::new(common::Backend::Sqlite).await.unwrap();
+    let net = Net::start().await;
+    net.pds.set_unsupported(Endpoint::GetBlocks);
+    let repo = RepoBuilder::with_records(did(11), TestKey::k256(11), 11, 300);
+    net.host(&repo, "hal.test", repo.car_tree_order());
+    let mut cfg = net.config(&db);
+    cfg.collection_filters = vec![BLOCKS.parse().unwrap()];
+    let tap = TestTap::start(cfg).await;
+    let consumer = Consumer::connect(&tap).await;
+    add(&tap, repo.did()).await;
+    let want = expected_in(&repo, BLOCKS);
+    let got = consumer.wait_records(want.len()).await;
+    let info = wait_state(&tap, repo.did(), "active").await;
+    assert_eq!(paths_and_cids(&got), want);
+    assert_eq!(info["last_fetch"]["kind"], "full");
+    assert_eq!(info["retries"], 0, "no failed attempt first");
+    assert_eq!(net.pds.served(Endpoint::GetRepo).requests, 1);
+    tap.stop().await;
+}
+
+/// A sparse resync in which every wanted record vanished emits deletes at the snapshot's
+/// rev (no wanted record set it), as a full resync does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletes_found_by_a_sparse_resync_carry_the_snapshots_rev() {
+    let db = TestDb::new(common::Backend::Sqlite).await.unwrap();
+    let net = Net::start().await;
+    let mut repo = RepoBuilder::with_records(did(12), TestKey::k256(12), 12, 600);
+    net.host(&repo, "ivy.test", repo.car_tree_order());
+    let mut cfg = net.config(&db);
+    cfg.collection_filters = vec![BLOCKS.parse().unwrap()];
+    let tap = TestTap::start(cfg).await;
+    let consumer = Consumer::connect(&tap).await;
+    add(&tap, repo.did()).await;
+    let want = expected_in(&repo, BLOCKS);
+    consumer.wait_records(want.len()).await;
+    wait_state(&tap, repo.did(), "active").await;
+
+    // Every block deleted in a commit whose frame does not chain: the repo resyncs
+    // (sparsely) from a PDS that no longer has any.
+    let deletes: Vec<_> = want
+        .keys()
+        .map(|path| tap_atproto::writer::WriteOp::Delete { path: path.clone() })
+        .collect();
+    let frame = repo.wrong_prev_data_frame(&deletes).unwrap();
+    net.pds.set_repo(
+        repo.did().as_str(),
+        tap_testkit::fake_pds::RepoReply::Car(repo.car_tree_order()),
+    );
+    net.relay.push_frame(1, frame);
+    let all = consumer.wait_records(want.len() * 2).await;
+    let rev = repo.writer().head().unwrap().1.rev.as_str().to_owned();
+    for event in &all[want.len()..] {
+        assert_eq!(event["action"], "delete", "{event}");
+        assert_eq!(event["rev"], rev.as_str(), "{event}");
+    }
+    tap.stop().await;
+}

@@ -171,6 +171,8 @@ pub struct Config {
     pub max_repo_bytes: u64,
     /// `--fetch-strategy`.
     pub fetch_strategy: FetchStrategy,
+    /// `--allow-private-network`: hosts learned from the network may be non-public.
+    pub allow_private_network: bool,
     /// `--webhook-parallelism`: concurrent webhook requests.
     pub webhook_parallelism: usize,
     /// `--webhook-secret`: HMAC key for signing webhook bodies; `None` when empty.
@@ -554,6 +556,7 @@ impl Config {
             scope,
             collection_filters,
             delivery,
+            allow_private_network: bool_of("allow-private-network")?,
             fetch_strategy: FetchStrategy::parse(v.one("fetch-strategy")).ok_or_else(|| {
                 invalid(
                     "fetch-strategy",

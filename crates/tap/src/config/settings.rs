@@ -187,6 +187,15 @@ pub const SETTINGS: &[Setting] = &[
         "deliver events by POST to this URL instead of the WebSocket",
     ),
     Setting {
+        flag: "allow-private-network",
+        envs: &["TAP_ALLOW_PRIVATE_NETWORK"],
+        default: "false",
+        kind: Kind::Bool,
+        help: "let PDS endpoints, did:web hosts and handle well-known files learned from the network resolve to loopback, private and link-local addresses (off: refused, against SSRF); for tests and local networks (extension)",
+        extension: true,
+        ignored: false,
+    },
+    Setting {
         flag: "fetch-strategy",
         envs: &["TAP_FETCH_STRATEGY"],
         default: "auto",

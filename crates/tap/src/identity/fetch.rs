@@ -9,6 +9,7 @@ use reqwest::header::{ACCEPT, HOST};
 use url::Url;
 
 use crate::ledger::{Ledger, Source};
+use crate::netguard;
 
 use super::IdentityError;
 
@@ -29,7 +30,11 @@ pub(super) enum Reply {
 /// The shared HTTP client of the identity module.
 #[derive(Debug, Clone)]
 pub(super) struct Http {
+    /// For the PLC directory and the handle resolver the operator configured.
     client: reqwest::Client,
+    /// For hosts the network names (`did:web` hosts, handles' well-known files): only
+    /// public addresses unless `--allow-private-network` (crate::netguard).
+    guarded: reqwest::Client,
     /// Test-only: where `https://{host}/…` requests go instead, over plain HTTP.
     loopback_web: Option<SocketAddr>,
     ledger: Ledger,
@@ -44,16 +49,26 @@ impl Http {
         loopback_web: Option<SocketAddr>,
         ledger: Ledger,
         plc_url: &Url,
+        allow_private_network: bool,
     ) -> Result<Self, IdentityError> {
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(CONNECT_TIMEOUT.min(timeout))
-            .user_agent(concat!("tap/", env!("CARGO_PKG_VERSION")))
+        let builder = || {
+            reqwest::Client::builder()
+                .timeout(timeout)
+                .connect_timeout(CONNECT_TIMEOUT.min(timeout))
+                .user_agent(concat!("tap/", env!("CARGO_PKG_VERSION")))
+        };
+        let client = builder()
             .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
+            .build()
+            .map_err(|e| IdentityError::Setup(error_chain(&e)))?;
+        // The test-only loopback override sends web look-ups to loopback on purpose.
+        let allow_private = allow_private_network || loopback_web.is_some();
+        let guarded = netguard::guard(builder(), allow_private)
             .build()
             .map_err(|e| IdentityError::Setup(error_chain(&e)))?;
         Ok(Self {
             client,
+            guarded,
             loopback_web,
             ledger,
             plc_host: plc_url.host_str().map(str::to_owned),
@@ -96,10 +111,10 @@ impl Http {
                     url: shown.clone(),
                     message: e.to_string(),
                 })?;
-                self.client.get(url)
+                self.guarded.get(url)
             }
             Some(addr) => self
-                .client
+                .guarded
                 .get(format!("http://{addr}{path}"))
                 .header(HOST, host),
         };

@@ -256,6 +256,9 @@ pub struct IdentityOptions {
     pub loopback_web: Option<SocketAddr>,
     /// Where the bytes of PLC and handle look-ups are counted.
     pub ledger: Ledger,
+    /// `--allow-private-network`: `did:web` hosts and handles' well-known files may resolve
+    /// to loopback and private addresses.
+    pub allow_private_network: bool,
 }
 
 impl IdentityOptions {
@@ -270,6 +273,7 @@ impl IdentityOptions {
             clock: Clock::System,
             loopback_web: None,
             ledger: Ledger::default(),
+            allow_private_network: false,
         }
     }
 }
@@ -367,6 +371,7 @@ impl Identity {
             options.loopback_web,
             options.ledger.clone(),
             &options.plc_url,
+            options.allow_private_network,
         )?;
         let handles = match options.handle_resolver {
             Some(base) => HandleResolver::xrpc(http.clone(), base),

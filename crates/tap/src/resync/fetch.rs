@@ -19,6 +19,7 @@ use tap_atproto::syntax::{Did, Tid};
 use url::Url;
 
 use crate::ledger::{Ledger, PdsCall, Source};
+use crate::netguard;
 
 /// How long a PDS that answered 429 is left alone.
 pub const RATE_LIMIT_PAUSE: Duration = Duration::from_secs(10);
@@ -45,6 +46,13 @@ pub enum FetchError {
         status: u16,
         /// `: <error name>` from an XRPC error body, when there is one.
         detail: String,
+    },
+    /// The PDS's address is not one tap fetches from (crate::netguard): a verdict on the
+    /// repo's DID document, not a passing fault.
+    #[error("{reason}")]
+    Refused {
+        /// What was refused.
+        reason: String,
     },
     /// The PDS does not implement the method (remembered per host).
     #[error("{host} does not implement {method}")]
@@ -84,6 +92,7 @@ pub struct PdsClient {
     no_sparse: Mutex<HashSet<String>>,
     fetch_timeout: Duration,
     ledger: Ledger,
+    allow_private_network: bool,
 }
 
 /// The method names tap calls.
@@ -167,18 +176,24 @@ impl PdsClient {
     ///
     /// # Errors
     /// The TLS configuration cannot be loaded.
-    pub fn new(fetch_timeout: Duration, ledger: Ledger) -> Result<Self, reqwest::Error> {
-        // No client-wide timeouts: they would also run while tap is not reading.
-        let http = reqwest::Client::builder()
+    pub fn new(
+        fetch_timeout: Duration,
+        ledger: Ledger,
+        allow_private_network: bool,
+    ) -> Result<Self, reqwest::Error> {
+        // No client-wide timeouts: they would also run while tap is not reading. PDS
+        // endpoints come from DID documents anyone can publish: only public addresses.
+        let builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
-            .user_agent(concat!("tap/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+            .user_agent(concat!("tap/", env!("CARGO_PKG_VERSION")));
+        let http = netguard::guard(builder, allow_private_network).build()?;
         Ok(Self {
             http,
             paused: Mutex::new(HashMap::new()),
             no_sparse: Mutex::new(HashSet::new()),
             fetch_timeout,
             ledger,
+            allow_private_network,
         })
     }
 
@@ -306,6 +321,8 @@ impl PdsClient {
         accept: &'static str,
     ) -> Result<(reqwest::Response, String), FetchError> {
         let host = host_of(pds);
+        netguard::check_url(pds, self.allow_private_network)
+            .map_err(|reason| FetchError::Refused { reason })?;
         if self.is_paused(&host) {
             return Err(FetchError::RateLimited { host });
         }
@@ -335,20 +352,12 @@ impl PdsClient {
         if status.is_success() {
             return Ok((resp, host));
         }
-        // XRPC errors carry a small JSON body naming the error (RepoNotFound, …).
-        let name = match tokio::time::timeout(Duration::from_secs(5), resp.bytes()).await {
-            Ok(Ok(body)) if body.len() <= 4096 => {
-                self.ledger.downloaded(
-                    Source::Pds(PdsCall::for_method(method)),
-                    Some(&host),
-                    body.len() as u64,
-                );
-                serde_json::from_slice::<serde_json::Value>(&body)
-                    .ok()
-                    .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
-            }
-            _ => None,
-        };
+        // XRPC errors carry a small JSON body naming the error (RepoNotFound, …). Read at
+        // most 4 KiB of it, chunk by chunk (a compressed body could inflate to anything),
+        // for at most 5 s; what is read is counted.
+        let name = self
+            .error_name(resp, &host, PdsCall::for_method(method))
+            .await;
         let unsupported = matches!(status.as_u16(), 404 | 501)
             || matches!(
                 name.as_deref(),
@@ -367,6 +376,37 @@ impl PdsClient {
             status: status.as_u16(),
             detail: name.map(|n| format!(": {n}")).unwrap_or_default(),
         })
+    }
+
+    /// The XRPC error name of an error answer, from at most 4 KiB of its body.
+    async fn error_name(
+        &self,
+        mut resp: reqwest::Response,
+        host: &str,
+        call: PdsCall,
+    ) -> Option<String> {
+        const MAX: usize = 4096;
+        let mut body = Vec::new();
+        let read = async {
+            while let Ok(Some(chunk)) = resp.chunk().await {
+                self.ledger
+                    .downloaded(Source::Pds(call), Some(host), chunk.len() as u64);
+                body.extend_from_slice(&chunk);
+                if body.len() > MAX {
+                    return false;
+                }
+            }
+            true
+        };
+        let whole = tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .unwrap_or(false);
+        if !whole {
+            return None;
+        }
+        serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
     }
 
     /// A whole answer of at most `limit` bytes, counted in the ledger as `call`.

@@ -125,7 +125,8 @@ impl From<FetchError> for ResyncError {
             }
             e @ (FetchError::Status { .. }
             | FetchError::Unsupported { .. }
-            | FetchError::Malformed { .. }) => Self::Failed(e.to_string()),
+            | FetchError::Malformed { .. }
+            | FetchError::Refused { .. }) => Self::Failed(e.to_string()),
         }
     }
 }

@@ -71,14 +71,18 @@ impl<'a> Snapshot<'a> {
         self.storage == EventStorage::InMemoryBackfill
     }
 
-    /// The snapshot must not be older than what tap already applied.
-    pub(super) fn check_rev(&self, rev: &str) -> Result<(), ResyncError> {
-        match &self.stored_rev {
-            Some(stored) if rev < stored.as_str() => Err(ResyncError::Failed(format!(
+    /// Sets the snapshot's rev, which every event it emits carries (deletes included, also
+    /// when no wanted record set it first); it must not be older than what tap applied.
+    pub(super) fn set_rev(&mut self, rev: &str) -> Result<(), ResyncError> {
+        if let Some(stored) = &self.stored_rev
+            && rev < stored.as_str()
+        {
+            return Err(ResyncError::Failed(format!(
                 "snapshot rev {rev} is older than the stored rev {stored}"
-            ))),
-            _ => Ok(()),
+            )));
         }
+        self.rev.get_or_insert_with(|| rev.to_owned());
+        Ok(())
     }
 
     /// Feeds every record the walker has ready.
@@ -103,8 +107,7 @@ impl<'a> Snapshot<'a> {
         bytes: &[u8],
     ) -> Result<(), ResyncError> {
         if self.rev.is_none() {
-            self.check_rev(rev.as_str())?;
-            self.rev = Some(rev.as_str().to_owned());
+            self.set_rev(rev.as_str())?;
         }
         let Some((collection, rkey)) = path.split_once('/') else {
             return Ok(()); // not a record path; the Go tap skips these too

@@ -125,6 +125,16 @@ pub async fn fetch(
     Ok(SparseRepo { commit, records })
 }
 
+/// Whether a failed call may succeed if repeated later (then the resync is retried, not
+/// redone in full).
+fn is_passing(e: &FetchError) -> bool {
+    match e {
+        FetchError::RateLimited { .. } | FetchError::Transport { .. } => true,
+        FetchError::Status { status, .. } => *status >= 500 || *status == 408,
+        _ => false,
+    }
+}
+
 /// Fetches `cids` in batches into `have`; every one must come back.
 async fn fetch_blocks(
     pds: &PdsClient,
@@ -150,8 +160,14 @@ async fn fetch_blocks(
             Err(e @ FetchError::Malformed { .. }) => {
                 return Err(SparseError::Refused(e.to_string()));
             }
-            // `Could not find cids`: a block the tree needs is not there.
-            Err(e @ FetchError::Status { status: 400, .. }) => {
+            // `Could not find cids` (a block the tree needs is not there), the call not
+            // implemented, or any other refusal that is not a passing fault: the whole repo
+            // is fetched instead, now.
+            Err(
+                e @ (FetchError::Unsupported { .. }
+                | FetchError::Refused { .. }
+                | FetchError::Status { .. }),
+            ) if !is_passing(&e) => {
                 return Err(SparseError::Refused(e.to_string()));
             }
             Err(e) => return Err(e.into()),

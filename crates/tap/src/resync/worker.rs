@@ -217,7 +217,7 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
         match fetched {
             Ok(snapshot) => {
                 let rev = snapshot.commit.rev;
-                sink.check_rev(rev.as_str())?;
+                sink.set_rev(rev.as_str())?;
                 for (path, cid, bytes) in &snapshot.records {
                     sink.record(&rev, path, cid, bytes).await?;
                 }
@@ -256,7 +256,7 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
         Some(c) => (c.rev.as_str().to_owned(), c.data.to_string()),
         None => return Err(ResyncError::Failed("repo CAR has no commit".into())),
     };
-    sink.check_rev(&rev)?;
+    sink.set_rev(&rev)?;
     let records = walker.records_emitted();
     sink.finish().await?;
     note_fetch(store, did, FetchKind::Full, spent + body.bytes_read()).await;

@@ -118,9 +118,10 @@ impl TryFrom<StoredRepo> for RepoRow {
             error: row.error,
             retry_count: clamp_retry_count(row.retry_count),
             retry_after: row.retry_after,
+            // A diagnostic column: a kind this version does not know (written by a newer
+            // one) reads as "not known", never as a corrupt row.
             last_fetch: match FetchKind::from_name(&row.fetch_kind) {
-                None if row.fetch_kind.is_empty() => None,
-                None => return Err(corrupt_repo("fetch_kind", row.fetch_kind)),
+                None => None,
                 Some(kind) => Some(LastFetch {
                     kind,
                     bytes: u64::try_from(row.fetch_bytes).unwrap_or(0),

@@ -70,6 +70,9 @@ pub fn test_config(db: &TestDb) -> Config {
     // Handles are never looked up in public DNS/HTTPS from tests: point this at a fake
     // (`FakePlc::url()` or the localnet PDS) to verify them; here they come out handle.invalid.
     cfg.handle_resolver_url = Some(url::Url::parse("http://127.0.0.1:1").unwrap());
+    // Every fake PDS and the local network live on loopback, which tap otherwise refuses
+    // for hosts learned from DID documents (`netguard`; `tests/netguard.rs` tests that).
+    cfg.allow_private_network = true;
     cfg
 }
 

@@ -382,7 +382,9 @@ impl TapProcess {
             .envs(env.iter().copied())
             .arg("run")
             .arg(format!("--db-url={}", db_url_arg(db)))
-            .arg(format!("--bind={bind}"));
+            .arg(format!("--bind={bind}"))
+            // The fakes and the local network are on loopback.
+            .arg("--allow-private-network");
         for flag in ["--relay-url", "--plc-url"] {
             if !extra.iter().any(|e| e.starts_with(flag)) {
                 cmd.arg(format!("{flag}=http://127.0.0.1:1"));
