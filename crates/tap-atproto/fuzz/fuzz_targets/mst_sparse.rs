@@ -1,25 +1,39 @@
-//! Sparse MST walk over untrusted blocks (what a PDS returns to `getBlocks`): never panics,
-//! and what it finds always lies in the wanted ranges, in increasing key order. The input
-//! is split into blocks at 0xff bytes; the first is the root.
+//! Sparse MST walk over untrusted blocks (what a PDS returns to `getBlocks`): never panics;
+//! what it finds lies in the wanted ranges, in increasing key order; and whenever the full
+//! walk accepts the same tree, the sparse walk finds exactly its keys in the ranges. The
+//! input is split into blocks at 0xff bytes; any link resolves to block `digest[0] % n`, so
+//! multi-node trees (and every lie about them) are reachable.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use tap_atproto::hash::{BlockMap, cid_for_cbor};
-use tap_atproto::mst::{KeyRange, SparseWalk, walk_ranges};
+use tap_atproto::Cid;
+use tap_atproto::hash::{BlockSource, cid_for_cbor};
+use tap_atproto::mst::{KeyRange, SparseWalk, walk_ranges, walk_tree_collect};
+
+struct Parts<'a>(Vec<&'a [u8]>);
+
+impl BlockSource for Parts<'_> {
+    fn get_block(&self, cid: &Cid) -> Option<&[u8]> {
+        let first = *cid.hash().digest().first()?;
+        self.0.get(usize::from(first) % self.0.len()).copied()
+    }
+}
 
 fuzz_target!(|data: &[u8]| {
-    let mut blocks = BlockMap::default();
-    let mut root = None;
-    for part in data.split(|b| *b == 0xff) {
-        let cid = cid_for_cbor(part);
-        root.get_or_insert(cid);
-        blocks.insert(cid, bytes::Bytes::copy_from_slice(part));
-    }
-    let Some(root) = root else { return };
+    let parts = Parts(data.split(|b| *b == 0xff).collect());
+    let root = cid_for_cbor(parts.0[0]);
     let ranges = [KeyRange::collection("a.b.c"), KeyRange::prefix(b"x.")];
-    if let Ok(SparseWalk::Complete(found)) = walk_ranges(&root, &ranges, &blocks) {
-        assert!(found.windows(2).all(|w| w[0].0 < w[1].0));
-        assert!(found
-            .iter()
-            .all(|(k, _)| ranges.iter().any(|r| r.contains(k.as_bytes()))));
+    let Ok(SparseWalk::Complete(found)) = walk_ranges(&root, &ranges, &parts) else {
+        return;
+    };
+    assert!(found.windows(2).all(|w| w[0].0 < w[1].0));
+    assert!(found
+        .iter()
+        .all(|(k, _)| ranges.iter().any(|r| r.contains(k.as_bytes()))));
+    if let Ok(all) = walk_tree_collect(&root, &parts) {
+        let expected: Vec<_> = all
+            .into_iter()
+            .filter(|(k, _)| ranges.iter().any(|r| r.contains(k.as_bytes())))
+            .collect();
+        assert_eq!(found, expected);
     }
 });

@@ -26,7 +26,7 @@ pub struct KeyRange {
 }
 
 impl KeyRange {
-    /// Every key beginning with `prefix` (which must not be empty).
+    /// Every key beginning with `prefix`; the empty prefix is every key.
     #[must_use]
     pub fn prefix(prefix: &[u8]) -> Self {
         let start = prefix.to_vec();

@@ -46,17 +46,31 @@ pub enum SparseError {
     #[error("sparse fetch refused: {0}")]
     Refused(String),
     /// The selection is too large to hold; the streaming full fetch is used instead.
-    #[error("sparse selection larger than {SPARSE_MEMORY} bytes")]
+    #[error("sparse selection larger than its byte budget")]
     TooLarge,
 }
 
-/// What a sparse fetch cost.
-#[derive(Debug, Default, Clone, Copy)]
+/// What a sparse fetch cost, and what it may cost.
+#[derive(Debug, Clone, Copy)]
 pub struct Cost {
     /// Body bytes downloaded.
     pub bytes: u64,
     /// `getBlocks` calls made.
     pub calls: u64,
+    /// Most bytes it may download: [`SPARSE_MEMORY`], or less under `--max-repo-bytes`.
+    pub limit: u64,
+}
+
+impl Cost {
+    /// Nothing spent yet, at most `max_repo_bytes` (and [`SPARSE_MEMORY`]) to spend.
+    #[must_use]
+    pub fn within(max_repo_bytes: u64) -> Self {
+        Self {
+            bytes: 0,
+            calls: 0,
+            limit: SPARSE_MEMORY.min(max_repo_bytes),
+        }
+    }
 }
 
 /// Fetches the parts of `did`'s repo (head `head`) under `ranges`.
@@ -145,7 +159,7 @@ async fn fetch_blocks(
     cost: &mut Cost,
 ) -> Result<(), SparseError> {
     for batch in cids.chunks(BLOCKS_PER_CALL) {
-        let budget = SPARSE_MEMORY.saturating_sub(cost.bytes);
+        let budget = cost.limit.saturating_sub(cost.bytes);
         if budget == 0 {
             return Err(SparseError::TooLarge);
         }
@@ -153,7 +167,6 @@ async fn fetch_blocks(
             Ok(answer) => answer,
             // An answer over the budget ends the sparse attempt, not the resync.
             Err(FetchError::Malformed { reason, .. }) if reason.starts_with("answer larger") => {
-                cost.bytes = SPARSE_MEMORY;
                 return Err(SparseError::TooLarge);
             }
             // A block that does not hash, or a CAR that does not read: the PDS lied.

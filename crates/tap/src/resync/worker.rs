@@ -211,8 +211,21 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
 
     let mut sink = Snapshot::new(engine, store, did, repo.rev, storage, replay);
     if let (Some(head), Some(ranges)) = (head, &plan.sparse) {
-        let mut cost = sparse::Cost::default();
-        let fetched = sparse::fetch(pds, &pds_url, did, &key, head, ranges, &mut cost).await;
+        let mut cost = sparse::Cost::within(settings.max_repo_bytes);
+        // One budget for the whole sparse fetch, as for a full one: many slow calls must not
+        // hold a worker longer than one slow `getRepo` could.
+        let fetched = tokio::time::timeout(
+            settings.fetch_timeout,
+            sparse::fetch(pds, &pds_url, did, &key, head, ranges, &mut cost),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(SparseError::Fetch(FetchError::Transport {
+                method: "com.atproto.sync.getBlocks",
+                host: super::fetch::host_of(&pds_url),
+                reason: "the repo fetch timeout ran out".into(),
+            }))
+        });
         spent += cost.bytes;
         match fetched {
             Ok(snapshot) => {
