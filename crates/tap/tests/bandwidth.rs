@@ -352,3 +352,48 @@ async fn deletes_found_by_a_sparse_resync_carry_the_snapshots_rev() {
     }
     tap.stop().await;
 }
+
+/// An unchanged head is no reason to skip when the filters widened since the last fetch:
+/// the newly wanted records must come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn widened_filters_fetch_again_though_the_head_did_not_move() {
+    const FOLLOWS: &str = "app.bsky.graph.follow";
+    let db = TestDb::new(common::Backend::Sqlite).await.unwrap();
+    let net = Net::start().await;
+    let mut repo = RepoBuilder::with_records(did(13), TestKey::k256(13), 13, 300);
+    net.host(&repo, "jo.test", repo.car_tree_order());
+    let mut cfg = net.config(&db);
+    cfg.collection_filters = vec![BLOCKS.parse().unwrap()];
+    let tap = TestTap::start(cfg.clone()).await;
+    let consumer = Consumer::connect(&tap).await;
+    add(&tap, repo.did()).await;
+    consumer
+        .wait_records(expected_in(&repo, BLOCKS).len())
+        .await;
+    wait_state(&tap, repo.did(), "active").await;
+    tap.stop().await;
+
+    // Restarted with follows wanted too; a commit that does not chain sends the repo to a
+    // resync while the PDS still serves the same head.
+    cfg.collection_filters.push(FOLLOWS.parse().unwrap());
+    let tap = TestTap::start(cfg).await;
+    let consumer = Consumer::connect(&tap).await;
+    // What the PDS serves (the builder moves on with the frame below).
+    let follows = expected_in(&repo, FOLLOWS);
+    let ops = repo.random_ops(1);
+    let frame = repo.wrong_prev_data_frame(&ops).unwrap();
+    net.relay.push_frame(1, frame);
+    assert!(!follows.is_empty(), "the fixture has follows");
+    let got = wait_for("the follows", || async {
+        let got: BTreeMap<String, String> = paths_and_cids(&consumer.records())
+            .into_iter()
+            .filter(|(p, _)| p.starts_with(&format!("{FOLLOWS}/")))
+            .collect();
+        (got.len() >= follows.len()).then_some(got)
+    })
+    .await;
+    assert_eq!(got, follows);
+    let info = wait_state(&tap, repo.did(), "active").await;
+    assert_eq!(info["last_fetch"]["kind"], "sparse");
+    tap.stop().await;
+}

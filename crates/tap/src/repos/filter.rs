@@ -53,6 +53,16 @@ impl Scope {
         self.filters.is_empty() || self.filters.iter().any(|f| f.matches_str(collection))
     }
 
+    /// The collection filters as one canonical string (sorted, comma-separated; empty for
+    /// none): what a repo's last fetch is compared against before it is skipped.
+    #[must_use]
+    pub fn fingerprint(&self) -> String {
+        let mut filters: Vec<&str> = self.filters.iter().map(|f| f.as_str()).collect();
+        filters.sort_unstable();
+        filters.dedup();
+        filters.join(",")
+    }
+
     /// The MST key ranges holding every wanted record; `None` when every collection is
     /// wanted (no filters, or `*`).
     #[must_use]

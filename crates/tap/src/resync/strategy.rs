@@ -48,10 +48,19 @@ pub fn plan(
 
 /// Whether the PDS's head is the commit tap already holds, so nothing needs downloading.
 /// Only a repo whose index is complete at its stored rev qualifies (`replay` marks a
-/// backfill whose events may not all have been delivered: it runs again in full).
+/// backfill whose events may not all have been delivered: it runs again in full), and only
+/// if its last fetch was made under the same collection filters (`filters`, the current
+/// [`Scope::fingerprint`](crate::repos::filter::Scope::fingerprint)): widened filters need
+/// the newly wanted records.
 #[must_use]
-pub fn unchanged(repo: &RepoRow, replay: bool, head: &LatestCommit) -> bool {
-    !replay && repo.prev_data.is_some() && repo.rev == Some(head.rev)
+pub fn unchanged(repo: &RepoRow, replay: bool, head: &LatestCommit, filters: &str) -> bool {
+    !replay
+        && repo.prev_data.is_some()
+        && repo.rev == Some(head.rev)
+        && repo
+            .last_fetch
+            .as_ref()
+            .is_some_and(|f| f.filters == filters)
 }
 
 #[cfg(test)]
@@ -60,7 +69,7 @@ mod tests {
     use tap_atproto::syntax::Tid;
 
     use super::*;
-    use crate::store::{AccountStatus, RepoState};
+    use crate::store::{AccountStatus, FetchKind, LastFetch, RepoState};
 
     fn posts() -> Option<Vec<KeyRange>> {
         Some(vec![KeyRange::collection("app.bsky.feed.post")])
@@ -105,7 +114,7 @@ mod tests {
     }
 
     #[test]
-    fn only_a_complete_copy_at_the_heads_rev_is_unchanged() {
+    fn only_a_complete_copy_at_the_heads_rev_under_the_same_filters_is_unchanged() {
         let rev = Tid::new("3kaaaaaaaaa22").unwrap();
         let later = Tid::new("3kaaaaaaaaa23").unwrap();
         let head = LatestCommit {
@@ -122,20 +131,31 @@ mod tests {
             error: String::new(),
             retry_count: 0,
             retry_after: 0,
-            last_fetch: None,
+            last_fetch: Some(LastFetch {
+                kind: FetchKind::Sparse,
+                bytes: 1,
+                at: 1,
+                filters: "app.bsky.feed.post".into(),
+            }),
         };
-        assert!(unchanged(&repo, false, &head));
+        let same = "app.bsky.feed.post";
+        assert!(unchanged(&repo, false, &head, same));
         assert!(
-            !unchanged(&repo, true, &head),
+            !unchanged(&repo, true, &head, same),
             "an undelivered backfill reruns"
         );
+        assert!(
+            !unchanged(&repo, false, &head, "app.bsky.feed.like,app.bsky.feed.post"),
+            "widened filters need the newly wanted records"
+        );
         let newer = LatestCommit { rev: later, ..head };
-        assert!(!unchanged(&repo, false, &newer));
+        assert!(!unchanged(&repo, false, &newer, same));
         let never_fetched = RepoRow {
             rev: None,
             prev_data: None,
+            last_fetch: None,
             ..repo
         };
-        assert!(!unchanged(&never_fetched, false, &head));
+        assert!(!unchanged(&never_fetched, false, &head, same));
     }
 }

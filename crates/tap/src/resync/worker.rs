@@ -179,6 +179,7 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
         engine.scope().key_ranges(),
         pds.lacks_sparse(&pds_url),
     );
+    let filters = engine.scope().fingerprint();
     let mut spent = 0;
     let head = if plan.ask_head {
         match pds.latest_commit(&pds_url, did).await {
@@ -201,9 +202,9 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
         None
     };
     if let (Some(head), Some(data)) = (&head, &repo.prev_data)
-        && strategy::unchanged(repo, replay, head)
+        && strategy::unchanged(repo, replay, head, &filters)
     {
-        note_fetch(store, did, FetchKind::Skipped, spent).await;
+        note_fetch(store, did, FetchKind::Skipped, spent, &filters).await;
         // Buffered live commits still go through the cutover's checks.
         cut_over(engine, store, did, head.rev.as_str(), data).await?;
         return Ok(0);
@@ -235,7 +236,7 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
                     sink.record(&rev, path, cid, bytes).await?;
                 }
                 sink.finish().await?;
-                note_fetch(store, did, FetchKind::Sparse, spent).await;
+                note_fetch(store, did, FetchKind::Sparse, spent, &filters).await;
                 let data = snapshot.commit.data.to_string();
                 cut_over(engine, store, did, rev.as_str(), &data).await?;
                 return Ok(snapshot.records.len() as u64);
@@ -272,19 +273,27 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
     sink.set_rev(&rev)?;
     let records = walker.records_emitted();
     sink.finish().await?;
-    note_fetch(store, did, FetchKind::Full, spent + body.bytes_read()).await;
+    note_fetch(
+        store,
+        did,
+        FetchKind::Full,
+        spent + body.bytes_read(),
+        &filters,
+    )
+    .await;
     cut_over(engine, store, did, &rev, &data).await?;
     Ok(records)
 }
 
 /// Records how the repo was fetched (for `/info/{did}`), before the cutover makes it
 /// active; a failure only costs that note.
-async fn note_fetch(store: &Store, did: &Did, kind: FetchKind, bytes: u64) {
+async fn note_fetch(store: &Store, did: &Did, kind: FetchKind, bytes: u64, filters: &str) {
     metrics::counter!(t::RESYNC_FETCHES, "kind" => kind.as_str()).increment(1);
     let fetch = LastFetch {
         kind,
         bytes,
         at: now_unix(),
+        filters: filters.to_owned(),
     };
     if let Err(error) = store.record_fetch(did.as_str(), fetch).await {
         tracing::warn!(%did, %error, "Failed to note how the repo was fetched.");

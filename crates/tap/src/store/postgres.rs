@@ -241,13 +241,14 @@ impl PgStore {
         let client = self.client(OP).await?;
         client
             .execute(
-                "UPDATE repos SET fetch_kind = $2, fetch_bytes = $3, fetched_at = $4 \
-                 WHERE did = $1",
+                "UPDATE repos SET fetch_kind = $2, fetch_bytes = $3, fetched_at = $4, \
+                 fetch_filters = $5 WHERE did = $1",
                 &[
                     &did,
                     &fetch.kind.as_str(),
                     &i64::try_from(fetch.bytes).unwrap_or(i64::MAX),
                     &fetch.at,
+                    &fetch.filters,
                 ],
             )
             .await
@@ -871,6 +872,7 @@ fn read_repo(row: &tokio_postgres::Row, op: &'static str) -> Result<RepoRow, Sto
         fetch_kind: row.try_get(9).map_err(pg(op))?,
         fetch_bytes: row.try_get(10).map_err(pg(op))?,
         fetched_at: row.try_get(11).map_err(pg(op))?,
+        fetch_filters: row.try_get(12).map_err(pg(op))?,
     };
     RepoRow::try_from(stored)
 }

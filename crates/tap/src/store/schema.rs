@@ -37,6 +37,7 @@ pub(super) const MIGRATIONS: &[Migration] = &[
     migration!(2, "0002_backfill_token"),
     migration!(3, "0003_record_chunks"),
     migration!(4, "0004_last_fetch"),
+    migration!(5, "0005_fetch_filters"),
 ];
 
 /// What a backend found before migrating.
@@ -77,7 +78,7 @@ pub(super) fn pending(
 
 /// The columns of a repo row, in the order [`StoredRepo`] reads them.
 pub(super) const REPO_COLUMNS: &str = "did, state, status, handle, rev, prev_data, error_msg, \
-     retry_count, retry_after, fetch_kind, fetch_bytes, fetched_at";
+     retry_count, retry_after, fetch_kind, fetch_bytes, fetched_at, fetch_filters";
 
 /// A repo row as the database returns it ([`REPO_COLUMNS`], in order).
 pub(super) struct StoredRepo {
@@ -93,6 +94,7 @@ pub(super) struct StoredRepo {
     pub fetch_kind: String,
     pub fetch_bytes: i64,
     pub fetched_at: i64,
+    pub fetch_filters: String,
 }
 
 impl TryFrom<StoredRepo> for RepoRow {
@@ -126,6 +128,7 @@ impl TryFrom<StoredRepo> for RepoRow {
                     kind,
                     bytes: u64::try_from(row.fetch_bytes).unwrap_or(0),
                     at: row.fetched_at,
+                    filters: row.fetch_filters,
                 }),
             },
         })
@@ -195,17 +198,17 @@ mod tests {
             Err(StoreError::ForeignSchema { .. })
         ));
         let all: Vec<i64> = pending(0).unwrap().map(|m| m.version).collect();
-        assert_eq!(all, [1, 2, 3, 4]);
+        assert_eq!(all, [1, 2, 3, 4, 5]);
         assert_eq!(
             pending(2).unwrap().map(|m| m.version).collect::<Vec<_>>(),
-            [3, 4]
+            [3, 4, 5]
         );
-        assert_eq!(pending(4).unwrap().count(), 0);
+        assert_eq!(pending(5).unwrap().count(), 0);
         assert!(matches!(
-            pending(5).map(Iterator::count),
+            pending(6).map(Iterator::count),
             Err(StoreError::SchemaTooNew {
-                found: 5,
-                supported: 4
+                found: 6,
+                supported: 5
             })
         ));
     }
@@ -239,6 +242,7 @@ mod tests {
             fetch_kind: String::new(),
             fetch_bytes: 0,
             fetched_at: 0,
+            fetch_filters: String::new(),
         };
         let ok = RepoRow::try_from(row("active", "active")).unwrap();
         assert_eq!(ok.retry_count, 0, "a negative count reads as zero");

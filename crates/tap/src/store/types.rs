@@ -160,7 +160,7 @@ impl FetchKind {
 }
 
 /// The last fetch of a repo.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LastFetch {
     /// What was downloaded.
     pub kind: FetchKind,
@@ -168,6 +168,8 @@ pub struct LastFetch {
     pub bytes: u64,
     /// When it finished (unix seconds).
     pub at: i64,
+    /// The collection filters it was made under ([`crate::repos::filter::Scope::fingerprint`]).
+    pub filters: String,
 }
 
 /// An outbox event id: unique and strictly increasing in commit order for the life of the

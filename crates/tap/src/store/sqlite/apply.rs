@@ -26,6 +26,7 @@ pub(super) fn read_repo(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Repo
         fetch_kind: row.get(9)?,
         fetch_bytes: row.get(10)?,
         fetched_at: row.get(11)?,
+        fetch_filters: row.get(12)?,
     };
     Ok(RepoRow::try_from(stored))
 }

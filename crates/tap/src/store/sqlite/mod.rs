@@ -237,15 +237,16 @@ impl SqliteStore {
     ) -> Result<(), StoreError> {
         self.write(move |conn| {
             conn.prepare_cached(
-                "UPDATE repos SET fetch_kind = ?2, fetch_bytes = ?3, fetched_at = ?4 \
-                 WHERE did = ?1",
+                "UPDATE repos SET fetch_kind = ?2, fetch_bytes = ?3, fetched_at = ?4, \
+                 fetch_filters = ?5 WHERE did = ?1",
             )
             .and_then(|mut stmt| {
                 stmt.execute(params![
                     did,
                     fetch.kind.as_str(),
                     i64::try_from(fetch.bytes).unwrap_or(i64::MAX),
-                    fetch.at
+                    fetch.at,
+                    fetch.filters
                 ])
             })
             .map_err(sq("record_fetch"))?;
