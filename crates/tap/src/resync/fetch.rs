@@ -358,11 +358,14 @@ impl PdsClient {
         let name = self
             .error_name(resp, &host, PdsCall::for_method(method))
             .await;
-        let unsupported = matches!(status.as_u16(), 404 | 501)
+        // 501, or an XRPC "not implemented" name, or a bare 404 (no such route): the host
+        // lacks the call. A 404 naming an error (RepoNotFound…) is about the repo, not the host.
+        let unsupported = status.as_u16() == 501
             || matches!(
                 name.as_deref(),
                 Some("MethodNotImplemented" | "XRPCNotSupported")
-            );
+            )
+            || (status.as_u16() == 404 && name.is_none());
         if unsupported && method != GET_REPO {
             self.no_sparse
                 .lock()
