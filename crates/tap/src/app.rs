@@ -259,6 +259,13 @@ impl App {
             outbox_only = config.outbox_only,
             "Starting tap."
         );
+        if open_to_other_hosts(http.local_addr().ok(), config.admin_password.is_some()) {
+            // The Go tap's defaults, kept for compatibility, but never silently.
+            tracing::warn!(
+                %addr,
+                "The API (/channel, /repos/*) answers other hosts and no admin password is set: anyone who can reach it can read and ack events and change what is tracked. Set --admin-password or bind to 127.0.0.1."
+            );
+        }
 
         // Outbox: actor, deleter, backlog loader.
         let OutboxParts {
@@ -476,6 +483,11 @@ impl App {
     }
 }
 
+/// Whether the API, bound to `addr`, answers other hosts while no admin password guards it.
+fn open_to_other_hosts(addr: Option<std::net::SocketAddr>, has_password: bool) -> bool {
+    !has_password && addr.is_some_and(|a| !a.ip().is_loopback())
+}
+
 async fn bind_listener(what: &'static str, addr: &str) -> Result<TcpListener, AppError> {
     TcpListener::bind(listen_addr(addr))
         .await
@@ -496,4 +508,23 @@ async fn serve(
         .with_graceful_shutdown(async move { token.cancelled().await })
         .await
         .map_err(|source| AppError::Serve { what, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::open_to_other_hosts;
+
+    #[test]
+    fn an_api_on_every_interface_without_a_password_is_open_to_other_hosts() {
+        let at = |s: &str| Some(s.parse().unwrap());
+        assert!(open_to_other_hosts(at("0.0.0.0:2480"), false));
+        assert!(open_to_other_hosts(at("[::]:2480"), false));
+        assert!(open_to_other_hosts(at("192.168.1.5:2480"), false));
+        assert!(
+            !open_to_other_hosts(at("0.0.0.0:2480"), true),
+            "a password guards it"
+        );
+        assert!(!open_to_other_hosts(at("127.0.0.1:2480"), false));
+        assert!(!open_to_other_hosts(at("[::1]:2480"), false));
+    }
 }
