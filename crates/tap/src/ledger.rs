@@ -106,10 +106,15 @@ struct Bounded<T> {
 
 impl<T: Default> Bounded<T> {
     fn row(&mut self, name: &str) -> &mut T {
-        if !self.rows.contains_key(name) && self.rows.len() >= MAX_TRACKED {
-            return &mut self.other;
+        // Looked up by `&str` first: the name is copied only the first time it is seen (this
+        // runs for every record downloaded).
+        if !self.rows.contains_key(name) {
+            if self.rows.len() >= MAX_TRACKED {
+                return &mut self.other;
+            }
+            self.rows.insert(name.to_owned(), T::default());
         }
-        self.rows.entry(name.to_owned()).or_default()
+        self.rows.get_mut(name).unwrap_or(&mut self.other)
     }
 }
 

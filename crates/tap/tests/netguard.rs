@@ -7,30 +7,9 @@ mod common;
 mod sync_support;
 
 use common::{Backend, TestDb, TestTap};
-use serde_json::json;
 use tap_testkit::repo_builder::{RepoBuilder, TestKey};
 
 use sync_support::{Consumer, Net, add, did, wait_for, wait_state};
-
-/// A DID document whose PDS is `endpoint`.
-fn publish_with_pds(net: &Net, repo: &RepoBuilder, endpoint: &str) {
-    let did = repo.did().as_str();
-    let multikey = repo
-        .key()
-        .did_key()
-        .trim_start_matches("did:key:")
-        .to_owned();
-    net.plc.set_plc_doc(
-        did,
-        json!({
-            "id": did,
-            "verificationMethod": [{"id": format!("{did}#atproto"), "type": "Multikey",
-                "controller": did, "publicKeyMultibase": multikey}],
-            "service": [{"id": "#atproto_pds", "type": "AtprotoPersonalDataServer",
-                "serviceEndpoint": endpoint}],
-        }),
-    );
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pds_at_a_non_public_address_is_refused_without_the_flag() {
@@ -48,7 +27,7 @@ async fn a_pds_at_a_non_public_address_is_refused_without_the_flag() {
             repo.did().as_str(),
             tap_testkit::fake_pds::RepoReply::Car(repo.car_tree_order()),
         );
-        publish_with_pds(&net, &repo, &endpoint);
+        net.plc.publish(&repo, &format!("r{n}.test"), &endpoint);
         repos.push(repo);
     }
     let mut cfg = net.config(&db);

@@ -62,7 +62,17 @@ pub enum FetchError {
         /// PDS host.
         host: String,
     },
-    /// The answer is not what the method returns (bad JSON, too large).
+    /// The answer is larger than the caller allows.
+    #[error("{method} from {host}: answer larger than {limit} bytes")]
+    TooLarge {
+        /// The XRPC method.
+        method: &'static str,
+        /// PDS host.
+        host: String,
+        /// The limit.
+        limit: u64,
+    },
+    /// The answer is not what the method returns (bad JSON, a CAR that does not read).
     #[error("{method} from {host}: {reason}")]
     Malformed {
         /// The XRPC method.
@@ -443,10 +453,10 @@ impl PdsClient {
             self.ledger
                 .downloaded(Source::Pds(call), Some(&host), chunk.len() as u64);
             if (body.len() + chunk.len()) as u64 > limit {
-                return Err(FetchError::Malformed {
+                return Err(FetchError::TooLarge {
                     method,
                     host,
-                    reason: format!("answer larger than {limit} bytes"),
+                    limit,
                 });
             }
             body.extend_from_slice(&chunk);

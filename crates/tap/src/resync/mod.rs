@@ -126,6 +126,7 @@ impl From<FetchError> for ResyncError {
             e @ (FetchError::Status { .. }
             | FetchError::Unsupported { .. }
             | FetchError::Malformed { .. }
+            | FetchError::TooLarge { .. }
             | FetchError::Refused { .. }) => Self::Failed(e.to_string()),
         }
     }

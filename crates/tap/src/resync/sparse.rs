@@ -55,8 +55,6 @@ pub enum SparseError {
 pub struct Cost {
     /// Body bytes downloaded.
     pub bytes: u64,
-    /// `getBlocks` calls made.
-    pub calls: u64,
     /// Most bytes it may download: [`SPARSE_MEMORY`], or less under `--max-repo-bytes`.
     pub limit: u64,
 }
@@ -67,7 +65,6 @@ impl Cost {
     pub fn within(max_repo_bytes: u64) -> Self {
         Self {
             bytes: 0,
-            calls: 0,
             limit: SPARSE_MEMORY.min(max_repo_bytes),
         }
     }
@@ -166,9 +163,7 @@ async fn fetch_blocks(
         let answer = match pds.get_blocks(pds_url, did, batch, budget).await {
             Ok(answer) => answer,
             // An answer over the budget ends the sparse attempt, not the resync.
-            Err(FetchError::Malformed { reason, .. }) if reason.starts_with("answer larger") => {
-                return Err(SparseError::TooLarge);
-            }
+            Err(FetchError::TooLarge { .. }) => return Err(SparseError::TooLarge),
             // A block that does not hash, or a CAR that does not read: the PDS lied.
             Err(e @ FetchError::Malformed { .. }) => {
                 return Err(SparseError::Refused(e.to_string()));
@@ -186,7 +181,6 @@ async fn fetch_blocks(
             Err(e) => return Err(e.into()),
         };
         cost.bytes += answer.bytes;
-        cost.calls += 1;
         let mut blocks = answer.value;
         for cid in batch {
             let block = blocks

@@ -31,7 +31,7 @@ pub fn plan(
 ) -> FetchPlan {
     if strategy == FetchStrategy::Full || host_lacks_sparse {
         return FetchPlan {
-            ask_head: strategy != FetchStrategy::Full && !host_lacks_sparse,
+            ask_head: false,
             sparse: None,
         };
     }
