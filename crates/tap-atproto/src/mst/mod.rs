@@ -14,8 +14,8 @@ mod walk;
 
 pub use diff::{DiffAction, DiffOp, diff_sorted, diff_trees};
 pub use node::{Entry, NodeData, decode_node, encode_node, encode_node_parts};
-pub use sparse::{KeyRange, SparseWalk, walk_ranges};
-pub use tree::{Mst, OpAction, TreeOp, invert_ops};
+pub use sparse::{KeyRange, KnownKeys, ReusingWalk, SparseWalk, walk_ranges, walk_ranges_reusing};
+pub use tree::{Mst, OpAction, TreeOp, invert_ops, subtree_root};
 pub use walk::{Visit, walk_tree, walk_tree_collect};
 
 use cid::Cid;

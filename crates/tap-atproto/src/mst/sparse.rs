@@ -55,6 +55,14 @@ impl KeyRange {
         key >= self.start.as_slice() && (self.end.is_empty() || key < self.end.as_slice())
     }
 
+    /// Whether every key strictly between `lo` and `hi` (`None`: unbounded) lies in the
+    /// range. Errs towards `false`: a gap it cannot vouch for is walked, not assumed.
+    fn covers(&self, lo: Option<&[u8]>, hi: Option<&[u8]>) -> bool {
+        let from_start = self.start.is_empty() || lo.is_some_and(|lo| lo >= self.start.as_slice());
+        let to_end = self.end.is_empty() || hi.is_some_and(|hi| hi <= self.end.as_slice());
+        from_start && to_end
+    }
+
     /// Whether some key strictly between `lo` and `hi` (`None`: unbounded) lies in the range.
     fn meets(&self, lo: Option<&[u8]>, hi: Option<&[u8]>) -> bool {
         // The open interval (lo, hi) meets [start, end) unless it ends at or before start or
@@ -76,6 +84,72 @@ pub enum SparseWalk {
     Missing(Vec<Cid>),
 }
 
+/// The keys and values, inside the walk's ranges, of a tree verified earlier: what a client
+/// that synced the repo before holds in its record index. With them a walk of a newer tree
+/// needs no block of a subtree that did not change.
+#[derive(Debug, Clone, Default)]
+pub struct KnownKeys {
+    entries: Vec<(Vec<u8>, Cid)>,
+}
+
+impl KnownKeys {
+    /// From `(key, value)` pairs in any order.
+    ///
+    /// # Errors
+    /// [`MstError::KeyOrder`] when a key appears twice.
+    pub fn new(mut entries: Vec<(Vec<u8>, Cid)>) -> Result<Self, MstError> {
+        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        if let Some(w) = entries.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(MstError::KeyOrder(key_string(&w[0].0)));
+        }
+        Ok(Self { entries })
+    }
+
+    /// The value held for `key`.
+    #[must_use]
+    pub fn get(&self, key: &[u8]) -> Option<&Cid> {
+        self.entries
+            .binary_search_by(|(k, _)| k.as_slice().cmp(key))
+            .ok()
+            .map(|i| &self.entries[i].1)
+    }
+
+    /// How many keys are held.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no key is held.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The keys strictly between `lo` and `hi`.
+    fn between(&self, lo: Option<&[u8]>, hi: Option<&[u8]>) -> &[(Vec<u8>, Cid)] {
+        let from = lo.map_or(0, |lo| {
+            self.entries.partition_point(|(k, _)| k.as_slice() <= lo)
+        });
+        let to = hi.map_or(self.entries.len(), |hi| {
+            self.entries.partition_point(|(k, _)| k.as_slice() < hi)
+        });
+        self.entries.get(from..to.max(from)).unwrap_or_default()
+    }
+}
+
+/// A walk that reused what it knew: the walk itself, and how its absent subtrees fared.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReusingWalk {
+    /// The walk's outcome, as [`walk_ranges`] gives it.
+    pub walk: SparseWalk,
+    /// Absent subtrees proven unchanged from the known keys (their keys are in the result).
+    pub reused: usize,
+    /// Absent subtrees that lie wholly inside the ranges but are not the subtree the known
+    /// keys make: they changed (they are also among the missing nodes).
+    pub changed: Vec<Cid>,
+}
+
 /// Walks the tree rooted at `root` through the blocks of `src`, descending only into
 /// subtrees whose key interval meets one of `ranges`.
 ///
@@ -86,28 +160,66 @@ pub fn walk_ranges(
     ranges: &[KeyRange],
     src: &dyn BlockSource,
 ) -> Result<SparseWalk, MstError> {
+    Ok(walk(root, ranges, src, None)?.walk)
+}
+
+/// [`walk_ranges`] for a client that verified an earlier tree of the same repo and holds its
+/// keys inside `ranges` (`known`). A subtree absent from `src` whose key interval lies
+/// wholly inside one range is rebuilt from the known keys of that interval
+/// ([`subtree_root`](super::subtree_root)); when that gives the CID the newer tree links to,
+/// the subtree is unchanged and its keys are the known ones, proven by the hash, without
+/// its blocks. Otherwise it is missing, as in a plain walk.
+///
+/// # Errors
+/// [`MstError`] on any structural problem in the nodes visited.
+pub fn walk_ranges_reusing(
+    root: &Cid,
+    ranges: &[KeyRange],
+    src: &dyn BlockSource,
+    known: &KnownKeys,
+) -> Result<ReusingWalk, MstError> {
+    walk(root, ranges, src, Some(known))
+}
+
+fn walk(
+    root: &Cid,
+    ranges: &[KeyRange],
+    src: &dyn BlockSource,
+    known: Option<&KnownKeys>,
+) -> Result<ReusingWalk, MstError> {
     let mut walk = Walk {
         ranges,
         src,
+        known,
         last: None,
         found: Vec::new(),
         missing: Vec::new(),
+        reused: 0,
+        changed: Vec::new(),
     };
     walk.node(root, None, true, None, None)?;
-    if walk.missing.is_empty() {
-        Ok(SparseWalk::Complete(walk.found))
+    let outcome = if walk.missing.is_empty() {
+        SparseWalk::Complete(walk.found)
     } else {
-        Ok(SparseWalk::Missing(walk.missing))
-    }
+        SparseWalk::Missing(walk.missing)
+    };
+    Ok(ReusingWalk {
+        walk: outcome,
+        reused: walk.reused,
+        changed: walk.changed,
+    })
 }
 
 struct Walk<'a> {
     ranges: &'a [KeyRange],
     src: &'a dyn BlockSource,
+    known: Option<&'a KnownKeys>,
     /// The greatest key visited so far (keys must increase across the whole walk).
     last: Option<Vec<u8>>,
     found: Vec<(String, Cid)>,
     missing: Vec<Cid>,
+    reused: usize,
+    changed: Vec<Cid>,
 }
 
 impl Walk<'_> {
@@ -139,7 +251,11 @@ impl Walk<'_> {
         hi: Option<&[u8]>,
     ) -> Result<(), MstError> {
         let Some(bytes) = self.src.get_block(cid) else {
-            self.missing.push(*cid);
+            if self.reuse(cid, height, lo, hi)? {
+                self.reused += 1;
+            } else {
+                self.missing.push(*cid);
+            }
             return Ok(());
         };
         let node = decode_node(bytes)?;
@@ -172,6 +288,48 @@ impl Walk<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Whether the absent subtree `cid` (top layer `height`, `None` for the root) over the
+    /// keys strictly between `lo` and `hi` is the one the known keys make; if so its keys
+    /// are taken as found.
+    fn reuse(
+        &mut self,
+        cid: &Cid,
+        height: Option<u8>,
+        lo: Option<&[u8]>,
+        hi: Option<&[u8]>,
+    ) -> Result<bool, MstError> {
+        let Some(known) = self.known else {
+            return Ok(false);
+        };
+        if !self.ranges.iter().any(|r| r.covers(lo, hi)) {
+            return Ok(false);
+        }
+        let keys = known.between(lo, hi);
+        let rebuilt = match height {
+            Some(layer) => super::subtree_root(keys.iter().map(|(k, v)| (k, *v)), layer)?,
+            None if keys.is_empty() => Some(super::empty_root()),
+            None => {
+                Some(super::Mst::from_sorted(keys.iter().map(|(k, v)| (k.clone(), *v)))?.root_cid())
+            }
+        };
+        if rebuilt != Some(*cid) {
+            self.changed.push(*cid);
+            return Ok(false);
+        }
+        if let (Some(first), Some(last)) = (keys.first(), &self.last)
+            && first.0 <= *last
+        {
+            return Err(MstError::KeyOrder(key_string(&first.0)));
+        }
+        for (k, v) in keys {
+            self.found.push((key_string(k), *v));
+        }
+        if let Some((k, _)) = keys.last() {
+            self.last = Some(k.clone());
+        }
+        Ok(true)
     }
 }
 
@@ -255,6 +413,141 @@ mod tests {
             prop_assert_eq!(found, expected);
             prop_assert!(fetched <= all.len());
         }
+    }
+
+    /// The keys of `keys` inside `ranges`, as a client that synced that tree holds them.
+    fn known_of(keys: &std::collections::BTreeSet<(usize, u32)>, ranges: &[KeyRange]) -> KnownKeys {
+        let (root, all) = tree(keys);
+        let entries = walk_tree_collect(&root, &all)
+            .unwrap()
+            .into_iter()
+            .filter(|(k, _)| ranges.iter().any(|r| r.contains(k.as_bytes())))
+            .map(|(k, v)| (k.into_bytes(), v))
+            .collect();
+        KnownKeys::new(entries).unwrap()
+    }
+
+    /// `keys` after an edit history: each edit adds its key if absent, removes it if present.
+    fn edited(
+        keys: &std::collections::BTreeSet<(usize, u32)>,
+        edits: &[(usize, u32)],
+    ) -> std::collections::BTreeSet<(usize, u32)> {
+        let mut out = keys.clone();
+        for e in edits {
+            if !out.remove(e) {
+                out.insert(*e);
+            }
+        }
+        out
+    }
+
+    /// Walks `root` over `diff`, reusing `known`, fetching what it asks for from `all`;
+    /// returns the result, the nodes fetched, and every subtree it found changed.
+    fn reuse_until_complete(
+        root: &Cid,
+        ranges: &[KeyRange],
+        diff: &BlockMap,
+        all: &BlockMap,
+        known: &KnownKeys,
+    ) -> (Vec<(String, Cid)>, usize, Vec<Cid>) {
+        let mut have = diff.clone();
+        let mut fetched = 0;
+        let mut changed = Vec::new();
+        loop {
+            let walk = walk_ranges_reusing(root, ranges, &have, known).unwrap();
+            changed.extend(walk.changed);
+            match walk.walk {
+                SparseWalk::Complete(found) => return (found, fetched, changed),
+                SparseWalk::Missing(cids) => {
+                    for cid in cids {
+                        let block = all.get(&cid).expect("asks only for nodes of the tree");
+                        assert!(have.insert(cid, block.clone()).is_none(), "asked twice");
+                        fetched += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    proptest! {
+        /// Over random edit histories, a walk of the new tree that reuses the old tree's
+        /// keys and holds only the new tree's new nodes (what `getRepo?since` returns)
+        /// finds exactly the full walk's keys; with every collection wanted it needs no
+        /// other node, and an honest diff never shows a changed subtree as absent.
+        #[test]
+        fn a_walk_reusing_the_old_keys_over_a_diff_finds_what_a_full_walk_finds(
+            keys in proptest::collection::btree_set((0usize..5, 0u32..2_000), 0..300),
+            edits in proptest::collection::vec((0usize..5, 0u32..2_000), 0..20),
+            wanted in proptest::collection::btree_set(0usize..5, 0..3),
+        ) {
+            let ranges: Vec<KeyRange> = if wanted.is_empty() {
+                vec![KeyRange::prefix(b"")]
+            } else {
+                wanted.iter().map(|c| KeyRange::collection(COLLECTIONS[*c])).collect()
+            };
+            let (_, old_all) = tree(&keys);
+            let new_keys = edited(&keys, &edits);
+            let (root, all) = tree(&new_keys);
+            let diff: BlockMap = all
+                .iter()
+                .filter(|(cid, _)| !old_all.contains_key(cid))
+                .map(|(c, b)| (*c, b.clone()))
+                .collect();
+            let known = known_of(&keys, &ranges);
+            let (found, fetched, changed) = reuse_until_complete(&root, &ranges, &diff, &all, &known);
+            let expected: Vec<(String, Cid)> = walk_tree_collect(&root, &all)
+                .unwrap()
+                .into_iter()
+                .filter(|(k, _)| ranges.iter().any(|r| r.contains(k.as_bytes())))
+                .collect();
+            prop_assert_eq!(found, expected);
+            prop_assert!(changed.is_empty(), "an honest diff holds every changed node");
+            if wanted.is_empty() {
+                prop_assert_eq!(fetched, 0);
+            }
+        }
+    }
+
+    #[test]
+    fn a_changed_node_left_out_of_a_diff_is_reported_changed_not_reused() {
+        let keys: std::collections::BTreeSet<(usize, u32)> = (0..400).map(|n| (2, n)).collect();
+        let (_, old_all) = tree(&keys);
+        let new_keys = edited(&keys, &[(2, 100_000)]);
+        let (root, all) = tree(&new_keys);
+        let mut diff: BlockMap = all
+            .iter()
+            .filter(|(cid, _)| !old_all.contains_key(cid))
+            .map(|(c, b)| (*c, b.clone()))
+            .collect();
+        assert!(diff.len() >= 2, "the edit changes a path of several nodes");
+        let everything = [KeyRange::prefix(b"")];
+        let withheld = *diff.keys().find(|c| **c != root).unwrap();
+        diff.remove(&withheld);
+        let known = known_of(&keys, &everything);
+        let walk = walk_ranges_reusing(&root, &everything, &diff, &known).unwrap();
+        assert_eq!(walk.changed, vec![withheld]);
+        assert_eq!(walk.walk, SparseWalk::Missing(vec![withheld]));
+    }
+
+    #[test]
+    fn an_unchanged_tree_is_proven_from_the_known_keys_alone() {
+        let keys: std::collections::BTreeSet<(usize, u32)> =
+            (0..500).map(|n| (n as usize % 5, n)).collect();
+        let (root, all) = tree(&keys);
+        let everything = [KeyRange::prefix(b"")];
+        let known = known_of(&keys, &everything);
+        let walk = walk_ranges_reusing(&root, &everything, &BlockMap::default(), &known).unwrap();
+        assert_eq!(walk.reused, 1);
+        assert_eq!(
+            walk.walk,
+            SparseWalk::Complete(walk_tree_collect(&root, &all).unwrap())
+        );
+        // Known keys that differ by one value prove nothing.
+        let mut other = keys.clone();
+        other.remove(&(0, 0));
+        let wrong = known_of(&other, &everything);
+        let walk = walk_ranges_reusing(&root, &everything, &BlockMap::default(), &wrong).unwrap();
+        assert_eq!(walk.walk, SparseWalk::Missing(vec![root]));
     }
 
     #[test]

@@ -608,20 +608,7 @@ impl Mst {
     pub fn from_sorted(
         entries: impl IntoIterator<Item = (Vec<u8>, Cid)>,
     ) -> Result<Self, MstError> {
-        let mut items: Vec<(Key, Link, u8)> = Vec::new();
-        for (k, v) in entries {
-            if !is_valid_mst_key(&k) {
-                return Err(MstError::InvalidKey(key_string(&k)));
-            }
-            if items
-                .last()
-                .is_some_and(|(p, _, _)| p.as_slice() >= k.as_slice())
-            {
-                return Err(MstError::KeyOrder(key_string(&k)));
-            }
-            let h = key_height(&k);
-            items.push((Key::new(&k), Link::from_cid(&v), h));
-        }
+        let items = sorted_items(entries)?;
         let Some(top) = items.iter().map(|i| i.2).max() else {
             return Ok(Self::new());
         };
@@ -819,6 +806,47 @@ fn proof_path(node: &mut TreeNode, key: &[u8], src: &dyn BlockSource) -> Result<
         follow(node.items.get_mut(i + 1))?;
     }
     Ok(())
+}
+
+/// Validated build items (key, value, key height) from keys in strictly increasing order.
+fn sorted_items<K: AsRef<[u8]>>(
+    entries: impl IntoIterator<Item = (K, Cid)>,
+) -> Result<Vec<(Key, Link, u8)>, MstError> {
+    let mut items: Vec<(Key, Link, u8)> = Vec::new();
+    for (k, v) in entries {
+        let k = k.as_ref();
+        if !is_valid_mst_key(k) {
+            return Err(MstError::InvalidKey(key_string(k)));
+        }
+        if items.last().is_some_and(|(p, _, _)| p.as_slice() >= k) {
+            return Err(MstError::KeyOrder(key_string(k)));
+        }
+        items.push((Key::new(k), Link::from_cid(&v), key_height(k)));
+    }
+    Ok(items)
+}
+
+/// The CID of the one subtree that holds exactly `entries` (keys in strictly increasing
+/// order) with its top node on layer `layer`, as the subtree below an entry of layer
+/// `layer + 1` must be. `None` when no such subtree exists: no entries (an empty gap has no
+/// subtree), or a key too high for the layer.
+///
+/// An MST's shape follows from its keys alone, so this is how a client that kept only the
+/// keys and values of a tree it verified earlier proves that a subtree a newer tree links
+/// to is unchanged, without holding or fetching its nodes.
+///
+/// # Errors
+/// [`MstError::KeyOrder`] / [`MstError::InvalidKey`] on bad input.
+pub fn subtree_root<K: AsRef<[u8]>>(
+    entries: impl IntoIterator<Item = (K, Cid)>,
+    layer: u8,
+) -> Result<Option<Cid>, MstError> {
+    let items = sorted_items(entries)?;
+    if items.is_empty() || items.iter().any(|i| i.2 > layer) {
+        return Ok(None);
+    }
+    let mut node = build(&mut items.into_iter().peekable(), layer);
+    Ok(Some(node_cid(&mut node, &mut Encoder::default()).to_cid()))
 }
 
 /// Builds the node at `height` from sorted items whose heights are all <= `height`,
