@@ -2,7 +2,8 @@
 //! with hostile modes (an error status, a body that trickles, a body that never ends), and,
 //! for a repo given as a well-formed CAR, the calls of a sparse fetch answered from its
 //! blocks the way `@atproto/pds` answers them (`getLatestCommit`, `getBlocks`,
-//! `describeRepo`; see research/sync-endpoints-as-served.md). It counts requests and the
+//! `describeRepo`, and `getRepo?since=` over the CARs it was given before; see
+//! research/sync-endpoints-as-served.md). It counts requests and the
 //! body bytes it sends, per endpoint, so tests can check tap's byte ledger against it.
 
 use std::collections::{HashMap, HashSet};
@@ -89,12 +90,17 @@ struct Shared {
     parsed: Mutex<HashMap<String, Option<Arc<Parsed>>>>,
     /// Methods answered 501 `MethodNotImplemented`, like a PDS that lacks them.
     unsupported: Mutex<HashSet<Endpoint>>,
-    /// `getBlocks` answers leave these CIDs out, as a lying PDS might.
+    /// `getBlocks` and `getRepo?since=` answers leave these CIDs out, as a lying PDS might.
     withheld: Mutex<HashSet<Cid>>,
-    /// `getBlocks` answers carry other bytes under these CIDs (blocks that do not hash).
+    /// `getRepo?since=` answers leave these CIDs out (still served by `getBlocks`).
+    omitted_from_diffs: Mutex<HashSet<Cid>>,
+    /// `getBlocks` and `getRepo?since=` answers carry other bytes under these CIDs (blocks
+    /// that do not hash).
     corrupted: Mutex<HashSet<Cid>>,
     served: Mutex<HashMap<Endpoint, Served>>,
     requests: AtomicUsize,
+    /// Every CAR served for a DID, oldest first, for `getRepo?since=`.
+    history: Mutex<HashMap<String, Vec<Bytes>>>,
 }
 
 impl Shared {
@@ -191,7 +197,17 @@ impl FakePds {
     /// also served block by block (`getLatestCommit`, `getBlocks`, `describeRepo`).
     pub fn set_repo(&self, did: &str, reply: RepoReply) {
         let serving = match reply {
-            RepoReply::Car(bytes) => Serving::Car(Bytes::from(bytes)),
+            RepoReply::Car(bytes) => {
+                let bytes = Bytes::from(bytes);
+                self.shared
+                    .history
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .entry(did.to_owned())
+                    .or_default()
+                    .push(bytes.clone());
+                Serving::Car(bytes)
+            }
             other => Serving::Other(other),
         };
         self.shared
@@ -215,7 +231,8 @@ impl FakePds {
             .insert(endpoint);
     }
 
-    /// Leaves `cid` out of every `getBlocks` answer (a PDS that lies by omission).
+    /// Leaves `cid` out of every `getBlocks` and `getRepo?since=` answer (a PDS that lies by
+    /// omission).
     pub fn withhold_block(&self, cid: Cid) {
         self.shared
             .withheld
@@ -224,8 +241,18 @@ impl FakePds {
             .insert(cid);
     }
 
-    /// Serves `cid` with altered bytes in every `getBlocks` answer (a block that does not
-    /// hash to its CID).
+    /// Leaves `cid` out of every `getRepo?since=` answer but still serves it through
+    /// `getBlocks`, as an honest PDS does for a block it wrote before `since`.
+    pub fn omit_from_diffs(&self, cid: Cid) {
+        self.shared
+            .omitted_from_diffs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(cid);
+    }
+
+    /// Serves `cid` with altered bytes in every `getBlocks` and `getRepo?since=` answer (a
+    /// block that does not hash to its CID).
     pub fn corrupt_block(&self, cid: Cid) {
         self.shared
             .corrupted
@@ -284,6 +311,12 @@ async fn get_repo(
         .get(&did)
         .cloned();
     let car = [(header::CONTENT_TYPE, "application/vnd.ipld.car")];
+    if let (Some(Serving::Car(_)), Some(since)) = (&reply, q.get("since"))
+        && let Some(diff) = since_car(&shared, &did, since)
+    {
+        shared.count(Endpoint::GetRepo, diff.len());
+        return (car, diff).into_response();
+    }
     let reply = match reply {
         Some(Serving::Car(bytes)) => {
             shared.count(Endpoint::GetRepo, bytes.len());
@@ -435,26 +468,83 @@ async fn get_blocks(State(shared): State<Arc<Shared>>, RawQuery(q): RawQuery) ->
     }
     let mut out = Vec::new();
     write_car_header(&mut out, &[]);
-    let corrupted = shared
-        .corrupted
+    shared.write_blocks(
+        &mut out,
+        cids.iter().filter_map(|c| p.blocks.get(c).map(|b| (c, b))),
+    );
+    shared.count(EP, out.len());
+    ([(header::CONTENT_TYPE, "application/vnd.ipld.car")], out).into_response()
+}
+
+/// `getRepo?since=<rev>` as the reference PDS answers it: the blocks written after `since`,
+/// here the current repo's blocks that no CAR served at a rev up to `since` had (the full
+/// CAR when there was none); rooted at the current commit, which itself is left out when it
+/// is not newer. `None` when the repo is not a readable CAR.
+fn since_car(shared: &Shared, did: &str, since: &str) -> Option<Vec<u8>> {
+    let current = shared.parsed(did)?;
+    let history = shared
+        .history
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(did)
+        .cloned()
+        .unwrap_or_default();
+    let omitted = shared
+        .omitted_from_diffs
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
-    for cid in cids.iter().filter(|c| !withheld.contains(*c)) {
-        if let Some(block) = p.blocks.get(cid) {
+    let mut before: HashSet<Cid> = HashSet::new();
+    let mut known = false;
+    for car in history {
+        if let Some(old) = parse_repo(car)
+            && old.rev.as_str() <= since
+        {
+            known = true;
+            before.extend(old.blocks.keys().copied());
+        }
+    }
+    let mut out = Vec::new();
+    write_car_header(&mut out, &[current.commit]);
+    shared.write_blocks(
+        &mut out,
+        current
+            .blocks
+            .iter()
+            .filter(|(cid, _)| !known || !(before.contains(*cid) || omitted.contains(*cid))),
+    );
+    Some(out)
+}
+
+impl Shared {
+    /// Appends `blocks` to a CAR body, leaving out withheld ones and altering corrupted ones.
+    fn write_blocks<'a>(
+        &self,
+        out: &mut Vec<u8>,
+        blocks: impl Iterator<Item = (&'a Cid, &'a Bytes)>,
+    ) {
+        let withheld = self
+            .withheld
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let corrupted = self
+            .corrupted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        for (cid, block) in blocks.filter(|(c, _)| !withheld.contains(*c)) {
             if corrupted.contains(cid) {
                 let mut lie = block.to_vec();
                 if let Some(last) = lie.last_mut() {
                     *last ^= 0xff;
                 }
-                write_car_block(&mut out, cid, &lie);
+                write_car_block(out, cid, &lie);
             } else {
-                write_car_block(&mut out, cid, block);
+                write_car_block(out, cid, block);
             }
         }
     }
-    shared.count(EP, out.len());
-    ([(header::CONTENT_TYPE, "application/vnd.ipld.car")], out).into_response()
 }
 
 async fn describe_repo(State(shared): State<Arc<Shared>>, RawQuery(q): RawQuery) -> Response {

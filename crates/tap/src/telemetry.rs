@@ -53,9 +53,10 @@ pub const FIREHOSE_LAST_SEQ: &str = "tap_firehose_last_seq";
 pub const BYTES_DOWNLOADED: &str = "tap_bytes_downloaded_total";
 /// Record bytes downloaded, by fate (`delivered`: kept by the filters, `discarded`).
 pub const RECORD_BYTES: &str = "tap_record_bytes_total";
-/// Resync fetches, by kind (`full`, `sparse`, `skipped`).
+/// Resync fetches, by kind (`full`, `since`, `sparse`, `skipped`).
 pub const RESYNC_FETCHES: &str = "tap_resync_fetches_total";
-/// Sparse fetches refused (missing or lying blocks, bad tree) and redone in full.
+/// Partial fetches (`kind`: `since`, `sparse`) refused (missing or lying blocks, bad tree)
+/// and redone in full.
 pub const SPARSE_FALLBACKS: &str = "tap_sparse_fallbacks_total";
 
 /// Resyncs started.
@@ -149,11 +150,11 @@ fn describe() {
     metrics::describe_counter!(BYTES_DOWNLOADED, "Bytes downloaded, by source.");
     metrics::describe_counter!(
         RESYNC_FETCHES,
-        "Resync fetches, by kind: full, sparse, skipped."
+        "Resync fetches, by kind: full, since, sparse, skipped."
     );
     metrics::describe_counter!(
         SPARSE_FALLBACKS,
-        "Sparse fetches refused (missing or lying blocks, bad tree) and redone in full."
+        "Partial fetches, by kind (since, sparse), refused (missing or lying blocks, bad tree) and redone in full."
     );
     metrics::describe_counter!(
         RECORD_BYTES,

@@ -13,7 +13,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tap_atproto::Cid;
-use tap_atproto::car::{CarLimits, read_car};
+use tap_atproto::car::{Car, CarLimits, read_car};
 use tap_atproto::hash::BlockMap;
 use tap_atproto::syntax::{Did, Tid};
 use url::Url;
@@ -311,6 +311,43 @@ impl PdsClient {
             value: car.blocks,
             bytes,
         })
+    }
+
+    /// `getRepo?since=<rev>`: the blocks the PDS wrote after `since` (the new commit, the
+    /// changed MST nodes, the new records), held in memory, at most `limit` bytes.
+    ///
+    /// # Errors
+    /// [`FetchError`]; [`FetchError::TooLarge`] past `limit`, [`FetchError::Malformed`] for
+    /// a CAR that does not read or a block that does not hash.
+    pub async fn get_repo_since(
+        &self,
+        pds: &Url,
+        did: &Did,
+        since: &Tid,
+        limit: u64,
+    ) -> Result<Small<Car>, FetchError> {
+        let query = [("did", did.as_str()), ("since", since.as_str())];
+        let (body, host) = self
+            .small(
+                pds,
+                GET_REPO,
+                &query,
+                "application/vnd.ipld.car",
+                PdsCall::GetRepo,
+                limit,
+            )
+            .await?;
+        let bytes = body.len() as u64;
+        let limits = CarLimits {
+            max_total_bytes: limit,
+            ..CarLimits::repo()
+        };
+        let car = read_car(body, limits).map_err(|e| FetchError::Malformed {
+            method: GET_REPO,
+            host,
+            reason: e.to_string(),
+        })?;
+        Ok(Small { value: car, bytes })
     }
 
     /// Whether `pds` is known to lack the calls of a sparse fetch.

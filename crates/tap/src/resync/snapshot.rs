@@ -92,19 +92,21 @@ impl<'a> Snapshot<'a> {
                 .commit()
                 .map(|c| c.rev)
                 .ok_or_else(|| ResyncError::Failed("record before commit".into()))?;
-            self.record(&rev, &record.path, &record.cid, &record.bytes)
+            self.record(&rev, &record.path, &record.cid, Some(&record.bytes))
                 .await?;
         }
         Ok(())
     }
 
     /// One record of the snapshot at `rev`, in key order (`path` is `collection/rkey`).
+    /// `bytes` is `None` for a record an incremental fetch proved unchanged from the index,
+    /// so it was not downloaded: it can only merge as unchanged.
     pub(super) async fn record(
         &mut self,
         rev: &Tid,
         path: &str,
         cid: &Cid,
-        bytes: &[u8],
+        bytes: Option<&[u8]>,
     ) -> Result<(), ResyncError> {
         if self.rev.is_none() {
             self.set_rev(rev.as_str())?;
@@ -113,13 +115,18 @@ impl<'a> Snapshot<'a> {
             return Ok(()); // not a record path; the Go tap skips these too
         };
         let wanted = self.engine.scope().wants_collection(collection);
-        self.engine
-            .ledger()
-            .record(collection, bytes.len() as u64, wanted);
+        if let Some(bytes) = bytes {
+            self.engine
+                .ledger()
+                .record(collection, bytes.len() as u64, wanted);
+        }
         if !wanted {
             return Ok(());
         }
         if self.is_first_backfill() {
+            let Some(bytes) = bytes else {
+                return Err(unfetched(path));
+            };
             let cid = cid.to_string();
             let json = record_json(bytes);
             let create = Change::Create {
@@ -154,7 +161,13 @@ impl<'a> Snapshot<'a> {
                 rkey: rkey.to_owned(),
             });
         }
-        let json = record_json(bytes);
+        let json = match bytes {
+            Some(bytes) => record_json(bytes),
+            // The index changed under the fetch that trusted it: no verdict on the repo,
+            // the next attempt fetches again.
+            None if announced => return Err(unfetched(path)),
+            None => None,
+        };
         for change in changes {
             self.add(collection, change, Some((&cid, json.as_deref())))
                 .await?;
@@ -320,6 +333,13 @@ impl<'a> Snapshot<'a> {
         }
         self.flush().await
     }
+}
+
+/// A record left unfetched because the index held it, which the index does not hold after
+/// all: it changed under the fetch that relied on it. No verdict on the repo; the next
+/// attempt fetches again.
+fn unfetched(path: &str) -> ResyncError {
+    ResyncError::Transient(format!("{path} differs from the index the fetch relied on"))
 }
 
 /// The record as atproto JSON; `None` if it cannot be transcoded (the event then carries

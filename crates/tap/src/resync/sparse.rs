@@ -1,17 +1,20 @@
-//! Sparse fetch: only what the filters want, verified as strictly as a whole repo.
+//! Sparse and incremental fetches: only what the filters want, or only what changed,
+//! verified as strictly as a whole repo.
 //!
-//! The PDS's head commit comes through `getBlocks` and must carry a valid signature by the
-//! repo's key; then the MST nodes whose key intervals meet the wanted collections, level by
-//! level (`mst::walk_ranges` says which, and checks every node it visits); then the wanted
-//! records. Every block is hash-checked against its CID by the CAR reader, and a block the
+//! The PDS's head commit comes through `getBlocks` (or with the blocks written since tap's
+//! rev, from `getRepo?since=`) and must carry a valid signature by the repo's key; then the
+//! MST nodes whose key intervals meet the wanted collections, level by level
+//! (`mst::walk_ranges` says which, and checks every node it visits), except subtrees the
+//! record index proves unchanged (`mst::walk_ranges_reusing`); then the wanted records
+//! whose CIDs the index does not already hold. Every block is hash-checked against its CID by the CAR reader, and a block the
 //! PDS does not return is a refusal, never a gap. Nothing is handed on until all of it
 //! checks out, so a failure here writes nothing and the worker can fall back to a full
 //! fetch.
 
 use tap_atproto::commit::Commit;
 use tap_atproto::hash::BlockMap;
-use tap_atproto::mst::{KeyRange, SparseWalk, walk_ranges};
-use tap_atproto::syntax::Did;
+use tap_atproto::mst::{KeyRange, KnownKeys, SparseWalk, walk_ranges, walk_ranges_reusing};
+use tap_atproto::syntax::{Did, Tid};
 use tap_atproto::{Cid, PublicKey};
 use url::Url;
 
@@ -30,8 +33,19 @@ const MAX_LEVELS: usize = 64;
 pub struct SparseRepo {
     /// The verified head commit.
     pub commit: Commit,
-    /// `(collection/rkey, cid, record bytes)` in key order.
-    pub records: Vec<(String, Cid, bytes::Bytes)>,
+    /// `(collection/rkey, cid, record bytes)` in key order; no bytes for a record the
+    /// record index already holds with that CID (it was not fetched).
+    pub records: Vec<(String, Cid, Option<bytes::Bytes>)>,
+}
+
+/// Where a fetch starts.
+#[derive(Debug, Clone, Copy)]
+pub enum Start {
+    /// The head `getLatestCommit` named, its commit fetched with `getBlocks`.
+    Head(LatestCommit),
+    /// `getRepo?since=<rev>` from the rev tap holds: the new commit with the blocks the PDS
+    /// wrote after it.
+    Since(Tid),
 }
 
 /// Why a sparse fetch gave up.
@@ -70,41 +84,62 @@ impl Cost {
     }
 }
 
-/// Fetches the parts of `did`'s repo (head `head`) under `ranges`.
+/// Fetches the parts of `did`'s repo under `ranges`, from `start`. With `known` (the record
+/// index of a copy tap verified under the same filters), subtrees and records it proves
+/// unchanged are not fetched.
 ///
 /// # Errors
 /// [`SparseError`]; `cost` holds what was downloaded whatever the outcome.
+#[allow(clippy::too_many_arguments)] // one call site; the parts are unrelated
 pub async fn fetch(
     pds: &PdsClient,
     pds_url: &Url,
     did: &Did,
     key: &PublicKey,
-    head: LatestCommit,
+    start: Start,
     ranges: &[KeyRange],
+    known: Option<&KnownKeys>,
     cost: &mut Cost,
 ) -> Result<SparseRepo, SparseError> {
     let mut have = BlockMap::default();
-    fetch_blocks(pds, pds_url, did, &[head.cid], &mut have, cost).await?;
-    let commit_bytes = have
-        .get(&head.cid)
-        .ok_or_else(|| SparseError::Refused(format!("commit {} not returned", head.cid)))?;
-    let commit = Commit::decode(commit_bytes)
-        .map_err(|e| SparseError::Refused(format!("commit {}: {e}", head.cid)))?;
-    if commit.did != *did {
+    let head = match start {
+        Start::Head(head) => head.cid,
+        Start::Since(rev) => {
+            let budget = cost.limit.saturating_sub(cost.bytes);
+            let answer = pds
+                .get_repo_since(pds_url, did, &rev, budget)
+                .await
+                .map_err(refusal)?;
+            cost.bytes += answer.bytes;
+            have = answer.value.blocks;
+            *answer
+                .value
+                .roots
+                .first()
+                .ok_or_else(|| SparseError::Refused("since CAR names no commit".into()))?
+        }
+    };
+    if !have.contains_key(&head) {
+        // `since` at the head gives a CAR without even the commit.
+        fetch_blocks(pds, pds_url, did, &[head], &mut have, cost).await?;
+    }
+    let commit = verified_commit(&have, &head, did, key)?;
+    if let Start::Since(rev) = start
+        && commit.rev < rev
+    {
         return Err(SparseError::Refused(format!(
-            "commit is for {}, not {did}",
-            commit.did
+            "since CAR's commit {} is older than {rev}",
+            commit.rev
         )));
     }
-    commit
-        .verify_signature(key)
-        .map_err(|e| SparseError::Refused(format!("commit signature: {e}")))?;
 
     let mut levels = 0;
     let found = loop {
-        match walk_ranges(&commit.data, ranges, &have)
-            .map_err(|e| SparseError::Refused(format!("MST: {e}")))?
-        {
+        let walk = match known {
+            Some(known) => walk_ranges_reusing(&commit.data, ranges, &have, known).map(|w| w.walk),
+            None => walk_ranges(&commit.data, ranges, &have),
+        };
+        match walk.map_err(|e| SparseError::Refused(format!("MST: {e}")))? {
             SparseWalk::Complete(found) => break found,
             SparseWalk::Missing(cids) => {
                 levels += 1;
@@ -115,10 +150,12 @@ pub async fn fetch(
             }
         }
     };
+    let unchanged =
+        |path: &str, cid: &Cid| known.is_some_and(|k| k.get(path.as_bytes()) == Some(cid));
     let mut wanted: Vec<Cid> = found
         .iter()
+        .filter(|(path, cid)| !unchanged(path, cid) && !have.contains_key(cid))
         .map(|(_, cid)| *cid)
-        .filter(|cid| !have.contains_key(cid))
         .collect();
     wanted.sort_by_key(Cid::to_bytes);
     wanted.dedup();
@@ -126,14 +163,41 @@ pub async fn fetch(
     let records = found
         .into_iter()
         .map(|(path, cid)| {
+            if unchanged(&path, &cid) {
+                return Ok((path, cid, None));
+            }
             let bytes = have
                 .get(&cid)
                 .cloned()
                 .ok_or_else(|| SparseError::Refused(format!("record {cid} not returned")))?;
-            Ok((path, cid, bytes))
+            Ok((path, cid, Some(bytes)))
         })
         .collect::<Result<_, SparseError>>()?;
     Ok(SparseRepo { commit, records })
+}
+
+/// The commit `cid` from `have`, for `did`, signed with `key`.
+fn verified_commit(
+    have: &BlockMap,
+    cid: &Cid,
+    did: &Did,
+    key: &PublicKey,
+) -> Result<Commit, SparseError> {
+    let bytes = have
+        .get(cid)
+        .ok_or_else(|| SparseError::Refused(format!("commit {cid} not returned")))?;
+    let commit =
+        Commit::decode(bytes).map_err(|e| SparseError::Refused(format!("commit {cid}: {e}")))?;
+    if commit.did != *did {
+        return Err(SparseError::Refused(format!(
+            "commit is for {}, not {did}",
+            commit.did
+        )));
+    }
+    commit
+        .verify_signature(key)
+        .map_err(|e| SparseError::Refused(format!("commit signature: {e}")))?;
+    Ok(commit)
 }
 
 /// Whether a failed call may succeed if repeated later (then the resync is retried, not
@@ -143,6 +207,28 @@ fn is_passing(e: &FetchError) -> bool {
         FetchError::RateLimited { .. } | FetchError::Transport { .. } => true,
         FetchError::Status { status, .. } => *status >= 500 || *status == 408,
         _ => false,
+    }
+}
+
+/// What a failed call means for the fetch: a passing fault or a rate limit ends the attempt
+/// as it would a full fetch; anything else is the PDS refusing or lying, and the whole repo
+/// is fetched instead, now.
+fn refusal(e: FetchError) -> SparseError {
+    match e {
+        // An answer over the budget ends the sparse attempt, not the resync.
+        FetchError::TooLarge { .. } => SparseError::TooLarge,
+        // A block that does not hash, or a CAR that does not read: the PDS lied.
+        e @ FetchError::Malformed { .. } => SparseError::Refused(e.to_string()),
+        // `Could not find cids` (a block the tree needs is not there), the call not
+        // implemented, or any other refusal that is not a passing fault.
+        e @ (FetchError::Unsupported { .. }
+        | FetchError::Refused { .. }
+        | FetchError::Status { .. })
+            if !is_passing(&e) =>
+        {
+            SparseError::Refused(e.to_string())
+        }
+        e => SparseError::Fetch(e),
     }
 }
 
@@ -160,26 +246,10 @@ async fn fetch_blocks(
         if budget == 0 {
             return Err(SparseError::TooLarge);
         }
-        let answer = match pds.get_blocks(pds_url, did, batch, budget).await {
-            Ok(answer) => answer,
-            // An answer over the budget ends the sparse attempt, not the resync.
-            Err(FetchError::TooLarge { .. }) => return Err(SparseError::TooLarge),
-            // A block that does not hash, or a CAR that does not read: the PDS lied.
-            Err(e @ FetchError::Malformed { .. }) => {
-                return Err(SparseError::Refused(e.to_string()));
-            }
-            // `Could not find cids` (a block the tree needs is not there), the call not
-            // implemented, or any other refusal that is not a passing fault: the whole repo
-            // is fetched instead, now.
-            Err(
-                e @ (FetchError::Unsupported { .. }
-                | FetchError::Refused { .. }
-                | FetchError::Status { .. }),
-            ) if !is_passing(&e) => {
-                return Err(SparseError::Refused(e.to_string()));
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let answer = pds
+            .get_blocks(pds_url, did, batch, budget)
+            .await
+            .map_err(refusal)?;
         cost.bytes += answer.bytes;
         let mut blocks = answer.value;
         for cid in batch {

@@ -1,6 +1,6 @@
 //! How a resync gets a repo, decided before any byte is fetched: whether to ask the PDS
 //! for its head first (so an unchanged repo is not downloaded again), and whether to fetch
-//! sparsely. Pure; the worker executes it.
+//! the whole repo, what changed since tap's rev, or sparsely. Pure; the worker executes it.
 
 use tap_atproto::mst::KeyRange;
 
@@ -13,54 +13,92 @@ use crate::store::RepoRow;
 pub struct FetchPlan {
     /// Ask `getLatestCommit` first.
     pub ask_head: bool,
-    /// Fetch only these key ranges (with the head's commit); `None`: the whole repo.
-    pub sparse: Option<Vec<KeyRange>>,
+    /// How to fetch when the head moved (or could not be learned: then in full).
+    pub fetch: Fetch,
+}
+
+/// How a repo is fetched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fetch {
+    /// The whole repo, streamed (`getRepo`).
+    Full,
+    /// What changed since the rev tap holds (`getRepo?since=`), every collection wanted;
+    /// the rest proven unchanged from the record index.
+    Since,
+    /// The head's commit and only these key ranges (`getBlocks`); with `reuse`, subtrees
+    /// and records the record index proves unchanged are not fetched.
+    Sparse {
+        /// The wanted key ranges.
+        ranges: Vec<KeyRange>,
+        /// Prove what did not change from the record index instead of fetching it.
+        reuse: bool,
+    },
 }
 
 /// Chooses the plan. `wanted`: the filters' key ranges (`None` when every collection is
-/// wanted); `host_lacks_sparse`: the PDS answered a sparse call "not implemented" before.
+/// wanted); `host_lacks_sparse`: the PDS answered a sparse call "not implemented" before;
+/// `verified_copy`: tap holds the repo's complete index at a verified rev under today's
+/// filters ([`holds_verified_copy`]).
 ///
 /// `auto` fetches sparsely whenever the filters narrow the repo: the tree levels above the
 /// wanted records cost a round trip each (4–6 for a large repo) but a fraction of the
-/// bytes, which is what a home data cap is about (docs/benchmarks.md, "Sparse fetch").
+/// bytes, which is what a home data cap is about (docs/benchmarks.md, "Sparse fetch"). A
+/// repo tap already holds is fetched incrementally: sparsely with what the index proves
+/// left out when the filters narrow it (a `since` diff would carry the new records of every
+/// collection), otherwise with `getRepo?since=`, one call however deep the changes.
 #[must_use]
 pub fn plan(
     strategy: FetchStrategy,
     wanted: Option<Vec<KeyRange>>,
     host_lacks_sparse: bool,
+    verified_copy: bool,
 ) -> FetchPlan {
     if strategy == FetchStrategy::Full || host_lacks_sparse {
         return FetchPlan {
             ask_head: false,
-            sparse: None,
+            fetch: Fetch::Full,
         };
     }
-    let sparse = match (strategy, wanted) {
-        (_, Some(ranges)) => Some(ranges),
-        (FetchStrategy::Sparse, None) => Some(vec![KeyRange::prefix(b"")]),
-        (_, None) => None,
+    let fetch = match (strategy, wanted) {
+        (_, Some(ranges)) => Fetch::Sparse {
+            ranges,
+            reuse: verified_copy,
+        },
+        (FetchStrategy::Sparse, None) => Fetch::Sparse {
+            ranges: vec![KeyRange::prefix(b"")],
+            reuse: verified_copy,
+        },
+        (_, None) if verified_copy => Fetch::Since,
+        (_, None) => Fetch::Full,
     };
     FetchPlan {
         ask_head: true,
-        sparse,
+        fetch,
     }
 }
 
-/// Whether the PDS's head is the commit tap already holds, so nothing needs downloading.
-/// Only a repo whose index is complete at its stored rev qualifies (`replay` marks a
-/// backfill whose events may not all have been delivered: it runs again in full), and only
-/// if its last fetch was made under the same collection filters (`filters`, the current
+/// Whether tap holds a complete copy of the repo's wanted records at a verified rev, which
+/// a newer commit can be compared against: only a repo whose index is complete at its
+/// stored rev qualifies (`replay` marks a backfill whose events may not all have been
+/// delivered: it runs again in full), and only if its last fetch was made under the same
+/// collection filters (`filters`, the current
 /// [`Scope::fingerprint`](crate::repos::filter::Scope::fingerprint)): widened filters need
 /// the newly wanted records.
 #[must_use]
-pub fn unchanged(repo: &RepoRow, replay: bool, head: &LatestCommit, filters: &str) -> bool {
+pub fn holds_verified_copy(repo: &RepoRow, replay: bool, filters: &str) -> bool {
     !replay
+        && repo.rev.is_some()
         && repo.prev_data.is_some()
-        && repo.rev == Some(head.rev)
         && repo
             .last_fetch
             .as_ref()
             .is_some_and(|f| f.filters == filters)
+}
+
+/// Whether the PDS's head is the commit tap already holds, so nothing needs downloading.
+#[must_use]
+pub fn unchanged(repo: &RepoRow, replay: bool, head: &LatestCommit, filters: &str) -> bool {
+    holds_verified_copy(repo, replay, filters) && repo.rev == Some(head.rev)
 }
 
 #[cfg(test)]
@@ -78,39 +116,48 @@ mod tests {
     #[test]
     fn full_never_asks_and_auto_goes_sparse_only_when_filters_narrow_the_repo() {
         use FetchStrategy::{Auto, Full, Sparse};
-        let whole = FetchPlan {
-            ask_head: true,
-            sparse: None,
+        let full = FetchPlan {
+            ask_head: false,
+            fetch: Fetch::Full,
         };
-        assert_eq!(
-            plan(Full, posts(), false),
-            FetchPlan {
-                ask_head: false,
-                sparse: None
-            }
-        );
-        assert_eq!(plan(Auto, None, false), whole);
-        assert_eq!(
-            plan(Auto, posts(), false),
-            FetchPlan {
-                ask_head: true,
-                sparse: posts()
-            }
-        );
-        assert_eq!(
-            plan(Sparse, None, false).sparse,
-            Some(vec![KeyRange::prefix(b"")])
-        );
-        // A PDS that lacks the calls gets the whole repo, without being asked again.
-        for strategy in [Auto, Sparse] {
+        let sparse = |reuse| FetchPlan {
+            ask_head: true,
+            fetch: Fetch::Sparse {
+                ranges: posts().unwrap(),
+                reuse,
+            },
+        };
+        for held in [false, true] {
+            assert_eq!(plan(Full, posts(), false, held), full);
+            assert_eq!(plan(Full, None, false, held), full);
+            assert_eq!(plan(Auto, posts(), false, held), sparse(held));
             assert_eq!(
-                plan(strategy, posts(), true),
-                FetchPlan {
-                    ask_head: false,
-                    sparse: None
+                plan(Sparse, None, false, held).fetch,
+                Fetch::Sparse {
+                    ranges: vec![KeyRange::prefix(b"")],
+                    reuse: held
                 }
             );
+            // A PDS that lacks the calls gets the whole repo, without being asked again.
+            for strategy in [Auto, Sparse] {
+                assert_eq!(plan(strategy, posts(), true, held), full);
+            }
         }
+        // Everything wanted: the whole repo the first time, what changed since after that.
+        assert_eq!(
+            plan(Auto, None, false, false),
+            FetchPlan {
+                ask_head: true,
+                fetch: Fetch::Full
+            }
+        );
+        assert_eq!(
+            plan(Auto, None, false, true),
+            FetchPlan {
+                ask_head: true,
+                fetch: Fetch::Since
+            }
+        );
     }
 
     #[test]
@@ -154,8 +201,16 @@ mod tests {
             rev: None,
             prev_data: None,
             last_fetch: None,
-            ..repo
+            ..repo.clone()
         };
         assert!(!unchanged(&never_fetched, false, &head, same));
+        assert!(!holds_verified_copy(&never_fetched, false, same));
+        // Synced before fetches were noted (no filters on record): not comparable.
+        let unnoted = RepoRow {
+            last_fetch: None,
+            ..repo.clone()
+        };
+        assert!(!holds_verified_copy(&unnoted, false, same));
+        assert!(holds_verified_copy(&repo, false, same));
     }
 }

@@ -4,15 +4,18 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use tap_atproto::Cid;
+use tap_atproto::mst::{KeyRange, KnownKeys};
 use tap_atproto::stream::{RepoWalker, WalkLimits};
 use tap_atproto::syntax::Did;
 use tokio_util::sync::CancellationToken;
 
 use super::cutover::cut_over;
+use super::fetch::LatestCommit;
 use super::fetch::{FetchError, PdsClient};
 use super::snapshot::Snapshot;
-use super::sparse::{self, SparseError};
-use super::strategy;
+use super::sparse::{self, SparseError, Start};
+use super::strategy::{self, Fetch};
 use super::{IDLE_POLL, ResyncError, ResyncSettings, WALK_MEMORY_BUDGET};
 use crate::repos::engine::Engine;
 use crate::repos::handle_checks::HandleChecks;
@@ -57,6 +60,12 @@ struct Worker {
     handles: HandleChecks,
     settings: ResyncSettings,
 }
+
+/// Most index records an incremental fetch reads into memory (~160 bytes each, per
+/// worker); a larger repo is fetched without relying on its index.
+const MAX_KNOWN_KEYS: usize = 250_000;
+/// Index rows read per page when loading it.
+const KNOWN_PAGE: usize = 5000;
 
 fn now_unix() -> i64 {
     SystemTime::now()
@@ -174,12 +183,13 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
     // any record, and may hold ones deleted since. Re-emit every record, delete the rest.
     let replay = indexed && repo.rev.is_none();
 
+    let filters = engine.scope().fingerprint();
     let plan = strategy::plan(
         settings.fetch_strategy,
         engine.scope().key_ranges(),
         pds.lacks_sparse(&pds_url),
+        strategy::holds_verified_copy(repo, replay, &filters),
     );
-    let filters = engine.scope().fingerprint();
     let mut spent = 0;
     let head = if plan.ask_head {
         match pds.latest_commit(&pds_url, did).await {
@@ -211,13 +221,22 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
     }
 
     let mut sink = Snapshot::new(engine, store, did, repo.rev, storage, replay);
-    if let (Some(head), Some(ranges)) = (head, &plan.sparse) {
+    if let Some(partial) = partial_fetch(store, repo, head, plan.fetch).await? {
         let mut cost = sparse::Cost::within(settings.max_repo_bytes);
-        // One budget for the whole sparse fetch, as for a full one: many slow calls must not
-        // hold a worker longer than one slow `getRepo` could.
+        // One budget for the whole fetch, as for a full one: many slow calls must not hold
+        // a worker longer than one slow `getRepo` could.
         let fetched = tokio::time::timeout(
             settings.fetch_timeout,
-            sparse::fetch(pds, &pds_url, did, &key, head, ranges, &mut cost),
+            sparse::fetch(
+                pds,
+                &pds_url,
+                did,
+                &key,
+                partial.start,
+                &partial.ranges,
+                partial.known.as_ref(),
+                &mut cost,
+            ),
         )
         .await
         .unwrap_or_else(|_| {
@@ -233,10 +252,10 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
                 let rev = snapshot.commit.rev;
                 sink.set_rev(rev.as_str())?;
                 for (path, cid, bytes) in &snapshot.records {
-                    sink.record(&rev, path, cid, bytes).await?;
+                    sink.record(&rev, path, cid, bytes.as_deref()).await?;
                 }
                 sink.finish().await?;
-                note_fetch(store, did, FetchKind::Sparse, spent, &filters).await;
+                note_fetch(store, did, partial.kind, spent, &filters).await;
                 let data = snapshot.commit.data.to_string();
                 cut_over(engine, store, did, rev.as_str(), &data).await?;
                 return Ok(snapshot.records.len() as u64);
@@ -244,8 +263,10 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
             Err(SparseError::Fetch(e)) => return Err(e.into()),
             // Nothing was handed on: the whole repo, verified as always, decides.
             Err(refused) => {
-                metrics::counter!(t::SPARSE_FALLBACKS).increment(1);
-                tracing::warn!(%did, reason = %refused, "Sparse fetch refused; fetching the whole repo.");
+                metrics::counter!(t::SPARSE_FALLBACKS, "kind" => partial.kind.as_str())
+                    .increment(1);
+                tracing::warn!(%did, kind = partial.kind.as_str(), reason = %refused,
+                    "Partial fetch refused; fetching the whole repo.");
             }
         }
     }
@@ -283,6 +304,90 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
     .await;
     cut_over(engine, store, did, &rev, &data).await?;
     Ok(records)
+}
+
+/// A fetch of less than the whole repo, ready to run.
+struct PartialFetch {
+    start: Start,
+    ranges: Vec<KeyRange>,
+    /// The record index, when the fetch may rely on it.
+    known: Option<KnownKeys>,
+    kind: FetchKind,
+}
+
+/// Turns the plan into a partial fetch, reading the record index when the fetch may rely
+/// on it; `None`: fetch the whole repo (no head was learned, the plan says so, or an
+/// incremental fetch has no usable index).
+async fn partial_fetch(
+    store: &Store,
+    repo: &RepoRow,
+    head: Option<LatestCommit>,
+    fetch: Fetch,
+) -> Result<Option<PartialFetch>, ResyncError> {
+    let Some(head) = head else {
+        return Ok(None);
+    };
+    let (start, ranges, reuse, kind) = match (fetch, repo.rev) {
+        (Fetch::Full, _) | (Fetch::Since, None) => return Ok(None),
+        (Fetch::Since, Some(rev)) => (
+            Start::Since(rev),
+            vec![KeyRange::prefix(b"")],
+            true,
+            FetchKind::Since,
+        ),
+        (Fetch::Sparse { ranges, reuse }, _) => {
+            (Start::Head(head), ranges, reuse, FetchKind::Sparse)
+        }
+    };
+    let known = if reuse {
+        known_keys(store, &repo.did, &ranges).await?
+    } else {
+        None
+    };
+    if kind == FetchKind::Since && known.is_none() {
+        return Ok(None); // a diff cannot be checked without the index
+    }
+    Ok(Some(PartialFetch {
+        start,
+        ranges,
+        known,
+        kind,
+    }))
+}
+
+/// The record index of `did` inside `ranges`, for an incremental fetch to rely on; `None`
+/// when it holds more than [`MAX_KNOWN_KEYS`] records (those repos are fetched without it)
+/// or a CID that does not parse.
+async fn known_keys(
+    store: &Store,
+    did: &Did,
+    ranges: &[KeyRange],
+) -> Result<Option<KnownKeys>, ResyncError> {
+    let mut entries = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .records_page(did.as_str(), after.take(), KNOWN_PAGE)
+            .await?;
+        let last = page.len() < KNOWN_PAGE;
+        for row in page {
+            let path = format!("{}/{}", row.collection, row.rkey).into_bytes();
+            if ranges.iter().any(|r| r.contains(&path)) {
+                let Ok(cid) = Cid::try_from(row.cid.as_str()) else {
+                    return Ok(None);
+                };
+                entries.push((path, cid));
+            }
+            after = Some((row.collection, row.rkey));
+        }
+        if entries.len() > MAX_KNOWN_KEYS {
+            return Ok(None);
+        }
+        if last {
+            break;
+        }
+    }
+    Ok(KnownKeys::new(entries).ok())
 }
 
 /// Records how the repo was fetched (for `/info/{did}`), before the cutover makes it

@@ -135,6 +135,9 @@ pub enum FetchKind {
     /// The signed commit, the MST paths to the wanted collections and their records
     /// (`getBlocks`).
     Sparse,
+    /// What changed since the rev tap held (`getRepo?since=`), the rest proven unchanged
+    /// from the record index.
+    Since,
     /// Nothing: the PDS's head was the commit tap already held.
     Skipped,
 }
@@ -146,6 +149,7 @@ impl FetchKind {
         match self {
             Self::Full => "full",
             Self::Sparse => "sparse",
+            Self::Since => "since",
             Self::Skipped => "skipped",
         }
     }
@@ -153,7 +157,7 @@ impl FetchKind {
     /// Parses a name written by [`FetchKind::as_str`].
     #[must_use]
     pub fn from_name(name: &str) -> Option<Self> {
-        [Self::Full, Self::Sparse, Self::Skipped]
+        [Self::Full, Self::Sparse, Self::Since, Self::Skipped]
             .into_iter()
             .find(|k| k.as_str() == name)
     }
