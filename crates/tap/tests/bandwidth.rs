@@ -1,7 +1,8 @@
 //! Issue 12 against loopback fakes: every downloaded byte is in the ledger and adds up to
 //! what the servers sent; a filtered tap fetches only the wanted part of a repo (verified as
-//! strictly as a whole one); an unchanged repo is not downloaded again; a PDS that lacks
-//! the calls, or lies in them, gets a full verified fetch.
+//! strictly as a whole one); an unchanged repo is not downloaded again; a changed one only
+//! in what changed, with the same events as a full resync; a PDS that lacks the calls, or
+//! lies in them, gets a full verified fetch.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -15,7 +16,8 @@ use serde_json::Value;
 use tap::config::FetchStrategy;
 use tap_atproto::car::{CarLimits, read_car};
 use tap_atproto::commit::Commit;
-use tap_testkit::fake_pds::Endpoint;
+use tap_atproto::writer::WriteOp;
+use tap_testkit::fake_pds::{Endpoint, RepoReply};
 use tap_testkit::repo_builder::{RepoBuilder, TestKey};
 
 use common::TestTap;
@@ -399,5 +401,251 @@ async fn widened_filters_fetch_again_though_the_head_did_not_move() {
     assert_eq!(got, follows);
     let info = wait_state(&tap, repo.did(), "active").await;
     assert_eq!(info["last_fetch"]["kind"], "sparse");
+    tap.stop().await;
+}
+
+/// Commits `ops` in a frame that does not chain, so the repo resyncs, and serves the repo as
+/// it now is.
+fn desync_with(net: &Net, repo: &mut RepoBuilder, ops: &[WriteOp], seq: i64) {
+    let frame = repo.wrong_prev_data_frame(ops).unwrap();
+    net.pds
+        .set_repo(repo.did().as_str(), RepoReply::Car(repo.car_tree_order()));
+    net.relay.push_frame(seq, frame);
+}
+
+/// `n` creates of fresh records.
+fn creates(repo: &mut RepoBuilder, n: usize) -> Vec<WriteOp> {
+    (0..n)
+        .map(|_| {
+            let (path, record) = repo.generator().next_record();
+            WriteOp::Create { path, record }
+        })
+        .collect()
+}
+
+/// The builder's current commit.
+fn head(repo: &RepoBuilder) -> Commit {
+    repo.writer().head().unwrap().1.clone()
+}
+
+/// Waits until `tap` holds `repo` active at the builder's head rev.
+async fn wait_synced(tap: &TestTap, repo: &RepoBuilder) -> Value {
+    let rev = head(repo).rev.as_str().to_owned();
+    wait_for("the repo to be resynced", || async {
+        let i = sync_support::info(tap, repo.did()).await;
+        (i["state"] == "active" && i["rev"] == rev.as_str()).then_some(i)
+    })
+    .await
+}
+
+/// A tap that already holds `repo` (2,000 records) and the consumer that saw it backfilled.
+async fn synced_tap(net: &Net, db: &TestDb, repo: &RepoBuilder) -> (TestTap, Consumer) {
+    let tap = TestTap::start(net.config(db)).await;
+    let consumer = Consumer::connect(&tap).await;
+    add(&tap, repo.did()).await;
+    consumer.wait_records(repo.records().len()).await;
+    wait_state(&tap, repo.did(), "active").await;
+    (tap, consumer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_downloads_only_what_changed_since_the_rev_tap_holds() {
+    let db = TestDb::new(common::Backend::Sqlite).await.unwrap();
+    let net = Net::start().await;
+    let mut repo = RepoBuilder::with_records(did(20), TestKey::k256(20), 20, 2000);
+    net.host(&repo, "since.test", repo.car_tree_order());
+    let (tap, consumer) = synced_tap(&net, &db, &repo).await;
+    let full = net.pds.served(Endpoint::GetRepo).bytes;
+    let before = expected(&repo);
+
+    let ops = creates(&mut repo, 10);
+    desync_with(&net, &mut repo, &ops, 1);
+    let info = wait_synced(&tap, &repo).await;
+    assert_eq!(info["last_fetch"]["kind"], "since", "{info}");
+    let got = consumer.wait_records(before.len() + 10).await;
+    let mut new = expected(&repo);
+    new.retain(|path, _| !before.contains_key(path));
+    assert_eq!(paths_and_cids(&got[before.len()..]), new);
+    assert!(got[before.len()..].iter().all(|r| r["action"] == "create"));
+    assert_eq!(info["records"], repo.records().len());
+
+    let diff = net.pds.served(Endpoint::GetRepo).bytes - full;
+    assert!(diff * 20 < full, "{diff} bytes of a {full}-byte repo");
+    assert_eq!(net.pds.served(Endpoint::GetBlocks).requests, 0);
+    // The fetch's cost: the head request and the diff.
+    let heads = net.pds.served(Endpoint::GetLatestCommit);
+    assert_eq!(
+        info["last_fetch"]["bytes"],
+        diff + heads.bytes / heads.requests
+    );
+    tap.stop().await;
+}
+
+/// Two taps follow the same repo through random edit histories, one fetching incrementally
+/// (`auto`: `getRepo?since=` unfiltered, the reusing sparse walk under filters) and one
+/// always in full; after every resync their events and record indexes must be equal.
+async fn incremental_and_full_resyncs_agree(filters: &[&str], seeds: std::ops::Range<u64>) {
+    for seed in seeds {
+        let net = Net::start().await;
+        let n = u32::try_from(30 + seed).unwrap();
+        let mut repo = RepoBuilder::with_records(did(n), TestKey::k256(seed), seed, 300);
+        net.host(&repo, &format!("edits{seed}.test"), repo.car_tree_order());
+        let wanted = |path: &str| {
+            filters.is_empty() || filters.iter().any(|c| path.starts_with(&format!("{c}/")))
+        };
+        let dbs = [
+            TestDb::new(common::Backend::Sqlite).await.unwrap(),
+            TestDb::new(common::Backend::Sqlite).await.unwrap(),
+        ];
+        let mut taps = Vec::new();
+        for (db, strategy) in dbs.iter().zip([FetchStrategy::Auto, FetchStrategy::Full]) {
+            let mut cfg = net.config(db);
+            cfg.fetch_strategy = strategy;
+            cfg.collection_filters = filters.iter().map(|c| c.parse().unwrap()).collect();
+            let tap = TestTap::start(cfg).await;
+            let consumer = Consumer::connect(&tap).await;
+            add(&tap, repo.did()).await;
+            taps.push((tap, consumer));
+        }
+        let mut seen = expected(&repo).keys().filter(|p| wanted(p)).count();
+        for (_, consumer) in &taps {
+            consumer.wait_records(seen).await;
+        }
+        for round in 0..4 {
+            let before = expected(&repo);
+            let count = usize::try_from(1 + (seed * 7 + round * 13) % 40).unwrap();
+            let ops = repo.random_ops(count);
+            desync_with(&net, &mut repo, &ops, i64::try_from(round + 1).unwrap());
+            let after = expected(&repo);
+            let changes = after
+                .iter()
+                .filter(|(p, c)| before.get(*p) != Some(c))
+                .map(|(p, _)| p)
+                .chain(before.keys().filter(|p| !after.contains_key(*p)))
+                .filter(|p| wanted(p))
+                .count();
+            seen += changes;
+            let mut streams = Vec::new();
+            for (tap, consumer) in &taps {
+                let info = wait_synced(tap, &repo).await;
+                assert_eq!(
+                    info["records"],
+                    after.keys().filter(|p| wanted(p)).count(),
+                    "seed {seed} round {round}: {info}"
+                );
+                streams.push(consumer.wait_records(seen).await);
+            }
+            let incremental = sync_support::info(&taps[0].0, repo.did()).await;
+            let kind = if filters.is_empty() {
+                "since"
+            } else {
+                "sparse"
+            };
+            assert_eq!(incremental["last_fetch"]["kind"], kind, "{incremental}");
+            assert_eq!(
+                streams[0], streams[1],
+                "seed {seed} round {round}: the incremental tap's events differ"
+            );
+            assert_eq!(streams[0].len(), seen, "seed {seed} round {round}");
+        }
+        let state: BTreeMap<String, String> = {
+            let mut state = BTreeMap::new();
+            for r in taps[0].1.records() {
+                let path = format!(
+                    "{}/{}",
+                    r["collection"].as_str().unwrap(),
+                    r["rkey"].as_str().unwrap()
+                );
+                if r["action"] == "delete" {
+                    state.remove(&path);
+                } else {
+                    state.insert(path, r["cid"].as_str().unwrap().to_owned());
+                }
+            }
+            state
+        };
+        let mut want = expected(&repo);
+        want.retain(|p, _| wanted(p));
+        assert_eq!(state, want, "seed {seed}: the events replay to the repo");
+        for (tap, _) in taps {
+            tap.stop().await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn since_resyncs_emit_what_full_resyncs_emit_over_random_edit_histories() {
+    incremental_and_full_resyncs_agree(&[], 0..3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reusing_sparse_resyncs_emit_what_full_resyncs_emit_over_random_edit_histories() {
+    incremental_and_full_resyncs_agree(&["app.bsky.feed.post", "app.bsky.feed.like"], 3..6).await;
+}
+
+/// A diff that lies (`lie` sets it up, given the net and the new head): the repo gets a
+/// whole verified fetch in the same resync, and exactly the right events.
+async fn a_lying_diff_gets_a_whole_verified_fetch(n: u32, lie: impl FnOnce(&Net, &RepoBuilder)) {
+    let db = TestDb::new(common::Backend::Sqlite).await.unwrap();
+    let net = Net::start().await;
+    let mut repo = RepoBuilder::with_records(did(n), TestKey::k256(u64::from(n)), n.into(), 500);
+    net.host(&repo, &format!("diff{n}.test"), repo.car_tree_order());
+    let (tap, consumer) = synced_tap(&net, &db, &repo).await;
+    let before = expected(&repo);
+    let ops = creates(&mut repo, 5);
+    let frame = repo.wrong_prev_data_frame(&ops).unwrap();
+    net.pds
+        .set_repo(repo.did().as_str(), RepoReply::Car(repo.car_tree_order()));
+    lie(&net, &repo);
+    net.relay.push_frame(1, frame);
+    let info = wait_synced(&tap, &repo).await;
+    assert_eq!(info["last_fetch"]["kind"], "full", "{info}");
+    let got = consumer.wait_records(before.len() + 5).await;
+    let mut new = expected(&repo);
+    new.retain(|path, _| !before.contains_key(path));
+    assert_eq!(paths_and_cids(&got[before.len()..]), new);
+    tap.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_diff_without_a_changed_node_gets_a_whole_verified_fetch() {
+    // The new MST root, left out of the diff and refused by getBlocks too.
+    a_lying_diff_gets_a_whole_verified_fetch(40, |net, repo| {
+        net.pds.withhold_block(head(repo).data);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_diff_with_a_block_that_does_not_hash_gets_a_whole_verified_fetch() {
+    a_lying_diff_gets_a_whole_verified_fetch(41, |net, repo| {
+        net.pds.corrupt_block(head(repo).data);
+    })
+    .await;
+}
+
+/// An honest PDS may leave out of a diff a node it wrote before `since` (a subtree that
+/// came back to an earlier shape): tap does not assume it, it fetches it by `getBlocks`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_left_out_of_a_diff_is_fetched_not_assumed() {
+    let db = TestDb::new(common::Backend::Sqlite).await.unwrap();
+    let net = Net::start().await;
+    let mut repo = RepoBuilder::with_records(did(42), TestKey::k256(42), 42, 500);
+    net.host(&repo, "omitted.test", repo.car_tree_order());
+    let (tap, consumer) = synced_tap(&net, &db, &repo).await;
+    let before = expected(&repo);
+    let ops = creates(&mut repo, 5);
+    let frame = repo.wrong_prev_data_frame(&ops).unwrap();
+    net.pds
+        .set_repo(repo.did().as_str(), RepoReply::Car(repo.car_tree_order()));
+    net.pds.omit_from_diffs(head(&repo).data);
+    net.relay.push_frame(1, frame);
+    let info = wait_synced(&tap, &repo).await;
+    assert_eq!(info["last_fetch"]["kind"], "since", "{info}");
+    assert_eq!(net.pds.served(Endpoint::GetBlocks).requests, 1);
+    let got = consumer.wait_records(before.len() + 5).await;
+    let mut new = expected(&repo);
+    new.retain(|path, _| !before.contains_key(path));
+    assert_eq!(paths_and_cids(&got[before.len()..]), new);
     tap.stop().await;
 }
