@@ -9,8 +9,12 @@
 //! Repos without a starter pack (95 % of a real population) are not listed by the relay for
 //! that collection, so neither strategy downloads anything of theirs; they are left out.
 //!
+//! Then a resync of a repo tap holds after a few new records (unfiltered), with `full` and
+//! with `auto` (`getRepo?since=`): the PDS bytes of each.
+//!
 //! Parameters (environment): `BANDWIDTH_REPOS` (tracked repos, default 200),
-//! `BANDWIDTH_RECORDS` per repo (default 2000). Run: `cargo bench -p tap --bench bandwidth`.
+//! `BANDWIDTH_RECORDS` per repo (default 2000), `RESYNC_RECORDS` (default 10,000) and
+//! `RESYNC_NEW` (default 10). Run: `cargo bench -p tap --bench bandwidth`.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::time::{Duration, Instant};
@@ -71,94 +75,204 @@ struct Outcome {
     seconds: f64,
 }
 
+/// The fake network a run syncs from.
+struct Fakes {
+    relay: FakeRelay,
+    pds: FakePds,
+    plc: FakePlc,
+}
+
+impl Fakes {
+    async fn start() -> Self {
+        Self {
+            relay: FakeRelay::start().await,
+            pds: FakePds::start().await,
+            plc: FakePlc::start().await,
+        }
+    }
+
+    fn host(&self, i: usize, repo: &RepoBuilder, car: Vec<u8>) {
+        self.plc
+            .publish(repo, &format!("u{i}.test"), &self.pds.url());
+        self.pds.set_repo(repo.did().as_str(), RepoReply::Car(car));
+    }
+
+    /// Bytes the PDS served over every endpoint.
+    fn pds_bytes(&self) -> u64 {
+        [
+            Endpoint::GetRepo,
+            Endpoint::GetLatestCommit,
+            Endpoint::GetBlocks,
+        ]
+        .into_iter()
+        .map(|e| self.pds.served(e).bytes)
+        .sum()
+    }
+}
+
+/// A running tap and a consumer connected to it that acks everything.
+struct Running {
+    addr: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), tap::error::AppError>>,
+    tx: futures_util::stream::SplitSink<
+        tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+        Message,
+    >,
+    rx: futures_util::stream::SplitStream<
+        tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+    >,
+    _dir: tempfile::TempDir,
+}
+
+impl Running {
+    /// Starts tap against `fakes` with `configure` applied to its configuration.
+    async fn start(fakes: &Fakes, configure: impl FnOnce(&mut tap::Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = tap::Config::defaults();
+        cfg.bind = "127.0.0.1:0".into();
+        cfg.database =
+            DatabaseUrl::Sqlite(dir.path().join("tap.db").to_string_lossy().into_owned());
+        cfg.relay_url = url::Url::parse(&fakes.relay.url()).unwrap();
+        cfg.plc_url = url::Url::parse(&fakes.plc.url()).unwrap();
+        cfg.handle_resolver_url = Some(url::Url::parse(&fakes.plc.url()).unwrap());
+        cfg.allow_private_network = true; // the fake PDS is on loopback
+        configure(&mut cfg);
+        let app = tap::App::bind(cfg).await.unwrap();
+        let addr = app.local_addr().unwrap();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(app.run(async move {
+            let _ = stop_rx.await;
+        }));
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/channel"))
+            .await
+            .unwrap();
+        let (tx, rx) = ws.split();
+        Self {
+            addr,
+            stop,
+            task,
+            tx,
+            rx,
+            _dir: dir,
+        }
+    }
+
+    /// Acks events until `n` record events came.
+    async fn records(&mut self, n: usize) {
+        let mut records = 0;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while records < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let msg = tokio::time::timeout(left, self.rx.next())
+                .await
+                .expect("every wanted record within 10 minutes")
+                .unwrap()
+                .unwrap();
+            if let Message::Text(text) = msg {
+                let v: Value = serde_json::from_str(&text).unwrap();
+                if v["type"] == "record" {
+                    records += 1;
+                }
+                let ack = json!({"type": "ack", "id": v["id"]}).to_string();
+                self.tx.send(Message::Text(ack.into())).await.unwrap();
+            }
+        }
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        reqwest::get(format!("http://{}{path}", self.addr))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
 async fn run(
     strategy: FetchStrategy,
     repos: &[RepoBuilder],
     cars: &[Vec<u8>],
     wanted: usize,
 ) -> Outcome {
-    let relay = FakeRelay::start().await;
-    let pds = FakePds::start().await;
-    let plc = FakePlc::start().await;
+    let fakes = Fakes::start().await;
     let mut listed = Vec::new();
     for (i, repo) in repos.iter().enumerate() {
-        plc.publish(repo, &format!("u{i}.test"), &pds.url());
-        let did = repo.did().as_str();
-        pds.set_repo(did, RepoReply::Car(cars[i].clone()));
-        listed.push(json!({"did": did}));
+        fakes.host(i, repo, cars[i].clone());
+        listed.push(json!({"did": repo.did().as_str()}));
     }
-    relay.set_pages(Some(STARTER_PACK), vec![listed]);
-
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = tap::Config::defaults();
-    cfg.bind = "127.0.0.1:0".into();
-    cfg.database = DatabaseUrl::Sqlite(dir.path().join("tap.db").to_string_lossy().into_owned());
-    cfg.relay_url = url::Url::parse(&relay.url()).unwrap();
-    cfg.plc_url = url::Url::parse(&plc.url()).unwrap();
-    cfg.handle_resolver_url = Some(url::Url::parse(&plc.url()).unwrap());
-    cfg.allow_private_network = true; // the fake PDS is on loopback
-    cfg.scope = TrackingScope::SignalCollections(vec![STARTER_PACK.parse().unwrap()]);
-    cfg.collection_filters = vec![
-        STARTER_PACK.parse().unwrap(),
-        "app.bsky.actor.profile".parse().unwrap(),
-    ];
-    cfg.fetch_strategy = strategy;
+    fakes.relay.set_pages(Some(STARTER_PACK), vec![listed]);
     let started = Instant::now();
-    let app = tap::App::bind(cfg).await.unwrap();
-    let addr = app.local_addr().unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(app.run(async move {
-        let _ = stop_rx.await;
-    }));
-
-    // Ack everything; count record events until every wanted record is in.
-    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/channel"))
-        .await
-        .unwrap();
-    let (mut tx, mut rx) = ws.split();
-    let mut records = 0;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while records < wanted {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let msg = tokio::time::timeout(left, rx.next())
-            .await
-            .expect("every wanted record within 10 minutes")
-            .unwrap()
-            .unwrap();
-        if let Message::Text(text) = msg {
-            let v: Value = serde_json::from_str(&text).unwrap();
-            if v["type"] == "record" {
-                records += 1;
-            }
-            let ack = json!({"type": "ack", "id": v["id"]}).to_string();
-            tx.send(Message::Text(ack.into())).await.unwrap();
-        }
-    }
+    let mut tap = Running::start(&fakes, |cfg| {
+        cfg.scope = TrackingScope::SignalCollections(vec![STARTER_PACK.parse().unwrap()]);
+        cfg.collection_filters = vec![
+            STARTER_PACK.parse().unwrap(),
+            "app.bsky.actor.profile".parse().unwrap(),
+        ];
+        cfg.fetch_strategy = strategy;
+    })
+    .await;
+    tap.records(wanted).await;
     let seconds = started.elapsed().as_secs_f64();
-    let bw: Value = reqwest::get(format!("http://{addr}/stats/bandwidth"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let _ = stop_tx.send(());
-    task.await.unwrap().unwrap();
-    let served = [
-        Endpoint::GetRepo,
-        Endpoint::GetLatestCommit,
-        Endpoint::GetBlocks,
-    ]
-    .into_iter()
-    .map(|e| pds.served(e).bytes)
-    .sum::<u64>()
-        + relay.listing_bytes()
-        + plc.bytes_served();
+    let bw = tap.get("/stats/bandwidth").await;
+    tap.stop().await;
     Outcome {
         counted: bw["total"].as_u64().unwrap(),
-        served,
-        get_repo: pds.served(Endpoint::GetRepo).bytes,
+        served: fakes.pds_bytes() + fakes.relay.listing_bytes() + fakes.plc.bytes_served(),
+        get_repo: fakes.pds.served(Endpoint::GetRepo).bytes,
         seconds,
     }
+}
+
+/// Bytes a resync downloads from the PDS after `new` records were added to a repo tap
+/// holds: the repo is backfilled, then a commit that does not chain sends it to a resync.
+/// Returns the PDS bytes of the backfill and of the resync, and how the resync fetched.
+async fn resync_after_new_records(
+    strategy: FetchStrategy,
+    mut repo: RepoBuilder,
+    new: usize,
+) -> (u64, u64, String) {
+    let fakes = Fakes::start().await;
+    fakes.host(0, &repo, repo.car_tree_order());
+    let mut tap = Running::start(&fakes, |cfg| cfg.fetch_strategy = strategy).await;
+    let client = reqwest::Client::new();
+    client
+        .post(format!("http://{}/repos/add", tap.addr))
+        .json(&json!({"dids": [repo.did().as_str()]}))
+        .send()
+        .await
+        .unwrap();
+    tap.records(repo.records().len()).await;
+    let backfill = fakes.pds_bytes();
+    let ops: Vec<WriteOp> = (0..new)
+        .map(|_| {
+            let (path, record) = repo.generator().next_record();
+            WriteOp::Create { path, record }
+        })
+        .collect();
+    let frame = repo.wrong_prev_data_frame(&ops).unwrap();
+    fakes
+        .pds
+        .set_repo(repo.did().as_str(), RepoReply::Car(repo.car_tree_order()));
+    fakes.relay.push_frame(1, frame);
+    tap.records(new).await;
+    let info = tap.get(&format!("/info/{}", repo.did())).await;
+    tap.stop().await;
+    let kind = info["last_fetch"]["kind"]
+        .as_str()
+        .unwrap_or("?")
+        .to_owned();
+    (backfill, fakes.pds_bytes() - backfill, kind)
 }
 
 fn main() {
@@ -197,5 +311,32 @@ fn main() {
     println!(
         "auto/full bytes: {:.4}",
         auto.counted as f64 / full.counted as f64
+    );
+
+    let (records, new) = if quick {
+        (200, 2)
+    } else {
+        (
+            env_usize("RESYNC_RECORDS", 10_000),
+            env_usize("RESYNC_NEW", 10),
+        )
+    };
+    let repo = RepoBuilder::with_records(
+        "did:plc:000000000000000000resync".parse().unwrap(),
+        TestKey::k256(7),
+        7,
+        records,
+    );
+    println!("resync of a {records}-record repo after {new} new records (PDS bytes):");
+    let mut resync = Vec::new();
+    for strategy in [FetchStrategy::Full, FetchStrategy::Auto] {
+        let (backfill, bytes, kind) =
+            rt.block_on(resync_after_new_records(strategy, repo.clone(), new));
+        println!("{strategy:?}: backfill {backfill} bytes, resync {bytes} bytes ({kind})");
+        resync.push(bytes);
+    }
+    println!(
+        "auto/full resync bytes: {:.4}",
+        resync[1] as f64 / resync[0] as f64
     );
 }

@@ -237,9 +237,9 @@ on_both_backends!(
 /// A record deleted while tap was stopped: with the saved cursor the firehose replays the
 /// delete (live); with `--no-replay` the delete is never seen, so the next commit's
 /// `prevData` no longer chains onto the stored data root, the repo is desynchronized and
-/// resynced, and the resync emits the delete (and the update made meanwhile, and a delete
-/// for each record of a collection that vanished entirely) as historical events. The
-/// record index ends equal to the PDS either way.
+/// resynced (from `getRepo?since=` of the real PDS), and the resync emits the delete (and
+/// the update made meanwhile, and a delete for each record of a collection that vanished
+/// entirely) as historical events. The record index ends equal to the PDS either way.
 async fn records_changed_while_tap_was_stopped_are_caught_up(db: TestDb) {
     let Some(mut net) = LocalNet::start(1, 3).await else {
         return;
@@ -396,6 +396,8 @@ async fn records_changed_while_tap_was_stopped_are_caught_up(db: TestDb) {
     .await
     .unwrap();
     assert_eq!(info["error"], "");
+    // Fetched as what changed since the rev tap held, checked against the record index.
+    assert_eq!(info["last_fetch"]["kind"], "since", "{info}");
     channel
         .until("every event, replayed, to equal the PDS's repo", |seen| {
             replay(seen) == now
