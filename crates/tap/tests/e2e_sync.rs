@@ -234,6 +234,30 @@ on_both_backends!(
     backfill_equals_the_pds_and_live_writes_follow_in_order
 );
 
+/// Writes trigger records into `collection` until an event reaches `channel`: after a
+/// restart with `--no-replay` the first commit tap sees does not chain onto what it holds,
+/// so the repo resyncs. The firehose may not be connected yet when a trigger is written,
+/// hence the repetition.
+async fn trigger_resync(net: &mut LocalNet, channel: &mut Channel, did: &str, collection: &str) {
+    let before = channel.seen.len();
+    for i in 0..30 {
+        net.command(
+            json!({"cmd": "createRecord", "did": did, "collection": collection,
+                           "rkey": format!("t{i}"), "record": note(collection, "trigger")}),
+        )
+        .await;
+        if channel
+            .until_within(std::time::Duration::from_secs(3), |seen| {
+                seen.len() > before
+            })
+            .await
+        {
+            return;
+        }
+    }
+    panic!("no commit after the restart reached tap");
+}
+
 /// A record deleted while tap was stopped: with the saved cursor the firehose replays the
 /// delete (live); with `--no-replay` the delete is never seen, so the next commit's
 /// `prevData` no longer chains onto the stored data root, the repo is desynchronized and
@@ -327,26 +351,7 @@ async fn records_changed_while_tap_was_stopped_are_caught_up(db: TestDb) {
     let tap = TestTap::start(no_replay).await;
     let mut channel = Channel::connect(tap.addr, &seen).await;
     let before = seen.len();
-    // The first commit tap sees after connecting does not chain; the firehose may not be
-    // connected yet when a trigger is written, so write triggers until something arrives.
-    let mut triggered = false;
-    for i in 0..30 {
-        net.command(
-            json!({"cmd": "createRecord", "did": did, "collection": "com.example.note",
-                           "rkey": format!("t{i}"), "record": note("com.example.note", "trigger")}),
-        )
-        .await;
-        if channel
-            .until_within(std::time::Duration::from_secs(3), |seen| {
-                seen.len() > before
-            })
-            .await
-        {
-            triggered = true;
-            break;
-        }
-    }
-    assert!(triggered, "a commit after the restart reached tap");
+    trigger_resync(&mut net, &mut channel, &did, "com.example.note").await;
     channel
         .until("the resync's delete and update", |seen| {
             let has = |path: &str, action: &str| {
@@ -866,4 +871,96 @@ async fn every_fetch_strategy_syncs_what_the_pds_lists(db: TestDb) {
 on_both_backends!(
     every_fetch_strategy_syncs_what_the_pds_lists,
     every_fetch_strategy_syncs_what_the_pds_lists
+);
+
+/// A filtered tap that holds a repo resyncs it incrementally from the real PDS (the sparse
+/// walk reusing its record index, only changed records fetched): after creates, updates and
+/// deletes in wanted and unwanted collections made while it was stopped, the events replay
+/// to exactly the PDS's wanted records.
+async fn an_incremental_filtered_resync_equals_what_the_pds_lists(db: TestDb) {
+    let Some(mut net) = LocalNet::start(1, 3).await else {
+        return;
+    };
+    let did = net.did(0);
+    write_notes(&mut net, &did, "com.example.keep.a", 120).await;
+    write_notes(&mut net, &did, "com.example.drop", 120).await;
+    let kept = |p: &str| p.starts_with("com.example.keep.");
+    let wanted = |all: BTreeMap<String, String>| -> BTreeMap<String, String> {
+        all.into_iter().filter(|(p, _)| kept(p)).collect()
+    };
+    let expected = wanted(net.records(&did).await);
+    let mut config = net.tap_config(&db);
+    config.collection_filters = vec!["com.example.keep.*".parse().unwrap()];
+    let tap = TestTap::start(config.clone()).await;
+    let mut channel = Channel::connect(tap.addr, &[]).await;
+    add_repos(&tap.url(""), &[&did]).await;
+    await_backfill(&tap, &mut channel, &did, &expected).await;
+    let backfill = info(&tap.url(""), &did).await.unwrap();
+    let backfill_bytes = backfill["last_fetch"]["bytes"].as_u64().unwrap();
+    tap.stop().await;
+    let seen = channel.seen.clone();
+    drop(channel);
+
+    // While stopped: wanted records deleted, updated and created, unwanted ones too.
+    for (collection, rkey) in [("com.example.keep.a", "n005"), ("com.example.drop", "n005")] {
+        net.command(
+            json!({"cmd": "deleteRecord", "did": did, "collection": collection, "rkey": rkey}),
+        )
+        .await;
+    }
+    for collection in ["com.example.keep.a", "com.example.drop"] {
+        net.command(
+            json!({"cmd": "putRecord", "did": did, "collection": collection,
+                           "rkey": "n007", "record": note(collection, "edited")}),
+        )
+        .await;
+        net.command(
+            json!({"cmd": "createRecord", "did": did, "collection": collection,
+                           "rkey": "zz0", "record": note(collection, "new")}),
+        )
+        .await;
+    }
+    net.command(json!({"cmd": "awaitSequenced"})).await;
+    let mut no_replay = config;
+    no_replay.no_replay = true;
+    let tap = TestTap::start(no_replay).await;
+    let mut channel = Channel::connect(tap.addr, &seen).await;
+    trigger_resync(&mut net, &mut channel, &did, "com.example.keep.b").await;
+    let pds_rev = net.command(json!({"cmd": "listRecords", "did": did})).await["rev"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let now = wanted(net.records(&did).await);
+    let info = wait_info(&tap.url(""), &did, "the resynced repo", |i| {
+        i.is_some_and(|i| i["state"] == "active" && i["rev"] == pds_rev.as_str())
+    })
+    .await
+    .unwrap();
+    assert_eq!(info["last_fetch"]["kind"], "sparse", "{info}");
+    assert_eq!(info["records"], now.len() as u64, "{info}");
+    // Unchanged subtrees and records were proven from the index, not fetched again.
+    let bytes = info["last_fetch"]["bytes"].as_u64().unwrap();
+    assert!(
+        bytes * 2 < backfill_bytes,
+        "resync {bytes} bytes, backfill {backfill_bytes}"
+    );
+    channel
+        .until(
+            "every event, replayed, to equal the PDS's wanted records",
+            |seen| replay(seen) == now,
+        )
+        .await;
+    // Only what changed came again: 120 unchanged records are not re-sent.
+    let resent = channel.seen[seen.len()..]
+        .iter()
+        .filter(|e| e.is_record() && e.path().starts_with("com.example.keep.a/n0"))
+        .count();
+    assert_eq!(resent, 2, "the delete of n005 and the update of n007");
+    tap.stop().await;
+    net.stop().await;
+}
+
+on_both_backends!(
+    an_incremental_filtered_resync_equals_what_the_pds_lists,
+    an_incremental_filtered_resync_equals_what_the_pds_lists
 );
