@@ -1,9 +1,11 @@
-//! Resync: fetch a whole repo from its PDS, verify it, diff it against the record index,
-//! emit historical events, then cut over to live processing atomically.
+//! Resync: fetch a repo from its PDS, verify it, diff it against the record index, emit
+//! historical events, then cut over to live processing atomically.
 //!
 //! A worker claims a repo (pending first, then desynchronized, then error repos whose
 //! retry time has come), fetches its key and PDS anew (its handle is checked apart, see
-//! `repos::handle_checks`), streams `getRepo` through the bounded-memory walker, and writes the diff
+//! `repos::handle_checks`), plans the fetch (`strategy`: skip an unchanged head, fetch what
+//! changed since tap's rev, fetch sparsely under filters, or stream the whole `getRepo`
+//! through the bounded-memory walker), and writes the diff
 //! in batches, each one transaction guarded by "the repo is still resyncing" (so a repo
 //! removed mid-resync gets nothing written). The cutover, under the repo's lock, replays
 //! the live commits buffered meanwhile and marks the repo active in the same breath.

@@ -72,7 +72,9 @@ pub fn plan(
         (_, None) => Fetch::Full,
     };
     FetchPlan {
-        ask_head: true,
+        // A sparse fetch starts from the head; otherwise it only tells whether a copy tap
+        // holds is current: a first whole download would pay a round trip for nothing.
+        ask_head: verified_copy || matches!(fetch, Fetch::Sparse { .. }),
         fetch,
     }
 }
@@ -143,14 +145,9 @@ mod tests {
                 assert_eq!(plan(strategy, posts(), true, held), full);
             }
         }
-        // Everything wanted: the whole repo the first time, what changed since after that.
-        assert_eq!(
-            plan(Auto, None, false, false),
-            FetchPlan {
-                ask_head: true,
-                fetch: Fetch::Full
-            }
-        );
+        // Everything wanted: the whole repo the first time (no head to compare with), what
+        // changed since after that.
+        assert_eq!(plan(Auto, None, false, false), full);
         assert_eq!(
             plan(Auto, None, false, true),
             FetchPlan {
