@@ -266,6 +266,7 @@ impl Engine {
             events: commit.events(did.as_str()),
             resync_buffer_delete: consumed_buffer,
             storage: EventStorage::Durable,
+            fetch: None,
         };
         match self.outbox.append(write).await {
             Ok(_) => Ok(true),

@@ -1,6 +1,6 @@
 //! The end of a resync: the live commits buffered meanwhile are replayed or dropped as
 //! [`Cutover`] decides, and the repo becomes active (or desynchronized again) in the same
-//! transaction as the last of them.
+//! transaction as the last of them, with a note of how the repo was fetched.
 
 use tap_atproto::syntax::{Did, Tid};
 
@@ -8,7 +8,7 @@ use super::ResyncError;
 use crate::repos::decide::{Cutover, CutoverStep};
 use crate::repos::engine::Engine;
 use crate::repos::prepared::Buffered;
-use crate::store::{RepoChange, RepoState, RepoWrite, Store, WriteCondition};
+use crate::store::{LastFetch, RepoChange, RepoState, RepoWrite, Store, WriteCondition};
 
 /// Buffered live commits read per page at the cutover.
 const CUTOVER_PAGE: usize = 500;
@@ -24,6 +24,7 @@ pub(super) async fn cut_over(
     did: &Did,
     snapshot_rev: &str,
     snapshot_data: &str,
+    fetch: LastFetch,
 ) -> Result<(), ResyncError> {
     let _guard = engine.locks().lock(did.as_str()).await;
     let mut plan = Cutover::new(snapshot_rev, snapshot_data);
@@ -84,6 +85,7 @@ pub(super) async fn cut_over(
         }
     };
     done.resync_buffer_delete = done_with;
+    done.fetch = Some(fetch);
     engine.outbox().append(done).await?;
     if stale {
         store.resync_wanted().notify_waiters();

@@ -32,6 +32,10 @@ pub(super) struct Snapshot<'a> {
     /// Emit unchanged records too (as creates): the rerun of an undelivered backfill.
     replay: bool,
     write: RepoWrite,
+    /// Record bytes of the current run of one collection, not yet in the ledger
+    /// (`collection`, bytes, wanted): records come in key order, so the ledger is told once
+    /// per collection instead of once per record.
+    tally: Option<(String, u64, bool)>,
 }
 
 impl<'a> Snapshot<'a> {
@@ -56,6 +60,24 @@ impl<'a> Snapshot<'a> {
             storage,
             replay,
             write: Self::empty_write(did, storage),
+            tally: None,
+        }
+    }
+
+    /// Counts a downloaded record's bytes towards the byte ledger.
+    fn tally(&mut self, collection: &str, bytes: u64, wanted: bool) {
+        match &mut self.tally {
+            Some((c, n, _)) if c == collection => *n += bytes,
+            _ => {
+                self.settle_tally();
+                self.tally = Some((collection.to_owned(), bytes, wanted));
+            }
+        }
+    }
+
+    fn settle_tally(&mut self) {
+        if let Some((collection, bytes, wanted)) = self.tally.take() {
+            self.engine.ledger().record(&collection, bytes, wanted);
         }
     }
 
@@ -116,9 +138,7 @@ impl<'a> Snapshot<'a> {
         };
         let wanted = self.engine.scope().wants_collection(collection);
         if let Some(bytes) = bytes {
-            self.engine
-                .ledger()
-                .record(collection, bytes.len() as u64, wanted);
+            self.tally(collection, bytes.len() as u64, wanted);
         }
         if !wanted {
             return Ok(());
@@ -332,6 +352,13 @@ impl<'a> Snapshot<'a> {
             self.delete_vanished_collections().await?;
         }
         self.flush().await
+    }
+}
+
+impl Drop for Snapshot<'_> {
+    /// Whatever became of the resync, the bytes were downloaded.
+    fn drop(&mut self) {
+        self.settle_tally();
     }
 }
 

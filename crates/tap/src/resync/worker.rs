@@ -214,9 +214,9 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
     if let (Some(head), Some(data)) = (&head, &repo.prev_data)
         && strategy::unchanged(repo, replay, head, &filters)
     {
-        note_fetch(store, did, FetchKind::Skipped, spent, &filters).await;
         // Buffered live commits still go through the cutover's checks.
-        cut_over(engine, store, did, head.rev.as_str(), data).await?;
+        let fetch = fetch_note(FetchKind::Skipped, spent, &filters);
+        cut_over(engine, store, did, head.rev.as_str(), data, fetch).await?;
         return Ok(0);
     }
 
@@ -255,9 +255,9 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
                     sink.record(&rev, path, cid, bytes.as_deref()).await?;
                 }
                 sink.finish().await?;
-                note_fetch(store, did, partial.kind, spent, &filters).await;
                 let data = snapshot.commit.data.to_string();
-                cut_over(engine, store, did, rev.as_str(), &data).await?;
+                let fetch = fetch_note(partial.kind, spent, &filters);
+                cut_over(engine, store, did, rev.as_str(), &data, fetch).await?;
                 return Ok(snapshot.records.len() as u64);
             }
             Err(SparseError::Fetch(e)) => return Err(e.into()),
@@ -294,15 +294,8 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
     sink.set_rev(&rev)?;
     let records = walker.records_emitted();
     sink.finish().await?;
-    note_fetch(
-        store,
-        did,
-        FetchKind::Full,
-        spent + body.bytes_read(),
-        &filters,
-    )
-    .await;
-    cut_over(engine, store, did, &rev, &data).await?;
+    let fetch = fetch_note(FetchKind::Full, spent + body.bytes_read(), &filters);
+    cut_over(engine, store, did, &rev, &data, fetch).await?;
     Ok(records)
 }
 
@@ -390,17 +383,14 @@ async fn known_keys(
     Ok(KnownKeys::new(entries).ok())
 }
 
-/// Records how the repo was fetched (for `/info/{did}`), before the cutover makes it
-/// active; a failure only costs that note.
-async fn note_fetch(store: &Store, did: &Did, kind: FetchKind, bytes: u64, filters: &str) {
+/// How the repo was fetched (noted on its row by the cutover, for `/info/{did}` and the
+/// next resync's plan), counted in the metrics now.
+fn fetch_note(kind: FetchKind, bytes: u64, filters: &str) -> LastFetch {
     metrics::counter!(t::RESYNC_FETCHES, "kind" => kind.as_str()).increment(1);
-    let fetch = LastFetch {
+    LastFetch {
         kind,
         bytes,
         at: now_unix(),
         filters: filters.to_owned(),
-    };
-    if let Err(error) = store.record_fetch(did.as_str(), fetch).await {
-        tracing::warn!(%did, %error, "Failed to note how the repo was fetched.");
     }
 }

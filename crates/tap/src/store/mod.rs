@@ -193,15 +193,6 @@ impl Store {
         dispatch!(self.record_collections(did.to_owned()))
     }
 
-    /// Notes how the repo was just fetched (shown by `/info/{did}`). A repo removed
-    /// meanwhile is left alone.
-    ///
-    /// # Errors
-    /// Database errors.
-    pub async fn record_fetch(&self, did: &str, fetch: LastFetch) -> Result<(), StoreError> {
-        dispatch!(self.record_fetch(did.to_owned(), fetch))
-    }
-
     /// Number of tracked repos.
     ///
     /// # Errors

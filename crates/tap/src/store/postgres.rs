@@ -14,8 +14,8 @@ use tokio_postgres::config::Host;
 use super::record_index::{self, FoundChunk, IndexStep, IndexWriter};
 use super::schema::{self, REPO_COLUMNS, StoredRepo};
 use super::{
-    BufferedCommit, CLAIM_ORDER, EventId, EventStorage, LastFetch, OutboxRow, RecordRow,
-    RepoChange, RepoRow, RepoState, RepoWrite, ResyncFailure, StoreError, Table, event_id, to_i64,
+    BufferedCommit, CLAIM_ORDER, EventId, EventStorage, OutboxRow, RecordRow, RepoChange, RepoRow,
+    RepoState, RepoWrite, ResyncFailure, StoreError, Table, event_id, to_i64,
 };
 
 /// Key of the advisory lock that serializes migrations of several processes starting at once.
@@ -230,30 +230,6 @@ impl PgStore {
             .map_err(pg(OP))?;
         let count: i64 = row.try_get(0).map_err(pg(OP))?;
         Ok(count.unsigned_abs())
-    }
-
-    pub(super) async fn record_fetch(
-        &self,
-        did: String,
-        fetch: LastFetch,
-    ) -> Result<(), StoreError> {
-        const OP: &str = "record_fetch";
-        let client = self.client(OP).await?;
-        client
-            .execute(
-                "UPDATE repos SET fetch_kind = $2, fetch_bytes = $3, fetched_at = $4, \
-                 fetch_filters = $5 WHERE did = $1",
-                &[
-                    &did,
-                    &fetch.kind.as_str(),
-                    &i64::try_from(fetch.bytes).unwrap_or(i64::MAX),
-                    &fetch.at,
-                    &fetch.filters,
-                ],
-            )
-            .await
-            .map_err(pg(OP))?;
-        Ok(())
     }
 
     pub(super) async fn record_collections(&self, did: String) -> Result<Vec<String>, StoreError> {
@@ -483,6 +459,21 @@ impl PgStore {
                     tx.execute(sql, &[&did]).await.map_err(pg(OP))?;
                 }
             }
+        }
+        if let Some(fetch) = &w.fetch {
+            tx.execute(
+                "UPDATE repos SET fetch_kind = $2, fetch_bytes = $3, fetched_at = $4, \
+                 fetch_filters = $5 WHERE did = $1",
+                &[
+                    &did,
+                    &fetch.kind.as_str(),
+                    &i64::try_from(fetch.bytes).unwrap_or(i64::MAX),
+                    &fetch.at,
+                    &fetch.filters,
+                ],
+            )
+            .await
+            .map_err(pg(OP))?;
         }
 
         let mut ids = Vec::new();

@@ -346,6 +346,9 @@ pub struct RepoWrite {
     pub resync_buffer_delete: Vec<i64>,
     /// Whether `events` are stored or only numbered (see [`EventStorage`]).
     pub storage: EventStorage,
+    /// How the resync this write ends fetched the repo, noted on its row (for
+    /// `/info/{did}` and the next resync's plan) in the same transaction.
+    pub fetch: Option<LastFetch>,
 }
 
 impl RepoWrite {
@@ -360,6 +363,7 @@ impl RepoWrite {
             events: Vec::new(),
             resync_buffer_delete: Vec::new(),
             storage: EventStorage::Durable,
+            fetch: None,
         }
     }
 }

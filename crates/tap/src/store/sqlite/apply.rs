@@ -219,6 +219,22 @@ pub(super) fn apply_in_tx(conn: &Connection, w: &RepoWrite) -> Result<Vec<EventI
             .and_then(|mut stmt| stmt.execute(args.as_slice()))
             .map_err(sq(OP))?;
     }
+    if let Some(fetch) = &w.fetch {
+        conn.prepare_cached(
+            "UPDATE repos SET fetch_kind = ?2, fetch_bytes = ?3, fetched_at = ?4, \
+             fetch_filters = ?5 WHERE did = ?1",
+        )
+        .and_then(|mut stmt| {
+            stmt.execute(params![
+                did,
+                fetch.kind.as_str(),
+                i64::try_from(fetch.bytes).unwrap_or(i64::MAX),
+                fetch.at,
+                fetch.filters
+            ])
+        })
+        .map_err(sq(OP))?;
+    }
 
     if w.storage == EventStorage::InMemoryBackfill {
         return number_in_memory_events(conn, w);

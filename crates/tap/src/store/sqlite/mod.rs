@@ -22,8 +22,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::record_index;
 use super::schema::REPO_COLUMNS;
 use super::{
-    BufferedCommit, CLAIM_ORDER, EventId, LastFetch, OutboxRow, RecordRow, RepoRow, RepoState,
-    RepoWrite, ResyncFailure, StoreError, Table, event_id, to_i64,
+    BufferedCommit, CLAIM_ORDER, EventId, OutboxRow, RecordRow, RepoRow, RepoState, RepoWrite,
+    ResyncFailure, StoreError, Table, event_id, to_i64,
 };
 
 use apply::{apply_in_tx, chunk_at_or_before, delete_repo, read_repo};
@@ -226,31 +226,6 @@ impl SqliteStore {
                 .and_then(|mut stmt| stmt.query_row([&did], |row| row.get(0)))
                 .map_err(sq("count_records_for"))?;
             Ok(count.unsigned_abs())
-        })
-        .await
-    }
-
-    pub(super) async fn record_fetch(
-        &self,
-        did: String,
-        fetch: LastFetch,
-    ) -> Result<(), StoreError> {
-        self.write(move |conn| {
-            conn.prepare_cached(
-                "UPDATE repos SET fetch_kind = ?2, fetch_bytes = ?3, fetched_at = ?4, \
-                 fetch_filters = ?5 WHERE did = ?1",
-            )
-            .and_then(|mut stmt| {
-                stmt.execute(params![
-                    did,
-                    fetch.kind.as_str(),
-                    i64::try_from(fetch.bytes).unwrap_or(i64::MAX),
-                    fetch.at,
-                    fetch.filters
-                ])
-            })
-            .map_err(sq("record_fetch"))?;
-            Ok(())
         })
         .await
     }
