@@ -400,19 +400,26 @@ impl App {
             failure: supervisor.subscribe(),
         };
         let auth = config.admin_password.clone().map(AdminAuth::new);
-        let api = api::router(state, auth);
+        let api = api::router(state, auth.clone());
 
         let mut servers = tokio::task::JoinSet::new();
         servers.spawn(serve("http", http, api, delivery_stop.clone()));
         if let Some(listener) = metrics {
             let handle = telemetry::metrics_handle();
-            let router = Router::new().route(
-                "/metrics",
-                get(move || {
-                    let handle = handle.clone();
-                    async move { handle.render() }
-                }),
-            );
+            // Metrics tell a lot about what tap holds: with an admin password set, they
+            // need it too (the Go tap's metrics server had no auth at all).
+            let router = Router::new()
+                .route(
+                    "/metrics",
+                    get(move || {
+                        let handle = handle.clone();
+                        async move { handle.render() }
+                    }),
+                )
+                .layer(axum::middleware::from_fn_with_state(
+                    auth,
+                    api::require_admin,
+                ));
             servers.spawn(serve("metrics", listener, router, delivery_stop.clone()));
         }
 

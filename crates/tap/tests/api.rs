@@ -266,6 +266,38 @@ async fn metrics_listener_serves_prometheus_text() {
     tap.stop().await;
 }
 
+#[tokio::test]
+async fn metrics_need_the_admin_password_when_one_is_set() {
+    let db = TestDb::new(common::Backend::Sqlite).await.unwrap();
+    let mut cfg = test_config(&db);
+    cfg.metrics_listen = Some("127.0.0.1:0".into());
+    cfg.admin_password = Some("s3cret".into());
+    let tap = TestTap::start(cfg).await;
+    let url = format!(
+        "http://{}/metrics",
+        tap.metrics_addr.expect("metrics listener bound")
+    );
+    let client = reqwest::Client::new();
+    let open = client.get(&url).send().await.unwrap();
+    assert_eq!(open.status(), StatusCode::UNAUTHORIZED);
+    let wrong = client
+        .get(&url)
+        .basic_auth("admin", Some("nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    let ok = client
+        .get(&url)
+        .basic_auth("admin", Some("s3cret"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    assert!(ok.text().await.unwrap().contains("tap_build_info"));
+    tap.stop().await;
+}
+
 async fn restart_keeps_repos(db: TestDb) {
     let tap = TestTap::start(test_config(&db)).await;
     post_json(&tap, "/repos/add", &json!({"dids": [ALICE, BOB]})).await;

@@ -584,9 +584,13 @@ async fn reusing_sparse_resyncs_emit_what_full_resyncs_emit_over_random_edit_his
     incremental_and_full_resyncs_agree(&["app.bsky.feed.post", "app.bsky.feed.like"], 3..6).await;
 }
 
-/// A diff that lies (`lie` sets it up, given the net and the new head): the repo gets a
-/// whole verified fetch in the same resync, and exactly the right events.
-async fn a_lying_diff_gets_a_whole_verified_fetch(n: u32, lie: impl FnOnce(&Net, &RepoBuilder)) {
+/// Five creates in a commit that does not chain, so the repo resyncs from a PDS that
+/// `prepare` sets up (given the net and the builder at the new head); the new records must
+/// arrive exactly. Returns the repo's `/info` after the resync, and the net.
+async fn resync_after_five_creates(
+    n: u32,
+    prepare: impl FnOnce(&Net, &RepoBuilder),
+) -> (Value, Net) {
     let db = TestDb::new(common::Backend::Sqlite).await.unwrap();
     let net = Net::start().await;
     let mut repo = RepoBuilder::with_records(did(n), TestKey::k256(u64::from(n)), n.into(), 500);
@@ -597,15 +601,26 @@ async fn a_lying_diff_gets_a_whole_verified_fetch(n: u32, lie: impl FnOnce(&Net,
     let frame = repo.wrong_prev_data_frame(&ops).unwrap();
     net.pds
         .set_repo(repo.did().as_str(), RepoReply::Car(repo.car_tree_order()));
-    lie(&net, &repo);
+    prepare(&net, &repo);
     net.relay.push_frame(1, frame);
     let info = wait_synced(&tap, &repo).await;
-    assert_eq!(info["last_fetch"]["kind"], "full", "{info}");
     let got = consumer.wait_records(before.len() + 5).await;
     let mut new = expected(&repo);
     new.retain(|path, _| !before.contains_key(path));
-    assert_eq!(paths_and_cids(&got[before.len()..]), new);
+    assert_eq!(
+        paths_and_cids(&got[before.len()..]),
+        new,
+        "exactly the new records"
+    );
     tap.stop().await;
+    (info, net)
+}
+
+/// A diff that lies (`lie` sets it up): the repo gets a whole verified fetch in the same
+/// resync, and exactly the right events.
+async fn a_lying_diff_gets_a_whole_verified_fetch(n: u32, lie: impl FnOnce(&Net, &RepoBuilder)) {
+    let (info, _) = resync_after_five_creates(n, lie).await;
+    assert_eq!(info["last_fetch"]["kind"], "full", "{info}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -629,24 +644,10 @@ async fn a_diff_with_a_block_that_does_not_hash_gets_a_whole_verified_fetch() {
 /// came back to an earlier shape): tap does not assume it, it fetches it by `getBlocks`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_left_out_of_a_diff_is_fetched_not_assumed() {
-    let db = TestDb::new(common::Backend::Sqlite).await.unwrap();
-    let net = Net::start().await;
-    let mut repo = RepoBuilder::with_records(did(42), TestKey::k256(42), 42, 500);
-    net.host(&repo, "omitted.test", repo.car_tree_order());
-    let (tap, consumer) = synced_tap(&net, &db, &repo).await;
-    let before = expected(&repo);
-    let ops = creates(&mut repo, 5);
-    let frame = repo.wrong_prev_data_frame(&ops).unwrap();
-    net.pds
-        .set_repo(repo.did().as_str(), RepoReply::Car(repo.car_tree_order()));
-    net.pds.omit_from_diffs(head(&repo).data);
-    net.relay.push_frame(1, frame);
-    let info = wait_synced(&tap, &repo).await;
+    let (info, net) = resync_after_five_creates(42, |net, repo| {
+        net.pds.omit_from_diffs(head(repo).data);
+    })
+    .await;
     assert_eq!(info["last_fetch"]["kind"], "since", "{info}");
     assert_eq!(net.pds.served(Endpoint::GetBlocks).requests, 1);
-    let got = consumer.wait_records(before.len() + 5).await;
-    let mut new = expected(&repo);
-    new.retain(|path, _| !before.contains_key(path));
-    assert_eq!(paths_and_cids(&got[before.len()..]), new);
-    tap.stop().await;
 }

@@ -453,6 +453,14 @@ mod tests {
         out
     }
 
+    /// The blocks of `all` that `old` lacks: what `getRepo?since=` returns.
+    fn new_blocks(all: &BlockMap, old: &BlockMap) -> BlockMap {
+        all.iter()
+            .filter(|(cid, _)| !old.contains_key(cid))
+            .map(|(c, b)| (*c, b.clone()))
+            .collect()
+    }
+
     /// Walks `root` over `diff`, reusing `known`, fetching what it asks for from `all`;
     /// returns the result, the nodes fetched, and every subtree it found changed.
     fn reuse_until_complete(
@@ -498,11 +506,7 @@ mod tests {
             };
             let (_, old_all) = tree(&keys);
             let (root, all) = versioned_tree(&edited(&keys, &edits));
-            let diff: BlockMap = all
-                .iter()
-                .filter(|(cid, _)| !old_all.contains_key(cid))
-                .map(|(c, b)| (*c, b.clone()))
-                .collect();
+            let diff = new_blocks(&all, &old_all);
             let known = known_of(&keys, &ranges);
             let (found, fetched, changed) = reuse_until_complete(&root, &ranges, &diff, &all, &known);
             let expected: Vec<(String, Cid)> = walk_tree_collect(&root, &all)
@@ -528,11 +532,7 @@ mod tests {
         let keys: std::collections::BTreeSet<(usize, u32)> = (0..400).map(|n| (2, n)).collect();
         let (_, old_all) = tree(&keys);
         let (root, all) = versioned_tree(&edited(&keys, &[((2, 100_000), false)]));
-        let mut diff: BlockMap = all
-            .iter()
-            .filter(|(cid, _)| !old_all.contains_key(cid))
-            .map(|(c, b)| (*c, b.clone()))
-            .collect();
+        let mut diff = new_blocks(&all, &old_all);
         assert!(diff.len() >= 2, "the edit changes a path of several nodes");
         let everything = [KeyRange::prefix(b"")];
         let withheld = *diff.keys().find(|c| **c != root).unwrap();

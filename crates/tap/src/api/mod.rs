@@ -19,7 +19,7 @@ use axum::{
 };
 use serde::Serialize;
 
-pub use auth::{AdminAuth, UNAUTHORIZED_BODY, basic_header};
+pub use auth::{AdminAuth, UNAUTHORIZED_BODY, basic_header, require_admin};
 
 use tokio_util::sync::CancellationToken;
 

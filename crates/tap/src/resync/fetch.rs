@@ -287,29 +287,12 @@ impl PdsClient {
         let texts: Vec<String> = cids.iter().map(ToString::to_string).collect();
         let mut query: Vec<(&str, &str)> = vec![("did", did.as_str())];
         query.extend(texts.iter().map(|c| ("cids", c.as_str())));
-        let (body, host) = self
-            .small(
-                pds,
-                GET_BLOCKS,
-                &query,
-                "application/vnd.ipld.car",
-                PdsCall::GetBlocks,
-                limit,
-            )
+        let answer = self
+            .car(pds, GET_BLOCKS, PdsCall::GetBlocks, &query, limit)
             .await?;
-        let bytes = body.len() as u64;
-        let limits = CarLimits {
-            max_total_bytes: limit,
-            ..CarLimits::repo()
-        };
-        let car = read_car(body, limits).map_err(|e| FetchError::Malformed {
-            method: GET_BLOCKS,
-            host,
-            reason: e.to_string(),
-        })?;
         Ok(Small {
-            value: car.blocks,
-            bytes,
+            value: answer.value.blocks,
+            bytes: answer.bytes,
         })
     }
 
@@ -327,15 +310,21 @@ impl PdsClient {
         limit: u64,
     ) -> Result<Small<Car>, FetchError> {
         let query = [("did", did.as_str()), ("since", since.as_str())];
+        self.car(pds, GET_REPO, PdsCall::GetRepo, &query, limit)
+            .await
+    }
+
+    /// A CAR answer of at most `limit` bytes, read whole, every block hash-checked.
+    async fn car(
+        &self,
+        pds: &Url,
+        method: &'static str,
+        call: PdsCall,
+        query: &[(&str, &str)],
+        limit: u64,
+    ) -> Result<Small<Car>, FetchError> {
         let (body, host) = self
-            .small(
-                pds,
-                GET_REPO,
-                &query,
-                "application/vnd.ipld.car",
-                PdsCall::GetRepo,
-                limit,
-            )
+            .small(pds, method, query, "application/vnd.ipld.car", call, limit)
             .await?;
         let bytes = body.len() as u64;
         let limits = CarLimits {
@@ -343,7 +332,7 @@ impl PdsClient {
             ..CarLimits::repo()
         };
         let car = read_car(body, limits).map_err(|e| FetchError::Malformed {
-            method: GET_REPO,
+            method,
             host,
             reason: e.to_string(),
         })?;
