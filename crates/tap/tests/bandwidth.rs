@@ -651,3 +651,36 @@ async fn a_node_left_out_of_a_diff_is_fetched_not_assumed() {
     assert_eq!(info["last_fetch"]["kind"], "since", "{info}");
     assert_eq!(net.pds.served(Endpoint::GetBlocks).requests, 1);
 }
+
+/// A PDS that answers with a commit older than the one tap verified (its diff does not
+/// chain onto tap's copy): refused, then the whole repo, which is just as old, is refused
+/// too; the repo ends in `error` with the reason and nothing is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_diff_whose_commit_is_older_than_taps_is_refused_and_delivers_nothing() {
+    let db = TestDb::new(common::Backend::Sqlite).await.unwrap();
+    let net = Net::start().await;
+    let mut repo = RepoBuilder::with_records(did(43), TestKey::k256(43), 43, 300);
+    let old_car = repo.car_tree_order();
+    net.host(&repo, "rollback.test", old_car.clone());
+    let (tap, consumer) = synced_tap(&net, &db, &repo).await;
+    let ops = creates(&mut repo, 3);
+    desync_with(&net, &mut repo, &ops, 1);
+    wait_synced(&tap, &repo).await;
+    let delivered = consumer.wait_records(repo.records().len()).await.len();
+
+    // The PDS rolls back to the first commit; a commit that does not chain sends tap to it.
+    net.pds
+        .set_repo(repo.did().as_str(), RepoReply::Car(old_car));
+    let ops = creates(&mut repo, 1);
+    net.relay
+        .push_frame(2, repo.wrong_prev_data_frame(&ops).unwrap());
+    let info = wait_state(&tap, repo.did(), "error").await;
+    assert!(info["error"].as_str().unwrap().contains("older"), "{info}");
+    assert_eq!(consumer.records().len(), delivered, "nothing delivered");
+    assert_eq!(
+        net.pds.served(Endpoint::GetRepo).requests,
+        4,
+        "full fallback too"
+    );
+    tap.stop().await;
+}
