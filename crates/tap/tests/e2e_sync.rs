@@ -499,8 +499,11 @@ async fn account_lifecycle_becomes_identity_events(db: TestDb) {
             .await;
         assert_eq!(identities(&channel), want, "after {command}");
         let handle = want[n - 1].0.clone();
-        wait_info(&url, &did, "the new handle, still active", |i| {
-            i.is_some_and(|i| i["handle"] == handle.as_str() && i["state"] == "active")
+        // `/info` shows the account status too, while the repo stays synced.
+        wait_info(&url, &did, "the new handle and status, still active", |i| {
+            i.is_some_and(|i| {
+                i["handle"] == handle.as_str() && i["state"] == "active" && i["status"] == status
+            })
         })
         .await;
     }

@@ -144,6 +144,9 @@ pub(super) async fn info(
         "did": repo.did,
         "handle": repo.handle.unwrap_or_default(),
         "state": repo.state.as_str(),
+        // The account's hosting status (active, takendown, deactivated, …), as indigo PR
+        // 1262 adds it.
+        "status": repo.status.as_str(),
         "rev": repo.rev.as_ref().map_or("", Tid::as_str),
         "error": repo.error,
         "retries": repo.retry_count,
