@@ -127,7 +127,13 @@ fn every_boolean_setting_defaults_to_false_and_every_env_is_tap_prefixed_or_a_kn
         );
         for alias in &s.envs[1..] {
             assert!(
-                ["ATP_PLC_HOST", "RELAY_IDENT_CACHE_SIZE", "LOG_LEVEL"].contains(alias),
+                [
+                    "ATP_PLC_HOST",
+                    "RELAY_IDENT_CACHE_SIZE",
+                    "LOG_LEVEL",
+                    "TAP_SIGNAL_COLLECTIONS"
+                ]
+                .contains(alias),
                 "unexpected alias {alias}"
             );
         }

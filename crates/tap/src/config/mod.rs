@@ -305,9 +305,12 @@ fn arg_for(s: &'static Setting) -> Arg {
     } else {
         format!(" [default: {}]", s.default)
     };
-    let arg = Arg::new(s.flag)
+    let mut arg = Arg::new(s.flag)
         .long(s.flag)
         .help(format!("{}{default} [env: {envs}]", s.help));
+    if !s.flag_alias.is_empty() {
+        arg = arg.visible_alias(s.flag_alias);
+    }
     match s.kind {
         Kind::Value => arg.value_name("VALUE").action(ArgAction::Set),
         // Go flags: `--x` means true, `--x=false` works, `--x false` does not consume `false`.

@@ -20,6 +20,8 @@ pub enum Kind {
 pub struct Setting {
     /// Long flag name without dashes; also the clap id.
     pub flag: &'static str,
+    /// Another accepted spelling of the flag (`""`: none).
+    pub flag_alias: &'static str,
     /// Environment variables, in precedence order. The first is the documented one.
     pub envs: &'static [&'static str],
     /// Default as the user would write it; `""` means "unset".
@@ -46,6 +48,7 @@ const fn value(
 ) -> Setting {
     Setting {
         flag,
+        flag_alias: "",
         envs,
         default,
         kind: Kind::Value,
@@ -58,12 +61,22 @@ const fn value(
 const fn boolean(flag: &'static str, envs: &'static [&'static str], help: &'static str) -> Setting {
     Setting {
         flag,
+        flag_alias: "",
         envs,
         default: "false",
         kind: Kind::Bool,
         help,
         extension: false,
         ignored: false,
+    }
+}
+
+/// `setting`, also accepted as `--<alias>` (the plural that indigo's runtime-filters work
+/// uses for the signal collections).
+const fn with_alias(setting: Setting, alias: &'static str) -> Setting {
+    Setting {
+        flag_alias: alias,
+        ..setting
     }
 }
 
@@ -119,6 +132,7 @@ pub const SETTINGS: &[Setting] = &[
     ),
     Setting {
         flag: "outbox-parallelism",
+        flag_alias: "",
         envs: &["TAP_OUTBOX_PARALLELISM"],
         default: "1",
         kind: Kind::Value,
@@ -151,6 +165,7 @@ pub const SETTINGS: &[Setting] = &[
     ),
     Setting {
         flag: "handle-resolver-url",
+        flag_alias: "",
         envs: &["TAP_HANDLE_RESOLVER_URL"],
         default: "",
         kind: Kind::Value,
@@ -169,11 +184,14 @@ pub const SETTINGS: &[Setting] = &[
         &["TAP_FULL_NETWORK"],
         "track every repo on the network",
     ),
-    value(
-        "signal-collection",
-        &["TAP_SIGNAL_COLLECTION"],
-        "",
-        "track every repo with at least one record in this collection (comma-separated for several)",
+    with_alias(
+        value(
+            "signal-collection",
+            &["TAP_SIGNAL_COLLECTION", "TAP_SIGNAL_COLLECTIONS"],
+            "",
+            "track every repo with at least one record in this collection (comma-separated for several)",
+        ),
+        "signal-collections",
     ),
     boolean(
         "disable-acks",
@@ -188,6 +206,7 @@ pub const SETTINGS: &[Setting] = &[
     ),
     Setting {
         flag: "allow-private-network",
+        flag_alias: "",
         envs: &["TAP_ALLOW_PRIVATE_NETWORK"],
         default: "false",
         kind: Kind::Bool,
@@ -197,6 +216,7 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting {
         flag: "fetch-strategy",
+        flag_alias: "",
         envs: &["TAP_FETCH_STRATEGY"],
         default: "auto",
         kind: Kind::Value,
@@ -206,6 +226,7 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting {
         flag: "max-repo-bytes",
+        flag_alias: "",
         envs: &["TAP_MAX_REPO_BYTES"],
         default: "4294967296",
         kind: Kind::Value,
@@ -215,6 +236,7 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting {
         flag: "webhook-parallelism",
+        flag_alias: "",
         envs: &["TAP_WEBHOOK_PARALLELISM"],
         default: "16",
         kind: Kind::Value,
@@ -224,6 +246,7 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting {
         flag: "webhook-secret",
+        flag_alias: "",
         envs: &["TAP_WEBHOOK_SECRET"],
         default: "",
         kind: Kind::Value,
@@ -233,6 +256,7 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting {
         flag: "channel-timeout",
+        flag_alias: "",
         envs: &["TAP_CHANNEL_TIMEOUT"],
         default: "30s",
         kind: Kind::Value,
@@ -242,6 +266,7 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting {
         flag: "durable-backfill-events",
+        flag_alias: "",
         envs: &["TAP_DURABLE_BACKFILL_EVENTS"],
         default: "false",
         kind: Kind::Bool,
@@ -251,6 +276,7 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting {
         flag: "collection-filters",
+        flag_alias: "",
         envs: &["TAP_COLLECTION_FILTERS"],
         default: "",
         kind: Kind::List,

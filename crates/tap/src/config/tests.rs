@@ -218,6 +218,11 @@ fn signal_collections_accept_one_or_several_nsids() {
     assert!(matches!(cfg.scope, TrackingScope::SignalCollections(ref v) if v.len() == 2));
     let e = invalid_flag(&["--signal-collection=not-an-nsid"], &[]);
     assert_eq!(e.flag, "signal-collection");
+    // The plural spellings of indigo's runtime-filters work are aliases.
+    let cfg = run(&["--signal-collections", "com.a.b,com.c.d"], &[]).unwrap();
+    assert!(matches!(cfg.scope, TrackingScope::SignalCollections(ref v) if v.len() == 2));
+    let cfg = run(&[], &[("TAP_SIGNAL_COLLECTIONS", "com.a.b")]).unwrap();
+    assert!(matches!(cfg.scope, TrackingScope::SignalCollections(ref v) if v.len() == 1));
 }
 
 #[test]
