@@ -26,6 +26,7 @@ pub mod delivery;
 pub mod error;
 pub mod failpoint;
 pub mod firehose;
+pub mod healthcheck;
 pub mod identity;
 pub mod ledger;
 pub mod netguard;

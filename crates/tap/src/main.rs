@@ -1,8 +1,9 @@
-//! The `tap` binary: command line → [`tap::Config`] → [`tap::App`]; nothing else.
+//! The `tap` binary: command line → [`tap::Config`] → [`tap::App`], or the one-shot
+//! `tap healthcheck`; nothing else.
 
 use std::process::ExitCode;
 
-use tap::config::{self, CliError, Environment, Invocation};
+use tap::config::{self, CliError, Environment, Healthcheck, Invocation};
 
 fn main() -> ExitCode {
     let env = Environment::from_process_and_dotenv();
@@ -12,6 +13,7 @@ fn main() -> ExitCode {
             print!("{help}");
             return ExitCode::SUCCESS;
         }
+        Ok(Invocation::Healthcheck(check)) => return healthcheck(&check),
         Err(CliError::Clap(e)) => e.exit(),
         Err(CliError::Invalid(e)) => {
             eprintln!("tap: {e}");
@@ -39,6 +41,22 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "Tap failed.");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `tap healthcheck`: 0 when healthy, 1 with the reason on stderr otherwise.
+fn healthcheck(check: &Healthcheck) -> ExitCode {
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+        .and_then(|rt| rt.block_on(tap::healthcheck::run(check)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(reason) => {
+            eprintln!("tap healthcheck: {reason}");
             ExitCode::FAILURE
         }
     }

@@ -182,6 +182,57 @@ fn default_run_creates_tap_db_and_stops_cleanly_on_sigterm() {
     assert!(rx.iter().any(|l| l.contains("Tap stopped.")));
 }
 
+/// A `tap run` child on a free loopback port in `dir`, and the address it bound.
+fn start_tap(dir: &std::path::Path, extra: &[&str]) -> (Child, String) {
+    let mut child = tap()
+        .args(["run", "--bind=127.0.0.1:0"])
+        .args(extra)
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
+    let started = lines
+        .find(|l| l.contains("Starting tap."))
+        .expect("start-up log line");
+    // Keep draining the log so tap never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    let log: serde_json::Value = serde_json::from_str(&started).expect("logs are JSON");
+    (child, log["addr"].as_str().unwrap().to_owned())
+}
+
+#[test]
+fn healthcheck_exits_zero_for_a_healthy_tap_and_one_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = start_tap(dir.path(), &["--admin-password=s3cret"]);
+    let url = format!("--url=http://{addr}");
+    let check = |extra: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = tap();
+        cmd.arg("healthcheck").arg(&url).args(extra);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        run_to_exit(&mut cmd)
+    };
+
+    let healthy = check(&["--admin-password=s3cret"], &[]);
+    assert!(healthy.status.success(), "{:?}", lines(&healthy));
+    let from_env = check(&[], &[("TAP_ADMIN_PASSWORD", "s3cret")]);
+    assert!(from_env.status.success(), "{:?}", lines(&from_env));
+
+    let wrong = check(&["--admin-password=nope"], &[]);
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(lines(&wrong)[0].contains("401"), "{:?}", lines(&wrong));
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let gone = check(&["--admin-password=s3cret", "--timeout=2s"], &[]);
+    assert_eq!(gone.status.code(), Some(1));
+    assert!(lines(&gone)[0].contains("no answer"), "{:?}", lines(&gone));
+}
+
 mod reqwest {
     /// A tiny blocking GET over a fresh runtime (the test itself is synchronous).
     pub fn blocking_get(url: &str) -> String {

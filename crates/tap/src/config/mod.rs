@@ -215,8 +215,22 @@ impl Config {
 pub enum Invocation {
     /// `tap run …`.
     Run(Box<Config>),
+    /// `tap healthcheck …`.
+    Healthcheck(Healthcheck),
     /// `tap` with no subcommand: print this help and exit successfully.
     Help(String),
+}
+
+/// `tap healthcheck`: ask a running tap's `/health`, for container health checks in images
+/// without curl.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Healthcheck {
+    /// The tap to ask (`--url`).
+    pub url: Url,
+    /// Its admin password (`--admin-password`, `TAP_ADMIN_PASSWORD`).
+    pub admin_password: Option<String>,
+    /// How long to wait for the answer (`--timeout`).
+    pub timeout: Duration,
 }
 
 /// Why the command line could not be turned into an [`Invocation`].
@@ -283,19 +297,65 @@ impl Environment {
     }
 }
 
-/// The clap command tree: `tap` with the `run` subcommand, built from [`SETTINGS`].
+/// The clap command tree: `tap` with the `run` subcommand, built from [`SETTINGS`], and
+/// `healthcheck`.
 #[must_use]
 pub fn command() -> Command {
     let run = SETTINGS.iter().fold(
         Command::new("run").about("start the tap server"),
         |cmd, s| cmd.arg(arg_for(s)),
     );
+    let healthcheck = Command::new("healthcheck")
+        .about("exit 0 when a running tap's /health answers ok in time, 1 otherwise")
+        .arg(
+            Arg::new("url")
+                .long("url")
+                .value_name("URL")
+                .default_value("http://127.0.0.1:2480")
+                .help("the tap to ask"),
+        )
+        .arg(
+            Arg::new("admin-password")
+                .long("admin-password")
+                .value_name("PASSWORD")
+                .help("its admin password [env: TAP_ADMIN_PASSWORD]"),
+        )
+        .arg(
+            Arg::new("timeout")
+                .long("timeout")
+                .value_name("DURATION")
+                .default_value("5s")
+                .help("how long to wait for the answer"),
+        );
     Command::new("tap")
         .about(
             "tap: sync a slice of the AT Protocol network, verified, with at-least-once delivery",
         )
         .version(env!("CARGO_PKG_VERSION"))
         .subcommand(run)
+        .subcommand(healthcheck)
+}
+
+fn healthcheck(matches: &ArgMatches, env: &Environment) -> Result<Healthcheck, CliError> {
+    let text = |id: &str| matches.get_one::<String>(id).cloned().unwrap_or_default();
+    let invalid = |flag: &'static str, message: String| {
+        CliError::Invalid(ConfigError {
+            flag,
+            env: "",
+            message,
+        })
+    };
+    let url = Url::parse(&text("url")).map_err(|e| invalid("url", e.to_string()))?;
+    let timeout = goparse::parse_duration(&text("timeout")).map_err(|e| invalid("timeout", e))?;
+    let admin_password = matches
+        .get_one::<String>("admin-password")
+        .cloned()
+        .or_else(|| env.get("TAP_ADMIN_PASSWORD").map(str::to_owned));
+    Ok(Healthcheck {
+        url,
+        admin_password,
+        timeout,
+    })
 }
 
 fn arg_for(s: &'static Setting) -> Arg {
@@ -340,6 +400,7 @@ where
             let values = ResolvedValues::resolve(run, env);
             Ok(Invocation::Run(Box::new(Config::from_values(&values)?)))
         }
+        Some(("healthcheck", m)) => Ok(Invocation::Healthcheck(healthcheck(m, env)?)),
         _ => Ok(Invocation::Help(cmd.render_help().to_string())),
     }
 }
