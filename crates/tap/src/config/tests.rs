@@ -5,7 +5,37 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> Result<Config, CliError> {
     argv.extend_from_slice(args);
     match parse(argv, &Environment::from_pairs(env.iter().copied()))? {
         Invocation::Run(cfg) => Ok(*cfg),
-        Invocation::Help(_) => panic!("expected run"),
+        other => panic!("expected run, got {other:?}"),
+    }
+}
+
+#[test]
+fn healthcheck_takes_its_url_password_and_timeout_from_flags_or_the_environment() {
+    let env = Environment::from_pairs([("TAP_ADMIN_PASSWORD", "from-env")]);
+    let Invocation::Healthcheck(check) = parse(["tap", "healthcheck"], &env).unwrap() else {
+        panic!("expected healthcheck")
+    };
+    assert_eq!(check.url.as_str(), "http://127.0.0.1:2480/");
+    assert_eq!(check.admin_password.as_deref(), Some("from-env"));
+    assert_eq!(check.timeout, Duration::from_secs(5));
+    let args = [
+        "tap",
+        "healthcheck",
+        "--url=http://10.0.0.7:9000",
+        "--admin-password=flag",
+        "--timeout=500ms",
+    ];
+    let Invocation::Healthcheck(check) = parse(args, &env).unwrap() else {
+        panic!("expected healthcheck")
+    };
+    assert_eq!(check.url.as_str(), "http://10.0.0.7:9000/");
+    assert_eq!(check.admin_password.as_deref(), Some("flag"));
+    assert_eq!(check.timeout, Duration::from_millis(500));
+    for bad in ["--url=not a url", "--timeout=soon"] {
+        assert!(matches!(
+            parse(["tap", "healthcheck", bad], &env),
+            Err(CliError::Invalid(_))
+        ));
     }
 }
 
