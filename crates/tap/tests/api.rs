@@ -55,7 +55,7 @@ async fn add_info_stats_remove(db: TestDb) {
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(
         body_json(resp).await,
-        json!({"did": ALICE, "handle": "", "state": "pending", "rev": "", "error": "", "retries": 0, "records": 0})
+        json!({"did": ALICE, "handle": "", "state": "pending", "status": "active", "rev": "", "error": "", "retries": 0, "records": 0})
     );
 
     let stats = [
