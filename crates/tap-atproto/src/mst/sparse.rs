@@ -410,23 +410,26 @@ mod tests {
             let ranges: Vec<KeyRange> =
                 wanted.iter().map(|c| KeyRange::collection(COLLECTIONS[*c])).collect();
             let (found, fetched) = fetch_until_complete(&root, &ranges, &all);
-            let expected: Vec<(String, Cid)> = walk_tree_collect(&root, &all)
-                .unwrap()
-                .into_iter()
-                .filter(|(k, _)| ranges.iter().any(|r| r.contains(k.as_bytes())))
-                .collect();
+            let expected = wanted_keys(&root, &all, &ranges);
             prop_assert_eq!(found, expected);
             prop_assert!(fetched <= all.len());
         }
     }
 
-    /// The keys of `keys` inside `ranges`, as a client that synced that tree holds them.
-    fn known_of(keys: &std::collections::BTreeSet<(usize, u32)>, ranges: &[KeyRange]) -> KnownKeys {
-        let (root, all) = tree(keys);
-        let entries = walk_tree_collect(&root, &all)
+    /// Every key of the tree at `root` inside `ranges`, by a full walk.
+    fn wanted_keys(root: &Cid, all: &BlockMap, ranges: &[KeyRange]) -> Vec<(String, Cid)> {
+        walk_tree_collect(root, all)
             .unwrap()
             .into_iter()
             .filter(|(k, _)| ranges.iter().any(|r| r.contains(k.as_bytes())))
+            .collect()
+    }
+
+    /// The keys of `keys` inside `ranges`, as a client that synced that tree holds them.
+    fn known_of(keys: &std::collections::BTreeSet<(usize, u32)>, ranges: &[KeyRange]) -> KnownKeys {
+        let (root, all) = tree(keys);
+        let entries = wanted_keys(&root, &all, ranges)
+            .into_iter()
             .map(|(k, v)| (k.into_bytes(), v))
             .collect();
         KnownKeys::new(entries).unwrap()
@@ -509,11 +512,7 @@ mod tests {
             let diff = new_blocks(&all, &old_all);
             let known = known_of(&keys, &ranges);
             let (found, fetched, changed) = reuse_until_complete(&root, &ranges, &diff, &all, &known);
-            let expected: Vec<(String, Cid)> = walk_tree_collect(&root, &all)
-                .unwrap()
-                .into_iter()
-                .filter(|(k, _)| ranges.iter().any(|r| r.contains(k.as_bytes())))
-                .collect();
+            let expected = wanted_keys(&root, &all, &ranges);
             prop_assert_eq!(found, expected);
             // A node an honest diff leaves out is one the old tree had too, somewhere (a
             // tree that shrank back to an old subtree); with every collection wanted those
