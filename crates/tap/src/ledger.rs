@@ -106,8 +106,7 @@ struct Bounded<T> {
 
 impl<T: Default> Bounded<T> {
     fn row(&mut self, name: &str) -> &mut T {
-        // Looked up by `&str` first: the name is copied only the first time it is seen (this
-        // runs for every record downloaded).
+        // Looked up by `&str` first: the name is copied only the first time it is seen.
         if !self.rows.contains_key(name) {
             if self.rows.len() >= MAX_TRACKED {
                 return &mut self.other;

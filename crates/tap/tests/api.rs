@@ -278,21 +278,20 @@ async fn metrics_need_the_admin_password_when_one_is_set() {
         tap.metrics_addr.expect("metrics listener bound")
     );
     let client = reqwest::Client::new();
-    let open = client.get(&url).send().await.unwrap();
-    assert_eq!(open.status(), StatusCode::UNAUTHORIZED);
-    let wrong = client
-        .get(&url)
-        .basic_auth("admin", Some("nope"))
-        .send()
-        .await
-        .unwrap();
+    let fetch = |password: Option<&'static str>| {
+        let mut request = client.get(&url);
+        if let Some(password) = password {
+            request = request.basic_auth("admin", Some(password));
+        }
+        request.send()
+    };
+    assert_eq!(
+        fetch(None).await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let wrong = fetch(Some("nope")).await.unwrap();
     assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
-    let ok = client
-        .get(&url)
-        .basic_auth("admin", Some("s3cret"))
-        .send()
-        .await
-        .unwrap();
+    let ok = fetch(Some("s3cret")).await.unwrap();
     assert_eq!(ok.status(), StatusCode::OK);
     assert!(ok.text().await.unwrap().contains("tap_build_info"));
     tap.stop().await;

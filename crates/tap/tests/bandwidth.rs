@@ -162,9 +162,7 @@ async fn an_unchanged_repo_is_not_downloaded_again() {
     net.host(&repo, "carol.test", repo.car_tree_order());
     let tap = TestTap::start(net.config(&db)).await;
     let consumer = Consumer::connect(&tap).await;
-    add(&tap, repo.did()).await;
-    consumer.wait_records(repo.records().len()).await;
-    wait_state(&tap, repo.did(), "active").await;
+    sync_support::backfill(&tap, &consumer, &repo).await;
     assert_eq!(net.pds.served(Endpoint::GetRepo).requests, 1);
 
     // A commit that does not chain desynchronizes the repo; the PDS's head is still the
@@ -443,9 +441,7 @@ async fn wait_synced(tap: &TestTap, repo: &RepoBuilder) -> Value {
 async fn synced_tap(net: &Net, db: &TestDb, repo: &RepoBuilder) -> (TestTap, Consumer) {
     let tap = TestTap::start(net.config(db)).await;
     let consumer = Consumer::connect(&tap).await;
-    add(&tap, repo.did()).await;
-    consumer.wait_records(repo.records().len()).await;
-    wait_state(&tap, repo.did(), "active").await;
+    sync_support::backfill(&tap, &consumer, repo).await;
     (tap, consumer)
 }
 

@@ -9,7 +9,7 @@ mod sync_support;
 use common::{Backend, TestDb, TestTap};
 use tap_testkit::repo_builder::{RepoBuilder, TestKey};
 
-use sync_support::{Consumer, Net, add, did, wait_for, wait_state};
+use sync_support::{Consumer, Net, add, did, wait_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pds_at_a_non_public_address_is_refused_without_the_flag() {
@@ -63,8 +63,6 @@ async fn with_the_flag_a_loopback_pds_is_fetched() {
     cfg.allow_private_network = true;
     let tap = TestTap::start(cfg).await;
     let consumer = Consumer::connect(&tap).await;
-    add(&tap, repo.did()).await;
-    consumer.wait_records(repo.records().len()).await;
-    wait_state(&tap, repo.did(), "active").await;
+    sync_support::backfill(&tap, &consumer, &repo).await;
     tap.stop().await;
 }

@@ -24,9 +24,7 @@ async fn backfill_once(net: &Net, db: &TestDb, repo: &RepoBuilder) {
     cfg.durable_backfill_events = true;
     let tap = TestTap::start(cfg).await;
     let consumer = Consumer::connect(&tap).await;
-    add(&tap, repo.did()).await;
-    consumer.wait_records(repo.records().len()).await;
-    wait_state(&tap, repo.did(), "active").await;
+    sync_support::backfill(&tap, &consumer, repo).await;
     wait_for("every backfill event acked and deleted", || async {
         (tap.store.outbox_count().await.unwrap() == 0).then_some(())
     })

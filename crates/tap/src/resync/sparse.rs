@@ -84,23 +84,36 @@ impl Cost {
     }
 }
 
-/// Fetches the parts of `did`'s repo under `ranges`, from `start`. With `known` (the record
-/// index of a copy tap verified under the same filters), subtrees and records it proves
-/// unchanged are not fetched.
+/// What a partial fetch asks for.
+#[derive(Debug)]
+pub struct Partial {
+    /// Where it starts.
+    pub start: Start,
+    /// The wanted key ranges.
+    pub ranges: Vec<KeyRange>,
+    /// The record index of a copy tap verified under the same filters, when the fetch may
+    /// rely on it: subtrees and records it proves unchanged are not fetched.
+    pub known: Option<KnownKeys>,
+}
+
+/// Fetches the parts of `did`'s repo that `partial` asks for.
 ///
 /// # Errors
 /// [`SparseError`]; `cost` holds what was downloaded whatever the outcome.
-#[allow(clippy::too_many_arguments)] // one call site; the parts are unrelated
 pub async fn fetch(
     pds: &PdsClient,
     pds_url: &Url,
     did: &Did,
     key: &PublicKey,
-    start: Start,
-    ranges: &[KeyRange],
-    known: Option<&KnownKeys>,
+    partial: &Partial,
     cost: &mut Cost,
 ) -> Result<SparseRepo, SparseError> {
+    let Partial {
+        start,
+        ranges,
+        known,
+    } = partial;
+    let (start, known) = (*start, known.as_ref());
     let mut have = BlockMap::default();
     let head = match start {
         Start::Head(head) => head.cid,

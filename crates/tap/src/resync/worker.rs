@@ -14,7 +14,7 @@ use super::cutover::cut_over;
 use super::fetch::LatestCommit;
 use super::fetch::{FetchError, PdsClient};
 use super::snapshot::Snapshot;
-use super::sparse::{self, SparseError, Start};
+use super::sparse::{self, Partial, SparseError, Start};
 use super::strategy::{self, Fetch};
 use super::{IDLE_POLL, ResyncError, ResyncSettings, WALK_MEMORY_BUDGET};
 use crate::repos::engine::Engine;
@@ -221,22 +221,13 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
     }
 
     let mut sink = Snapshot::new(engine, store, did, repo.rev, storage, replay);
-    if let Some(partial) = partial_fetch(store, repo, head, plan.fetch).await? {
+    if let Some((partial, kind)) = partial_fetch(store, repo, head, plan.fetch).await? {
         let mut cost = sparse::Cost::within(settings.max_repo_bytes);
         // One budget for the whole fetch, as for a full one: many slow calls must not hold
         // a worker longer than one slow `getRepo` could.
         let fetched = tokio::time::timeout(
             settings.fetch_timeout,
-            sparse::fetch(
-                pds,
-                &pds_url,
-                did,
-                &key,
-                partial.start,
-                &partial.ranges,
-                partial.known.as_ref(),
-                &mut cost,
-            ),
+            sparse::fetch(pds, &pds_url, did, &key, &partial, &mut cost),
         )
         .await
         .unwrap_or_else(|_| {
@@ -256,16 +247,15 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
                 }
                 sink.finish().await?;
                 let data = snapshot.commit.data.to_string();
-                let fetch = fetch_note(partial.kind, spent, &filters);
+                let fetch = fetch_note(kind, spent, &filters);
                 cut_over(engine, store, did, rev.as_str(), &data, fetch).await?;
                 return Ok(snapshot.records.len() as u64);
             }
             Err(SparseError::Fetch(e)) => return Err(e.into()),
             // Nothing was handed on: the whole repo, verified as always, decides.
             Err(refused) => {
-                metrics::counter!(t::SPARSE_FALLBACKS, "kind" => partial.kind.as_str())
-                    .increment(1);
-                tracing::warn!(%did, kind = partial.kind.as_str(), reason = %refused,
+                metrics::counter!(t::SPARSE_FALLBACKS, "kind" => kind.as_str()).increment(1);
+                tracing::warn!(%did, kind = kind.as_str(), reason = %refused,
                     "Partial fetch refused; fetching the whole repo.");
             }
         }
@@ -299,24 +289,15 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
     Ok(records)
 }
 
-/// A fetch of less than the whole repo, ready to run.
-struct PartialFetch {
-    start: Start,
-    ranges: Vec<KeyRange>,
-    /// The record index, when the fetch may rely on it.
-    known: Option<KnownKeys>,
-    kind: FetchKind,
-}
-
-/// Turns the plan into a partial fetch, reading the record index when the fetch may rely
-/// on it; `None`: fetch the whole repo (no head was learned, the plan says so, or an
-/// incremental fetch has no usable index).
+/// Turns the plan into a partial fetch and the kind it will be noted as, reading the
+/// record index when the fetch may rely on it; `None`: fetch the whole repo (no head was
+/// learned, the plan says so, or an incremental fetch has no usable index).
 async fn partial_fetch(
     store: &Store,
     repo: &RepoRow,
     head: Option<LatestCommit>,
     fetch: Fetch,
-) -> Result<Option<PartialFetch>, ResyncError> {
+) -> Result<Option<(Partial, FetchKind)>, ResyncError> {
     let Some(head) = head else {
         return Ok(None);
     };
@@ -340,12 +321,12 @@ async fn partial_fetch(
     if kind == FetchKind::Since && known.is_none() {
         return Ok(None); // a diff cannot be checked without the index
     }
-    Ok(Some(PartialFetch {
+    let partial = Partial {
         start,
         ranges,
         known,
-        kind,
-    }))
+    };
+    Ok(Some((partial, kind)))
 }
 
 /// The record index of `did` inside `ranges`, for an incremental fetch to rely on; `None`

@@ -152,6 +152,13 @@ pub async fn add(tap: &TestTap, did: &Did) {
     assert_eq!(resp.status(), 200);
 }
 
+/// Adds `repo` and waits until `consumer` has every record of it and the repo is active.
+pub async fn backfill(tap: &TestTap, consumer: &Consumer, repo: &RepoBuilder) {
+    add(tap, repo.did()).await;
+    consumer.wait_records(repo.records().len()).await;
+    wait_state(tap, repo.did(), "active").await;
+}
+
 pub async fn info(tap: &TestTap, did: &Did) -> Value {
     reqwest::get(tap.url(&format!("/info/{did}")))
         .await
