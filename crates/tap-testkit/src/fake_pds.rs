@@ -10,7 +10,9 @@ use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
+
+use crate::lock;
 use std::time::Duration;
 
 use axum::Router;
@@ -105,7 +107,7 @@ struct Shared {
 
 impl Shared {
     fn count(&self, endpoint: Endpoint, bytes: usize) {
-        let mut served = self.served.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut served = lock(&self.served);
         let entry = served.entry(endpoint).or_default();
         entry.requests += 1;
         entry.bytes += bytes as u64;
@@ -113,16 +115,11 @@ impl Shared {
 
     /// The repo's blocks, read from its CAR the first time a block-level call needs them.
     fn parsed(&self, did: &str) -> Option<Arc<Parsed>> {
-        let mut cache = self.parsed.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut cache = lock(&self.parsed);
         if let Some(known) = cache.get(did) {
             return known.clone();
         }
-        let car = match self
-            .replies
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(did)
-        {
+        let car = match lock(&self.replies).get(did) {
             Some(Serving::Car(car)) => car.clone(),
             _ => return None,
         };
@@ -132,10 +129,7 @@ impl Shared {
     }
 
     fn is_unsupported(&self, endpoint: Endpoint) -> bool {
-        self.unsupported
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(&endpoint)
+        lock(&self.unsupported).contains(&endpoint)
     }
 }
 
@@ -199,10 +193,7 @@ impl FakePds {
         let serving = match reply {
             RepoReply::Car(bytes) => {
                 let bytes = Bytes::from(bytes);
-                self.shared
-                    .history
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
+                lock(&self.shared.history)
                     .entry(did.to_owned())
                     .or_default()
                     .push(bytes.clone());
@@ -210,55 +201,31 @@ impl FakePds {
             }
             other => Serving::Other(other),
         };
-        self.shared
-            .replies
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(did.to_owned(), serving);
-        self.shared
-            .parsed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(did);
+        lock(&self.shared.replies).insert(did.to_owned(), serving);
+        lock(&self.shared.parsed).remove(did);
     }
 
     /// Answers `endpoint` with 501 `MethodNotImplemented` from now on.
     pub fn set_unsupported(&self, endpoint: Endpoint) {
-        self.shared
-            .unsupported
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(endpoint);
+        lock(&self.shared.unsupported).insert(endpoint);
     }
 
     /// Leaves `cid` out of every `getBlocks` and `getRepo?since=` answer (a PDS that lies by
     /// omission).
     pub fn withhold_block(&self, cid: Cid) {
-        self.shared
-            .withheld
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(cid);
+        lock(&self.shared.withheld).insert(cid);
     }
 
     /// Leaves `cid` out of every `getRepo?since=` answer but still serves it through
     /// `getBlocks`, as an honest PDS does for a block it wrote before `since`.
     pub fn omit_from_diffs(&self, cid: Cid) {
-        self.shared
-            .omitted_from_diffs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(cid);
+        lock(&self.shared.omitted_from_diffs).insert(cid);
     }
 
     /// Serves `cid` with altered bytes in every `getBlocks` and `getRepo?since=` answer (a
     /// block that does not hash to its CID).
     pub fn corrupt_block(&self, cid: Cid) {
-        self.shared
-            .corrupted
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(cid);
+        lock(&self.shared.corrupted).insert(cid);
     }
 
     /// `getRepo` requests received.
@@ -270,10 +237,7 @@ impl FakePds {
     /// Requests and body bytes served for `endpoint`.
     #[must_use]
     pub fn served(&self, endpoint: Endpoint) -> Served {
-        self.shared
-            .served
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        lock(&self.shared.served)
             .get(&endpoint)
             .copied()
             .unwrap_or_default()
@@ -282,13 +246,7 @@ impl FakePds {
     /// Body bytes served over every endpoint.
     #[must_use]
     pub fn bytes_served(&self) -> u64 {
-        self.shared
-            .served
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .map(|s| s.bytes)
-            .sum()
+        lock(&self.shared.served).values().map(|s| s.bytes).sum()
     }
 }
 
@@ -304,12 +262,7 @@ async fn get_repo(
 ) -> Response {
     shared.requests.fetch_add(1, Ordering::SeqCst);
     let did = q.get("did").cloned().unwrap_or_default();
-    let reply = shared
-        .replies
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .get(&did)
-        .cloned();
+    let reply = lock(&shared.replies).get(&did).cloned();
     let car = [(header::CONTENT_TYPE, "application/vnd.ipld.car")];
     if let (Some(Serving::Car(_)), Some(since)) = (&reply, q.get("since"))
         && let Some(diff) = since_car(&shared, &did, since)
@@ -448,11 +401,7 @@ async fn get_blocks(State(shared): State<Arc<Shared>>, RawQuery(q): RawQuery) ->
     // Duplicates removed, blocks in CID order, as the reference PDS answers.
     cids.sort_by_key(|c| c.to_bytes());
     cids.dedup();
-    let withheld = shared
-        .withheld
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone();
+    let withheld = lock(&shared.withheld).clone();
     let missing: Vec<String> = cids
         .iter()
         .filter(|c| !p.blocks.contains_key(*c) || withheld.contains(*c))
@@ -482,18 +431,8 @@ async fn get_blocks(State(shared): State<Arc<Shared>>, RawQuery(q): RawQuery) ->
 /// is not newer. `None` when the repo is not a readable CAR.
 fn since_car(shared: &Shared, did: &str, since: &str) -> Option<Vec<u8>> {
     let current = shared.parsed(did)?;
-    let history = shared
-        .history
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .get(did)
-        .cloned()
-        .unwrap_or_default();
-    let omitted = shared
-        .omitted_from_diffs
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone();
+    let history = lock(&shared.history).get(did).cloned().unwrap_or_default();
+    let omitted = lock(&shared.omitted_from_diffs).clone();
     let mut before: HashSet<Cid> = HashSet::new();
     let mut known = false;
     for car in history {
@@ -523,16 +462,8 @@ impl Shared {
         out: &mut Vec<u8>,
         blocks: impl Iterator<Item = (&'a Cid, &'a Bytes)>,
     ) {
-        let withheld = self
-            .withheld
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        let corrupted = self
-            .corrupted
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let withheld = lock(&self.withheld).clone();
+        let corrupted = lock(&self.corrupted).clone();
         for (cid, block) in blocks.filter(|(c, _)| !withheld.contains(*c)) {
             if corrupted.contains(cid) {
                 let mut lie = block.to_vec();

@@ -25,3 +25,9 @@ pub async fn serve_loopback(
     });
     (addr, task)
 }
+
+/// Locks a fake's shared state; a test that panicked while holding it does not poison the
+/// fake for the tests after it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
