@@ -309,3 +309,62 @@ async fn restart_keeps_repos(db: TestDb) {
     tap.stop().await;
 }
 on_both_backends!(restart_keeps_every_repo_row, restart_keeps_repos);
+
+async fn list_and_resync(db: TestDb) {
+    let tap = TestTap::start(test_config(&db)).await;
+    let tracked: Vec<String> = (0..5).map(|i| format!("did:plc:repo{i}")).collect();
+    post_json(&tap, "/repos/add", &json!({ "dids": tracked })).await;
+
+    // Paging: follow the cursor until the answer has none; every repo once, in DID order.
+    let mut seen = Vec::new();
+    let mut path = "/repos?limit=2".to_owned();
+    loop {
+        let resp = get(&tap, &path).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        let page = body_json(resp).await;
+        let repos = page["repos"].as_array().unwrap();
+        assert!(repos.len() <= 2);
+        for repo in repos {
+            assert_eq!(repo["state"], "pending");
+            assert_eq!(repo["records"], 0);
+            seen.push(repo["did"].as_str().unwrap().to_owned());
+        }
+        match page["cursor"].as_str() {
+            Some(cursor) => path = format!("/repos?limit=2&cursor={cursor}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, tracked);
+    let pending = body_json(get(&tap, "/repos?state=pending").await).await;
+    assert_eq!(pending["repos"].as_array().unwrap().len(), 5);
+    assert!(pending.get("cursor").is_none(), "{pending}");
+    let active = body_json(get(&tap, "/repos?state=active").await).await;
+    assert_eq!(active, json!({"repos": []}));
+
+    let resp = post_json(
+        &tap,
+        "/repos/resync",
+        &json!({"dids": [tracked[1], "did:plc:unknown"]}),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        body_json(resp).await,
+        json!({"queued": [tracked[1]], "resyncing": [], "untracked": ["did:plc:unknown"]})
+    );
+
+    // Bad requests: 400 with a message, nothing changed.
+    for path in ["/repos?state=bogus", "/repos?limit=0", "/repos?limit=many"] {
+        let resp = get(&tap, path).await;
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{path}");
+        assert!(body_json(resp).await["message"].is_string(), "{path}");
+    }
+    let resp = post_json(&tap, "/repos/resync", &json!({"dids": ["nope"]})).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(counts(&tap).await.0, 5);
+    tap.stop().await;
+}
+on_both_backends!(
+    repos_list_in_pages_and_a_resync_can_be_forced,
+    list_and_resync
+);

@@ -63,6 +63,8 @@ pub fn router(state: ApiState, auth: Option<AdminAuth>) -> Router {
         .route("/channel", get(channel::channel))
         .route("/repos/add", post(repos::add))
         .route("/repos/remove", post(repos::remove))
+        .route("/repos/resync", post(repos::resync))
+        .route("/repos", get(repos::list))
         .route("/info/{did}", get(repos::info))
         .route("/resolve/{did}", get(resolve::resolve))
         .route("/stats/repo-count", get(stats::repo_count))

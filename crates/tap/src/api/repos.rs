@@ -1,4 +1,4 @@
-//! `POST /repos/add`, `POST /repos/remove`, `GET /info/{did}`.
+//! `POST /repos/add`, `POST /repos/remove`, `POST /repos/resync`, `GET /repos`, `GET /info/{did}`.
 //!
 //! A request is validated as a whole before anything is written: one malformed DID
 //! rejects the request with 400 naming it, and the store is left untouched.
@@ -7,12 +7,14 @@ use std::time::Duration;
 
 use axum::{
     body::Body,
-    extract::{Path, State},
+    extract::{Path, Query, State, rejection::QueryRejection},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use serde::Deserialize;
 use tap_atproto::syntax::{Did, Tid};
+
+use crate::store::{RepoRow, RepoState};
 
 use super::{ApiError, ApiState, MAX_BODY_BYTES, json};
 
@@ -118,6 +120,90 @@ pub(super) async fn remove(
     Ok(StatusCode::OK.into_response())
 }
 
+/// Repos per `GET /repos` page when `limit` is not given, and the most one page holds.
+const DEFAULT_PAGE: u32 = 100;
+const MAX_PAGE: u32 = 1000;
+
+#[derive(Debug, Deserialize)]
+pub(super) struct ListQuery {
+    state: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+/// `GET /repos?state=&limit=&cursor=`: tracked repos in DID order, a page at a time. The
+/// answer's `cursor` (the page's last DID) asks for the next page; it is absent on the last.
+pub(super) async fn list(
+    State(state): State<ApiState>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let wanted = match query.state.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some(name) => Some(RepoState::from_name(name).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "unknown state {name:?}: expected pending, resyncing, active, desynchronized or error"
+            ))
+        })?),
+    };
+    let limit = match query.limit.unwrap_or(DEFAULT_PAGE) {
+        0 => return Err(ApiError::bad_request("limit must be at least 1")),
+        n => n.min(MAX_PAGE),
+    };
+    let page = state
+        .store
+        .list_repos(wanted, query.cursor.as_deref().unwrap_or(""), limit)
+        .await
+        .map_err(|error| {
+            tracing::error!(%error, "Failed to list repos.");
+            ApiError::internal("failed to list repos")
+        })?;
+    let cursor = (page.len() == limit as usize)
+        .then(|| page.last().map(|s| s.repo.did.to_string()))
+        .flatten();
+    let repos: Vec<_> = page
+        .into_iter()
+        .map(|s| repo_json(s.repo, s.records))
+        .collect();
+    let mut body = serde_json::json!({ "repos": repos });
+    if let Some(cursor) = cursor {
+        body["cursor"] = cursor.into();
+    }
+    Ok(json(StatusCode::OK, &body))
+}
+
+/// `POST /repos/resync` `{"dids": […]}`: forces a full resync of tracked repos. Answers
+/// which were queued, which a worker already holds and which are not tracked.
+pub(super) async fn resync(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let dids = read_did_list(&headers, body).await?;
+    let request = state
+        .store
+        .request_resync(&as_strings(&dids))
+        .await
+        .map_err(|error| {
+            tracing::error!(%error, "Failed to request resyncs.");
+            ApiError::internal("failed to request resync")
+        })?;
+    tracing::info!(
+        queued = request.queued.len(),
+        resyncing = request.resyncing.len(),
+        untracked = request.untracked.len(),
+        "Resync requested."
+    );
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "queued": request.queued,
+            "resyncing": request.resyncing,
+            "untracked": request.untracked,
+        }),
+    ))
+}
+
 pub(super) async fn info(
     State(state): State<ApiState>,
     Path(did): Path<String>,
@@ -140,6 +226,11 @@ pub(super) async fn info(
         .count_records_for(did.as_str())
         .await
         .map_err(failed)?;
+    Ok(json(StatusCode::OK, &repo_json(repo, records)))
+}
+
+/// One repo as `/info/{did}` and `GET /repos` show it.
+fn repo_json(repo: RepoRow, records: u64) -> serde_json::Value {
     let mut info = serde_json::json!({
         "did": repo.did,
         "handle": repo.handle.unwrap_or_default(),
@@ -160,5 +251,5 @@ pub(super) async fn info(
             "at": fetch.at,
         });
     }
-    Ok(json(StatusCode::OK, &info))
+    info
 }

@@ -26,7 +26,8 @@ pub use error::StoreError;
 pub use retry::ResyncFailure;
 pub use types::{
     AccountStatus, BufferedCommit, EventId, EventStorage, FetchKind, LastFetch, NewEvent,
-    OutboxRow, RecordChange, RecordRow, RepoChange, RepoRow, RepoState, RepoWrite, WriteCondition,
+    OutboxRow, RESYNC_REQUESTED, RecordChange, RecordRow, RepoChange, RepoRow, RepoState,
+    RepoSummary, RepoWrite, ResyncRequest, WriteCondition,
 };
 pub use url::DatabaseUrl;
 
@@ -146,6 +147,53 @@ impl Store {
     /// Database errors, or [`StoreError::Corrupt`] for unknown stored state names.
     pub async fn get_repo(&self, did: &str) -> Result<Option<RepoRow>, StoreError> {
         dispatch!(self.get_repo(did.to_owned()))
+    }
+
+    /// One page of tracked repos in DID order, after `after` (exclusive; `""` for the first
+    /// page), optionally only those in `state`, at most `limit`.
+    ///
+    /// # Errors
+    /// Database errors, or [`StoreError::Corrupt`] for unknown stored state names.
+    pub async fn list_repos(
+        &self,
+        state: Option<RepoState>,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<RepoSummary>, StoreError> {
+        dispatch!(self.list_repos(state, after.to_owned(), limit))
+    }
+
+    /// Forces a full resync of the tracked `dids` that no worker holds: each becomes
+    /// `desynchronized` ([`RESYNC_REQUESTED`]), claimable at once, with its last fetch
+    /// forgotten so the next fetch re-downloads rather than trusting the held copy. A
+    /// `pending` repo is already waiting for its first, full fetch (its backfill): it counts
+    /// as queued and keeps its state. One transaction.
+    ///
+    /// # Errors
+    /// Database errors; nothing is changed then.
+    pub async fn request_resync(&self, dids: &[String]) -> Result<ResyncRequest, StoreError> {
+        let request = dispatch!(self.request_resync(dids.to_vec()))?;
+        if !request.queued.is_empty() {
+            self.resync_wanted.notify_waiters();
+        }
+        Ok(request)
+    }
+
+    /// How many repos are in each state (states with none are absent).
+    ///
+    /// # Errors
+    /// Database errors, or [`StoreError::Corrupt`] for unknown stored state names.
+    pub async fn repo_states(&self) -> Result<Vec<(RepoState, u64)>, StoreError> {
+        dispatch!(self.repo_states())
+    }
+
+    /// The `limit` most common reasons of repos in `error` or `desynchronized`, most
+    /// common first.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn error_reasons(&self, limit: u32) -> Result<Vec<(String, u64)>, StoreError> {
+        dispatch!(self.error_reasons(limit))
     }
 
     /// Tracks `did` if absent (firehose auto-track): inserts it as `pending`. Returns `true`

@@ -14,8 +14,9 @@ use tokio_postgres::config::Host;
 use super::record_index::{self, FoundChunk, IndexStep, IndexWriter};
 use super::schema::{self, REPO_COLUMNS, StoredRepo};
 use super::{
-    BufferedCommit, CLAIM_ORDER, EventId, EventStorage, OutboxRow, RecordRow, RepoChange, RepoRow,
-    RepoState, RepoWrite, ResyncFailure, StoreError, Table, event_id, to_i64,
+    BufferedCommit, CLAIM_ORDER, EventId, EventStorage, OutboxRow, RESYNC_REQUESTED, RecordRow,
+    RepoChange, RepoRow, RepoState, RepoSummary, RepoWrite, ResyncFailure, ResyncRequest,
+    StoreError, Table, event_id, to_i64,
 };
 
 /// Key of the advisory lock that serializes migrations of several processes starting at once.
@@ -216,6 +217,110 @@ impl PgStore {
             .await
             .map_err(pg(OP))?;
         Ok(())
+    }
+
+    pub(super) async fn list_repos(
+        &self,
+        state: Option<RepoState>,
+        after: String,
+        limit: u32,
+    ) -> Result<Vec<RepoSummary>, StoreError> {
+        const OP: &str = "list_repos";
+        let client = self.client(OP).await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {REPO_COLUMNS}, \
+                 (SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) FROM record_chunks c \
+                  WHERE c.did = repos.did) \
+                 FROM repos WHERE did > $1 AND ($2::text IS NULL OR state = $2) \
+                 ORDER BY did LIMIT $3"
+            ))
+            .await
+            .map_err(pg(OP))?;
+        let rows = client
+            .query(
+                &stmt,
+                &[&after, &state.map(RepoState::as_str), &i64::from(limit)],
+            )
+            .await
+            .map_err(pg(OP))?;
+        rows.iter()
+            .map(|row| {
+                let records: i64 = row.try_get(13).map_err(pg(OP))?;
+                Ok(RepoSummary {
+                    repo: read_repo(row, OP)?,
+                    records: records.unsigned_abs(),
+                })
+            })
+            .collect()
+    }
+
+    pub(super) async fn request_resync(
+        &self,
+        dids: Vec<String>,
+    ) -> Result<ResyncRequest, StoreError> {
+        const OP: &str = "request_resync";
+        let mut client = self.client(OP).await?;
+        let tx = client.transaction().await.map_err(pg(OP))?;
+        // FOR UPDATE: a worker claiming one of these repos meanwhile waits, so the state
+        // read here is the state the update below replaces.
+        let found = tx
+            .query(
+                "SELECT did, state FROM repos WHERE did = ANY($1) FOR UPDATE",
+                &[&dids],
+            )
+            .await
+            .map_err(pg(OP))?
+            .iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect::<Result<Vec<(String, String)>, tokio_postgres::Error>>()
+            .map_err(pg(OP))?;
+        let request = ResyncRequest::classify(&dids, &found);
+        tx.execute(
+            "UPDATE repos SET state = 'desynchronized', error_msg = $2, retry_after = 0, \
+             retry_count = 0, fetch_kind = '' WHERE did = ANY($1) AND state <> 'pending'",
+            &[&request.queued, &RESYNC_REQUESTED],
+        )
+        .await
+        .map_err(pg(OP))?;
+        tx.commit().await.map_err(pg(OP))?;
+        Ok(request)
+    }
+
+    pub(super) async fn repo_states(&self) -> Result<Vec<(RepoState, u64)>, StoreError> {
+        const OP: &str = "repo_states";
+        let client = self.client(OP).await?;
+        let rows = client
+            .query("SELECT state, COUNT(*) FROM repos GROUP BY state", &[])
+            .await
+            .map_err(pg(OP))?;
+        let counts = rows
+            .iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect::<Result<Vec<(String, i64)>, tokio_postgres::Error>>()
+            .map_err(pg(OP))?;
+        schema::state_counts(counts)
+    }
+
+    pub(super) async fn error_reasons(&self, limit: u32) -> Result<Vec<(String, u64)>, StoreError> {
+        const OP: &str = "error_reasons";
+        let client = self.client(OP).await?;
+        let rows = client
+            .query(
+                "SELECT error_msg, COUNT(*) AS n FROM repos \
+                 WHERE state IN ('error', 'desynchronized') AND error_msg <> '' \
+                 GROUP BY error_msg ORDER BY n DESC, error_msg LIMIT $1",
+                &[&i64::from(limit)],
+            )
+            .await
+            .map_err(pg(OP))?;
+        rows.iter()
+            .map(|row| {
+                let n: i64 = row.try_get(1)?;
+                Ok((row.try_get(0)?, n.unsigned_abs()))
+            })
+            .collect::<Result<_, tokio_postgres::Error>>()
+            .map_err(pg(OP))
     }
 
     pub(super) async fn count_records_for(&self, did: String) -> Result<u64, StoreError> {

@@ -135,6 +135,17 @@ impl TryFrom<StoredRepo> for RepoRow {
     }
 }
 
+/// Per-state repo counts as `GROUP BY state` returns them, refusing names tap never writes.
+pub(super) fn state_counts(rows: Vec<(String, i64)>) -> Result<Vec<(RepoState, u64)>, StoreError> {
+    rows.into_iter()
+        .map(|(name, n)| {
+            RepoState::from_name(&name)
+                .map(|state| (state, n.unsigned_abs()))
+                .ok_or_else(|| corrupt_repo("state", name))
+        })
+        .collect()
+}
+
 fn corrupt_repo(column: &'static str, value: String) -> StoreError {
     StoreError::Corrupt {
         table: "repos",

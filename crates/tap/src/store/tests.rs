@@ -1736,3 +1736,171 @@ test_each_store!(
         assert_eq!(store.reset_undelivered_backfills().await.unwrap(), 0);
     }
 );
+
+// ---------------------------------------------------------------------------------------------
+// Listing and steering
+
+test_each_store!(
+    list_repos_pages_in_did_order_by_state_with_record_counts,
+    |store, _url| {
+        store
+            .add_repos(&dids(&["d", "b", "a", "c", "e"]))
+            .await
+            .unwrap();
+        let mut write = RepoWrite::new("did:plc:b".parse().unwrap());
+        write.records = vec![put("col.a", "1", "c1"), put("col.b", "2", "c2")];
+        store.apply(write).await.unwrap();
+        store
+            .set_repo_state("did:plc:c", RepoState::Active)
+            .await
+            .unwrap();
+        store
+            .set_repo_state("did:plc:e", RepoState::Active)
+            .await
+            .unwrap();
+
+        let page = |state, after: &'static str, limit| {
+            let store = store.clone();
+            async move {
+                store
+                    .list_repos(state, after, limit)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|s| (s.repo.did.to_string(), s.repo.state, s.records))
+                    .collect::<Vec<_>>()
+            }
+        };
+        let first = page(None, "", 2).await;
+        assert_eq!(
+            first,
+            [
+                ("did:plc:a".into(), RepoState::Pending, 0),
+                ("did:plc:b".into(), RepoState::Pending, 2)
+            ]
+        );
+        let rest: Vec<String> = page(None, "did:plc:b", 10)
+            .await
+            .into_iter()
+            .map(|r| r.0)
+            .collect();
+        assert_eq!(rest, dids(&["c", "d", "e"]));
+        let active: Vec<String> = page(Some(RepoState::Active), "", 10)
+            .await
+            .into_iter()
+            .map(|r| r.0)
+            .collect();
+        assert_eq!(active, dids(&["c", "e"]));
+        assert!(
+            page(Some(RepoState::Active), "did:plc:e", 10)
+                .await
+                .is_empty()
+        );
+        assert_eq!(
+            store
+                .repo_states()
+                .await
+                .unwrap()
+                .into_iter()
+                .collect::<std::collections::HashMap<_, _>>(),
+            [(RepoState::Pending, 3), (RepoState::Active, 2)]
+                .into_iter()
+                .collect()
+        );
+    }
+);
+
+test_each_store!(
+    a_forced_resync_queues_idle_repos_for_a_full_fetch_and_leaves_running_ones,
+    |store, _url| {
+        store
+            .add_repos(&dids(&["idle", "busy", "new"]))
+            .await
+            .unwrap();
+        let mut fetched = RepoWrite::new("did:plc:idle".parse().unwrap());
+        fetched.repo = RepoChange::ResyncDone {
+            rev: Tid::new("3kaaaaaaaaa2z").unwrap(),
+            prev_data: "data1".into(),
+        };
+        fetched.fetch = Some(LastFetch {
+            kind: FetchKind::Since,
+            bytes: 10,
+            at: NOW,
+            filters: String::new(),
+        });
+        store.apply(fetched).await.unwrap();
+        store
+            .mark_resync_failed("did:plc:idle", ResyncFailure::Failed("x".into()), NOW, 0)
+            .await
+            .unwrap();
+        store
+            .set_repo_state("did:plc:busy", RepoState::Resyncing)
+            .await
+            .unwrap();
+
+        let mut asked = dids(&["idle", "busy", "nobody", "new", "idle"]);
+        asked.push("did:plc:idle".into());
+        let request = store.request_resync(&asked).await.unwrap();
+        assert_eq!(
+            request,
+            ResyncRequest {
+                queued: dids(&["idle", "new"]),
+                resyncing: dids(&["busy"]),
+                untracked: dids(&["nobody"]),
+            }
+        );
+        let idle = store.get_repo("did:plc:idle").await.unwrap().unwrap();
+        assert_eq!(idle.state, RepoState::Desynchronized);
+        assert_eq!(idle.error, RESYNC_REQUESTED);
+        assert_eq!((idle.retry_count, idle.retry_after), (0, 0));
+        assert_eq!(
+            idle.last_fetch, None,
+            "the next fetch must not trust the held copy"
+        );
+        assert_eq!(idle.rev, Some(Tid::new("3kaaaaaaaaa2z").unwrap()));
+        let busy = store.get_repo("did:plc:busy").await.unwrap().unwrap();
+        assert_eq!(busy.state, RepoState::Resyncing);
+        let new = store.get_repo("did:plc:new").await.unwrap().unwrap();
+        assert_eq!(
+            new.state,
+            RepoState::Pending,
+            "its backfill is still to come"
+        );
+        assert_eq!(claim(&store, NOW).await.did, "did:plc:new", "pending first");
+        assert_eq!(claim(&store, NOW).await.did, "did:plc:idle");
+    }
+);
+
+test_each_store!(error_reasons_rank_failures_by_frequency, |store, _url| {
+    store
+        .add_repos(&dids(&["a", "b", "c", "d", "e"]))
+        .await
+        .unwrap();
+    for (did, reason) in [("a", "404"), ("b", "404"), ("c", "timeout")] {
+        let did = format!("did:plc:{did}");
+        store
+            .set_repo_state(&did, RepoState::Resyncing)
+            .await
+            .unwrap();
+        store
+            .mark_resync_failed(&did, ResyncFailure::Failed(reason.into()), NOW, 0)
+            .await
+            .unwrap();
+    }
+    store
+        .mark_desynchronized("did:plc:d", "timeout")
+        .await
+        .unwrap();
+    store.mark_desynchronized("did:plc:e", "gap").await.unwrap();
+    let reasons = store.error_reasons(2).await.unwrap();
+    assert_eq!(reasons.len(), 2);
+    assert_eq!(reasons[0].1, 2);
+    assert_eq!(reasons[1].1, 2);
+    let names: Vec<&str> = reasons.iter().map(|(r, _)| r.as_str()).collect();
+    assert!(
+        names
+            .iter()
+            .all(|n| n.contains("404") || n.contains("timeout")),
+        "{names:?}"
+    );
+});

@@ -127,6 +127,55 @@ pub struct RepoRow {
     pub last_fetch: Option<LastFetch>,
 }
 
+/// A repo row with its indexed record count: one row of `GET /repos`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RepoSummary {
+    /// The stored row.
+    pub repo: RepoRow,
+    /// Records in its index.
+    pub records: u64,
+}
+
+/// What a forced resync of some DIDs did, each DID in exactly one list.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResyncRequest {
+    /// Marked `desynchronized` for a full fetch, or `pending` (waiting for its backfill).
+    pub queued: Vec<String>,
+    /// Already being resynced: left alone (the running resync fetches the current head).
+    pub resyncing: Vec<String>,
+    /// Not tracked: nothing to resync.
+    pub untracked: Vec<String>,
+}
+
+impl ResyncRequest {
+    /// Sorts `requested` by the state each had before the request (`found`; absent DIDs are
+    /// untracked). Duplicates count once.
+    #[must_use]
+    pub fn classify(requested: &[String], found: &[(String, String)]) -> Self {
+        let states: std::collections::HashMap<&str, &str> = found
+            .iter()
+            .map(|(did, state)| (did.as_str(), state.as_str()))
+            .collect();
+        let mut out = Self::default();
+        let mut seen = std::collections::HashSet::new();
+        for did in requested {
+            if !seen.insert(did.as_str()) {
+                continue;
+            }
+            let list = match states.get(did.as_str()) {
+                None => &mut out.untracked,
+                Some(&state) if state == RepoState::Resyncing.as_str() => &mut out.resyncing,
+                Some(_) => &mut out.queued,
+            };
+            list.push(did.clone());
+        }
+        out
+    }
+}
+
+/// Why a forced resync's repo is `desynchronized`, shown as its `error` until the resync ends.
+pub const RESYNC_REQUESTED: &str = "resync requested through the API";
+
 /// How a resync got the repo from its PDS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FetchKind {

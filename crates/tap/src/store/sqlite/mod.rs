@@ -21,10 +21,21 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::record_index;
 use super::schema::REPO_COLUMNS;
+use super::schema::state_counts;
 use super::{
-    BufferedCommit, CLAIM_ORDER, EventId, OutboxRow, RecordRow, RepoRow, RepoState, RepoWrite,
-    ResyncFailure, StoreError, Table, event_id, to_i64,
+    BufferedCommit, CLAIM_ORDER, EventId, OutboxRow, RESYNC_REQUESTED, RecordRow, RepoRow,
+    RepoState, RepoSummary, RepoWrite, ResyncFailure, ResyncRequest, StoreError, Table, event_id,
+    to_i64,
 };
+
+/// Marks one repo for a forced full resync (see `Store::request_resync`).
+const FORCE_RESYNC_SQLITE: &str = "UPDATE repos SET state = 'desynchronized', error_msg = ?2, \
+     retry_after = 0, retry_count = 0, fetch_kind = '' WHERE did = ?1 AND state <> 'pending'";
+
+/// The most common failure reasons (see `Store::error_reasons`).
+const ERROR_REASONS_SQLITE: &str = "SELECT error_msg, COUNT(*) AS n FROM repos \
+     WHERE state IN ('error', 'desynchronized') AND error_msg <> '' \
+     GROUP BY error_msg ORDER BY n DESC, error_msg LIMIT ?1";
 
 use apply::{apply_in_tx, chunk_at_or_before, delete_repo, read_repo};
 use connection::open_blocking;
@@ -215,6 +226,100 @@ impl SqliteStore {
             .and_then(|mut stmt| stmt.execute(params![did, reason]))
             .map_err(sq("mark_desynchronized"))?;
             Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn list_repos(
+        &self,
+        state: Option<RepoState>,
+        after: String,
+        limit: u32,
+    ) -> Result<Vec<RepoSummary>, StoreError> {
+        const OP: &str = "list_repos";
+        self.read(OP, move |conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {REPO_COLUMNS}, \
+                     (SELECT COALESCE(SUM(n), 0) FROM record_chunks c WHERE c.did = repos.did) \
+                     FROM repos WHERE did > ?1 AND (?2 IS NULL OR state = ?2) \
+                     ORDER BY did LIMIT ?3"
+                ))
+                .map_err(sq(OP))?;
+            let rows = stmt
+                .query_map(params![after, state.map(RepoState::as_str), limit], |row| {
+                    let records: i64 = row.get(13)?;
+                    Ok(read_repo(row)?.map(|repo| RepoSummary {
+                        repo,
+                        records: records.unsigned_abs(),
+                    }))
+                })
+                .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+                .map_err(sq(OP))?;
+            rows.into_iter().collect()
+        })
+        .await
+    }
+
+    pub(super) async fn request_resync(
+        &self,
+        dids: Vec<String>,
+    ) -> Result<ResyncRequest, StoreError> {
+        const OP: &str = "request_resync";
+        self.write(move |conn| {
+            let mut found = Vec::new();
+            let mut lookup = conn
+                .prepare_cached("SELECT state FROM repos WHERE did = ?1")
+                .map_err(sq(OP))?;
+            for did in &dids {
+                let state: Option<String> = lookup
+                    .query_row([did], |row| row.get(0))
+                    .optional()
+                    .map_err(sq(OP))?;
+                if let Some(state) = state {
+                    found.push((did.clone(), state));
+                }
+            }
+            let request = ResyncRequest::classify(&dids, &found);
+            let mut mark = conn.prepare_cached(FORCE_RESYNC_SQLITE).map_err(sq(OP))?;
+            for did in &request.queued {
+                mark.execute(params![did, RESYNC_REQUESTED])
+                    .map_err(sq(OP))?;
+            }
+            Ok(request)
+        })
+        .await
+    }
+
+    pub(super) async fn repo_states(&self) -> Result<Vec<(RepoState, u64)>, StoreError> {
+        const OP: &str = "repo_states";
+        self.read(OP, move |conn| {
+            let counts: Vec<(String, i64)> = conn
+                .prepare_cached("SELECT state, COUNT(*) FROM repos GROUP BY state")
+                .and_then(|mut stmt| {
+                    stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+                        .and_then(Iterator::collect)
+                })
+                .map_err(sq(OP))?;
+            state_counts(counts)
+        })
+        .await
+    }
+
+    pub(super) async fn error_reasons(&self, limit: u32) -> Result<Vec<(String, u64)>, StoreError> {
+        const OP: &str = "error_reasons";
+        self.read(OP, move |conn| {
+            let reasons: Vec<(String, i64)> = conn
+                .prepare_cached(ERROR_REASONS_SQLITE)
+                .and_then(|mut stmt| {
+                    stmt.query_map([limit], |row| Ok((row.get(0)?, row.get(1)?)))
+                        .and_then(Iterator::collect)
+                })
+                .map_err(sq(OP))?;
+            Ok(reasons
+                .into_iter()
+                .map(|(reason, n)| (reason, n.unsigned_abs()))
+                .collect())
         })
         .await
     }
