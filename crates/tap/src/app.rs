@@ -27,7 +27,8 @@ use crate::repos::filter::Scope;
 use crate::repos::locks::DidLocks;
 use crate::resync::{self, ResyncSettings};
 use crate::shutdown::{self, Shutdown, Supervisor};
-use crate::status::Progress;
+use crate::status::board::{BoardSources, StatusBoard};
+use crate::status::{self, Progress};
 use crate::store::{Store, StoreOptions};
 use crate::telemetry;
 
@@ -286,7 +287,7 @@ impl App {
             queue_tx,
             acked_tx,
             capacity.clone(),
-            progress.in_memory_events_counter(),
+            Arc::clone(&progress),
         );
         let actor_task =
             tokio::spawn(supervisor.watch("outbox actor", true, actor.run(delivery_stop.clone())));
@@ -316,6 +317,7 @@ impl App {
             inputs: inputs_tx,
             ack_mode: settings.ack_mode,
             channel_timeout: config.channel_timeout,
+            progress: Arc::clone(&progress),
         };
         let channel = match (&config.delivery, &webhook_client) {
             (DeliveryMode::Webhook { url }, Some(client)) => {
@@ -362,6 +364,7 @@ impl App {
                 pds,
                 engine.clone(),
                 store.clone(),
+                &progress,
                 &supervisor,
                 intake.clone(),
             );
@@ -388,9 +391,24 @@ impl App {
             ));
         }
 
+        let board = Arc::new(StatusBoard::new(BoardSources {
+            store: store.clone(),
+            progress: Arc::clone(&progress),
+            ledger: ledger.clone(),
+            failure: supervisor.subscribe(),
+            upstream: config.relay_url.to_string(),
+            follows_firehose: !config.outbox_only,
+            delivery: config.delivery.name(),
+            workers: config.resync_parallelism,
+        }));
+        supervisor.spawn(
+            "status sampler",
+            status::board::run_sampler(Arc::clone(&board), intake.clone()),
+        );
         let state = ApiState {
             store: store.clone(),
             progress,
+            board,
             relay_url: config.relay_url.to_string(),
             scope: config.scope.clone(),
             channel,

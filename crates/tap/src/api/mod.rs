@@ -28,6 +28,7 @@ use crate::delivery::DeliveryHub;
 use crate::identity::Identity;
 use crate::ledger::Ledger;
 use crate::status::Progress;
+use crate::status::board::StatusBoard;
 use crate::store::Store;
 
 /// Largest request body accepted (a `/repos/add` of ~100k DIDs).
@@ -40,6 +41,8 @@ pub struct ApiState {
     pub store: Store,
     /// Live progress (firehose position), shared with the pipeline.
     pub progress: Arc<Progress>,
+    /// Builds `/status.json`.
+    pub board: Arc<StatusBoard>,
     /// Relay URL as configured: the key of stored cursors.
     pub relay_url: String,
     /// Tracking scope, to pick which enumeration cursor `/stats/cursors` reports.
@@ -73,6 +76,7 @@ pub fn router(state: ApiState, auth: Option<AdminAuth>) -> Router {
         .route("/stats/resync-buffer", get(stats::resync_buffer))
         .route("/stats/cursors", get(stats::cursors))
         .route("/stats/bandwidth", get(stats::bandwidth))
+        .route("/status.json", get(stats::status))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

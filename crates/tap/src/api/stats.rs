@@ -85,3 +85,12 @@ pub(super) async fn cursors(State(state): State<ApiState>) -> Result<Response, A
 pub(super) async fn bandwidth(State(state): State<ApiState>) -> Response {
     json(StatusCode::OK, &state.ledger.report())
 }
+
+/// `GET /status.json`: the status document (extension, issue 14).
+pub(super) async fn status(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    let doc = state.board.document().await.map_err(|error| {
+        tracing::error!(%error, "Failed to build the status document.");
+        ApiError::internal("failed to read the status")
+    })?;
+    Ok(json(StatusCode::OK, &doc))
+}

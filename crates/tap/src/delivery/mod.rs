@@ -25,4 +25,6 @@ pub struct DeliveryHub {
     pub ack_mode: AckMode,
     /// `--channel-timeout`: longest blocked write, and longest silence of a client.
     pub channel_timeout: std::time::Duration,
+    /// Counts deliveries for the status document.
+    pub progress: std::sync::Arc<crate::status::Progress>,
 }

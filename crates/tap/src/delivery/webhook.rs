@@ -110,6 +110,7 @@ async fn run_worker(
             // Shutting down mid-retry: the event stays in the outbox for the next run.
             return;
         }
+        hub.progress.delivered(1);
         if hub.inputs.send(Input::Acked(vec![id])).await.is_err() {
             return;
         }

@@ -190,6 +190,7 @@ pub async fn run_session(socket: WebSocket, hub: DeliveryHub, stop: Cancellation
             }
             let ids = std::mem::take(&mut *lock(&taken));
             metrics::counter!(t::EVENTS_DELIVERED).increment(ids.len() as u64);
+            hub.progress.delivered(ids.len() as u64);
             let report = match hub.ack_mode {
                 AckMode::OnWrite => Input::Acked(ids),
                 _ => Input::Sent(ids, Instant::now()),

@@ -18,6 +18,7 @@ use super::cursor::SeqTracker;
 use super::dispatch::{Dispatcher, Work};
 use crate::backoff::Backoff;
 use crate::ledger::{Ledger, Source};
+use crate::status::Progress;
 use crate::telemetry as t;
 
 /// Interval of client pings.
@@ -82,6 +83,7 @@ pub async fn run_consumer(
     dispatcher: Dispatcher,
     seqs: Arc<Mutex<SeqTracker>>,
     ledger: Ledger,
+    progress: Arc<Progress>,
     stop: CancellationToken,
 ) {
     let limits = FrameLimits::default();
@@ -90,7 +92,10 @@ pub async fn run_consumer(
     loop {
         let url = subscribe_url(&relay, cursor);
         tracing::info!(%url, "Connecting to the relay firehose.");
-        match connect_and_read(&url, &limits, &dispatcher, &seqs, &ledger, &stop).await {
+        let ended =
+            connect_and_read(&url, &limits, &dispatcher, &seqs, &ledger, &progress, &stop).await;
+        progress.set_firehose_connected(false);
+        match ended {
             Ended::Stopped => return,
             Ended::Failed { frames, reason } => {
                 // A connection that carried events was healthy; one that dropped at once
@@ -127,6 +132,7 @@ async fn connect_and_read(
     dispatcher: &Dispatcher,
     seqs: &Mutex<SeqTracker>,
     ledger: &Ledger,
+    progress: &Progress,
     stop: &CancellationToken,
 ) -> Ended {
     let failed = |frames: u64, reason: String| Ended::Failed { frames, reason };
@@ -149,6 +155,7 @@ async fn connect_and_read(
             Err(_) => return failed(0, "connect timed out".into()),
         },
     };
+    progress.set_firehose_connected(true);
     let (mut sink, mut stream) = socket.split();
     let mut ping = tokio::time::interval(PING_INTERVAL);
     ping.tick().await;
@@ -216,9 +223,11 @@ async fn connect_and_read(
                 continue;
             }
         };
-        if let Some(lag) = lag_seconds(&frame) {
+        let lag = lag_seconds(&frame);
+        if let Some(lag) = lag {
             metrics::gauge!(t::FIREHOSE_LAG_SECONDS).set(lag);
         }
+        progress.firehose_event(lag.map(|s| (s * 1000.0) as i64));
         if let Some(seq) = frame.seq() {
             seqs.lock()
                 .unwrap_or_else(PoisonError::into_inner)

@@ -94,6 +94,7 @@ pub fn spawn(
             dispatcher,
             Arc::clone(&seqs),
             ledger,
+            Arc::clone(&progress),
             intake,
         ),
     );

@@ -17,6 +17,7 @@ use super::backfills::InMemoryBackfills;
 use super::capacity::{Capacity, Hold};
 use super::ordering::{Barrier, OrderingScheduler};
 use super::{AckMode, OutboxSettings};
+use crate::status::Progress;
 use crate::store::EventId;
 use crate::telemetry as t;
 use crate::wire;
@@ -99,6 +100,8 @@ pub struct Actor {
     in_memory: InMemoryBackfills,
     /// `in_memory.total()`, published for the resync workers' back-pressure.
     in_memory_held: Arc<AtomicU64>,
+    /// Where the status document reads what the outbox holds.
+    progress: Arc<Progress>,
     held: BTreeMap<EventId, Held>,
     ready: VecDeque<EventId>,
     in_ready: HashSet<EventId>,
@@ -113,7 +116,7 @@ impl Actor {
         out: async_channel::Sender<Delivery>,
         acked_out: mpsc::Sender<Finished>,
         capacity: Capacity,
-        in_memory_held: Arc<AtomicU64>,
+        progress: Arc<Progress>,
     ) -> Self {
         Self {
             settings,
@@ -123,7 +126,8 @@ impl Actor {
             capacity,
             order: OrderingScheduler::new(),
             in_memory: InMemoryBackfills::default(),
-            in_memory_held,
+            in_memory_held: progress.in_memory_events_counter(),
+            progress,
             held: BTreeMap::new(),
             ready: VecDeque::new(),
             in_ready: HashSet::new(),
@@ -254,8 +258,14 @@ impl Actor {
         let oldest = self
             .held
             .first_key_value()
-            .map_or(0.0, |(_, h)| h.appended_at.elapsed().as_secs_f64());
-        metrics::gauge!(t::OUTBOX_OLDEST_UNACKED_SECONDS).set(oldest);
+            .map(|(_, h)| h.appended_at.elapsed());
+        metrics::gauge!(t::OUTBOX_OLDEST_UNACKED_SECONDS)
+            .set(oldest.map_or(0.0, |age| age.as_secs_f64()));
+        let oldest_ms = oldest.map(|age| {
+            crate::status::unix_ms() - i64::try_from(age.as_millis()).unwrap_or(i64::MAX)
+        });
+        self.progress
+            .set_outbox(self.held.len() as u64, oldest_ms, self.sessions as u64);
     }
 
     /// Unacked events whose resend time has come go out again, but only while someone is
@@ -267,6 +277,7 @@ impl Actor {
         let due = self.order.due_for_resend(now, self.settings.retry_timeout);
         if !due.is_empty() {
             metrics::counter!(t::EVENTS_REDELIVERED).increment(due.len() as u64);
+            self.progress.redelivered(due.len() as u64);
             tracing::debug!(events = due.len(), "Resending unacked events.");
             self.queue_ready(due);
         }
@@ -355,7 +366,7 @@ mod tests {
                 out_tx,
                 acked_tx,
                 capacity.clone(),
-                Arc::new(AtomicU64::new(0)),
+                Arc::default(),
             );
             let stop = CancellationToken::new();
             let task = tokio::spawn(actor.run(stop.clone()));
@@ -528,7 +539,7 @@ mod tests {
             out_tx,
             acked_tx,
             capacity.clone(),
-            Arc::new(AtomicU64::new(0)),
+            Arc::default(),
         );
         let stop = CancellationToken::new();
         let task = tokio::spawn(actor.run(stop.clone()));

@@ -2,6 +2,7 @@
 //! cut over; record a failure with its class so the retry policy can tell a verdict from a
 //! passing fault.
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tap_atproto::Cid;
@@ -20,6 +21,7 @@ use super::{IDLE_POLL, ResyncError, ResyncSettings, WALK_MEMORY_BUDGET};
 use crate::repos::engine::Engine;
 use crate::repos::handle_checks::HandleChecks;
 use crate::shutdown::Supervisor;
+use crate::status::Progress;
 use crate::store::{EventStorage, FetchKind, LastFetch, RepoRow, ResyncFailure, Store};
 use crate::telemetry as t;
 
@@ -30,10 +32,11 @@ pub fn spawn(
     pds: PdsClient,
     engine: Engine,
     store: Store,
+    progress: &Arc<Progress>,
     supervisor: &Supervisor,
     intake: CancellationToken,
 ) {
-    let pds = std::sync::Arc::new(pds);
+    let pds = Arc::new(pds);
     let handles = HandleChecks::spawn(&engine, supervisor, &intake);
     for _ in 0..settings.parallelism.max(1) {
         supervisor.spawn(
@@ -42,9 +45,10 @@ pub fn spawn(
                 Worker {
                     engine: engine.clone(),
                     store: store.clone(),
-                    pds: std::sync::Arc::clone(&pds),
+                    pds: Arc::clone(&pds),
                     handles: handles.clone(),
                     settings: settings.clone(),
+                    progress: Arc::clone(progress),
                 },
                 intake.clone(),
             ),
@@ -56,9 +60,10 @@ pub fn spawn(
 struct Worker {
     engine: Engine,
     store: Store,
-    pds: std::sync::Arc<PdsClient>,
+    pds: Arc<PdsClient>,
     handles: HandleChecks,
     settings: ResyncSettings,
+    progress: Arc<Progress>,
 }
 
 /// Most index records an incremental fetch reads into memory (~160 bytes each, per
@@ -108,6 +113,7 @@ async fn run_worker(worker: Worker, stop: CancellationToken) {
         let failure = match result {
             Ok(records) => {
                 metrics::counter!(t::RESYNCS_COMPLETED).increment(1);
+                worker.progress.resync_done(records);
                 tracing::info!(%did, records, elapsed = ?started.elapsed(), "Resync complete.");
                 continue;
             }
@@ -161,6 +167,7 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
         pds,
         handles,
         settings,
+        progress,
     } = worker;
     let did = &repo.did;
     // Key and PDS fetched now, from the DID document alone (a rotated key or a moved PDS
@@ -169,6 +176,7 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
     handles.submit(did.clone()).await;
     let key = ident.require_signing_key()?.clone();
     let pds_url = ident.require_pds()?.clone();
+    let _busy = progress.resync_on(&super::fetch::host_of(&pds_url));
     // With nothing indexed, every record is a create that the repo itself can produce
     // again, so the events need not be stored one by one (decisions in
     // docs/architecture.md, "Write volume").

@@ -168,6 +168,17 @@ pub async fn info(tap: &TestTap, did: &Did) -> Value {
         .unwrap()
 }
 
+/// The byte ledger's total (`/stats/bandwidth`).
+pub async fn bandwidth_total(tap: &TestTap) -> Value {
+    let bw: Value = reqwest::get(tap.url("/stats/bandwidth"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    bw["total"].clone()
+}
+
 pub async fn wait_state(tap: &TestTap, did: &Did, state: &str) -> Value {
     wait_for(&format!("{did} to be {state}"), || async {
         let i = info(tap, did).await;
