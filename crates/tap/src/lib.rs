@@ -13,7 +13,8 @@
 //! - [`wire`]: the JSON events consumers receive (the public contract).
 //! - [`api`]: the HTTP surface (`/health`, `/channel`, `/repos/*`, `/info`, `/stats/*`).
 //! - [`store`]: SQLite and PostgreSQL state: repos, record index, outbox, cursors.
-//! - [`status`]: in-memory progress shared with the API.
+//! - [`status`]: live counters, the `/status.json` document and its diagnoses.
+//! - [`remote`]: `tap healthcheck`, `tap status`, `tap repos …`: clients of a running tap.
 //! - [`telemetry`]: JSON logs and Prometheus metrics.
 //! - [`shutdown`]: cancellation tree and deadlines.
 
@@ -26,11 +27,11 @@ pub mod delivery;
 pub mod error;
 pub mod failpoint;
 pub mod firehose;
-pub mod healthcheck;
 pub mod identity;
 pub mod ledger;
 pub mod netguard;
 pub mod outbox;
+pub mod remote;
 pub mod repos;
 pub mod resync;
 pub mod shutdown;

@@ -1,9 +1,9 @@
-//! The `tap` binary: command line → [`tap::Config`] → [`tap::App`], or the one-shot
-//! `tap healthcheck`; nothing else.
+//! The `tap` binary: command line → [`tap::Config`] → [`tap::App`], or one of the one-shot
+//! clients of a running tap (`healthcheck`, `status`, `repos`); nothing else.
 
 use std::process::ExitCode;
 
-use tap::config::{self, CliError, Environment, Healthcheck, Invocation};
+use tap::config::{self, CliError, Environment, Invocation, Remote};
 
 fn main() -> ExitCode {
     let env = Environment::from_process_and_dotenv();
@@ -14,6 +14,12 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Ok(Invocation::Healthcheck(check)) => return healthcheck(&check),
+        Ok(Invocation::Status(cmd)) => {
+            return one_shot(async move { Ok(tap::remote::status::run(&cmd).await) });
+        }
+        Ok(Invocation::Repos(cmd)) => {
+            return one_shot(async move { Ok(tap::remote::repos::run(&cmd).await) });
+        }
         Err(CliError::Clap(e)) => e.exit(),
         Err(CliError::Invalid(e)) => {
             eprintln!("tap: {e}");
@@ -47,17 +53,20 @@ fn main() -> ExitCode {
 }
 
 /// `tap healthcheck`: 0 when healthy, 1 with the reason on stderr otherwise.
-fn healthcheck(check: &Healthcheck) -> ExitCode {
-    let result = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))
-        .and_then(|rt| rt.block_on(tap::healthcheck::run(check)));
-    match result {
+fn healthcheck(check: &Remote) -> ExitCode {
+    match tap::remote::block_on(tap::remote::healthcheck::run(check)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(reason) => {
             eprintln!("tap healthcheck: {reason}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs a client subcommand to its exit status.
+fn one_shot(f: impl std::future::Future<Output = Result<ExitCode, String>>) -> ExitCode {
+    tap::remote::block_on(f).unwrap_or_else(|reason| {
+        eprintln!("tap: {reason}");
+        ExitCode::from(2)
+    })
 }

@@ -143,8 +143,9 @@ fn an_unreachable_database_exits_non_zero_with_one_line() {
 #[test]
 fn default_run_creates_tap_db_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
+    // Default database; the relay is a closed loopback port so nothing leaves the machine.
     let mut child = tap()
-        .args(["run", "--bind=127.0.0.1:0"])
+        .args(["run", "--bind=127.0.0.1:0", "--relay-url=http://127.0.0.1:1"])
         .current_dir(dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -206,7 +207,7 @@ fn start_tap(dir: &std::path::Path, extra: &[&str]) -> (Child, String) {
 #[test]
 fn healthcheck_exits_zero_for_a_healthy_tap_and_one_otherwise() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, addr) = start_tap(dir.path(), &["--admin-password=s3cret"]);
+    let (mut child, addr) = start_isolated_tap(dir.path(), "http://127.0.0.1:1");
     let url = format!("--url=http://{addr}");
     let check = |extra: &[&str], env: &[(&str, &str)]| {
         let mut cmd = tap();
@@ -251,4 +252,120 @@ mod reqwest {
                 .to_owned()
         })
     }
+}
+
+/// A tap on loopback only: a closed relay port and a fake PLC that knows no DID, so a
+/// tracked repo fails its resync with a verdict.
+fn start_isolated_tap(dir: &std::path::Path, plc: &str) -> (Child, String) {
+    let plc = format!("--plc-url={plc}");
+    start_tap(
+        dir,
+        &[
+            "--admin-password=s3cret",
+            "--relay-url=http://127.0.0.1:1",
+            &plc,
+        ],
+    )
+}
+
+#[test]
+fn status_exits_by_health_and_repos_commands_drive_the_api() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let plc = rt.block_on(tap_testkit::fake_plc::FakePlc::start());
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = start_isolated_tap(dir.path(), &plc.url());
+    let url = format!("--url=http://{addr}");
+    let client = |args: &[&str], stdin: Option<&str>| {
+        let mut cmd = tap();
+        cmd.args(args).arg(&url).env("TAP_ADMIN_PASSWORD", "s3cret");
+        match stdin {
+            None => run_to_exit(&mut cmd),
+            Some(input) => {
+                let mut child = cmd
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                use std::io::Write;
+                child
+                    .stdin
+                    .take()
+                    .unwrap()
+                    .write_all(input.as_bytes())
+                    .unwrap();
+                wait_with_deadline(&mut child, Duration::from_secs(30));
+                child.wait_with_output().unwrap()
+            }
+        }
+    };
+
+    let healthy = client(&["status"], None);
+    assert_eq!(healthy.status.code(), Some(0), "{:?}", lines(&healthy));
+    assert!(
+        lines(&healthy)[0].contains(": healthy, up "),
+        "{:?}",
+        lines(&healthy)
+    );
+    let json = client(&["status", "--json"], None);
+    let doc: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(doc["healthy"], true);
+    let wrong = client(&["status", "--admin-password=nope"], None);
+    assert_eq!(wrong.status.code(), Some(2), "{:?}", lines(&wrong));
+    assert!(lines(&wrong)[0].contains("401"), "{:?}", lines(&wrong));
+
+    // A DID the PLC does not know: its resync fails, and status says so with exit 1.
+    let ghost = "did:plc:ghostghostghostghostghost";
+    let added = client(&["repos", "add", ghost], None);
+    assert_eq!(added.status.code(), Some(0), "{:?}", lines(&added));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let unhealthy = loop {
+        let out = client(&["status"], None);
+        if out.status.code() == Some(1) {
+            break out;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never unhealthy: {:?}",
+            lines(&out)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let text = lines(&unhealthy);
+    assert!(text[0].contains("UNHEALTHY"), "{text:?}");
+    assert!(
+        text.iter().any(|l| l.starts_with("  ! 1 repo in error")),
+        "{text:?}"
+    );
+
+    let listed = client(&["repos", "list"], None);
+    let rows = lines(&listed);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(
+        rows[0].starts_with(&format!("{ghost}\terror\t0\t")),
+        "{rows:?}"
+    );
+    let none = client(&["repos", "list", "--state=active"], None);
+    assert!(lines(&none).is_empty(), "{:?}", lines(&none));
+    let info = client(&["repos", "info", ghost], None);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["state"], "error");
+    let resync = client(&["repos", "resync", ghost], None);
+    let answer: serde_json::Value = serde_json::from_slice(&resync.stdout).unwrap();
+    assert_eq!(answer["queued"], serde_json::json!([ghost]));
+
+    let bad = client(&["repos", "add", "not-a-did"], None);
+    assert_eq!(bad.status.code(), Some(1), "{:?}", lines(&bad));
+    assert!(lines(&bad)[0].contains("400"), "{:?}", lines(&bad));
+    let removed = client(&["repos", "remove"], Some(&format!("{ghost}\n\n")));
+    assert_eq!(removed.status.code(), Some(0), "{:?}", lines(&removed));
+    assert!(lines(&client(&["repos", "list"], None)).is_empty());
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let gone = client(&["status", "--timeout=2s"], None);
+    assert_eq!(gone.status.code(), Some(2), "{:?}", lines(&gone));
+    assert!(lines(&gone)[0].contains("no answer"), "{:?}", lines(&gone));
+    let gone = client(&["repos", "list", "--timeout=2s"], None);
+    assert_eq!(gone.status.code(), Some(2));
 }

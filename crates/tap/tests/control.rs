@@ -132,7 +132,10 @@ async fn the_status_document_adds_up_and_names_why_repos_fail() {
     assert!(doc["outbox"]["delivered"].as_u64().unwrap() >= records as u64);
     assert_eq!(doc["resync"]["busy"], 0);
     assert_eq!(
-        doc["firehose"]["upstream"].as_str().unwrap().trim_end_matches('/'),
+        doc["firehose"]["upstream"]
+            .as_str()
+            .unwrap()
+            .trim_end_matches('/'),
         net.relay.url()
     );
     assert_eq!(

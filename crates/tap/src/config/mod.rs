@@ -5,6 +5,7 @@
 //! [`Config`]: delivery mode, tracking scope and database URL are enums.
 
 mod goparse;
+pub mod remote;
 pub mod settings;
 
 use std::collections::HashMap;
@@ -17,6 +18,7 @@ use tap_atproto::syntax::{CollectionFilter, Nsid};
 use url::Url;
 
 pub use goparse::{parse_bool, parse_duration};
+pub use remote::{Remote, Repos, ReposCommand, StatusCommand};
 use settings::{Kind, SETTINGS, Setting};
 
 use crate::store::DatabaseUrl;
@@ -216,21 +218,13 @@ pub enum Invocation {
     /// `tap run …`.
     Run(Box<Config>),
     /// `tap healthcheck …`.
-    Healthcheck(Healthcheck),
+    Healthcheck(Remote),
+    /// `tap status …`.
+    Status(StatusCommand),
+    /// `tap repos …`.
+    Repos(Repos),
     /// `tap` with no subcommand: print this help and exit successfully.
     Help(String),
-}
-
-/// `tap healthcheck`: ask a running tap's `/health`, for container health checks in images
-/// without curl.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Healthcheck {
-    /// The tap to ask (`--url`).
-    pub url: Url,
-    /// Its admin password (`--admin-password`, `TAP_ADMIN_PASSWORD`).
-    pub admin_password: Option<String>,
-    /// How long to wait for the answer (`--timeout`).
-    pub timeout: Duration,
 }
 
 /// Why the command line could not be turned into an [`Invocation`].
@@ -305,57 +299,13 @@ pub fn command() -> Command {
         Command::new("run").about("start the tap server"),
         |cmd, s| cmd.arg(arg_for(s)),
     );
-    let healthcheck = Command::new("healthcheck")
-        .about("exit 0 when a running tap's /health answers ok in time, 1 otherwise")
-        .arg(
-            Arg::new("url")
-                .long("url")
-                .value_name("URL")
-                .default_value("http://127.0.0.1:2480")
-                .help("the tap to ask"),
-        )
-        .arg(
-            Arg::new("admin-password")
-                .long("admin-password")
-                .value_name("PASSWORD")
-                .help("its admin password [env: TAP_ADMIN_PASSWORD]"),
-        )
-        .arg(
-            Arg::new("timeout")
-                .long("timeout")
-                .value_name("DURATION")
-                .default_value("5s")
-                .help("how long to wait for the answer"),
-        );
     Command::new("tap")
         .about(
             "tap: sync a slice of the AT Protocol network, verified, with at-least-once delivery",
         )
         .version(env!("CARGO_PKG_VERSION"))
         .subcommand(run)
-        .subcommand(healthcheck)
-}
-
-fn healthcheck(matches: &ArgMatches, env: &Environment) -> Result<Healthcheck, CliError> {
-    let text = |id: &str| matches.get_one::<String>(id).cloned().unwrap_or_default();
-    let invalid = |flag: &'static str, message: String| {
-        CliError::Invalid(ConfigError {
-            flag,
-            env: "",
-            message,
-        })
-    };
-    let url = Url::parse(&text("url")).map_err(|e| invalid("url", e.to_string()))?;
-    let timeout = goparse::parse_duration(&text("timeout")).map_err(|e| invalid("timeout", e))?;
-    let admin_password = matches
-        .get_one::<String>("admin-password")
-        .cloned()
-        .or_else(|| env.get("TAP_ADMIN_PASSWORD").map(str::to_owned));
-    Ok(Healthcheck {
-        url,
-        admin_password,
-        timeout,
-    })
+        .subcommands(remote::commands())
 }
 
 fn arg_for(s: &'static Setting) -> Arg {
@@ -400,7 +350,9 @@ where
             let values = ResolvedValues::resolve(run, env);
             Ok(Invocation::Run(Box::new(Config::from_values(&values)?)))
         }
-        Some(("healthcheck", m)) => Ok(Invocation::Healthcheck(healthcheck(m, env)?)),
+        Some(("healthcheck", m)) => Ok(Invocation::Healthcheck(remote::remote(m, env)?)),
+        Some(("status", m)) => Ok(Invocation::Status(remote::status(m, env)?)),
+        Some(("repos", m)) => Ok(Invocation::Repos(remote::repos(m, env)?)),
         _ => Ok(Invocation::Help(cmd.render_help().to_string())),
     }
 }

@@ -10,6 +10,71 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> Result<Config, CliError> {
 }
 
 #[test]
+fn status_and_repos_share_how_to_reach_tap_and_parse_their_own_options() {
+    let env = Environment::from_pairs([("TAP_ADMIN_PASSWORD", "pw")]);
+    let Invocation::Status(status) = parse(["tap", "status"], &env).unwrap() else {
+        panic!("expected status")
+    };
+    assert_eq!(status.remote.admin_password.as_deref(), Some("pw"));
+    assert_eq!((status.json, status.watch), (false, None));
+    let args = ["tap", "status", "--json", "--watch", "--interval=500ms"];
+    let Invocation::Status(status) = parse(args, &env).unwrap() else {
+        panic!("expected status")
+    };
+    assert_eq!(
+        (status.json, status.watch),
+        (true, Some(Duration::from_millis(500)))
+    );
+    assert!(matches!(
+        parse(["tap", "status", "--interval=0s"], &env),
+        Err(CliError::Invalid(_))
+    ));
+
+    let repos = |args: &[&str]| match parse(args.iter().copied(), &env).unwrap() {
+        Invocation::Repos(r) => r,
+        other => panic!("expected repos, got {other:?}"),
+    };
+    let r = repos(&[
+        "tap",
+        "repos",
+        "add",
+        "did:plc:a",
+        "did:plc:b",
+        "--url=http://h:1",
+    ]);
+    assert_eq!(r.remote.url.as_str(), "http://h:1/");
+    assert_eq!(
+        r.command,
+        ReposCommand::Add(vec!["did:plc:a".into(), "did:plc:b".into()])
+    );
+    assert_eq!(
+        repos(&["tap", "repos", "resync"]).command,
+        ReposCommand::Resync(vec![])
+    );
+    assert_eq!(
+        repos(&["tap", "repos", "--url=http://h:2", "info", "did:plc:a"]).command,
+        ReposCommand::Info("did:plc:a".into())
+    );
+    assert_eq!(
+        repos(&["tap", "repos", "list", "--state=error", "--limit=5"]).command,
+        ReposCommand::List {
+            state: Some("error".into()),
+            limit: Some(5)
+        }
+    );
+    for bad in [
+        &["tap", "repos"][..],
+        &["tap", "repos", "info"],
+        &["tap", "repos", "list", "--limit=some"],
+    ] {
+        assert!(
+            matches!(parse(bad.iter().copied(), &env), Err(CliError::Clap(_))),
+            "{bad:?}"
+        );
+    }
+}
+
+#[test]
 fn healthcheck_takes_its_url_password_and_timeout_from_flags_or_the_environment() {
     let env = Environment::from_pairs([("TAP_ADMIN_PASSWORD", "from-env")]);
     let Invocation::Healthcheck(check) = parse(["tap", "healthcheck"], &env).unwrap() else {
