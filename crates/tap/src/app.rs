@@ -24,6 +24,7 @@ use crate::outbox::{
 };
 use crate::repos::engine::Engine;
 use crate::repos::filter::Scope;
+use crate::repos::live_filters::FilterControl;
 use crate::repos::locks::DidLocks;
 use crate::resync::{self, ResyncSettings};
 use crate::shutdown::{self, Shutdown, Supervisor};
@@ -95,6 +96,7 @@ pub struct App {
     outbox: OutboxParts,
     identity: Identity,
     ledger: Ledger,
+    filters: Arc<FilterControl>,
 }
 
 impl App {
@@ -138,6 +140,14 @@ impl App {
                 "Reset interrupted resyncs to desynchronized."
             );
         }
+        // The filters in force: the flags', or the values set through the API since.
+        let filters = Arc::new(
+            FilterControl::load(
+                store.clone(),
+                &Scope::new(config.scope.clone(), config.collection_filters.clone()),
+            )
+            .await?,
+        );
         let outbox = OutboxParts::new(&config, &store);
         let ledger = Ledger::default();
         let identity = Identity::new(IdentityOptions {
@@ -155,6 +165,7 @@ impl App {
             outbox,
             identity,
             ledger,
+            filters,
         })
     }
 
@@ -205,6 +216,7 @@ impl App {
             outbox,
             identity,
             ledger,
+            filters,
         } = self;
         // Everything that can fail before a task runs, so a failure here leaves nothing
         // half started.
@@ -349,7 +361,7 @@ impl App {
                 store.clone(),
                 outbox_handle,
                 identity.clone(),
-                Scope::new(config.scope.clone(), config.collection_filters.clone()),
+                filters.live().clone(),
                 DidLocks::new(),
                 ledger.clone(),
             );
@@ -373,7 +385,7 @@ impl App {
                 crawler::run_crawler(
                     CrawlerSettings {
                         relay_url: config.relay_url.clone(),
-                        scope: config.scope.clone(),
+                        scope: filters.live().clone(),
                         ledger: ledger.clone(),
                     },
                     store.clone(),
@@ -410,7 +422,7 @@ impl App {
             progress,
             board,
             relay_url: config.relay_url.to_string(),
-            scope: config.scope.clone(),
+            filters,
             channel,
             stop: delivery_stop.clone(),
             identity,

@@ -4,7 +4,8 @@
 //!
 //! Cursors are saved after every page, so a restart resumes a pass. A finished pass clears
 //! its cursor, and passes repeat daily from the start, so repos created since are found
-//! (the Go tap resumed from its last cursor forever and never saw them).
+//! (the Go tap resumed from its last cursor forever and never saw them). Signal collections
+//! added at runtime are enumerated at once; removed ones are no longer walked.
 
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use url::Url;
 
 use crate::config::TrackingScope;
 use crate::ledger::{Ledger, Source};
+use crate::repos::filter::LiveScope;
 use crate::store::{Store, StoreError};
 use crate::telemetry as t;
 
@@ -53,8 +55,8 @@ pub enum CrawlerError {
 pub struct CrawlerSettings {
     /// Relay base URL (also the cursor key).
     pub relay_url: Url,
-    /// Tracking scope; the crawler does nothing in dynamic mode.
-    pub scope: TrackingScope,
+    /// The scope in force; the crawler walks nothing in dynamic mode.
+    pub scope: LiveScope,
     /// Where listing pages' bytes are counted.
     pub ledger: Ledger,
 }
@@ -75,19 +77,24 @@ struct ListedRepo {
 }
 
 /// Which listing a pass walks.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Listing {
     All,
     Collection(Nsid),
 }
 
-/// Runs passes until `stop` is cancelled. Does nothing in dynamic mode.
-pub async fn run_crawler(settings: CrawlerSettings, store: Store, stop: CancellationToken) {
-    let listings: Vec<Listing> = match &settings.scope {
-        TrackingScope::Dynamic => return,
+/// The listings a tracking scope walks.
+fn listings_of(tracking: &TrackingScope) -> Vec<Listing> {
+    match tracking {
+        TrackingScope::Dynamic => Vec::new(),
         TrackingScope::FullNetwork => vec![Listing::All],
         TrackingScope::SignalCollections(c) => c.iter().cloned().map(Listing::Collection).collect(),
-    };
+    }
+}
+
+/// Runs passes until `stop` is cancelled: every listing of the scope daily (a minute after
+/// a failure), and a listing the scope gains at runtime at once.
+pub async fn run_crawler(settings: CrawlerSettings, store: Store, stop: CancellationToken) {
     let client = match reqwest::Client::builder()
         .timeout(REQUEST_TIMEOUT)
         .user_agent(concat!("tap/", env!("CARGO_PKG_VERSION")))
@@ -99,9 +106,12 @@ pub async fn run_crawler(settings: CrawlerSettings, store: Store, stop: Cancella
             return;
         }
     };
+    let mut changes = settings.scope.subscribe();
+    let mut listings = listings_of(changes.borrow_and_update().tracking());
+    let mut due = listings.clone();
     loop {
         let mut failed = false;
-        for listing in &listings {
+        for listing in &due {
             match crawl(&client, &settings, listing, &store, &stop).await {
                 Ok(found) => tracing::info!(?listing, found, "Finished enumerating repos."),
                 Err(CrawlerError::Stopped) => return,
@@ -116,10 +126,28 @@ pub async fn run_crawler(settings: CrawlerSettings, store: Store, stop: Cancella
         } else {
             PASS_INTERVAL
         };
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(wait) => {}
-        }
+        let sleep = tokio::time::sleep(wait);
+        tokio::pin!(sleep);
+        due = loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = &mut sleep => break listings.clone(),
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        // The scope's owner is gone: tap is stopping.
+                        stop.cancelled().await;
+                        return;
+                    }
+                    let now = listings_of(changes.borrow_and_update().tracking());
+                    let added: Vec<Listing> =
+                        now.iter().filter(|l| !listings.contains(l)).cloned().collect();
+                    listings = now;
+                    if !added.is_empty() {
+                        break added;
+                    }
+                }
+            }
+        };
     }
 }
 

@@ -145,7 +145,11 @@ fn default_run_creates_tap_db_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     // Default database; the relay is a closed loopback port so nothing leaves the machine.
     let mut child = tap()
-        .args(["run", "--bind=127.0.0.1:0", "--relay-url=http://127.0.0.1:1"])
+        .args([
+            "run",
+            "--bind=127.0.0.1:0",
+            "--relay-url=http://127.0.0.1:1",
+        ])
         .current_dir(dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -1,12 +1,16 @@
 //! Steering a running tap (issue 14) against loopback fakes: a forced resync re-downloads a
-//! repo whole and catches up what the firehose never said.
+//! repo whole and catches up what the firehose never said; the status document adds up;
+//! collection filters and signal collections change at runtime and survive restarts.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 mod sync_support;
 
+use std::collections::BTreeMap;
+
 use common::{TestDb, TestTap};
 use serde_json::{Value, json};
+use tap_atproto::writer::WriteOp;
 use tap_testkit::fake_pds::{Endpoint, RepoReply};
 use tap_testkit::repo_builder::{RepoBuilder, TestKey};
 
@@ -165,5 +169,219 @@ async fn the_status_document_adds_up_and_names_why_repos_fail() {
     let doc = status(&tap).await;
     assert_eq!(doc["healthy"], true, "{doc}");
     assert_eq!(doc["diagnoses"], json!([]));
+    tap.stop().await;
+}
+
+const FOLLOWS: &str = "app.bsky.graph.follow";
+const LIKES: &str = "app.bsky.feed.like";
+
+/// The repo's records in `collection`, as `path → cid`.
+fn expected_in(repo: &RepoBuilder, collection: &str) -> BTreeMap<String, String> {
+    expected(repo)
+        .into_iter()
+        .filter(|(path, _)| path.starts_with(&format!("{collection}/")))
+        .collect()
+}
+
+fn in_collection(records: &[Value], collection: &str) -> BTreeMap<String, String> {
+    paths_and_cids(records)
+        .into_iter()
+        .filter(|(p, _)| p.starts_with(&format!("{collection}/")))
+        .collect()
+}
+
+async fn put(tap: &TestTap, path: &str, body: &str) -> (u16, Value) {
+    let resp = reqwest::Client::new()
+        .put(tap.url(path))
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn get_json(tap: &TestTap, path: &str) -> Value {
+    reqwest::get(tap.url(path))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// A fresh record of `collection` from the builder's generator.
+fn create_in(repo: &mut RepoBuilder, collection: &str) -> WriteOp {
+    loop {
+        let (path, record) = repo.generator().next_record();
+        if path.starts_with(&format!("{collection}/")) {
+            return WriteOp::Create { path, record };
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_collection_filters_apply_at_once_survive_restarts_and_a_widening_fetches_the_new_collection()
+ {
+    let db = TestDb::new(common::Backend::Sqlite).await.unwrap();
+    let net = Net::start().await;
+    let mut repo = RepoBuilder::with_records(did(60), TestKey::k256(60), 60, 300);
+    net.host(&repo, "filters.test", repo.car_tree_order());
+    let mut cfg = net.config(&db);
+    cfg.collection_filters = vec![FOLLOWS.parse().unwrap()];
+    let tap = TestTap::start(cfg.clone()).await;
+    let consumer = Consumer::connect(&tap).await;
+    sync_support::add(&tap, repo.did()).await;
+    let follows = expected_in(&repo, FOLLOWS);
+    consumer.wait_records(follows.len()).await;
+    sync_support::wait_state(&tap, repo.did(), "active").await;
+    assert_eq!(
+        get_json(&tap, "/collection-filters").await,
+        json!({"collections": [FOLLOWS]})
+    );
+
+    // Bad bodies: refused whole, nothing changed.
+    for (body, status) in [
+        (r#"{"collections": ["not an nsid"]}"#, 400),
+        (r#"{"collections": ["app.bsky.*.post"]}"#, 400),
+        (r#"{"collections": "app.bsky.feed.like"}"#, 400),
+        (r#"{}"#, 400),
+        (r#"{"collections": [], "extra": 1}"#, 400),
+        ("{not json", 400),
+    ] {
+        let (got, answer) = put(&tap, "/collection-filters", body).await;
+        assert_eq!(got, status, "{body}: {answer}");
+        assert!(answer["message"].is_string(), "{body}: {answer}");
+    }
+    let resp = reqwest::Client::new()
+        .put(tap.url("/collection-filters"))
+        .header("content-type", "text/plain")
+        .body(r#"{"collections": []}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 415);
+    assert_eq!(
+        get_json(&tap, "/collection-filters").await,
+        json!({"collections": [FOLLOWS]})
+    );
+
+    // Widening: the repo tap holds is fetched again for the likes, sparsely.
+    let (status, answer) = put(
+        &tap,
+        "/collection-filters",
+        &json!({"collections": [FOLLOWS, LIKES]}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer,
+        json!({"collections": [FOLLOWS, LIKES], "resyncing": 1})
+    );
+    let likes = expected_in(&repo, LIKES);
+    assert!(!likes.is_empty(), "the fixture has likes");
+    let got = wait_for("the likes", || async {
+        let got = in_collection(&consumer.records(), LIKES);
+        (got.len() >= likes.len()).then_some(got)
+    })
+    .await;
+    assert_eq!(got, likes);
+    let info = sync_support::wait_state(&tap, repo.did(), "active").await;
+    assert_eq!(info["last_fetch"]["kind"], "sparse", "{info}");
+
+    // Narrowing: the next live commit's follow is not delivered, its like is.
+    let (status, answer) = put(
+        &tap,
+        "/collection-filters",
+        &json!({"collections": [LIKES]}).to_string(),
+    )
+    .await;
+    assert_eq!((status, answer["resyncing"].clone()), (200, json!(0)));
+    let seen = consumer.records().len();
+    let ops = [create_in(&mut repo, FOLLOWS), create_in(&mut repo, LIKES)];
+    net.relay.push_frame(1, repo.commit_frame(&ops).unwrap());
+    let WriteOp::Create {
+        path: like_path, ..
+    } = &ops[1]
+    else {
+        unreachable!()
+    };
+    let later = wait_for("the live like", || async {
+        let later = consumer.records().split_off(seen);
+        in_collection(&later, LIKES)
+            .contains_key(like_path)
+            .then_some(later)
+    })
+    .await;
+    assert!(in_collection(&later, FOLLOWS).is_empty(), "{later:?}");
+    tap.stop().await;
+
+    // A restart with the same flag keeps the runtime value; a changed flag replaces it.
+    let tap = TestTap::start(cfg.clone()).await;
+    assert_eq!(
+        get_json(&tap, "/collection-filters").await,
+        json!({"collections": [LIKES]})
+    );
+    tap.stop().await;
+    cfg.collection_filters = vec!["app.bsky.graph.block".parse().unwrap()];
+    let tap = TestTap::start(cfg).await;
+    assert_eq!(
+        get_json(&tap, "/collection-filters").await,
+        json!({"collections": ["app.bsky.graph.block"]})
+    );
+    tap.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signal_collections_set_at_runtime_are_enumerated_at_once_and_refused_for_the_full_network()
+{
+    const SIGNAL: &str = "com.example.signal";
+    let db = TestDb::new(common::Backend::Sqlite).await.unwrap();
+    let net = Net::start().await;
+    let repo = RepoBuilder::with_records(did(61), TestKey::k256(61), 61, 20);
+    net.host(&repo, "signal.test", repo.car_tree_order());
+    net.relay.set_pages(
+        Some(SIGNAL),
+        vec![vec![json!({"did": repo.did().as_str()})]],
+    );
+    let tap = TestTap::start(net.config(&db)).await;
+    assert_eq!(
+        get_json(&tap, "/signal-collections").await,
+        json!({"collections": []})
+    );
+    let (status, answer) = put(&tap, "/signal-collections", r#"{"collections": ["no"]}"#).await;
+    assert_eq!(status, 400, "{answer}");
+    let (status, answer) = put(
+        &tap,
+        "/signal-collections",
+        &json!({"collections": [SIGNAL]}).to_string(),
+    )
+    .await;
+    assert_eq!((status, answer), (200, json!({"collections": [SIGNAL]})));
+    let info = sync_support::wait_state(&tap, repo.did(), "active").await;
+    assert_eq!(info["records"], repo.records().len());
+    assert!(
+        net.relay
+            .list_requests()
+            .iter()
+            .any(|q| q.contains(&format!("collection={SIGNAL}"))),
+        "{:?}",
+        net.relay.list_requests()
+    );
+    tap.stop().await;
+
+    let full_db = TestDb::new(common::Backend::Sqlite).await.unwrap();
+    let mut cfg = net.config(&full_db);
+    cfg.scope = tap::config::TrackingScope::FullNetwork;
+    let tap = TestTap::start(cfg).await;
+    let (status, answer) = put(
+        &tap,
+        "/signal-collections",
+        &json!({"collections": [SIGNAL]}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 409, "{answer}");
+    assert!(answer["message"].as_str().unwrap().contains("full network"));
     tap.stop().await;
 }

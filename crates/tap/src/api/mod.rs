@@ -3,6 +3,7 @@
 
 mod auth;
 mod channel;
+mod filters;
 mod repos;
 mod resolve;
 mod stats;
@@ -11,8 +12,9 @@ use std::sync::Arc;
 
 use axum::{
     Router,
+    body::Body,
     extract::State,
-    http::{StatusCode, header},
+    http::{HeaderMap, StatusCode, header},
     middleware,
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -23,10 +25,10 @@ pub use auth::{AdminAuth, UNAUTHORIZED_BODY, basic_header, require_admin};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::TrackingScope;
 use crate::delivery::DeliveryHub;
 use crate::identity::Identity;
 use crate::ledger::Ledger;
+use crate::repos::live_filters::FilterControl;
 use crate::status::Progress;
 use crate::status::board::StatusBoard;
 use crate::store::Store;
@@ -45,8 +47,9 @@ pub struct ApiState {
     pub board: Arc<StatusBoard>,
     /// Relay URL as configured: the key of stored cursors.
     pub relay_url: String,
-    /// Tracking scope, to pick which enumeration cursor `/stats/cursors` reports.
-    pub scope: TrackingScope,
+    /// The collection filters and signal collections, readable and changeable at runtime
+    /// (also picks which enumeration cursor `/stats/cursors` reports).
+    pub filters: Arc<FilterControl>,
     /// Where `/channel` sessions take events from; `None` in webhook mode.
     pub channel: Option<DeliveryHub>,
     /// Cancelled when `/channel` sessions must end (shutdown).
@@ -77,6 +80,14 @@ pub fn router(state: ApiState, auth: Option<AdminAuth>) -> Router {
         .route("/stats/cursors", get(stats::cursors))
         .route("/stats/bandwidth", get(stats::bandwidth))
         .route("/status.json", get(stats::status))
+        .route(
+            "/collection-filters",
+            get(filters::get_collection_filters).put(filters::put_collection_filters),
+        )
+        .route(
+            "/signal-collections",
+            get(filters::get_signal_collections).put(filters::put_signal_collections),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -101,6 +112,50 @@ async fn not_found() -> Response {
 
 async fn method_not_allowed() -> Response {
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed").into_response()
+}
+
+/// A slow client gets this long to send its whole body.
+const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reads a request body meant to be JSON: within a deadline (else 408), at most
+/// [`MAX_BODY_BYTES`] (413), and, when not empty, with a JSON content type (415).
+pub(crate) async fn read_json_body(
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<axum::body::Bytes, ApiError> {
+    let bytes =
+        match tokio::time::timeout(BODY_DEADLINE, axum::body::to_bytes(body, MAX_BODY_BYTES)).await
+        {
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request body not received in time",
+                ));
+            }
+            Ok(Err(_)) => {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body larger than {MAX_BODY_BYTES} bytes"),
+                ));
+            }
+            Ok(Ok(bytes)) => bytes,
+        };
+    if !bytes.is_empty() {
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !content_type
+            .to_ascii_lowercase()
+            .starts_with("application/json")
+        {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "Unsupported Media Type",
+            ));
+        }
+    }
+    Ok(bytes)
 }
 
 /// A JSON response terminated by a newline, as the Go tap (echo) writes them.

@@ -3,12 +3,10 @@
 //! A request is validated as a whole before anything is written: one malformed DID
 //! rejects the request with 400 naming it, and the store is left untouched.
 
-use std::time::Duration;
-
 use axum::{
     body::Body,
     extract::{Path, Query, State, rejection::QueryRejection},
-    http::{HeaderMap, StatusCode, header},
+    http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
 };
 use serde::Deserialize;
@@ -16,10 +14,7 @@ use tap_atproto::syntax::{Did, Tid};
 
 use crate::store::{RepoRow, RepoState};
 
-use super::{ApiError, ApiState, MAX_BODY_BYTES, json};
-
-/// A slow client gets this long to send its whole body.
-const BODY_DEADLINE: Duration = Duration::from_secs(30);
+use super::{ApiError, ApiState, json, read_json_body};
 
 #[derive(Debug, Deserialize)]
 struct DidList {
@@ -27,42 +22,13 @@ struct DidList {
     dids: Option<Vec<String>>,
 }
 
-/// Reads and validates `{"dids": [...]}`: JSON content type (else 415), a size cap (413),
-/// a deadline (408), well-formed JSON (400), at least one DID (400), every DID valid (400).
+/// Reads and validates `{"dids": [...]}`: the body rules of [`read_json_body`], well-formed
+/// JSON (400), at least one DID (400), every DID valid (400).
 async fn read_did_list(headers: &HeaderMap, body: Body) -> Result<Vec<Did>, ApiError> {
-    let bytes =
-        match tokio::time::timeout(BODY_DEADLINE, axum::body::to_bytes(body, MAX_BODY_BYTES)).await
-        {
-            Err(_) => {
-                return Err(ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "request body not received in time",
-                ));
-            }
-            Ok(Err(_)) => {
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("request body larger than {MAX_BODY_BYTES} bytes"),
-                ));
-            }
-            Ok(Ok(bytes)) => bytes,
-        };
+    let bytes = read_json_body(headers, body).await?;
     let dids = if bytes.is_empty() {
         Vec::new()
     } else {
-        let content_type = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        if !content_type
-            .to_ascii_lowercase()
-            .starts_with("application/json")
-        {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "Unsupported Media Type",
-            ));
-        }
         let list: DidList = serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
         list.dids.unwrap_or_default()

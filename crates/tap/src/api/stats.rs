@@ -54,7 +54,8 @@ pub(super) async fn resync_buffer(State(state): State<ApiState>) -> Result<Respo
 
 /// `{"firehose": <last processed seq>, "list_repos": "<enumeration cursor>"}`.
 pub(super) async fn cursors(State(state): State<ApiState>) -> Result<Response, ApiError> {
-    let list_repos = match &state.scope {
+    let scope = state.filters.live().current();
+    let list_repos = match scope.tracking() {
         TrackingScope::Dynamic => Ok(None),
         TrackingScope::FullNetwork => state.store.list_repos_cursor(&state.relay_url).await,
         TrackingScope::SignalCollections(collections) => match collections.first() {

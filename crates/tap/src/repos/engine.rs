@@ -14,7 +14,7 @@ use tap_atproto::firehose::{
 use tap_atproto::syntax::{Did, Tid};
 
 use super::decide::{self, AccountAction, CommitAction, CommitGate, SyncAction};
-use super::filter::Scope;
+use super::filter::{LiveScope, Scope};
 use super::locks::DidLocks;
 use super::prepared::{Buffered, PreparedCommit};
 use crate::identity::{Identity, IdentityError};
@@ -118,7 +118,7 @@ pub struct Engine {
     store: Store,
     outbox: Outbox,
     identity: Identity,
-    scope: Arc<Scope>,
+    scope: LiveScope,
     locks: DidLocks,
     ledger: Ledger,
 }
@@ -130,7 +130,7 @@ impl Engine {
         store: Store,
         outbox: Outbox,
         identity: Identity,
-        scope: Scope,
+        scope: LiveScope,
         locks: DidLocks,
         ledger: Ledger,
     ) -> Self {
@@ -138,7 +138,7 @@ impl Engine {
             store,
             outbox,
             identity,
-            scope: Arc::new(scope),
+            scope,
             locks,
             ledger,
         }
@@ -158,8 +158,8 @@ impl Engine {
 
     /// The tracking scope and filters.
     #[must_use]
-    pub fn scope(&self) -> &Scope {
-        &self.scope
+    pub fn scope(&self) -> Arc<Scope> {
+        self.scope.current()
     }
 
     /// The outbox (resync workers append historical events through it).
@@ -182,10 +182,10 @@ impl Engine {
         let did = frame.repo.as_str();
         let _guard = self.locks.lock(did).await;
         let repo = self.store.get_repo(did).await?;
+        // One snapshot for the whole commit: a filter change lands between commits.
+        let scope = self.scope();
         let auto = repo.is_none()
-            && self
-                .scope
-                .tracks_on_commit(frame.ops.iter().map(|op| collection_of(&op.path)));
+            && scope.tracks_on_commit(frame.ops.iter().map(|op| collection_of(&op.path)));
         let repo = match decide::gate_commit(repo.as_ref(), frame.rev.as_str(), auto) {
             CommitGate::Untracked { track: true } => return self.track(did).await,
             CommitGate::Untracked { track: false } => return Ok(Outcome::Skipped("untracked")),
@@ -214,11 +214,11 @@ impl Engine {
                 self.ledger.record(
                     collection,
                     record.len() as u64,
-                    self.scope.wants_collection(collection),
+                    scope.wants_collection(collection),
                 );
             }
         }
-        let prepared = PreparedCommit::from_verified(&verified, |c| self.scope.wants_collection(c));
+        let prepared = PreparedCommit::from_verified(&verified, |c| scope.wants_collection(c));
         match decide::after_verification(&repo, &prepared.prev_data) {
             CommitAction::Buffer => {
                 let rev = prepared.rev.clone();
@@ -283,7 +283,7 @@ impl Engine {
         let did = frame.did.as_str();
         let _guard = self.locks.lock(did).await;
         let Some(repo) = self.store.get_repo(did).await? else {
-            if self.scope.tracks_on_other_events() {
+            if self.scope().tracks_on_other_events() {
                 return self.track(did).await;
             }
             return Ok(Outcome::Skipped("untracked"));
@@ -357,7 +357,7 @@ impl Engine {
         let did = frame.did.as_str();
         let _guard = self.locks.lock(did).await;
         let Some(repo) = self.store.get_repo(did).await? else {
-            if self.scope.tracks_on_other_events() {
+            if self.scope().tracks_on_other_events() {
                 return self.track(did).await;
             }
             return Ok(Outcome::Skipped("untracked"));
@@ -445,7 +445,7 @@ impl Engine {
             repo.as_ref(),
             frame.active,
             frame.status.as_deref(),
-            self.scope.tracks_on_other_events(),
+            self.scope().tracks_on_other_events(),
         ) {
             AccountAction::Ignore => Ok(Outcome::Skipped("account status unchanged or ignored")),
             AccountAction::Track => self.track(did).await,

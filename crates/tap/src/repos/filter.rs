@@ -1,10 +1,105 @@
 //! Which repos are tracked and which records pass: the tracking scope (dynamic, signal
-//! collections, full network) and the collection filters. Pure.
+//! collections, full network) and the collection filters; the live value the pipeline reads
+//! (changed at runtime through the API); and the pure rules for a change: whether it widens
+//! what is wanted, and how a stored runtime value and the flag settle at start-up.
 
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
 use tap_atproto::mst::KeyRange;
-use tap_atproto::syntax::CollectionFilter;
+use tap_atproto::syntax::{CollectionFilter, Nsid};
+use tokio::sync::watch;
 
 use crate::config::TrackingScope;
+
+/// The scope in force, replaced whole when the filters change at runtime. Readers take a
+/// snapshot ([`current`](Self::current)) and use it for one decision, so a commit is never
+/// judged half by old and half by new filters. Cheap to clone; clones share the value.
+#[derive(Debug, Clone)]
+pub struct LiveScope {
+    tx: Arc<watch::Sender<Arc<Scope>>>,
+}
+
+impl LiveScope {
+    /// Starts with `scope`.
+    #[must_use]
+    pub fn new(scope: Scope) -> Self {
+        Self {
+            tx: Arc::new(watch::Sender::new(Arc::new(scope))),
+        }
+    }
+
+    /// The scope in force now.
+    #[must_use]
+    pub fn current(&self) -> Arc<Scope> {
+        Arc::clone(&self.tx.borrow())
+    }
+
+    /// Puts `scope` in force for every reader at once.
+    pub fn replace(&self, scope: Scope) {
+        self.tx.send_replace(Arc::new(scope));
+    }
+
+    /// A receiver that wakes on every change (the crawler restarts its pass).
+    #[must_use]
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Scope>> {
+        self.tx.subscribe()
+    }
+}
+
+/// Whether `new` filters want some collection `old` did not (no filters = every collection).
+#[must_use]
+pub fn widens(old: &[CollectionFilter], new: &[CollectionFilter]) -> bool {
+    let covers = |g: &CollectionFilter, f: &CollectionFilter| {
+        let (g, f) = (g.as_str(), f.as_str());
+        g == "*"
+            || g == f
+            || g.strip_suffix('*')
+                .is_some_and(|prefix| f.starts_with(prefix))
+    };
+    match (old.is_empty(), new.is_empty()) {
+        (true, _) => false,
+        (false, true) => true,
+        (false, false) => new.iter().any(|f| !old.iter().any(|g| covers(g, f))),
+    }
+}
+
+/// A runtime-changeable list as stored: the flag value that seeded it and the value in
+/// force. The rule at start-up ([`settle`]): the stored value survives a restart as long as
+/// the flag still says what it said when the value was stored; a changed flag is the
+/// operator's newer word and replaces it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seeded {
+    /// The flag's value when this was stored.
+    pub seed: Vec<String>,
+    /// The value in force.
+    pub current: Vec<String>,
+}
+
+/// The value to use at start-up, and whether the flag replaced a stored runtime value.
+#[must_use]
+pub fn settle(stored: Option<Seeded>, flag: &[String]) -> (Seeded, bool) {
+    match stored {
+        Some(stored) if stored.seed == flag => (stored, false),
+        Some(stored) => {
+            let overrode = stored.current != flag;
+            (
+                Seeded {
+                    seed: flag.to_vec(),
+                    current: flag.to_vec(),
+                },
+                overrode,
+            )
+        }
+        None => (
+            Seeded {
+                seed: flag.to_vec(),
+                current: flag.to_vec(),
+            },
+            false,
+        ),
+    }
+}
 
 /// Tracking scope and collection filters together.
 #[derive(Debug, Clone)]
@@ -24,6 +119,45 @@ impl Scope {
     #[must_use]
     pub fn tracking(&self) -> &TrackingScope {
         &self.tracking
+    }
+
+    /// The collection filters (empty: every collection).
+    #[must_use]
+    pub fn filters(&self) -> &[CollectionFilter] {
+        &self.filters
+    }
+
+    /// The signal collections (empty unless tracking by them).
+    #[must_use]
+    pub fn signal_collections(&self) -> &[Nsid] {
+        match &self.tracking {
+            TrackingScope::SignalCollections(c) => c,
+            _ => &[],
+        }
+    }
+
+    /// This scope with other collection filters.
+    #[must_use]
+    pub fn with_filters(&self, filters: Vec<CollectionFilter>) -> Self {
+        Self {
+            tracking: self.tracking.clone(),
+            filters,
+        }
+    }
+
+    /// This scope tracking by other signal collections (none: dynamic mode). Full-network
+    /// tracking stays as it is: it is a superset of any signal.
+    #[must_use]
+    pub fn with_signal_collections(&self, signals: Vec<Nsid>) -> Self {
+        let tracking = match (&self.tracking, signals.is_empty()) {
+            (TrackingScope::FullNetwork, _) => TrackingScope::FullNetwork,
+            (_, true) => TrackingScope::Dynamic,
+            (_, false) => TrackingScope::SignalCollections(signals),
+        };
+        Self {
+            tracking,
+            filters: self.filters.clone(),
+        }
     }
 
     /// Whether a `#commit` for an untracked repo makes tap track it: always in full-network
@@ -91,6 +225,79 @@ mod tests {
 
     fn filters(list: &[&str]) -> Vec<CollectionFilter> {
         list.iter().map(|f| f.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn widening_means_wanting_a_collection_that_was_not_wanted() {
+        let w = |old: &[&str], new: &[&str]| widens(&filters(old), &filters(new));
+        assert!(
+            !w(&[], &["app.bsky.feed.post"]),
+            "from everything: narrower"
+        );
+        assert!(w(&["app.bsky.feed.post"], &[]), "to everything: wider");
+        assert!(!w(&["app.bsky.feed.post"], &["app.bsky.feed.post"]));
+        assert!(w(
+            &["app.bsky.feed.post"],
+            &["app.bsky.feed.post", "app.bsky.feed.like"]
+        ));
+        assert!(
+            !w(&["app.bsky.feed.*"], &["app.bsky.feed.like"]),
+            "covered by a wildcard"
+        );
+        assert!(w(&["app.bsky.feed.like"], &["app.bsky.feed.*"]));
+        assert!(!w(&["*"], &["app.bsky.graph.*"]));
+        assert!(w(&["app.bsky.feed.*"], &["app.bsky.feedx.post"]));
+        assert!(!w(&["a.b.c", "a.b.d"], &["a.b.d"]), "dropping one narrows");
+    }
+
+    #[test]
+    fn a_runtime_value_survives_restarts_until_the_flag_changes() {
+        let v = |l: &[&str]| l.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let (first, overrode) = settle(None, &v(&["a.b.c"]));
+        assert_eq!(first.current, v(&["a.b.c"]));
+        assert!(!overrode);
+        let changed = Seeded {
+            seed: v(&["a.b.c"]),
+            current: v(&["a.b.c", "x.y.z"]),
+        };
+        let (kept, overrode) = settle(Some(changed.clone()), &v(&["a.b.c"]));
+        assert_eq!(kept, changed, "same flag: the runtime change stays");
+        assert!(!overrode);
+        let (replaced, overrode) = settle(Some(changed), &v(&["q.r.s"]));
+        assert_eq!(replaced.current, v(&["q.r.s"]), "a new flag wins");
+        assert_eq!(replaced.seed, v(&["q.r.s"]));
+        assert!(overrode);
+    }
+
+    #[test]
+    fn a_scope_change_reaches_every_reader_at_once() {
+        let live = LiveScope::new(Scope::new(TrackingScope::Dynamic, vec![]));
+        let rx = live.subscribe();
+        let before = live.current();
+        live.replace(before.with_filters(filters(&["a.b.c"])));
+        assert!(rx.has_changed().unwrap());
+        assert!(!live.current().wants_collection("x.y.z"));
+        assert!(
+            before.wants_collection("x.y.z"),
+            "a snapshot keeps its value"
+        );
+        let signal = live
+            .current()
+            .with_signal_collections(vec![Nsid::new("a.b.c").unwrap()]);
+        assert!(matches!(
+            signal.tracking(),
+            TrackingScope::SignalCollections(_)
+        ));
+        assert_eq!(
+            signal.with_signal_collections(vec![]).tracking(),
+            &TrackingScope::Dynamic
+        );
+        let full = Scope::new(TrackingScope::FullNetwork, vec![]);
+        assert_eq!(
+            full.with_signal_collections(vec![Nsid::new("a.b.c").unwrap()])
+                .tracking(),
+            &TrackingScope::FullNetwork
+        );
     }
 
     #[test]

@@ -5,5 +5,6 @@ pub mod decide;
 pub mod engine;
 pub mod filter;
 pub mod handle_checks;
+pub mod live_filters;
 pub mod locks;
 pub mod prepared;

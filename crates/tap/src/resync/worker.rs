@@ -19,7 +19,9 @@ use super::sparse::{self, Partial, SparseError, Start};
 use super::strategy::{self, Fetch};
 use super::{IDLE_POLL, ResyncError, ResyncSettings, WALK_MEMORY_BUDGET};
 use crate::repos::engine::Engine;
+use crate::repos::filter::widens;
 use crate::repos::handle_checks::HandleChecks;
+use crate::repos::live_filters::WIDENED;
 use crate::shutdown::Supervisor;
 use crate::status::Progress;
 use crate::store::{EventStorage, FetchKind, LastFetch, RepoRow, ResyncFailure, Store};
@@ -103,6 +105,7 @@ async fn run_worker(worker: Worker, stop: CancellationToken) {
             }
         };
         let did = repo.did.clone();
+        let scope_at_start = worker.engine.scope();
         metrics::counter!(t::RESYNCS_STARTED).increment(1);
         let started = std::time::Instant::now();
         let result = tokio::select! {
@@ -114,6 +117,16 @@ async fn run_worker(worker: Worker, stop: CancellationToken) {
             Ok(records) => {
                 metrics::counter!(t::RESYNCS_COMPLETED).increment(1);
                 worker.progress.resync_done(records);
+                // Filters widened while this fetch ran: it missed the new collections (the
+                // widening marked only repos at rest), so fetch again.
+                if widens(scope_at_start.filters(), worker.engine.scope().filters())
+                    && let Err(error) = worker
+                        .store
+                        .mark_desynchronized(did.as_str(), WIDENED)
+                        .await
+                {
+                    tracing::warn!(%error, %did, "Failed to queue a re-fetch for widened filters.");
+                }
                 tracing::info!(%did, records, elapsed = ?started.elapsed(), "Resync complete.");
                 continue;
             }

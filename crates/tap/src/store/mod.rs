@@ -179,6 +179,38 @@ impl Store {
         Ok(request)
     }
 
+    /// A setting saved with [`save_setting`](Self::save_setting), if any.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn setting(&self, name: &str) -> Result<Option<String>, StoreError> {
+        dispatch!(self.setting(name.to_owned()))
+    }
+
+    /// Saves (or replaces) a setting and, with `resync` (a reason), marks every `active`
+    /// repo `desynchronized` with it, claimable at once, in the same transaction: a widening
+    /// of the collection filters is stored together with the re-fetch it needs. Returns
+    /// how many repos were marked.
+    ///
+    /// # Errors
+    /// Database errors; nothing is changed then.
+    pub async fn save_setting(
+        &self,
+        name: &str,
+        value: &str,
+        resync: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        let marked = dispatch!(self.save_setting(
+            name.to_owned(),
+            value.to_owned(),
+            resync.map(str::to_owned)
+        ))?;
+        if marked > 0 {
+            self.resync_wanted.notify_waiters();
+        }
+        Ok(marked)
+    }
+
     /// How many repos are in each state (states with none are absent).
     ///
     /// # Errors

@@ -287,6 +287,47 @@ impl PgStore {
         Ok(request)
     }
 
+    pub(super) async fn setting(&self, name: String) -> Result<Option<String>, StoreError> {
+        const OP: &str = "setting";
+        let client = self.client(OP).await?;
+        let row = client
+            .query_opt("SELECT value FROM settings WHERE name = $1", &[&name])
+            .await
+            .map_err(pg(OP))?;
+        row.map(|r| r.try_get(0)).transpose().map_err(pg(OP))
+    }
+
+    pub(super) async fn save_setting(
+        &self,
+        name: String,
+        value: String,
+        resync: Option<String>,
+    ) -> Result<u64, StoreError> {
+        const OP: &str = "save_setting";
+        let mut client = self.client(OP).await?;
+        let tx = client.transaction().await.map_err(pg(OP))?;
+        tx.execute(
+            "INSERT INTO settings (name, value) VALUES ($1, $2) \
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            &[&name, &value],
+        )
+        .await
+        .map_err(pg(OP))?;
+        let marked = match &resync {
+            None => 0,
+            Some(reason) => tx
+                .execute(
+                    "UPDATE repos SET state = 'desynchronized', error_msg = $1, retry_after = 0 \
+                     WHERE state = 'active'",
+                    &[reason],
+                )
+                .await
+                .map_err(pg(OP))?,
+        };
+        tx.commit().await.map_err(pg(OP))?;
+        Ok(marked)
+    }
+
     pub(super) async fn repo_states(&self) -> Result<Vec<(RepoState, u64)>, StoreError> {
         const OP: &str = "repo_states";
         let client = self.client(OP).await?;

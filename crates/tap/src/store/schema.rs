@@ -38,6 +38,7 @@ pub(super) const MIGRATIONS: &[Migration] = &[
     migration!(3, "0003_record_chunks"),
     migration!(4, "0004_last_fetch"),
     migration!(5, "0005_fetch_filters"),
+    migration!(6, "0006_settings"),
 ];
 
 /// What a backend found before migrating.
@@ -209,17 +210,17 @@ mod tests {
             Err(StoreError::ForeignSchema { .. })
         ));
         let all: Vec<i64> = pending(0).unwrap().map(|m| m.version).collect();
-        assert_eq!(all, [1, 2, 3, 4, 5]);
+        assert_eq!(all, [1, 2, 3, 4, 5, 6]);
         assert_eq!(
             pending(2).unwrap().map(|m| m.version).collect::<Vec<_>>(),
-            [3, 4, 5]
+            [3, 4, 5, 6]
         );
-        assert_eq!(pending(5).unwrap().count(), 0);
+        assert_eq!(pending(6).unwrap().count(), 0);
         assert!(matches!(
-            pending(6).map(Iterator::count),
+            pending(7).map(Iterator::count),
             Err(StoreError::SchemaTooNew {
-                found: 6,
-                supported: 5
+                found: 7,
+                supported: 6
             })
         ));
     }

@@ -1904,3 +1904,38 @@ test_each_store!(error_reasons_rank_failures_by_frequency, |store, _url| {
         "{names:?}"
     );
 });
+
+test_each_store!(
+    a_saved_setting_reads_back_and_a_widening_marks_every_active_repo_with_it,
+    |store, _url| {
+        assert_eq!(store.setting("filters").await.unwrap(), None);
+        assert_eq!(store.save_setting("filters", "[1]", None).await.unwrap(), 0);
+        store.add_repos(&dids(&["a", "b", "c"])).await.unwrap();
+        for did in ["a", "b"] {
+            store
+                .set_repo_state(&format!("did:plc:{did}"), RepoState::Active)
+                .await
+                .unwrap();
+        }
+        let marked = store
+            .save_setting("filters", "[2]", Some("widened"))
+            .await
+            .unwrap();
+        assert_eq!(marked, 2);
+        assert_eq!(
+            store.setting("filters").await.unwrap().as_deref(),
+            Some("[2]")
+        );
+        let a = store.get_repo("did:plc:a").await.unwrap().unwrap();
+        assert_eq!(
+            (a.state, a.error.as_str()),
+            (RepoState::Desynchronized, "widened")
+        );
+        let c = store.get_repo("did:plc:c").await.unwrap().unwrap();
+        assert_eq!(
+            c.state,
+            RepoState::Pending,
+            "not yet synced: fetched with the new filters anyway"
+        );
+    }
+);

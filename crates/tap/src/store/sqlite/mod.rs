@@ -291,6 +291,43 @@ impl SqliteStore {
         .await
     }
 
+    pub(super) async fn setting(&self, name: String) -> Result<Option<String>, StoreError> {
+        self.read("setting", move |conn| {
+            conn.prepare_cached("SELECT value FROM settings WHERE name = ?1")
+                .and_then(|mut stmt| stmt.query_row([&name], |row| row.get(0)).optional())
+                .map_err(sq("setting"))
+        })
+        .await
+    }
+
+    pub(super) async fn save_setting(
+        &self,
+        name: String,
+        value: String,
+        resync: Option<String>,
+    ) -> Result<u64, StoreError> {
+        const OP: &str = "save_setting";
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO settings (name, value) VALUES (?1, ?2) \
+                 ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            )
+            .and_then(|mut stmt| stmt.execute(params![name, value]))
+            .map_err(sq(OP))?;
+            let Some(reason) = &resync else {
+                return Ok(0);
+            };
+            conn.prepare_cached(
+                "UPDATE repos SET state = 'desynchronized', error_msg = ?1, retry_after = 0 \
+                 WHERE state = 'active'",
+            )
+            .and_then(|mut stmt| stmt.execute([reason]))
+            .map(|n| n as u64)
+            .map_err(sq(OP))
+        })
+        .await
+    }
+
     pub(super) async fn repo_states(&self) -> Result<Vec<(RepoState, u64)>, StoreError> {
         const OP: &str = "repo_states";
         self.read(OP, move |conn| {

@@ -1,0 +1,87 @@
+//! `GET`/`PUT /collection-filters` and `GET`/`PUT /signal-collections`, with the shape of
+//! indigo PR 1338: bodies `{"collections": ["nsid", …]}`. A `PUT` is validated whole
+//! before anything changes; its answer is the value now in force.
+
+use axum::{
+    body::Body,
+    extract::State,
+    http::{HeaderMap, StatusCode},
+    response::Response,
+};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{ApiError, ApiState, json, read_json_body};
+use crate::repos::live_filters::FilterError;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Collections {
+    collections: Vec<String>,
+}
+
+fn refused(error: FilterError) -> ApiError {
+    match error {
+        FilterError::Invalid(message) => ApiError::bad_request(message),
+        FilterError::FullNetwork => ApiError::new(StatusCode::CONFLICT, error.to_string()),
+        FilterError::Store(error) => {
+            tracing::error!(%error, "Failed to store a filter change.");
+            ApiError::internal("failed to store the change; nothing changed")
+        }
+    }
+}
+
+async fn read_collections(headers: &HeaderMap, body: Body) -> Result<Vec<String>, ApiError> {
+    let bytes = read_json_body(headers, body).await?;
+    let parsed: Collections = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::bad_request(format!(
+            "invalid body: {e}; expected {{\"collections\": [\"nsid\", …]}}"
+        ))
+    })?;
+    Ok(parsed.collections)
+}
+
+pub(super) async fn get_collection_filters(State(state): State<ApiState>) -> Response {
+    json(
+        StatusCode::OK,
+        &json!({ "collections": state.filters.collection_filters() }),
+    )
+}
+
+pub(super) async fn put_collection_filters(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let raw = read_collections(&headers, body).await?;
+    let (collections, refetch) = state
+        .filters
+        .set_collection_filters(&raw)
+        .await
+        .map_err(refused)?;
+    Ok(json(
+        StatusCode::OK,
+        &json!({ "collections": collections, "resyncing": refetch }),
+    ))
+}
+
+pub(super) async fn get_signal_collections(State(state): State<ApiState>) -> Response {
+    json(
+        StatusCode::OK,
+        &json!({ "collections": state.filters.signal_collections() }),
+    )
+}
+
+pub(super) async fn put_signal_collections(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let raw = read_collections(&headers, body).await?;
+    let collections = state
+        .filters
+        .set_signal_collections(&raw)
+        .await
+        .map_err(refused)?;
+    Ok(json(StatusCode::OK, &json!({ "collections": collections })))
+}

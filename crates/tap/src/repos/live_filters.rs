@@ -1,0 +1,208 @@
+//! Changing the collection filters and signal collections of a running tap (`PUT
+//! /collection-filters`, `PUT /signal-collections`): validated like the flags, stored so
+//! they survive a restart, put in force for every reader at once. A widening of the
+//! collection filters re-fetches the repos tap holds, in the same transaction that stores
+//! it; a narrowing takes effect with the next event.
+
+use tap_atproto::syntax::{CollectionFilter, Nsid};
+
+use super::filter::{LiveScope, Scope, Seeded, settle, widens};
+use crate::store::{Store, StoreError};
+
+/// The setting names in the store.
+const COLLECTION_FILTERS: &str = "collection_filters";
+const SIGNAL_COLLECTIONS: &str = "signal_collections";
+
+/// Why the repos of a widening are fetched again (their `error` until they are).
+pub const WIDENED: &str = "collection filters widened: fetching the newly wanted records";
+
+/// Why a change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum FilterError {
+    /// A value does not parse (the message names it).
+    #[error("{0}")]
+    Invalid(String),
+    /// Signal collections were set while tap tracks the whole network.
+    #[error("tap tracks the full network (--full-network): signal collections do not apply")]
+    FullNetwork,
+    /// The store failed; nothing changed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Owns runtime changes of the scope. Changes are serialized.
+pub struct FilterControl {
+    store: Store,
+    live: LiveScope,
+    seeds: tokio::sync::Mutex<Seeds>,
+}
+
+/// The flag values the stored settings were seeded from.
+struct Seeds {
+    filters: Vec<String>,
+    signals: Vec<String>,
+}
+
+fn strings<T: AsRef<str>>(items: &[T]) -> Vec<String> {
+    items.iter().map(|i| i.as_ref().to_owned()).collect()
+}
+
+/// Parses `raw` like the flag does, dropping repeats; the error names the bad value.
+fn parse_all<T: std::str::FromStr>(raw: &[String], what: &str) -> Result<Vec<T>, FilterError>
+where
+    T::Err: std::fmt::Display,
+{
+    let mut seen = std::collections::HashSet::new();
+    raw.iter()
+        .filter(|r| seen.insert(r.as_str()))
+        .map(|r| {
+            r.parse::<T>()
+                .map_err(|e| FilterError::Invalid(format!("{r:?} is not {what}: {e}")))
+        })
+        .collect()
+}
+
+impl FilterControl {
+    /// Settles the stored values against the flags' (`flags`) at start-up, by
+    /// [`settle`]'s rule, and stores the outcome.
+    ///
+    /// # Errors
+    /// The store could not be read or written.
+    pub async fn load(store: Store, flags: &Scope) -> Result<Self, StoreError> {
+        let flag_filters = strings(flags.filters());
+        let flag_signals = strings(flags.signal_collections());
+        let filters = Self::settle_one(&store, COLLECTION_FILTERS, &flag_filters).await?;
+        let signals = Self::settle_one(&store, SIGNAL_COLLECTIONS, &flag_signals).await?;
+        let mut scope = flags.clone();
+        match parse_all::<CollectionFilter>(&filters, "a collection filter") {
+            Ok(parsed) => scope = scope.with_filters(parsed),
+            Err(error) => {
+                tracing::warn!(%error, "Stored collection filters unusable; the flag's apply.")
+            }
+        }
+        match parse_all::<Nsid>(&signals, "an NSID") {
+            Ok(parsed) => scope = scope.with_signal_collections(parsed),
+            Err(error) => {
+                tracing::warn!(%error, "Stored signal collections unusable; the flag's apply.")
+            }
+        }
+        Ok(Self {
+            store,
+            live: LiveScope::new(scope),
+            seeds: tokio::sync::Mutex::new(Seeds {
+                filters: flag_filters,
+                signals: flag_signals,
+            }),
+        })
+    }
+
+    async fn settle_one(
+        store: &Store,
+        name: &str,
+        flag: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        let stored = match store.setting(name).await? {
+            None => None,
+            Some(json) => match serde_json::from_str::<Seeded>(&json) {
+                Ok(s) => Some(s),
+                Err(error) => {
+                    tracing::warn!(%error, setting = name, "Stored setting unreadable; the flag's value applies.");
+                    None
+                }
+            },
+        };
+        let (settled, overrode) = settle(stored.clone(), flag);
+        if overrode {
+            tracing::warn!(
+                setting = name,
+                flag = ?flag,
+                replaced = ?stored.map(|s| s.current),
+                "The flag changed since the value was set through the API; the flag's value applies."
+            );
+        }
+        store
+            .save_setting(
+                name,
+                &serde_json::to_string(&settled).unwrap_or_default(),
+                None,
+            )
+            .await?;
+        Ok(settled.current)
+    }
+
+    /// The scope the pipeline reads.
+    #[must_use]
+    pub fn live(&self) -> &LiveScope {
+        &self.live
+    }
+
+    /// The collection filters in force.
+    #[must_use]
+    pub fn collection_filters(&self) -> Vec<String> {
+        strings(self.live.current().filters())
+    }
+
+    /// The signal collections in force.
+    #[must_use]
+    pub fn signal_collections(&self) -> Vec<String> {
+        strings(self.live.current().signal_collections())
+    }
+
+    /// Replaces the collection filters; returns them and how many repos will be fetched
+    /// again for a widening.
+    ///
+    /// # Errors
+    /// [`FilterError::Invalid`] naming a bad filter, or the store's; nothing changed then.
+    pub async fn set_collection_filters(
+        &self,
+        raw: &[String],
+    ) -> Result<(Vec<String>, u64), FilterError> {
+        let filters = parse_all::<CollectionFilter>(raw, "a collection filter")?;
+        let seeds = self.seeds.lock().await;
+        let old = self.live.current();
+        let widened = widens(old.filters(), &filters);
+        let stored = Seeded {
+            seed: seeds.filters.clone(),
+            current: strings(&filters),
+        };
+        let refetch = self
+            .store
+            .save_setting(
+                COLLECTION_FILTERS,
+                &serde_json::to_string(&stored).unwrap_or_default(),
+                widened.then_some(WIDENED),
+            )
+            .await?;
+        self.live.replace(old.with_filters(filters));
+        tracing::info!(filters = ?stored.current, widened, refetch, "Collection filters changed.");
+        Ok((stored.current, refetch))
+    }
+
+    /// Replaces the signal collections (none: only repos added through the API).
+    ///
+    /// # Errors
+    /// [`FilterError::Invalid`] naming a bad NSID, [`FilterError::FullNetwork`], or the
+    /// store's; nothing changed then.
+    pub async fn set_signal_collections(&self, raw: &[String]) -> Result<Vec<String>, FilterError> {
+        let signals = parse_all::<Nsid>(raw, "an NSID")?;
+        let seeds = self.seeds.lock().await;
+        let old = self.live.current();
+        if *old.tracking() == crate::config::TrackingScope::FullNetwork {
+            return Err(FilterError::FullNetwork);
+        }
+        let stored = Seeded {
+            seed: seeds.signals.clone(),
+            current: strings(&signals),
+        };
+        self.store
+            .save_setting(
+                SIGNAL_COLLECTIONS,
+                &serde_json::to_string(&stored).unwrap_or_default(),
+                None,
+            )
+            .await?;
+        self.live.replace(old.with_signal_collections(signals));
+        tracing::info!(signals = ?stored.current, "Signal collections changed.");
+        Ok(stored.current)
+    }
+}
