@@ -68,6 +68,56 @@ pub const RESYNCS_FAILED: &str = "tap_resyncs_failed_total";
 /// Resync durations.
 pub const RESYNC_DURATION_SECONDS: &str = "tap_resync_duration_seconds";
 
+/// Time a producer waited for room on an internal channel, by channel.
+pub const CHANNEL_SEND_WAIT_SECONDS: &str = "tap_channel_send_wait_seconds";
+/// Messages queued on an internal channel after the latest send, by channel.
+pub const CHANNEL_DEPTH: &str = "tap_channel_depth";
+
+/// The Go tap's names (original-behaviour §10), kept so existing dashboards work. Each is
+/// counted where the original counted it, beside tap's own metrics.
+pub mod original {
+    /// Every firehose frame read.
+    pub const FIREHOSE_EVENTS_RECEIVED: &str = "tap_firehose_events_received_total";
+    /// Firehose events applied, tracked or desynchronized (not skipped).
+    pub const FIREHOSE_EVENTS_PROCESSED: &str = "tap_firehose_events_processed_total";
+    /// Firehose events skipped, buffering for a resync included.
+    pub const FIREHOSE_EVENTS_SKIPPED: &str = "tap_firehose_events_skipped_total";
+    /// Events held in memory by the outbox.
+    pub const EVENT_CACHE_SIZE: &str = "tap_event_cache_size";
+    /// indigo's stream library: frames received.
+    pub const REPO_STREAM_EVENTS_RECEIVED: &str = "indigo_repo_stream_events_received_total";
+    /// indigo's stream library: frame bytes received.
+    pub const REPO_STREAM_BYTES: &str = "indigo_repo_stream_bytes_total";
+    /// indigo's identity directory: cache hits.
+    pub const IDENTITY_CACHE_HITS: &str = "atproto_directory_identity_cache_hits";
+    /// indigo's identity directory: cache misses.
+    pub const IDENTITY_CACHE_MISSES: &str = "atproto_directory_identity_cache_misses";
+}
+
+/// Sends `msg` on a bounded channel, recording how long the sender waited for room
+/// ([`CHANNEL_SEND_WAIT_SECONDS`]) and how many messages are queued after
+/// ([`CHANNEL_DEPTH`]): where a slow stage holds the pipeline back.
+///
+/// # Errors
+/// The receiver is gone.
+pub async fn send_measured<T>(
+    channel: &'static str,
+    tx: &tokio::sync::mpsc::Sender<T>,
+    msg: T,
+) -> Result<(), tokio::sync::mpsc::error::SendError<T>> {
+    let started = std::time::Instant::now();
+    let sent = tx.send(msg).await;
+    record_channel(channel, started, tx.max_capacity() - tx.capacity());
+    sent
+}
+
+/// Records one send on `channel` that began at `started` and left `depth` queued.
+pub fn record_channel(channel: &'static str, started: std::time::Instant, depth: usize) {
+    metrics::histogram!(CHANNEL_SEND_WAIT_SECONDS, "channel" => channel)
+        .record(started.elapsed().as_secs_f64());
+    metrics::gauge!(CHANNEL_DEPTH, "channel" => channel).set(depth as f64);
+}
+
 /// Installs the JSON log subscriber on stdout. Later calls (tests starting several apps
 /// in one process) keep the first subscriber.
 pub fn init_logging(level: LogLevel) {
@@ -90,14 +140,22 @@ pub fn metrics_handle() -> PrometheusHandle {
             // Buckets as the Go tap: 0.1 s doubling, 12 buckets (without them the exporter
             // renders histograms as summaries).
             let buckets: Vec<f64> = (0..12).map(|i| 0.1 * f64::from(1u32 << i)).collect();
-            let builder = PrometheusBuilder::new();
-            let builder = match builder.set_buckets_for_metric(
-                metrics_exporter_prometheus::Matcher::Full(RESYNC_DURATION_SECONDS.to_owned()),
-                &buckets,
-            ) {
-                Ok(b) => b,
-                Err(_) => PrometheusBuilder::new(),
-            };
+            // Channel waits: 10 µs to ~5 s, ×4.
+            let waits: Vec<f64> = (0..10).map(|i| 1e-5 * f64::from(1u32 << (2 * i))).collect();
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(RESYNC_DURATION_SECONDS.to_owned()),
+                    &buckets,
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Full(
+                            CHANNEL_SEND_WAIT_SECONDS.to_owned(),
+                        ),
+                        &waits,
+                    )
+                })
+                .unwrap_or_else(|_| PrometheusBuilder::new());
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
             // Fails only if another recorder was installed first (a test harness); the
@@ -164,5 +222,45 @@ fn describe() {
     metrics::describe_counter!(RESYNCS_COMPLETED, "Resyncs completed.");
     metrics::describe_counter!(RESYNCS_FAILED, "Resyncs failed, rate limits included.");
     metrics::describe_histogram!(RESYNC_DURATION_SECONDS, "Resync durations.");
+    metrics::describe_histogram!(
+        CHANNEL_SEND_WAIT_SECONDS,
+        "Time a producer waited for room on an internal channel, by channel."
+    );
+    metrics::describe_gauge!(
+        CHANNEL_DEPTH,
+        "Messages queued on an internal channel after the latest send, by channel."
+    );
+    metrics::describe_counter!(
+        original::FIREHOSE_EVENTS_RECEIVED,
+        "Firehose frames read (the Go tap's name)."
+    );
+    metrics::describe_counter!(
+        original::FIREHOSE_EVENTS_PROCESSED,
+        "Firehose events applied, tracked or desynchronized (the Go tap's name)."
+    );
+    metrics::describe_counter!(
+        original::FIREHOSE_EVENTS_SKIPPED,
+        "Firehose events skipped or buffered (the Go tap's name)."
+    );
+    metrics::describe_gauge!(
+        original::EVENT_CACHE_SIZE,
+        "Events held in memory by the outbox (the Go tap's name)."
+    );
+    metrics::describe_counter!(
+        original::REPO_STREAM_EVENTS_RECEIVED,
+        "Firehose frames received (indigo's name)."
+    );
+    metrics::describe_counter!(
+        original::REPO_STREAM_BYTES,
+        "Firehose bytes received (indigo's name)."
+    );
+    metrics::describe_counter!(
+        original::IDENTITY_CACHE_HITS,
+        "Identity cache hits (indigo's name)."
+    );
+    metrics::describe_counter!(
+        original::IDENTITY_CACHE_MISSES,
+        "Identity cache misses (indigo's name)."
+    );
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }

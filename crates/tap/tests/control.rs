@@ -385,3 +385,55 @@ async fn signal_collections_set_at_runtime_are_enumerated_at_once_and_refused_fo
     assert!(answer["message"].as_str().unwrap().contains("full network"));
     tap.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_carry_the_go_taps_names_and_the_internal_channels_waits() {
+    let db = TestDb::new(common::Backend::Sqlite).await.unwrap();
+    let net = Net::start().await;
+    let mut repo = RepoBuilder::with_records(did(70), TestKey::k256(70), 70, 30);
+    net.host(&repo, "metrics.test", repo.car_tree_order());
+    let mut stranger = RepoBuilder::with_records(did(71), TestKey::k256(71), 71, 3);
+    let mut cfg = net.config(&db);
+    cfg.metrics_listen = Some("127.0.0.1:0".into());
+    let tap = TestTap::start(cfg).await;
+    let consumer = Consumer::connect(&tap).await;
+    sync_support::backfill(&tap, &consumer, &repo).await;
+    // One live commit tap applies, one of a repo it does not track (skipped).
+    let ops = [create_in(&mut repo, FOLLOWS)];
+    net.relay.push_frame(1, repo.commit_frame(&ops).unwrap());
+    let ops = [create_in(&mut stranger, FOLLOWS)];
+    net.relay
+        .push_frame(2, stranger.commit_frame(&ops).unwrap());
+    consumer.wait_records(repo.records().len()).await;
+
+    let url = format!("http://{}/metrics", tap.metrics_addr.unwrap());
+    let want = [
+        "tap_firehose_events_received_total 2",
+        "tap_firehose_events_processed_total 1",
+        "tap_firehose_events_skipped_total 1",
+        "tap_firehose_last_seq",
+        "tap_event_cache_size",
+        "tap_resyncs_started_total 1",
+        "tap_resyncs_completed_total 1",
+        "tap_resync_duration_seconds_bucket",
+        "tap_events_delivered_total",
+        "tap_events_acked_total",
+        "indigo_repo_stream_events_received_total 2",
+        "indigo_repo_stream_bytes_total",
+        "atproto_directory_identity_cache_hits",
+        r#"tap_channel_send_wait_seconds_bucket{channel="firehose_dispatch""#,
+        r#"tap_channel_send_wait_seconds_bucket{channel="outbox_appends""#,
+        r#"tap_channel_depth{channel="sqlite_writes"}"#,
+        r#"tap_channel_depth{channel="acks"}"#,
+    ];
+    let text = wait_for("every series", || async {
+        let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+        want.iter().all(|w| text.contains(w)).then_some(text)
+    })
+    .await;
+    assert!(
+        text.contains("# HELP tap_firehose_events_skipped_total"),
+        "{text}"
+    );
+    tap.stop().await;
+}

@@ -192,6 +192,9 @@ async fn connect_and_read(
             Some(Err(e)) => return failed(frames, e.to_string()),
         };
         ledger.downloaded(Source::Relay, None, data.len() as u64);
+        metrics::counter!(t::original::FIREHOSE_EVENTS_RECEIVED).increment(1);
+        metrics::counter!(t::original::REPO_STREAM_EVENTS_RECEIVED).increment(1);
+        metrics::counter!(t::original::REPO_STREAM_BYTES).increment(data.len() as u64);
         let frame = match decode_frame(&data, limits) {
             Ok(f) => f,
             Err(e) => {

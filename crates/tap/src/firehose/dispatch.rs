@@ -90,7 +90,9 @@ impl Dispatcher {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         did.hash(&mut hasher);
         let index = usize::try_from(hasher.finish() % self.workers.len() as u64).unwrap_or(0);
-        self.workers[index].send(work).await.is_ok()
+        t::send_measured("firehose_dispatch", &self.workers[index], work)
+            .await
+            .is_ok()
     }
 }
 
@@ -233,4 +235,9 @@ fn record(outcome: &Outcome) {
         Outcome::Skipped(_) => "skipped",
     };
     metrics::counter!(t::FIREHOSE_EVENTS, "outcome" => label).increment(1);
+    let original = match outcome {
+        Outcome::Skipped(_) | Outcome::Buffered => t::original::FIREHOSE_EVENTS_SKIPPED,
+        _ => t::original::FIREHOSE_EVENTS_PROCESSED,
+    };
+    metrics::counter!(original).increment(1);
 }

@@ -422,6 +422,12 @@ impl Identity {
             .await;
         let result = if entry.is_fresh() { "miss" } else { "hit" };
         metrics::counter!(telemetry::IDENTITY_CACHE, "result" => result).increment(1);
+        let original = if entry.is_fresh() {
+            telemetry::original::IDENTITY_CACHE_MISSES
+        } else {
+            telemetry::original::IDENTITY_CACHE_HITS
+        };
+        metrics::counter!(original).increment(1);
         entry.into_value().result
     }
 

@@ -164,8 +164,7 @@ impl Outbox {
                 durable,
             })
             .collect();
-        self.inputs
-            .send(Input::Appended(queued))
+        crate::telemetry::send_measured("outbox_appends", &self.inputs, Input::Appended(queued))
             .await
             .map_err(|_| OutboxError::Closed)?;
         Ok(ids)

@@ -235,7 +235,7 @@ impl Actor {
                     // The deleter batches; if it is gone (shutdown) the rows stay and are
                     // redelivered next start (and uncleared backfills re-run), which
                     // at-least-once permits.
-                    let _ = self.acked_out.send(done).await;
+                    let _ = t::send_measured("acks", &self.acked_out, done).await;
                 }
             }
             Input::Sent(ids, at) => {
@@ -253,6 +253,7 @@ impl Actor {
             Input::SessionClosed => self.sessions = self.sessions.saturating_sub(1),
         }
         metrics::gauge!(t::OUTBOX_HELD).set(self.held.len() as f64);
+        metrics::gauge!(t::original::EVENT_CACHE_SIZE).set(self.held.len() as f64);
         self.in_memory_held
             .store(self.in_memory.total(), std::sync::atomic::Ordering::Relaxed);
         let oldest = self

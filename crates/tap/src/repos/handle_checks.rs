@@ -40,7 +40,9 @@ impl HandleChecks {
     pub async fn submit(&self, did: Did) {
         // Fails only when the checkers are gone: tap is stopping, and the next resync
         // checks again.
+        let started = std::time::Instant::now();
         let _ = self.queue.send(did).await;
+        crate::telemetry::record_channel("handle_checks", started, self.queue.len());
     }
 }
 

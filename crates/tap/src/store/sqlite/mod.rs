@@ -146,8 +146,7 @@ impl SqliteStore {
         F: Fn(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let (reply, result) = oneshot::channel();
-        self.writes
-            .send(Job::queue(job, reply))
+        crate::telemetry::send_measured("sqlite_writes", &self.writes, Job::queue(job, reply))
             .await
             .map_err(|_| StoreError::Closed)?;
         result.await.map_err(|_| StoreError::Closed)?
