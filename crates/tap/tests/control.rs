@@ -437,3 +437,50 @@ async fn metrics_carry_the_go_taps_names_and_the_internal_channels_waits() {
     );
     tap.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_history_survives_a_restart_and_serves_each_span() {
+    let db = TestDb::new(common::Backend::Sqlite).await.unwrap();
+    let cfg = common::test_config(&db);
+    let tap = TestTap::start(cfg.clone()).await;
+    let now_minute = tap::status::unix_ms() / 60_000;
+    for (ago, events) in [(3, 600u64), (2, 1200), (90, 60)] {
+        tap.store
+            .save_minute(tap::store::MinuteRow {
+                minute: now_minute - ago,
+                span_ms: 60_000,
+                events,
+                bytes: events * 1000,
+                lag_ms: 2500,
+                ..tap::store::MinuteRow::default()
+            })
+            .await
+            .unwrap();
+    }
+    tap.stop().await;
+
+    let tap = TestTap::start(cfg).await;
+    let hour = get_json(&tap, "/status/history?span=hour").await;
+    assert_eq!(hour["step_seconds"], 60);
+    let points = hour["points"].as_array().unwrap();
+    assert_eq!(points.len(), 2, "{hour}");
+    assert_eq!(points[0]["t"], (now_minute - 3) * 60);
+    assert_eq!(points[0]["events_per_second"], 10.0);
+    assert_eq!(points[1]["bytes_per_second"], 20_000.0);
+    assert_eq!(points[1]["lag_seconds"], 2.5);
+    let day = get_json(&tap, "/status/history?span=day").await;
+    assert_eq!(day["step_seconds"], 900);
+    let total: f64 = day["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["events_per_second"].as_f64().unwrap())
+        .sum();
+    assert!(total > 0.0, "{day}");
+    let status = reqwest::get(tap.url("/status/history?span=month"))
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 400);
+    tap.stop().await;
+}

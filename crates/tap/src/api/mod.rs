@@ -80,6 +80,9 @@ pub fn router(state: ApiState, auth: Option<AdminAuth>) -> Router {
         .route("/stats/cursors", get(stats::cursors))
         .route("/stats/bandwidth", get(stats::bandwidth))
         .route("/status.json", get(stats::status))
+        .route("/status/history", get(stats::history))
+        .route("/", get(status_page))
+        .route("/status", get(status_page))
         .route(
             "/collection-filters",
             get(filters::get_collection_filters).put(filters::put_collection_filters),
@@ -104,6 +107,20 @@ async fn health(State(state): State<ApiState>) -> Response {
             &serde_json::json!({"status": "error", "error": failure.to_string(), "stage": failure.task}),
         ),
     }
+}
+
+/// The status page: one self-contained HTML file (no CDN, no external fonts) that reads
+/// `/status.json`, `/status/history` and `/info/{did}` from the same origin.
+async fn status_page() -> Response {
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("status_page.html"),
+    )
+        .into_response()
 }
 
 async fn not_found() -> Response {

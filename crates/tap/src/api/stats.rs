@@ -5,6 +5,7 @@ use serde_json::json;
 
 use super::{ApiError, ApiState, json};
 use crate::config::TrackingScope;
+use crate::status::history::Span;
 use crate::store::{Store, StoreError};
 
 async fn count(
@@ -94,4 +95,29 @@ pub(super) async fn status(State(state): State<ApiState>) -> Result<Response, Ap
         ApiError::internal("failed to read the status")
     })?;
     Ok(json(StatusCode::OK, &doc))
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub(super) struct HistoryQuery {
+    span: Option<String>,
+}
+
+/// `GET /status/history?span=hour|day|week`: the status page's chart points.
+pub(super) async fn history(
+    State(state): State<ApiState>,
+    query: Result<axum::extract::Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let axum::extract::Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let name = query.span.unwrap_or_else(|| "hour".into());
+    let span = Span::from_name(&name).ok_or_else(|| {
+        ApiError::bad_request(format!("unknown span {name:?}: expected hour, day or week"))
+    })?;
+    let points = state.board.history(span).await.map_err(|error| {
+        tracing::error!(%error, "Failed to read the status history.");
+        ApiError::internal("failed to read the status history")
+    })?;
+    Ok(json(
+        StatusCode::OK,
+        &json!({"span": name, "step_seconds": span.step_minutes() * 60, "points": points}),
+    ))
 }

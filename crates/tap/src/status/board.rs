@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::diagnose::{Diagnosis, Level};
 use super::document::{self, Inputs, StatusDocument};
+use super::history::{self, Counters, MinuteClock, Point, Span};
 use super::{Progress, Vitals};
 use crate::ledger::Ledger;
 use crate::shutdown::TaskFailure;
@@ -116,6 +117,22 @@ impl StatusBoard {
     }
 }
 
+impl StatusBoard {
+    /// The chart points of `span` up to now.
+    ///
+    /// # Errors
+    /// The store could not be read.
+    pub async fn history(&self, span: Span) -> Result<Vec<Point>, StoreError> {
+        let now_minute = super::unix_ms().div_euclid(60_000);
+        let rows = self
+            .sources
+            .store
+            .minutes_since(now_minute - span.minutes() + 1)
+            .await?;
+        Ok(history::aggregate(&rows, span, now_minute))
+    }
+}
+
 /// Keeps a reading for later rates, forgetting those no longer needed: everything before
 /// the newest reading at least a window old (the base of the rates).
 fn remember(samples: &mut VecDeque<Sample>, sample: Sample) {
@@ -163,12 +180,23 @@ pub async fn run_sampler(board: Arc<StatusBoard>, stop: CancellationToken) {
     let mut ticks = tokio::time::interval(SAMPLE_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut before: Vec<Diagnosis> = Vec::new();
+    let mut minutes = MinuteClock::default();
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             _ = ticks.tick() => {}
         }
         let sample = board.sample();
+        let lag = if sample.vitals.firehose_connected {
+            sample.vitals.firehose_lag_ms
+        } else {
+            0
+        };
+        if let Some(row) = minutes.tick(Counters::of(&sample.vitals, sample.bytes), lag)
+            && let Err(error) = board.sources.store.save_minute(row).await
+        {
+            tracing::debug!(%error, "Status history minute not saved.");
+        }
         remember(&mut board.samples(), sample);
         let now = match board.document().await {
             Ok(doc) => doc.diagnoses,

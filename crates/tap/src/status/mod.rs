@@ -2,11 +2,13 @@
 //! ([`Progress`]), the `/status.json` document built from them and the store
 //! ([`document`]), the plain-sentence diagnoses of states that explain silence
 //! ([`diagnose`]), and the sampler that turns counters into rates and logs diagnoses as
-//! they start and clear ([`board`]).
+//! they start and clear ([`board`]), and the per-minute history behind the status page's
+//! charts ([`history`]).
 
 pub mod board;
 pub mod diagnose;
 pub mod document;
+pub mod history;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};

@@ -25,14 +25,14 @@ mod url;
 pub use error::StoreError;
 pub use retry::ResyncFailure;
 pub use types::{
-    AccountStatus, BufferedCommit, EventId, EventStorage, FetchKind, LastFetch, NewEvent,
-    OutboxRow, RESYNC_REQUESTED, RecordChange, RecordRow, RepoChange, RepoRow, RepoState,
-    RepoSummary, RepoWrite, ResyncRequest, WriteCondition,
+    AccountStatus, BufferedCommit, EventId, EventStorage, FetchKind, HISTORY_MINUTES, LastFetch,
+    MinuteRow, NewEvent, OutboxRow, RESYNC_REQUESTED, RecordChange, RecordRow, RepoChange, RepoRow,
+    RepoState, RepoSummary, RepoWrite, ResyncRequest, WriteCondition,
 };
 pub use url::DatabaseUrl;
 
 pub(crate) use types::id_runs;
-use types::{CLAIM_ORDER, Table, event_id, to_i64};
+use types::{CLAIM_ORDER, Table, count_i64, event_id, to_i64};
 
 use std::sync::Arc;
 
@@ -209,6 +209,23 @@ impl Store {
             self.resync_wanted.notify_waiters();
         }
         Ok(marked)
+    }
+
+    /// Saves one minute of status history and forgets minutes older than
+    /// [`HISTORY_MINUTES`] before it.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn save_minute(&self, row: MinuteRow) -> Result<(), StoreError> {
+        dispatch!(self.save_minute(row))
+    }
+
+    /// The status history from `minute` on, oldest first.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn minutes_since(&self, minute: i64) -> Result<Vec<MinuteRow>, StoreError> {
+        dispatch!(self.minutes_since(minute))
     }
 
     /// How many repos are in each state (states with none are absent).

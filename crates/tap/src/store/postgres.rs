@@ -14,9 +14,9 @@ use tokio_postgres::config::Host;
 use super::record_index::{self, FoundChunk, IndexStep, IndexWriter};
 use super::schema::{self, REPO_COLUMNS, StoredRepo};
 use super::{
-    BufferedCommit, CLAIM_ORDER, EventId, EventStorage, OutboxRow, RESYNC_REQUESTED, RecordRow,
-    RepoChange, RepoRow, RepoState, RepoSummary, RepoWrite, ResyncFailure, ResyncRequest,
-    StoreError, Table, event_id, to_i64,
+    BufferedCommit, CLAIM_ORDER, EventId, EventStorage, HISTORY_MINUTES, MinuteRow, OutboxRow,
+    RESYNC_REQUESTED, RecordRow, RepoChange, RepoRow, RepoState, RepoSummary, RepoWrite,
+    ResyncFailure, ResyncRequest, StoreError, Table, count_i64, event_id, to_i64,
 };
 
 /// Key of the advisory lock that serializes migrations of several processes starting at once.
@@ -326,6 +326,67 @@ impl PgStore {
         };
         tx.commit().await.map_err(pg(OP))?;
         Ok(marked)
+    }
+
+    pub(super) async fn save_minute(&self, row: MinuteRow) -> Result<(), StoreError> {
+        const OP: &str = "save_minute";
+        let client = self.client(OP).await?;
+        client
+            .execute(
+                "INSERT INTO status_minutes \
+                 (minute, span_ms, events, delivered, bytes, records, lag_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                 ON CONFLICT (minute) DO UPDATE SET span_ms = excluded.span_ms, \
+                 events = excluded.events, delivered = excluded.delivered, \
+                 bytes = excluded.bytes, records = excluded.records, lag_ms = excluded.lag_ms",
+                &[
+                    &row.minute,
+                    &row.span_ms,
+                    &count_i64(row.events),
+                    &count_i64(row.delivered),
+                    &count_i64(row.bytes),
+                    &count_i64(row.records),
+                    &row.lag_ms,
+                ],
+            )
+            .await
+            .map_err(pg(OP))?;
+        client
+            .execute(
+                "DELETE FROM status_minutes WHERE minute < $1",
+                &[&(row.minute - HISTORY_MINUTES)],
+            )
+            .await
+            .map_err(pg(OP))?;
+        Ok(())
+    }
+
+    pub(super) async fn minutes_since(&self, minute: i64) -> Result<Vec<MinuteRow>, StoreError> {
+        const OP: &str = "minutes_since";
+        let client = self.client(OP).await?;
+        let rows = client
+            .query(
+                "SELECT minute, span_ms, events, delivered, bytes, records, lag_ms \
+                 FROM status_minutes WHERE minute >= $1 ORDER BY minute",
+                &[&minute],
+            )
+            .await
+            .map_err(pg(OP))?;
+        rows.iter()
+            .map(|row| {
+                let count = |i| row.try_get::<_, i64>(i).map(i64::unsigned_abs);
+                Ok(MinuteRow {
+                    minute: row.try_get(0)?,
+                    span_ms: row.try_get(1)?,
+                    events: count(2)?,
+                    delivered: count(3)?,
+                    bytes: count(4)?,
+                    records: count(5)?,
+                    lag_ms: row.try_get(6)?,
+                })
+            })
+            .collect::<Result<_, tokio_postgres::Error>>()
+            .map_err(pg(OP))
     }
 
     pub(super) async fn repo_states(&self) -> Result<Vec<(RepoState, u64)>, StoreError> {

@@ -39,6 +39,7 @@ pub(super) const MIGRATIONS: &[Migration] = &[
     migration!(4, "0004_last_fetch"),
     migration!(5, "0005_fetch_filters"),
     migration!(6, "0006_settings"),
+    migration!(7, "0007_status_minutes"),
 ];
 
 /// What a backend found before migrating.
@@ -210,17 +211,17 @@ mod tests {
             Err(StoreError::ForeignSchema { .. })
         ));
         let all: Vec<i64> = pending(0).unwrap().map(|m| m.version).collect();
-        assert_eq!(all, [1, 2, 3, 4, 5, 6]);
+        assert_eq!(all, [1, 2, 3, 4, 5, 6, 7]);
         assert_eq!(
             pending(2).unwrap().map(|m| m.version).collect::<Vec<_>>(),
-            [3, 4, 5, 6]
+            [3, 4, 5, 6, 7]
         );
-        assert_eq!(pending(6).unwrap().count(), 0);
+        assert_eq!(pending(7).unwrap().count(), 0);
         assert!(matches!(
-            pending(7).map(Iterator::count),
+            pending(8).map(Iterator::count),
             Err(StoreError::SchemaTooNew {
-                found: 7,
-                supported: 6
+                found: 8,
+                supported: 7
             })
         ));
     }

@@ -176,6 +176,28 @@ impl ResyncRequest {
 /// Why a forced resync's repo is `desynchronized`, shown as its `error` until the resync ends.
 pub const RESYNC_REQUESTED: &str = "resync requested through the API";
 
+/// One minute of the status history: what happened over `span_ms` from the minute's start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MinuteRow {
+    /// Unix minute (seconds / 60).
+    pub minute: i64,
+    /// The span the counts cover (about a minute).
+    pub span_ms: i64,
+    /// Firehose events received.
+    pub events: u64,
+    /// Events written to consumers.
+    pub delivered: u64,
+    /// Bytes downloaded.
+    pub bytes: u64,
+    /// Records of finished resyncs.
+    pub records: u64,
+    /// Firehose lag at the minute's end.
+    pub lag_ms: i64,
+}
+
+/// Minutes of status history kept (7 days).
+pub const HISTORY_MINUTES: i64 = 7 * 24 * 60;
+
 /// How a resync got the repo from its PDS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FetchKind {
@@ -456,6 +478,11 @@ pub(super) fn event_id(stored: i64, table: &'static str) -> Result<EventId, Stor
             column: "id",
             value: stored.to_string(),
         })
+}
+
+/// A counter as the signed 64-bit integer both databases store (saturating).
+pub(super) fn count_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
 }
 
 /// Converts a count or limit to the signed 64-bit integer both databases use.

@@ -23,9 +23,9 @@ use super::record_index;
 use super::schema::REPO_COLUMNS;
 use super::schema::state_counts;
 use super::{
-    BufferedCommit, CLAIM_ORDER, EventId, OutboxRow, RESYNC_REQUESTED, RecordRow, RepoRow,
-    RepoState, RepoSummary, RepoWrite, ResyncFailure, ResyncRequest, StoreError, Table, event_id,
-    to_i64,
+    BufferedCommit, CLAIM_ORDER, EventId, HISTORY_MINUTES, MinuteRow, OutboxRow, RESYNC_REQUESTED,
+    RecordRow, RepoRow, RepoState, RepoSummary, RepoWrite, ResyncFailure, ResyncRequest,
+    StoreError, Table, count_i64, event_id, to_i64,
 };
 
 /// Marks one repo for a forced full resync (see `Store::request_resync`).
@@ -322,6 +322,64 @@ impl SqliteStore {
             )
             .and_then(|mut stmt| stmt.execute([reason]))
             .map(|n| n as u64)
+            .map_err(sq(OP))
+        })
+        .await
+    }
+
+    pub(super) async fn save_minute(&self, row: MinuteRow) -> Result<(), StoreError> {
+        const OP: &str = "save_minute";
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO status_minutes \
+                 (minute, span_ms, events, delivered, bytes, records, lag_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+                 ON CONFLICT (minute) DO UPDATE SET span_ms = excluded.span_ms, \
+                 events = excluded.events, delivered = excluded.delivered, \
+                 bytes = excluded.bytes, records = excluded.records, lag_ms = excluded.lag_ms",
+            )
+            .and_then(|mut stmt| {
+                stmt.execute(params![
+                    row.minute,
+                    row.span_ms,
+                    count_i64(row.events),
+                    count_i64(row.delivered),
+                    count_i64(row.bytes),
+                    count_i64(row.records),
+                    row.lag_ms
+                ])
+            })
+            .map_err(sq(OP))?;
+            conn.prepare_cached("DELETE FROM status_minutes WHERE minute < ?1")
+                .and_then(|mut stmt| stmt.execute([row.minute - HISTORY_MINUTES]))
+                .map_err(sq(OP))?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn minutes_since(&self, minute: i64) -> Result<Vec<MinuteRow>, StoreError> {
+        const OP: &str = "minutes_since";
+        self.read(OP, move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT minute, span_ms, events, delivered, bytes, records, lag_ms \
+                     FROM status_minutes WHERE minute >= ?1 ORDER BY minute",
+                )
+                .map_err(sq(OP))?;
+            stmt.query_map([minute], |row| {
+                let count = |i| row.get::<_, i64>(i).map(i64::unsigned_abs);
+                Ok(MinuteRow {
+                    minute: row.get(0)?,
+                    span_ms: row.get(1)?,
+                    events: count(2)?,
+                    delivered: count(3)?,
+                    bytes: count(4)?,
+                    records: count(5)?,
+                    lag_ms: row.get(6)?,
+                })
+            })
+            .and_then(Iterator::collect)
             .map_err(sq(OP))
         })
         .await
