@@ -1,4 +1,5 @@
-//! tap-testkit: loopback fakes.
+//! tap-testkit: loopback fakes, and a headless-browser driver for the status page.
+pub mod chromium;
 pub mod fake_pds;
 pub mod fake_plc;
 pub mod fake_relay;

@@ -255,7 +255,12 @@ mod tests {
 
     #[test]
     fn minutes_tap_was_not_running_are_gaps_not_zeros() {
-        let rows = [row(80, 60, 0), row(100, 60, 0), row(101, 60, 0), row(150, 120, 3000)];
+        let rows = [
+            row(80, 60, 0),
+            row(100, 60, 0),
+            row(101, 60, 0),
+            row(150, 120, 3000),
+        ];
         let hour = aggregate(&rows, Span::Hour, 150);
         assert_eq!(
             hour.iter().map(|p| p.t / 60).collect::<Vec<_>>(),
