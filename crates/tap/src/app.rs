@@ -387,6 +387,7 @@ impl App {
                         relay_url: config.relay_url.clone(),
                         scope: filters.live().clone(),
                         ledger: ledger.clone(),
+                        progress: Arc::clone(&progress),
                     },
                     store.clone(),
                     intake.clone(),

@@ -7,6 +7,7 @@
 //! (the Go tap resumed from its last cursor forever and never saw them). Signal collections
 //! added at runtime are enumerated at once; removed ones are no longer walked.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -17,6 +18,8 @@ use url::Url;
 use crate::config::TrackingScope;
 use crate::ledger::{Ledger, Source};
 use crate::repos::filter::LiveScope;
+use crate::status::Progress;
+use crate::status::diagnose::ALL_REPOS;
 use crate::store::{Store, StoreError};
 use crate::telemetry as t;
 
@@ -59,6 +62,8 @@ pub struct CrawlerSettings {
     pub scope: LiveScope,
     /// Where listing pages' bytes are counted.
     pub ledger: Ledger,
+    /// Where the pass in progress is shown (`/status.json`).
+    pub progress: Arc<Progress>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -204,6 +209,11 @@ async fn crawl(
             })
             .collect();
         found += dids.len() as u64;
+        let name = match listing {
+            Listing::All => ALL_REPOS,
+            Listing::Collection(c) => c.as_str(),
+        };
+        settings.progress.enumerated(name, &dids);
         if !dids.is_empty() {
             let added = store.add_repos(&dids).await?;
             metrics::counter!(t::CRAWLER_REPOS_DISCOVERED).increment(added);
@@ -221,7 +231,10 @@ async fn crawl(
         }
         match next {
             Some(n) if cursor_advanced(&cursor, &n) => cursor = Some(n),
-            _ => return Ok(found),
+            _ => {
+                settings.progress.enumeration_done();
+                return Ok(found);
+            }
         }
     }
 }

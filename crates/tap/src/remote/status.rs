@@ -186,6 +186,19 @@ pub fn summary(doc: &Value) -> String {
         }
     );
 
+    let e = &doc["enumeration"];
+    if e.is_object() {
+        let percent = e["percent"]
+            .as_f64()
+            .map_or_else(String::new, |p| format!(", about {p:.0} % through"));
+        let _ = writeln!(
+            out,
+            "enumerate  {}: {} repos found{percent}",
+            e["listing"].as_str().unwrap_or("?"),
+            count(num(&e["found"]))
+        );
+    }
+
     let o = &doc["outbox"];
     let oldest = seconds(&o["oldest_unacked_seconds"])
         .map_or_else(String::new, |a| format!(" (oldest {a})"));
@@ -243,7 +256,8 @@ mod tests {
             "outbox": {"mode": "websocket-ack", "consumers": 1, "unacked": 48120,
                        "oldest_unacked_seconds": 720.0, "delivered_per_second": null, "redeliveries": 5},
             "bandwidth": {"bytes_per_second": 100000.0, "ledger": {"total": 1234000000u64}},
-            "errors": [{"reason": "PDS answered 404", "repos": 37}]
+            "errors": [{"reason": "PDS answered 404", "repos": 37}],
+            "enumeration": {"listing": "app.bsky.graph.starterpack", "found": 12000, "percent": 41.2}
         });
         let text = summary(&doc);
         for want in [
@@ -257,6 +271,7 @@ mod tests {
             "delivery   websocket-ack, 1 consumer, 48,120 unacked (oldest 12 min), - delivered, 5 redeliveries",
             "bandwidth  1.2 GB downloaded, 100.0 kB/s",
             "error      37 × PDS answered 404",
+            "enumerate  app.bsky.graph.starterpack: 12,000 repos found, about 41 % through",
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }

@@ -17,6 +17,9 @@ pub const NO_CONSUMER_MS: i64 = 60_000;
 /// How old the oldest unacked event may get while a consumer is connected.
 pub const ACKS_STALLED_MS: i64 = 300_000;
 
+/// The listing name of a full-network enumeration (others are collection NSIDs).
+pub const ALL_REPOS: &str = "all repos";
+
 /// How serious a diagnosis is: `warn` makes `tap status` exit 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -151,6 +154,21 @@ pub fn diagnose(f: &Facts<'_>) -> Vec<Diagnosis> {
                 if f.error == 1 { "" } else { "s" }
             ),
         );
+    }
+    if let Some(pass) = &v.enumeration {
+        let share = pass.share().map_or_else(String::new, |s| {
+            format!(" about {} % done,", (s * 100.0).floor())
+        });
+        let what = if pass.listing == ALL_REPOS {
+            "full-network enumeration".to_owned()
+        } else {
+            format!("signal-collection pass ({})", pass.listing)
+        };
+        out.push(Diagnosis {
+            level: Level::Info,
+            code: "enumerating",
+            message: format!("{what}{share} {} repos found so far", count(pass.found)),
+        });
     }
     let remaining = f.pending + f.resyncing + f.desynchronized;
     if remaining > 0 {
@@ -363,6 +381,31 @@ mod tests {
         assert_eq!(
             d[0].message,
             "backfill 40 % done: 1,100 of 2,700 repos; about 3 min left"
+        );
+    }
+
+    #[test]
+    fn an_enumeration_in_progress_says_how_far_it_is() {
+        let mut v = live();
+        v.enumeration = Some(super::super::Enumeration {
+            listing: "app.bsky.graph.starterpack".into(),
+            found: 12_000,
+            last_did: Some("did:plc:m2345".into()),
+        });
+        let d = diagnose(&facts(&v));
+        assert_eq!(d[0].level, Level::Info);
+        assert_eq!(
+            d[0].message,
+            "signal-collection pass (app.bsky.graph.starterpack) about 56 % done, 12,000 repos found so far"
+        );
+        v.enumeration = Some(super::super::Enumeration {
+            listing: ALL_REPOS.into(),
+            found: 5,
+            last_did: None,
+        });
+        assert_eq!(
+            diagnose(&facts(&v))[0].message,
+            "full-network enumeration 5 repos found so far"
         );
     }
 

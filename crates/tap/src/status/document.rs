@@ -66,6 +66,8 @@ pub struct StatusDocument {
     pub backfill: Backfill,
     /// Resyncs running now.
     pub resync: Resync,
+    /// The enumeration pass in progress (signal collections or full network), if any.
+    pub enumeration: Option<EnumerationStatus>,
     /// Delivery to consumers.
     pub outbox: OutboxStatus,
     /// Bytes downloaded: the ledger of `/stats/bandwidth`, plus the current rate.
@@ -132,6 +134,17 @@ pub struct Resync {
     pub busy: u32,
     /// Fetches now, per PDS host.
     pub hosts: BTreeMap<String, u32>,
+}
+
+/// The enumeration part.
+#[derive(Clone, Debug, Serialize)]
+pub struct EnumerationStatus {
+    /// What is listed: a collection NSID, or `all repos`.
+    pub listing: String,
+    /// DIDs listed so far in this pass.
+    pub found: u64,
+    /// How far through the DID key space, when the listing comes in `did:plc` order.
+    pub percent: Option<f64>,
 }
 
 /// The delivery part.
@@ -267,6 +280,11 @@ pub fn build(inputs: Inputs) -> StatusDocument {
             busy: v.busy_hosts.values().sum(),
             hosts: v.busy_hosts.clone(),
         },
+        enumeration: v.enumeration.as_ref().map(|e| EnumerationStatus {
+            listing: e.listing.clone(),
+            found: e.found,
+            percent: e.share().map(|s| (s * 1000.0).floor() / 10.0),
+        }),
         outbox: OutboxStatus {
             mode: inputs.delivery,
             unacked,

@@ -48,6 +48,36 @@ pub struct Progress {
     resyncs_done: AtomicU64,
     records_synced: AtomicU64,
     busy_hosts: Mutex<BTreeMap<String, u32>>,
+    enumeration: Mutex<Option<Enumeration>>,
+}
+
+/// An enumeration pass in progress (signal collections or full network).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Enumeration {
+    /// What is listed: a collection NSID, or `all repos`.
+    pub listing: String,
+    /// DIDs listed so far in this pass.
+    pub found: u64,
+    /// The last DID listed, while the listing comes in DID order.
+    pub last_did: Option<String>,
+}
+
+impl Enumeration {
+    /// How far through the DID key space the pass is, when the listing is ordered by
+    /// `did:plc` identifiers (random base32, so evenly spread): a fraction in 0..1.
+    #[must_use]
+    pub fn share(&self) -> Option<f64> {
+        const ALPHABET: &[u8] = b"234567abcdefghijklmnopqrstuvwxyz";
+        let id = self.last_did.as_deref()?.strip_prefix("did:plc:")?;
+        let mut share = 0.0;
+        let mut scale = 1.0;
+        for c in id.bytes().take(6) {
+            let digit = ALPHABET.iter().position(|&a| a == c)?;
+            scale /= 32.0;
+            share += digit as f64 * scale;
+        }
+        Some(share)
+    }
 }
 
 impl Default for Progress {
@@ -71,6 +101,7 @@ impl Default for Progress {
             resyncs_done: AtomicU64::new(0),
             records_synced: AtomicU64::new(0),
             busy_hosts: Mutex::default(),
+            enumeration: Mutex::default(),
         }
     }
 }
@@ -114,6 +145,8 @@ pub struct Vitals {
     pub records_synced: u64,
     /// Resyncs running now, by PDS host.
     pub busy_hosts: BTreeMap<String, u32>,
+    /// The enumeration pass in progress, if any.
+    pub enumeration: Option<Enumeration>,
 }
 
 /// Holds a resync's place in [`Progress`]'s busy hosts; released on drop.
@@ -219,6 +252,38 @@ impl Progress {
         }
     }
 
+    /// An enumeration page of `listing` listed `dids` (in the relay's order).
+    pub fn enumerated(&self, listing: &str, dids: &[String]) {
+        let mut current = self
+            .enumeration
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let pass = current.get_or_insert_with(Enumeration::default);
+        if pass.listing != listing {
+            *pass = Enumeration {
+                listing: listing.to_owned(),
+                ..Enumeration::default()
+            };
+        }
+        pass.found += dids.len() as u64;
+        // The key-space estimate holds only while the listing is in DID order.
+        let first = pass.found == dids.len() as u64;
+        let ordered = dids.windows(2).all(|w| w[0] < w[1])
+            && match (&pass.last_did, dids.first()) {
+                (Some(last), Some(next)) => last < next,
+                _ => first,
+            };
+        pass.last_did = if ordered { dids.last().cloned() } else { None };
+    }
+
+    /// The enumeration pass ended.
+    pub fn enumeration_done(&self) {
+        *self
+            .enumeration
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
     fn hosts(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, u32>> {
         self.busy_hosts
             .lock()
@@ -249,6 +314,47 @@ impl Progress {
             resyncs_done: count(&self.resyncs_done),
             records_synced: count(&self.records_synced),
             busy_hosts: self.hosts().clone(),
+            enumeration: self
+                .enumeration
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ordered_plc_listing_tells_how_far_through_the_key_space_it_is() {
+        let progress = Progress::default();
+        let page = |ids: &[&str]| {
+            ids.iter()
+                .map(|i| format!("did:plc:{i}"))
+                .collect::<Vec<_>>()
+        };
+        progress.enumerated("app.example.x", &page(&["2aaaaa", "aaaaaa"]));
+        let pass = progress.vitals().enumeration.unwrap();
+        assert_eq!(pass.found, 2);
+        let share = pass.share().unwrap();
+        assert!((share - 6.0 / 31.0).abs() < 0.001, "{share}"); // 0.aaaa… in base 32
+        progress.enumerated("app.example.x", &page(&["qaaaaa", "zzzzzz"]));
+        let pass = progress.vitals().enumeration.unwrap();
+        assert_eq!(pass.found, 4);
+        assert!(pass.share().unwrap() > 0.999);
+        // Out of order: no estimate rather than a wrong one.
+        progress.enumerated("app.example.x", &page(&["baaaaa"]));
+        assert_eq!(progress.vitals().enumeration.unwrap().share(), None);
+        // A new listing starts over; a web DID has no key-space position.
+        progress.enumerated("all repos", &["did:web:a.example".to_owned()]);
+        let pass = progress.vitals().enumeration.unwrap();
+        assert_eq!(
+            (pass.listing.as_str(), pass.found, pass.share()),
+            ("all repos", 1, None)
+        );
+        progress.enumeration_done();
+        assert_eq!(progress.vitals().enumeration, None);
     }
 }
