@@ -32,13 +32,7 @@ async fn a_forced_resync_fetches_the_whole_repo_and_delivers_what_the_firehose_m
     repo.commit(&ops).unwrap();
     net.pds
         .set_repo(repo.did().as_str(), RepoReply::Car(repo.car_tree_order()));
-    let resp = reqwest::Client::new()
-        .post(tap.url("/repos/resync"))
-        .json(&json!({"dids": [repo.did().as_str()]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    sync_support::post_did(&tap, "/repos/resync", repo.did()).await;
 
     let rev = repo.writer().head().unwrap().1.rev.as_str().to_owned();
     let info = wait_for("the forced resync", || async {
@@ -65,16 +59,7 @@ async fn a_forced_resync_fetches_the_whole_repo_and_delivers_what_the_firehose_m
         let later = consumer.records().split_off(before.len());
         let (deletes, writes): (Vec<_>, Vec<_>) =
             later.into_iter().partition(|r| r["action"] == "delete");
-        let deletes: Vec<String> = deletes
-            .iter()
-            .map(|r| {
-                format!(
-                    "{}/{}",
-                    r["collection"].as_str().unwrap(),
-                    r["rkey"].as_str().unwrap()
-                )
-            })
-            .collect();
+        let deletes: Vec<String> = deletes.iter().map(sync_support::record_path).collect();
         (writes.len() + deletes.len() == changed.len() + gone.len()).then_some((writes, deletes))
     })
     .await;
@@ -159,13 +144,7 @@ async fn the_status_document_adds_up_and_names_why_repos_fail() {
     );
 
     // Removing the failing repo makes tap healthy again.
-    let resp = reqwest::Client::new()
-        .post(tap.url("/repos/remove"))
-        .json(&json!({"dids": [ghost.as_str()]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    sync_support::post_did(&tap, "/repos/remove", &ghost).await;
     let doc = status(&tap).await;
     assert_eq!(doc["healthy"], true, "{doc}");
     assert_eq!(doc["diagnoses"], json!([]));

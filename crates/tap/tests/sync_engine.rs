@@ -151,13 +151,7 @@ async fn resync_deletes(db: TestDb) {
     let deletes: Vec<String> = after
         .iter()
         .filter(|r| r["action"] == "delete")
-        .map(|r| {
-            format!(
-                "{}/{}",
-                r["collection"].as_str().unwrap(),
-                r["rkey"].as_str().unwrap()
-            )
-        })
+        .map(|r| sync_support::record_path(r))
         .collect();
     assert_eq!(deletes, gone, "every vanished record is deleted");
     assert!(

@@ -142,14 +142,30 @@ impl Drop for Consumer {
     }
 }
 
-pub async fn add(tap: &TestTap, did: &Did) {
+/// POSTs `{"dids": [did]}` to `path` (`/repos/add`, `/repos/remove`, `/repos/resync`),
+/// expecting a 200; the answer's body.
+pub async fn post_did(tap: &TestTap, path: &str, did: &Did) -> String {
     let resp = reqwest::Client::new()
-        .post(tap.url("/repos/add"))
+        .post(tap.url(path))
         .json(&json!({"dids": [did.as_str()]}))
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.status(), 200, "{path}");
+    resp.text().await.unwrap()
+}
+
+pub async fn add(tap: &TestTap, did: &Did) {
+    post_did(tap, "/repos/add", did).await;
+}
+
+/// A record event's `collection/rkey`.
+pub fn record_path(record: &Value) -> String {
+    format!(
+        "{}/{}",
+        record["collection"].as_str().unwrap(),
+        record["rkey"].as_str().unwrap()
+    )
 }
 
 /// Adds `repo` and waits until `consumer` has every record of it and the repo is active.
