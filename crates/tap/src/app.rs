@@ -426,6 +426,8 @@ impl App {
             filters,
             channel,
             stop: delivery_stop.clone(),
+            channel_slots: Arc::new(tokio::sync::Semaphore::new(config.max_channel_sessions)),
+            max_channel_sessions: config.max_channel_sessions,
             identity,
             ledger,
             failure: supervisor.subscribe(),
@@ -434,7 +436,12 @@ impl App {
         let api = api::router(state, auth.clone());
 
         let mut servers = tokio::task::JoinSet::new();
-        servers.spawn(serve("http", http, api, delivery_stop.clone()));
+        let mut server_names = std::collections::HashMap::new();
+        let limits = config.http_limits;
+        let id = servers
+            .spawn(api::server::serve(http, api, limits, delivery_stop.clone()))
+            .id();
+        server_names.insert(id, "http");
         if let Some(listener) = metrics {
             let handle = telemetry::metrics_handle();
             // Metrics tell a lot about what tap holds: with an admin password set, they
@@ -451,19 +458,29 @@ impl App {
                     auth,
                     api::require_admin,
                 ));
-            servers.spawn(serve("metrics", listener, router, delivery_stop.clone()));
+            let id = servers
+                .spawn(api::server::serve(
+                    listener,
+                    router,
+                    limits,
+                    delivery_stop.clone(),
+                ))
+                .id();
+            server_names.insert(id, "metrics");
         }
 
         let mut failure = None;
         tokio::select! {
             () = shutdown_signal => tracing::info!("Shutdown requested."),
             failed = supervisor.failed() => failure = Some(AppError::Task(failed)),
-            Some(result) = servers.join_next() => {
-                failure = match result {
-                    Ok(Err(e)) => Some(e),
-                    Ok(Ok(())) => None,
-                    Err(join) => Some(AppError::Serve { what: "http", source: std::io::Error::other(join) }),
+            Some(result) = servers.join_next_with_id() => {
+                // Servers run until delivery stops, which has not happened yet.
+                let (id, reason) = match result {
+                    Ok((id, ())) => (id, "stopped on its own".to_owned()),
+                    Err(join) => (join.id(), join.to_string()),
                 };
+                let what = server_names.get(&id).copied().unwrap_or("http");
+                failure = Some(AppError::Serve { what, reason });
             }
         }
 
@@ -534,18 +551,6 @@ async fn bind_listener(what: &'static str, addr: &str) -> Result<TcpListener, Ap
             addr: addr.to_owned(),
             source,
         })
-}
-
-async fn serve(
-    what: &'static str,
-    listener: TcpListener,
-    router: Router,
-    token: CancellationToken,
-) -> Result<(), AppError> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { token.cancelled().await })
-        .await
-        .map_err(|source| AppError::Serve { what, source })
 }
 
 #[cfg(test)]

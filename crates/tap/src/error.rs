@@ -33,12 +33,12 @@ pub enum AppError {
     /// A long-running task panicked or stopped on its own.
     #[error("{0}")]
     Task(crate::shutdown::TaskFailure),
-    /// An HTTP server failed while running.
-    #[error("{what} server failed: {source}")]
+    /// An HTTP server task ended (panicked) while tap was running.
+    #[error("{what} server failed: {reason}")]
     Serve {
         /// Which server.
         what: &'static str,
-        /// The I/O error.
-        source: std::io::Error,
+        /// What happened to it.
+        reason: String,
     },
 }

@@ -27,6 +27,16 @@ fn main() -> ExitCode {
         }
     };
     tap::telemetry::init_logging(config.log_level);
+    let open_files = tap::api::server::raise_open_file_limit();
+    if let Some(limit) = open_files
+        && limit < config.http_limits.max_connections as u64
+    {
+        tracing::warn!(
+            limit,
+            max_connections = config.http_limits.max_connections,
+            "The open-file limit is below --max-connections; connections beyond it are refused by the OS."
+        );
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

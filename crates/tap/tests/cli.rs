@@ -373,3 +373,73 @@ fn status_exits_by_health_and_repos_commands_drive_the_api() {
     let gone = client(&["repos", "list", "--timeout=2s"], None);
     assert_eq!(gone.status.code(), Some(2));
 }
+
+/// 10,000 connections that sent half a request head: `/health` still answers within a
+/// second, and the server closes them once the header timeout passes; a connection idling
+/// after a request is closed too.
+#[test]
+fn half_sent_requests_neither_starve_the_api_nor_stay_open() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const HALF_OPEN: usize = 10_000;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = start_tap(
+        dir.path(),
+        &[
+            "--relay-url=http://127.0.0.1:1",
+            "--plc-url=http://127.0.0.1:1",
+            "--http-header-timeout=3s",
+        ],
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        idle.write_all(b"GET /health HTTP/1.1\r\nHost: tap\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let n = idle.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+
+        let mut half_open = Vec::with_capacity(HALF_OPEN);
+        for _ in 0..HALF_OPEN {
+            let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            stream
+                .write_all(b"GET /health HTTP/1.1\r\nHost: tap\r\n")
+                .await
+                .unwrap();
+            half_open.push(stream);
+        }
+        let started = Instant::now();
+        let health = ::reqwest::Client::new()
+            .get(format!("http://{addr}/health"))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        assert_eq!(health.status(), 200);
+        assert!(took < Duration::from_secs(1), "/health took {took:?}");
+
+        // Every half-sent connection, and the idle one, is closed by the server (EOF or
+        // reset), within the timeout plus slack.
+        let closed = |mut s: tokio::net::TcpStream| async move {
+            let mut buf = [0u8; 1024];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        };
+        let all = futures_util::future::join_all(half_open.into_iter().map(closed));
+        // (Well under the 30 s a server without this limit would default to, if any.)
+        tokio::time::timeout(Duration::from_secs(15), async {
+            all.await;
+            closed(idle).await;
+        })
+        .await
+        .expect("the server closes connections that send no complete request head");
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

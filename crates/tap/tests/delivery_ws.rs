@@ -678,3 +678,33 @@ async fn a_silent_client_is_dropped_and_its_unacked_events_go_to_the_others() {
     tap.wait_outbox_len(0).await;
     tap.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_beyond_the_cap_are_refused_until_one_ends() {
+    let (tap, _db) = sqlite_tap(|c| c.max_channel_sessions = 2).await;
+    let first = Client::connect(tap.addr).await;
+    let _second = Client::connect(tap.addr).await;
+    let refused = tokio_tungstenite::connect_async(format!("ws://{}/channel", tap.addr)).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 503);
+            let body =
+                String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).into_owned();
+            assert!(body.contains("--max-channel-sessions 2"), "{body}");
+        }
+        other => panic!("a third session was not refused: {other:?}"),
+    }
+    drop(first);
+    let third = tap_testkit::wait::poll_until(
+        "a free session slot",
+        std::time::Duration::from_secs(10),
+        || async {
+            tokio_tungstenite::connect_async(format!("ws://{}/channel", tap.addr))
+                .await
+                .ok()
+        },
+    )
+    .await;
+    drop(third);
+    tap.stop().await;
+}

@@ -6,6 +6,7 @@ mod channel;
 mod filters;
 mod repos;
 mod resolve;
+pub mod server;
 mod stats;
 
 use std::sync::Arc;
@@ -54,6 +55,10 @@ pub struct ApiState {
     pub channel: Option<DeliveryHub>,
     /// Cancelled when `/channel` sessions must end (shutdown).
     pub stop: CancellationToken,
+    /// One permit per `/channel` session (`--max-channel-sessions`).
+    pub channel_slots: Arc<tokio::sync::Semaphore>,
+    /// The cap, for the refusal's message.
+    pub max_channel_sessions: usize,
     /// The cached identity resolver behind `/resolve/{did}`.
     pub identity: Identity,
     /// Downloaded bytes, for `/stats/bandwidth`.

@@ -150,6 +150,10 @@ pub struct Config {
     pub firehose_parallelism: usize,
     /// `--resync-parallelism`.
     pub resync_parallelism: usize,
+    /// `--max-connections`, `--http-header-timeout`: inbound limits of the HTTP servers.
+    pub http_limits: crate::api::server::HttpLimits,
+    /// `--max-channel-sessions`.
+    pub max_channel_sessions: usize,
     /// `--cursor-save-interval`.
     pub cursor_save_interval: Duration,
     /// `--no-replay` (applies at start-up only).
@@ -518,6 +522,10 @@ impl Config {
         if channel_timeout.is_zero() {
             return Err(invalid("channel-timeout", "must be greater than zero"));
         }
+        let header_timeout = duration_of("http-header-timeout")?;
+        if header_timeout.is_zero() {
+            return Err(invalid("http-header-timeout", "must be greater than zero"));
+        }
         let cursor_save_interval = duration_of("cursor-save-interval")?;
         if cursor_save_interval.is_zero() {
             return Err(invalid("cursor-save-interval", "must be greater than zero"));
@@ -559,6 +567,11 @@ impl Config {
             relay_url: http_url_of("relay-url")?,
             firehose_parallelism: count_of("firehose-parallelism")?,
             resync_parallelism: count_of("resync-parallelism")?,
+            http_limits: crate::api::server::HttpLimits {
+                max_connections: count_of("max-connections")?,
+                header_timeout,
+            },
+            max_channel_sessions: count_of("max-channel-sessions")?,
             cursor_save_interval,
             no_replay,
             repo_fetch_timeout,
