@@ -294,6 +294,8 @@ async fn get_repo(
         )
             .into_response(),
         Some(RepoReply::Trickle(bytes, every)) => {
+            // Counted when it starts: what is served is decided, only slowly sent.
+            shared.count(Endpoint::GetRepo, bytes.len());
             let stream = futures_util::stream::unfold(0usize, move |i| {
                 let bytes = bytes.clone();
                 async move {

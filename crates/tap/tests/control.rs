@@ -463,3 +463,80 @@ async fn the_status_history_survives_a_restart_and_serves_each_span() {
     assert_eq!(status, 400);
     tap.stop().await;
 }
+
+/// A tap whose only repo (some follows and likes) is being fetched slowly (full strategy,
+/// one byte per millisecond) when the test acts; then the PDS speeds up.
+async fn slow_first_fetch(net: &Net, db: &TestDb, n: u32) -> (TestTap, Consumer, RepoBuilder) {
+    let repo = RepoBuilder::with_records(did(n), TestKey::k256(n.into()), n.into(), 12);
+    net.host(&repo, &format!("slow{n}.test"), repo.car_tree_order());
+    net.pds.set_repo(
+        repo.did().as_str(),
+        RepoReply::Trickle(repo.car_tree_order(), std::time::Duration::from_millis(1)),
+    );
+    let mut cfg = net.config(db);
+    cfg.collection_filters = vec![FOLLOWS.parse().unwrap()];
+    cfg.fetch_strategy = tap::config::FetchStrategy::Full;
+    let tap = TestTap::start(cfg).await;
+    let consumer = Consumer::connect(&tap).await;
+    sync_support::add(&tap, repo.did()).await;
+    sync_support::wait_state(&tap, repo.did(), "resyncing").await;
+    (tap, consumer, repo)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_widened_during_a_resync_fetch_that_repo_again() {
+    let db = TestDb::new(common::Backend::Sqlite).await.unwrap();
+    let net = Net::start().await;
+    let (tap, consumer, repo) = slow_first_fetch(&net, &db, 90).await;
+    let (status, answer) = put(
+        &tap,
+        "/collection-filters",
+        &json!({"collections": [FOLLOWS, LIKES]}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["resyncing"].clone()),
+        (200, json!(0)),
+        "nothing at rest"
+    );
+    net.pds
+        .set_repo(repo.did().as_str(), RepoReply::Car(repo.car_tree_order()));
+    let likes = expected_in(&repo, LIKES);
+    assert!(!likes.is_empty(), "the fixture has likes");
+    let got = wait_for("the likes of the repo that was mid-fetch", || async {
+        let got = in_collection(&consumer.records(), LIKES);
+        (got.len() >= likes.len()).then_some(got)
+    })
+    .await;
+    assert_eq!(got, likes);
+    // The fetch running at the widening may have seen the new filters for the records it
+    // read after it, but not before: it is done again.
+    wait_for("the second fetch", || async {
+        let i = sync_support::info(&tap, repo.did()).await;
+        (net.pds.served(Endpoint::GetRepo).requests == 2 && i["state"] == "active").then_some(())
+    })
+    .await;
+    tap.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_forced_while_one_runs_is_done_again_when_it_ends() {
+    let db = TestDb::new(common::Backend::Sqlite).await.unwrap();
+    let net = Net::start().await;
+    let (tap, _consumer, repo) = slow_first_fetch(&net, &db, 91).await;
+    let answer = sync_support::post_did(&tap, "/repos/resync", repo.did()).await;
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(
+        answer["resyncing"],
+        json!([repo.did().as_str()]),
+        "{answer}"
+    );
+    net.pds
+        .set_repo(repo.did().as_str(), RepoReply::Car(repo.car_tree_order()));
+    wait_for("the second fetch", || async {
+        let i = sync_support::info(&tap, repo.did()).await;
+        (net.pds.served(Endpoint::GetRepo).requests == 2 && i["state"] == "active").then_some(())
+    })
+    .await;
+    tap.stop().await;
+}

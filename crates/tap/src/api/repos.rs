@@ -116,15 +116,18 @@ pub(super) async fn list(
         0 => return Err(ApiError::bad_request("limit must be at least 1")),
         n => n.min(MAX_PAGE),
     };
-    let page = state
+    // One more than asked: whether a next page exists, so the last page has no cursor.
+    let mut page = state
         .store
-        .list_repos(wanted, query.cursor.as_deref().unwrap_or(""), limit)
+        .list_repos(wanted, query.cursor.as_deref().unwrap_or(""), limit + 1)
         .await
         .map_err(|error| {
             tracing::error!(%error, "Failed to list repos.");
             ApiError::internal("failed to list repos")
         })?;
-    let cursor = (page.len() == limit as usize)
+    let more = page.len() > limit as usize;
+    page.truncate(limit as usize);
+    let cursor = more
         .then(|| page.last().map(|s| s.repo.did.to_string()))
         .flatten();
     let repos: Vec<_> = page

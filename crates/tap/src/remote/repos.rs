@@ -24,7 +24,7 @@ pub async fn run(cmd: &Repos) -> ExitCode {
         ReposCommand::Remove(dids) => post(&client, "/repos/remove", dids).await,
         ReposCommand::Resync(dids) => post(&client, "/repos/resync", dids).await,
         ReposCommand::Info(did) => client
-            .get(&format!("/info/{did}"))
+            .get(&format!("/info/{}", urlencode(did)))
             .await
             .map(|info| println!("{info:#}")),
         ReposCommand::List { state, limit } => list(&client, state.as_deref(), *limit).await,
@@ -101,6 +101,8 @@ async fn list(client: &Client, state: Option<&str>, limit: Option<u64>) -> Resul
     Ok(())
 }
 
+/// Percent-encodes a path segment or query value (a `did:web` may carry `%3A` for a port,
+/// which must reach tap as written).
 fn urlencode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }

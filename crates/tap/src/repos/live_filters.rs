@@ -165,15 +165,25 @@ impl FilterControl {
             seed: seeds.filters.clone(),
             current: strings(&filters),
         };
-        let refetch = self
+        // In force before the repos are marked: a resync finishing in between sees the new
+        // filters and fetches again (resync::worker), and none starting after the marking
+        // can use the old ones. Put back if the store refuses.
+        self.live.replace(old.with_filters(filters));
+        let refetch = match self
             .store
             .save_setting(
                 COLLECTION_FILTERS,
                 &serde_json::to_string(&stored).unwrap_or_default(),
                 widened.then_some(WIDENED),
             )
-            .await?;
-        self.live.replace(old.with_filters(filters));
+            .await
+        {
+            Ok(n) => n,
+            Err(error) => {
+                self.live.replace((*old).clone());
+                return Err(error.into());
+            }
+        };
         tracing::info!(filters = ?stored.current, widened, refetch, "Collection filters changed.");
         Ok((stored.current, refetch))
     }
@@ -201,6 +211,7 @@ impl FilterControl {
                 None,
             )
             .await?;
+        // The seeds lock is still held: no other change can land in between.
         self.live.replace(old.with_signal_collections(signals));
         tracing::info!(signals = ?stored.current, "Signal collections changed.");
         Ok(stored.current)

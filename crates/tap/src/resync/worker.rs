@@ -128,6 +128,7 @@ async fn run_worker(worker: Worker, stop: CancellationToken) {
                     tracing::warn!(%error, %did, "Failed to queue a re-fetch for widened filters.");
                 }
                 tracing::info!(%did, records, elapsed = ?started.elapsed(), "Resync complete.");
+                requeue_if_forced(store, &did).await;
                 continue;
             }
             Err(ResyncError::Stopped) => return,
@@ -158,7 +159,10 @@ async fn run_worker(worker: Worker, stop: CancellationToken) {
                 )
                 .await
             {
-                Ok(()) => break,
+                Ok(()) => {
+                    requeue_if_forced(store, &did).await;
+                    break;
+                }
                 Err(error) if error.is_closed() => return,
                 Err(error) => {
                     tracing::warn!(%did, %error, "Failed to record a resync failure; retrying.");
@@ -169,6 +173,16 @@ async fn run_worker(worker: Worker, stop: CancellationToken) {
                 () = tokio::time::sleep(IDLE_POLL) => {}
             }
         }
+    }
+}
+
+/// A forced resync asked while this worker held the repo: the fetch it just finished was
+/// planned before the request (it may have trusted the held copy), so queue the full one.
+async fn requeue_if_forced(store: &Store, did: &Did) {
+    if store.take_forced(did.as_str())
+        && let Err(error) = store.request_resync(&[did.to_string()]).await
+    {
+        tracing::warn!(%error, %did, "Failed to queue the forced resync asked during a resync.");
     }
 }
 

@@ -12,6 +12,8 @@ pub const FIREHOSE_DOWN_MS: i64 = 60_000;
 pub const FIREHOSE_QUIET_MS: i64 = 180_000;
 /// How far behind the network the firehose may fall.
 pub const FIREHOSE_BEHIND_MS: i64 = 300_000;
+/// Percent of tracked repos in `error` beyond which failing repos are a warning.
+pub const FAILING_PERCENT: u64 = 1;
 /// How long events may wait with no consumer connected.
 pub const NO_CONSUMER_MS: i64 = 60_000;
 /// How old the oldest unacked event may get while a consumer is connected.
@@ -146,14 +148,23 @@ pub fn diagnose(f: &Facts<'_>) -> Vec<Diagnosis> {
         let most = f
             .top_error
             .map_or_else(String::new, |e| format!("; most common: {e}"));
-        warn(
-            "repos_failing",
-            format!(
-                "{} repo{} in error{most}",
-                count(f.error),
-                if f.error == 1 { "" } else { "s" }
-            ),
+        let message = format!(
+            "{} repo{} in error{most}",
+            count(f.error),
+            if f.error == 1 { "" } else { "s" }
         );
+        // On the open network some repos always fail (deleted accounts, dead PDSes): a
+        // warning only beyond a share of what is tracked.
+        let tracked = f.pending + f.resyncing + f.active + f.desynchronized + f.error;
+        if f.error.saturating_mul(100) > tracked.saturating_mul(FAILING_PERCENT) {
+            warn("repos_failing", message);
+        } else {
+            out.push(Diagnosis {
+                level: Level::Info,
+                code: "repos_failing",
+                message,
+            });
+        }
     }
     if let Some(pass) = &v.enumeration {
         let share = pass.share().map_or_else(String::new, |s| {
@@ -363,6 +374,13 @@ mod tests {
         f.error = 1;
         f.top_error = None;
         assert_eq!(diagnose(&f)[0].message, "1 repo in error");
+        assert_eq!(diagnose(&f)[0].level, Level::Warn, "1 of 11");
+        // A few failures among many tracked repos are the open network's normal.
+        f.active = 2_000;
+        f.error = 20;
+        assert_eq!(diagnose(&f)[0].level, Level::Info, "1 %");
+        f.error = 21;
+        assert_eq!(diagnose(&f)[0].level, Level::Warn, "over 1 %");
     }
 
     #[test]

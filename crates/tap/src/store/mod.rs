@@ -58,6 +58,9 @@ pub struct Store {
     /// workers start at once instead of at their next poll. (The poll stays: another
     /// process sharing a Postgres database cannot wake us.)
     resync_wanted: Arc<tokio::sync::Notify>,
+    /// Repos whose forced resync was asked while a worker held them (this process's
+    /// workers pick it up when that resync ends; see [`Store::take_forced`]).
+    forced: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 #[derive(Clone)]
@@ -100,6 +103,7 @@ impl Store {
         Ok(Self {
             backend,
             resync_wanted: Arc::new(tokio::sync::Notify::new()),
+            forced: Arc::default(),
         })
     }
 
@@ -176,7 +180,21 @@ impl Store {
         if !request.queued.is_empty() {
             self.resync_wanted.notify_waiters();
         }
+        self.forced_set().extend(request.resyncing.iter().cloned());
         Ok(request)
+    }
+
+    /// Whether a forced resync of `did` was asked while a worker held it (and forgets it):
+    /// that worker queues it once its resync ends.
+    #[must_use]
+    pub fn take_forced(&self, did: &str) -> bool {
+        self.forced_set().remove(did)
+    }
+
+    fn forced_set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.forced
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A setting saved with [`save_setting`](Self::save_setting), if any.
@@ -236,8 +254,8 @@ impl Store {
         dispatch!(self.repo_states())
     }
 
-    /// The `limit` most common reasons of repos in `error` or `desynchronized`, most
-    /// common first.
+    /// The `limit` most common reasons of repos in `error` (their last resync failed with a
+    /// verdict), most common first.
     ///
     /// # Errors
     /// Database errors.

@@ -266,7 +266,8 @@ impl PgStore {
         // read here is the state the update below replaces.
         let found = tx
             .query(
-                "SELECT did, state FROM repos WHERE did = ANY($1) FOR UPDATE",
+                // In DID order, as every multi-row lock here, so two requests cannot deadlock.
+                "SELECT did, state FROM repos WHERE did = ANY($1) ORDER BY did FOR UPDATE",
                 &[&dids],
             )
             .await
@@ -410,7 +411,7 @@ impl PgStore {
         let rows = client
             .query(
                 "SELECT error_msg, COUNT(*) AS n FROM repos \
-                 WHERE state IN ('error', 'desynchronized') AND error_msg <> '' \
+                 WHERE state = 'error' AND error_msg <> '' \
                  GROUP BY error_msg ORDER BY n DESC, error_msg LIMIT $1",
                 &[&i64::from(limit)],
             )

@@ -141,7 +141,7 @@ pub struct RepoSummary {
 pub struct ResyncRequest {
     /// Marked `desynchronized` for a full fetch, or `pending` (waiting for its backfill).
     pub queued: Vec<String>,
-    /// Already being resynced: left alone (the running resync fetches the current head).
+    /// Held by a worker: fetched again, from scratch, once that resync ends.
     pub resyncing: Vec<String>,
     /// Not tracked: nothing to resync.
     pub untracked: Vec<String>,

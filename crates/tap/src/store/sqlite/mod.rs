@@ -34,7 +34,7 @@ const FORCE_RESYNC_SQLITE: &str = "UPDATE repos SET state = 'desynchronized', er
 
 /// The most common failure reasons (see `Store::error_reasons`).
 const ERROR_REASONS_SQLITE: &str = "SELECT error_msg, COUNT(*) AS n FROM repos \
-     WHERE state IN ('error', 'desynchronized') AND error_msg <> '' \
+     WHERE state = 'error' AND error_msg <> '' \
      GROUP BY error_msg ORDER BY n DESC, error_msg LIMIT ?1";
 
 use apply::{apply_in_tx, chunk_at_or_before, delete_repo, read_repo};
