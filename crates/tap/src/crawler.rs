@@ -10,6 +10,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use serde::Deserialize;
 use tap_atproto::syntax::{Did, Nsid};
 use tokio_util::sync::CancellationToken;
@@ -97,8 +99,9 @@ fn listings_of(tracking: &TrackingScope) -> Vec<Listing> {
     }
 }
 
-/// Runs passes until `stop` is cancelled: every listing of the scope daily (a minute after
-/// a failure), and a listing the scope gains at runtime at once.
+/// Runs passes until `stop` is cancelled: each listing of the scope daily (a minute after
+/// its failure), and a listing the scope gains at runtime at once, without moving the
+/// others' schedule.
 pub async fn run_crawler(settings: CrawlerSettings, store: Store, stop: CancellationToken) {
     let client = match reqwest::Client::builder()
         .timeout(REQUEST_TIMEOUT)
@@ -112,47 +115,56 @@ pub async fn run_crawler(settings: CrawlerSettings, store: Store, stop: Cancella
         }
     };
     let mut changes = settings.scope.subscribe();
-    let mut listings = listings_of(changes.borrow_and_update().tracking());
-    let mut due = listings.clone();
+    // When each listing of the scope is next due; a listing the scope gains is due at once.
+    let mut due: Vec<(Listing, Instant)> = listings_of(changes.borrow_and_update().tracking())
+        .into_iter()
+        .map(|l| (l, Instant::now()))
+        .collect();
     loop {
-        let mut failed = false;
-        for listing in &due {
+        for (listing, next) in &mut due {
+            if *next > Instant::now() {
+                continue;
+            }
             match crawl(&client, &settings, listing, &store, &stop).await {
-                Ok(found) => tracing::info!(?listing, found, "Finished enumerating repos."),
+                Ok(found) => {
+                    tracing::info!(?listing, found, "Finished enumerating repos.");
+                    *next = Instant::now() + PASS_INTERVAL;
+                }
                 Err(CrawlerError::Stopped) => return,
                 Err(error) => {
-                    tracing::warn!(%error, "Repo enumeration failed; retrying in a minute.");
-                    failed = true;
+                    tracing::warn!(%error, ?listing, "Repo enumeration failed; retrying in a minute.");
+                    settings.progress.enumeration_done();
+                    *next = Instant::now() + RETRY_INTERVAL;
                 }
             }
         }
-        let wait = if failed {
-            RETRY_INTERVAL
-        } else {
-            PASS_INTERVAL
-        };
-        let sleep = tokio::time::sleep(wait);
-        tokio::pin!(sleep);
-        due = loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = &mut sleep => break listings.clone(),
-                changed = changes.changed() => {
-                    if changed.is_err() {
-                        // The scope's owner is gone: tap is stopping.
-                        stop.cancelled().await;
-                        return;
-                    }
-                    let now = listings_of(changes.borrow_and_update().tracking());
-                    let added: Vec<Listing> =
-                        now.iter().filter(|l| !listings.contains(l)).cloned().collect();
-                    listings = now;
-                    if !added.is_empty() {
-                        break added;
-                    }
+        let wake = due
+            .iter()
+            .map(|(_, next)| *next)
+            .min()
+            .unwrap_or_else(|| Instant::now() + PASS_INTERVAL);
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep_until(wake) => {}
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    // The scope's owner is gone: tap is stopping.
+                    stop.cancelled().await;
+                    return;
                 }
+                let now = listings_of(changes.borrow_and_update().tracking());
+                due = now
+                    .into_iter()
+                    .map(|l| {
+                        let next = due
+                            .iter()
+                            .find(|(known, _)| *known == l)
+                            .map_or_else(Instant::now, |(_, next)| *next);
+                        (l, next)
+                    })
+                    .collect();
             }
-        };
+        }
     }
 }
 

@@ -145,8 +145,11 @@ async fn the_status_document_adds_up_and_names_why_repos_fail() {
 
     // Removing the failing repo makes tap healthy again.
     sync_support::post_did(&tap, "/repos/remove", &ghost).await;
-    let doc = status(&tap).await;
-    assert_eq!(doc["healthy"], true, "{doc}");
+    let doc = wait_for("tap healthy again", || async {
+        let doc = status(&tap).await;
+        (doc["healthy"] == true).then_some(doc)
+    })
+    .await;
     assert_eq!(doc["diagnoses"], json!([]));
     tap.stop().await;
 }

@@ -51,10 +51,25 @@ pub struct BoardSources {
     pub workers: usize,
 }
 
+/// How long the store's part of the document is reused: its counts scan tables, and every
+/// open status page asks every 2 s.
+const STORE_FACTS_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What the document reads from the store.
+#[derive(Clone, Debug)]
+struct StoreFacts {
+    states: Vec<(crate::store::RepoState, u64)>,
+    records: u64,
+    stored_events: u64,
+    errors: Vec<(String, u64)>,
+}
+
 /// Builds status documents. Shared by the API and the sampler.
 pub struct StatusBoard {
     sources: BoardSources,
     samples: Mutex<VecDeque<Sample>>,
+    /// The store's part, while fresh. An async lock: concurrent askers wait for one read.
+    facts: tokio::sync::Mutex<Option<(std::time::Instant, StoreFacts)>>,
 }
 
 impl StatusBoard {
@@ -64,6 +79,7 @@ impl StatusBoard {
         Self {
             sources,
             samples: Mutex::default(),
+            facts: tokio::sync::Mutex::default(),
         }
     }
 
@@ -83,13 +99,12 @@ impl StatusBoard {
     /// # Errors
     /// The store could not be read.
     pub async fn document(&self) -> Result<StatusDocument, StoreError> {
-        let store = &self.sources.store;
-        let (states, records, stored_events, errors) = tokio::try_join!(
-            store.repo_states(),
-            store.record_count(),
-            store.outbox_count(),
-            store.error_reasons(TOP_ERRORS),
-        )?;
+        let StoreFacts {
+            states,
+            records,
+            stored_events,
+            errors,
+        } = self.store_facts().await?;
         let now = self.sample();
         let earlier = base_of_rates(&self.samples(), now.vitals.at_ms);
         let failure = self
@@ -130,6 +145,32 @@ impl StatusBoard {
             .minutes_since(now_minute - span.minutes() + 1)
             .await?;
         Ok(history::aggregate(&rows, span, now_minute))
+    }
+}
+
+impl StatusBoard {
+    async fn store_facts(&self) -> Result<StoreFacts, StoreError> {
+        let mut cached = self.facts.lock().await;
+        if let Some((at, facts)) = cached.as_ref()
+            && at.elapsed() < STORE_FACTS_TTL
+        {
+            return Ok(facts.clone());
+        }
+        let store = &self.sources.store;
+        let (states, records, stored_events, errors) = tokio::try_join!(
+            store.repo_states(),
+            store.record_count(),
+            store.outbox_count(),
+            store.error_reasons(TOP_ERRORS),
+        )?;
+        let facts = StoreFacts {
+            states,
+            records,
+            stored_events,
+            errors,
+        };
+        *cached = Some((std::time::Instant::now(), facts.clone()));
+        Ok(facts)
     }
 }
 
