@@ -16,9 +16,7 @@ use tap_testkit::repo_builder::{RepoBuilder, TestKey};
 
 use sync_support::{Consumer, Net, did, expected, paths_and_cids, wait_for};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_forced_resync_fetches_the_whole_repo_and_delivers_what_the_firehose_missed() {
-    let db = TestDb::new(common::Backend::Sqlite).await.unwrap();
+async fn a_forced_resync(db: TestDb) {
     let net = Net::start().await;
     let mut repo = RepoBuilder::with_records(did(40), TestKey::k256(40), 40, 200);
     net.host(&repo, "forced.test", repo.car_tree_order());
@@ -67,6 +65,10 @@ async fn a_forced_resync_fetches_the_whole_repo_and_delivers_what_the_firehose_m
     assert_eq!(deletes.iter().collect::<Vec<_>>(), gone);
     tap.stop().await;
 }
+on_both_backends!(
+    a_forced_resync_fetches_the_whole_repo_and_delivers_what_the_firehose_missed,
+    a_forced_resync
+);
 
 async fn status(tap: &TestTap) -> Value {
     let resp = reqwest::get(tap.url("/status.json")).await.unwrap();
@@ -203,10 +205,7 @@ fn create_in(repo: &mut RepoBuilder, collection: &str) -> WriteOp {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn runtime_collection_filters_apply_at_once_survive_restarts_and_a_widening_fetches_the_new_collection()
- {
-    let db = TestDb::new(common::Backend::Sqlite).await.unwrap();
+async fn runtime_filters(db: TestDb) {
     let net = Net::start().await;
     let mut repo = RepoBuilder::with_records(did(60), TestKey::k256(60), 60, 300);
     net.host(&repo, "filters.test", repo.car_tree_order());
@@ -314,6 +313,7 @@ async fn runtime_collection_filters_apply_at_once_survive_restarts_and_a_widenin
     );
     tap.stop().await;
 }
+on_both_backends!(runtime_collection_filters_apply_at_once_survive_restarts_and_a_widening_fetches_the_new_collection, runtime_filters);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signal_collections_set_at_runtime_are_enumerated_at_once_and_refused_for_the_full_network()
@@ -486,9 +486,7 @@ async fn slow_first_fetch(net: &Net, db: &TestDb, n: u32) -> (TestTap, Consumer,
     (tap, consumer, repo)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn filters_widened_during_a_resync_fetch_that_repo_again() {
-    let db = TestDb::new(common::Backend::Sqlite).await.unwrap();
+async fn widened_mid_resync(db: TestDb) {
     let net = Net::start().await;
     let (tap, consumer, repo) = slow_first_fetch(&net, &db, 90).await;
     let (status, answer) = put(
@@ -521,10 +519,12 @@ async fn filters_widened_during_a_resync_fetch_that_repo_again() {
     .await;
     tap.stop().await;
 }
+on_both_backends!(
+    filters_widened_during_a_resync_fetch_that_repo_again,
+    widened_mid_resync
+);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_resync_forced_while_one_runs_is_done_again_when_it_ends() {
-    let db = TestDb::new(common::Backend::Sqlite).await.unwrap();
+async fn forced_mid_resync(db: TestDb) {
     let net = Net::start().await;
     let (tap, _consumer, repo) = slow_first_fetch(&net, &db, 91).await;
     let answer = sync_support::post_did(&tap, "/repos/resync", repo.did()).await;
@@ -543,3 +543,7 @@ async fn a_resync_forced_while_one_runs_is_done_again_when_it_ends() {
     .await;
     tap.stop().await;
 }
+on_both_backends!(
+    a_resync_forced_while_one_runs_is_done_again_when_it_ends,
+    forced_mid_resync
+);
