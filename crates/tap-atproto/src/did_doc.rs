@@ -75,6 +75,32 @@ impl DidDocument {
         serde_json::from_slice(json).map_err(|e| DidDocError::Malformed(e.to_string()))
     }
 
+    /// Roughly the bytes this document holds (its strings and service endpoints), for
+    /// caches that weigh entries: a hostile document can be a thousand times the usual
+    /// size.
+    #[must_use]
+    pub fn approx_size(&self) -> usize {
+        let methods: usize = self
+            .verification_method
+            .iter()
+            .map(|m| {
+                m.id.len()
+                    + m.method_type.len()
+                    + m.controller.as_ref().map_or(0, String::len)
+                    + m.public_key_multibase.as_ref().map_or(0, String::len)
+            })
+            .sum();
+        let services: usize = self
+            .service
+            .iter()
+            .map(|s| s.id.len() + s.service_type.len() + s.service_endpoint.to_string().len())
+            .sum();
+        self.id.as_str().len()
+            + self.also_known_as.iter().map(String::len).sum::<usize>()
+            + methods
+            + services
+    }
+
     fn matches_fragment(&self, id: &str, fragment: &str) -> bool {
         id == fragment || id.strip_prefix(self.id.as_str()) == Some(fragment)
     }

@@ -540,3 +540,32 @@ async fn refresh_fetches_now_and_updates_the_cache() {
     );
     assert_eq!(plc.requests(&route), 2);
 }
+
+#[tokio::test]
+async fn a_large_document_weighs_in_the_cache_by_its_size() {
+    let plc = good_fake().await;
+    let big = "did:plc:bigbigbigbigbigbigbigbigb";
+    let key = k256_key(2);
+    let mut doc = did_doc(big, None, Some((&key, KeyForm::Multikey)), Some(PDS));
+    // ~200 KiB of aliases: a document a hostile PLC entry or did:web host could serve.
+    doc["alsoKnownAs"] = serde_json::Value::Array(
+        (0..2000)
+            .map(|i| serde_json::json!(format!("at://{i:0>96}.example")))
+            .collect(),
+    );
+    plc.set_plc_doc(big, doc);
+    let (identity, _clock) = identity(&plc);
+
+    identity.resolve(&did(DID)).await.unwrap();
+    let ordinary = identity.cache_weight().await;
+    assert!(
+        (1..=2).contains(&ordinary),
+        "an ordinary identity weighs 1: {ordinary}"
+    );
+    identity.resolve(&did(big)).await.unwrap();
+    let with_big = identity.cache_weight().await - ordinary;
+    assert!(
+        (190..=260).contains(&with_big),
+        "a ~200 KiB document weighs ~200 entries: {with_big}"
+    );
+}

@@ -298,6 +298,15 @@ impl<T> Clone for Slot<T> {
 
 /// Lets moka reclaim a slot's memory on its own clock, on the same schedule as the logical
 /// expiry (which the [`Clock`] decides).
+impl<T> Slot<T> {
+    /// The slot's weight in cache entries: one per KiB begun of what the value holds
+    /// (`bytes` of it), so ordinary identities weigh 1 and a failure weighs 1.
+    fn weight(&self, bytes: impl Fn(&T) -> usize) -> u32 {
+        let held = self.result.as_ref().map_or(0, |value| bytes(value));
+        u32::try_from(held / 1024 + 1).unwrap_or(u32::MAX)
+    }
+}
+
 struct SlotExpiry;
 
 impl<T> moka::Expiry<Did, Slot<T>> for SlotExpiry {
@@ -377,12 +386,22 @@ impl Identity {
             Some(base) => HandleResolver::xrpc(http.clone(), base),
             None => HandleResolver::public(http.clone(), options.loopback_web.is_none()),
         };
+        // Weighed, not counted: the capacity is in KiB-sized entries, so a hostile 1 MiB
+        // document takes the room of a thousand ordinary ones.
         let cache = moka::future::Cache::builder()
             .max_capacity(options.cache_capacity)
+            .weigher(|_: &Did, slot: &Slot<ResolvedIdentity>| {
+                slot.weight(|i| {
+                    i.doc.approx_size() + i.handle.as_ref().map_or(0, |h| h.as_str().len())
+                })
+            })
             .expire_after(SlotExpiry)
             .build();
         let repos = moka::future::Cache::builder()
             .max_capacity(options.cache_capacity)
+            .weigher(|_: &Did, slot: &Slot<RepoIdentity>| {
+                slot.weight(|r| r.pds.as_ref().map_or(0, |u| u.as_str().len()))
+            })
             .expire_after(SlotExpiry)
             .build();
         Ok(Self {
@@ -395,6 +414,14 @@ impl Identity {
                 clock: options.clock,
             }),
         })
+    }
+
+    /// The weight the caches hold, in KiB-sized entries (what `--ident-cache-size` bounds
+    /// for each), after pending evictions ran.
+    pub async fn cache_weight(&self) -> u64 {
+        self.inner.cache.run_pending_tasks().await;
+        self.inner.repos.run_pending_tasks().await;
+        self.inner.cache.weighted_size() + self.inner.repos.weighted_size()
     }
 
     /// The identity of `did`, from the cache while fresh, else fetched (concurrent callers
