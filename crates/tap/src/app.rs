@@ -240,6 +240,7 @@ impl App {
         } else {
             let pds = resync::fetch::PdsClient::new(
                 config.repo_fetch_timeout,
+                config.repo_fetch_min_rate,
                 ledger.clone(),
                 config.allow_private_network,
             )

@@ -530,3 +530,58 @@ async fn full_network_mode_skips_inactive_accounts() {
     );
     tap.stop().await;
 }
+
+/// Five PDS answers trickling a hundred bytes a second would hold every worker for the whole
+/// fetch timeout (300 s); the minimum rate cuts them after one 30 s window, so a repo added
+/// behind them is synced within a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickling_pdses_do_not_hold_every_worker() {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    let net = Net::start().await;
+    let slow: Vec<RepoBuilder> = (0..5u32)
+        .map(|i| {
+            RepoBuilder::with_records(
+                did(100 + i),
+                TestKey::k256(100 + u64::from(i)),
+                100 + u64::from(i),
+                20,
+            )
+        })
+        .collect();
+    for (i, repo) in slow.iter().enumerate() {
+        net.publish(repo, &format!("slow{i}.test"));
+        net.pds.set_repo(
+            repo.did().as_str(),
+            RepoReply::Trickle(repo.car_tree_order(), Duration::from_millis(10)),
+        );
+    }
+    let normal = RepoBuilder::with_records(did(110), TestKey::k256(110), 110, 20);
+    net.host(&normal, "normal.test", normal.car_tree_order());
+    let mut cfg = net.config(&db);
+    cfg.resync_parallelism = 5;
+    let tap = TestTap::start(cfg).await;
+    for repo in &slow {
+        add(&tap, repo.did()).await;
+    }
+    for repo in &slow {
+        wait_state(&tap, repo.did(), "resyncing").await;
+    }
+    add(&tap, normal.did()).await;
+    tap_testkit::wait::poll_until(
+        "the normal repo synced",
+        Duration::from_secs(60),
+        || async {
+            (sync_support::info(&tap, normal.did()).await["state"] == "active").then_some(())
+        },
+    )
+    .await;
+    let cut = sync_support::info(&tap, slow[0].did()).await;
+    assert!(
+        cut["error"]
+            .as_str()
+            .unwrap()
+            .contains("--repo-fetch-min-rate"),
+        "{cut}"
+    );
+    tap.stop().await;
+}

@@ -154,6 +154,8 @@ pub struct Config {
     pub http_limits: crate::api::server::HttpLimits,
     /// `--max-channel-sessions`.
     pub max_channel_sessions: usize,
+    /// `--repo-fetch-min-rate`, bytes per second (0: none).
+    pub repo_fetch_min_rate: u64,
     /// `--cursor-save-interval`.
     pub cursor_save_interval: Duration,
     /// `--no-replay` (applies at start-up only).
@@ -572,6 +574,15 @@ impl Config {
                 header_timeout,
             },
             max_channel_sessions: count_of("max-channel-sessions")?,
+            repo_fetch_min_rate: v.one("repo-fetch-min-rate").parse::<u64>().map_err(|_| {
+                invalid(
+                    "repo-fetch-min-rate",
+                    format!(
+                        "{:?} is not a number of bytes per second",
+                        v.one("repo-fetch-min-rate")
+                    ),
+                )
+            })?,
             cursor_save_interval,
             no_replay,
             repo_fetch_timeout,

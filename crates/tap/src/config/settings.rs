@@ -265,6 +265,16 @@ pub const SETTINGS: &[Setting] = &[
         ignored: false,
     },
     Setting {
+        flag: "repo-fetch-min-rate",
+        flag_alias: "",
+        envs: &["TAP_REPO_FETCH_MIN_RATE"],
+        default: "1024",
+        kind: Kind::Value,
+        help: "bytes per second a PDS must send on average over every 30 s of a repo fetch, or the fetch is cut and retried later; 0 = no minimum (extension)",
+        extension: true,
+        ignored: false,
+    },
+    Setting {
         flag: "max-connections",
         flag_alias: "",
         envs: &["TAP_MAX_CONNECTIONS"],

@@ -101,6 +101,8 @@ pub struct PdsClient {
     /// Hosts that answered a sparse call with "not implemented": they get full fetches.
     no_sparse: Mutex<HashSet<String>>,
     fetch_timeout: Duration,
+    /// `--repo-fetch-min-rate`, bytes per second (0: no minimum).
+    min_rate: u64,
     ledger: Ledger,
     allow_private_network: bool,
 }
@@ -128,6 +130,57 @@ pub struct Small<T> {
     pub bytes: u64,
 }
 
+/// The span over which a body must keep up the minimum rate.
+pub const PACE_WINDOW: Duration = Duration::from_secs(30);
+
+/// The minimum-rate rule (`--repo-fetch-min-rate`): over every [`PACE_WINDOW`] a body must
+/// bring at least `min_rate` bytes per second on average. A PDS trickling a byte a second
+/// is not silent, so the stall timeout never fires; without this it could hold a worker
+/// for the whole fetch timeout, and five such hosts every worker. Pure: the caller passes
+/// the clock.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    min_rate: u64,
+    window_start: Instant,
+    window_bytes: u64,
+}
+
+impl Pace {
+    /// A body starting at `now`; `min_rate` 0 disables the rule.
+    #[must_use]
+    pub fn new(min_rate: u64, now: Instant) -> Self {
+        Self {
+            min_rate,
+            window_start: now,
+            window_bytes: 0,
+        }
+    }
+
+    /// `bytes` arrived at `now`. Fails with the reason when a whole window fell short.
+    ///
+    /// # Errors
+    /// The body is slower than the minimum rate.
+    pub fn record(&mut self, bytes: u64, now: Instant) -> Result<(), String> {
+        self.window_bytes += bytes;
+        let elapsed = now.saturating_duration_since(self.window_start);
+        if elapsed < PACE_WINDOW {
+            return Ok(());
+        }
+        let needed = self.min_rate.saturating_mul(elapsed.as_secs());
+        if self.window_bytes < needed {
+            return Err(format!(
+                "the body came at {} bytes in {} s, below --repo-fetch-min-rate {} bytes/s",
+                self.window_bytes,
+                elapsed.as_secs(),
+                self.min_rate
+            ));
+        }
+        self.window_start = now;
+        self.window_bytes = 0;
+        Ok(())
+    }
+}
+
 /// A `getRepo` body being read. Timeouts run only inside [`RepoBody::chunk`].
 pub struct RepoBody {
     resp: reqwest::Response,
@@ -137,6 +190,7 @@ pub struct RepoBody {
     read: u64,
     /// What is left of the whole-request budget.
     remaining: Duration,
+    pace: Pace,
 }
 
 impl RepoBody {
@@ -152,15 +206,19 @@ impl RepoBody {
         self.remaining = self.remaining.saturating_sub(started.elapsed());
         let reason = match read {
             Ok(Ok(chunk)) => {
-                if let Some(bytes) = &chunk {
-                    self.read += bytes.len() as u64;
-                    self.ledger.downloaded(
-                        Source::Pds(PdsCall::GetRepo),
-                        Some(&self.host),
-                        bytes.len() as u64,
-                    );
+                let Some(bytes) = &chunk else {
+                    return Ok(chunk);
+                };
+                self.read += bytes.len() as u64;
+                self.ledger.downloaded(
+                    Source::Pds(PdsCall::GetRepo),
+                    Some(&self.host),
+                    bytes.len() as u64,
+                );
+                match self.pace.record(bytes.len() as u64, Instant::now()) {
+                    Ok(()) => return Ok(chunk),
+                    Err(slow) => slow,
                 }
-                return Ok(chunk);
             }
             Ok(Err(e)) => format!("failed while reading: {e}"),
             Err(_) if self.remaining.is_zero() => "the repo fetch timeout ran out".to_owned(),
@@ -188,6 +246,7 @@ impl PdsClient {
     /// The TLS configuration cannot be loaded.
     pub fn new(
         fetch_timeout: Duration,
+        min_rate: u64,
         ledger: Ledger,
         allow_private_network: bool,
     ) -> Result<Self, reqwest::Error> {
@@ -202,6 +261,7 @@ impl PdsClient {
             paused: Mutex::new(HashMap::new()),
             no_sparse: Mutex::new(HashSet::new()),
             fetch_timeout,
+            min_rate,
             ledger,
             allow_private_network,
         })
@@ -228,6 +288,7 @@ impl PdsClient {
             ledger: self.ledger.clone(),
             read: 0,
             remaining: self.fetch_timeout.saturating_sub(started.elapsed()),
+            pace: Pace::new(self.min_rate, Instant::now()),
         })
     }
 
@@ -461,6 +522,7 @@ impl PdsClient {
         let started = Instant::now();
         let (mut resp, host) = self.start(pds, method, query, accept).await?;
         let mut body = bytes::BytesMut::new();
+        let mut pace = Pace::new(self.min_rate, Instant::now());
         loop {
             let left = self.fetch_timeout.saturating_sub(started.elapsed());
             let chunk = tokio::time::timeout(left.min(STALL_TIMEOUT), resp.chunk())
@@ -478,6 +540,12 @@ impl PdsClient {
             let Some(chunk) = chunk else { break };
             self.ledger
                 .downloaded(Source::Pds(call), Some(&host), chunk.len() as u64);
+            pace.record(chunk.len() as u64, Instant::now())
+                .map_err(|reason| FetchError::Transport {
+                    method,
+                    host: host.clone(),
+                    reason,
+                })?;
             if (body.len() + chunk.len()) as u64 > limit {
                 return Err(FetchError::TooLarge {
                     method,
@@ -517,5 +585,27 @@ pub fn host_of(url: &Url) -> String {
         (Some(h), Some(p)) => format!("{h}:{p}"),
         (Some(h), None) => h.to_owned(),
         _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_slower_than_the_minimum_rate_over_a_window_is_cut() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut pace = Pace::new(1024, t0);
+        // Anything goes within the first window.
+        assert!(pace.record(1, at(29)).is_ok());
+        // 40 KiB over the first 30 s keeps up; the next window starts fresh.
+        assert!(pace.record(40 * 1024, at(30)).is_ok());
+        assert!(pace.record(10, at(45)).is_ok());
+        let err = pace.record(10, at(61)).unwrap_err();
+        assert!(err.contains("below --repo-fetch-min-rate 1024"), "{err}");
+        // Disabled: never cut.
+        let mut off = Pace::new(0, t0);
+        assert!(off.record(0, at(3600)).is_ok());
     }
 }
