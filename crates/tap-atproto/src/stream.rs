@@ -39,6 +39,48 @@ pub struct WalkLimits {
     pub recent_records_budget: usize,
     /// Where the spill file is created (default: the system temp directory).
     pub spill_dir: Option<PathBuf>,
+    /// Disk shared with other walks for spilling; `None`: bounded only by the CAR size cap.
+    pub spill_budget: Option<SpillBudget>,
+}
+
+/// Disk shared by the spill files of concurrent walks: a walk reserves what it writes and
+/// gives it back when it ends, so together they never spill more than the budget. Cheap to
+/// clone; clones share one budget.
+#[derive(Debug, Clone)]
+pub struct SpillBudget {
+    left: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    total: u64,
+}
+
+impl SpillBudget {
+    /// A budget of `bytes`.
+    #[must_use]
+    pub fn new(bytes: u64) -> Self {
+        Self {
+            left: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(bytes)),
+            total: bytes,
+        }
+    }
+
+    /// Bytes not reserved by any walk.
+    #[must_use]
+    pub fn available(&self) -> u64 {
+        self.left.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn reserve(&self, bytes: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        self.left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                left.checked_sub(bytes)
+            })
+            .is_ok()
+    }
+
+    fn release(&self, bytes: u64) {
+        self.left
+            .fetch_add(bytes, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl Default for WalkLimits {
@@ -48,6 +90,7 @@ impl Default for WalkLimits {
             memory_budget: 16 << 20,
             recent_records_budget: 1 << 20,
             spill_dir: None,
+            spill_budget: None,
         }
     }
 }
@@ -78,6 +121,13 @@ pub enum WalkError {
     /// Reading or writing the spill file failed.
     #[error("spill file: {0}")]
     Io(String),
+    /// The disk shared by concurrent walks' spill files is taken: a local limit, not a
+    /// verdict on the repo.
+    #[error("spill disk budget of {limit} bytes is in use by other walks")]
+    SpillBudget {
+        /// The whole budget.
+        limit: u64,
+    },
     /// `push` after `finish`.
     #[error("input already finished")]
     Finished,
@@ -136,6 +186,18 @@ struct Spill {
     len: u64,
     index: Vec<[u8; 8]>,
     sorted: bool,
+    budget: Option<SpillBudget>,
+    /// Bytes reserved from the budget (all written or being written).
+    reserved: u64,
+}
+
+impl Drop for Spill {
+    fn drop(&mut self) {
+        // The file is unlinked and goes with its handle: its bytes are free again.
+        if let Some(budget) = &self.budget {
+            budget.release(self.reserved);
+        }
+    }
 }
 
 /// Records start at multiples of this, so the index stores offsets in these units.
@@ -155,7 +217,7 @@ fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
 }
 
 impl Spill {
-    fn create(dir: Option<&PathBuf>) -> Result<Self, WalkError> {
+    fn create(dir: Option<&PathBuf>, budget: Option<SpillBudget>) -> Result<Self, WalkError> {
         let file = match dir {
             Some(d) => tempfile::tempfile_in(d)?,
             None => tempfile::tempfile()?,
@@ -165,6 +227,8 @@ impl Spill {
             len: 0,
             index: Vec::new(),
             sorted: false,
+            budget,
+            reserved: 0,
         })
     }
 
@@ -175,12 +239,20 @@ impl Spill {
         let rest = 1 + c.len() + data.len();
         let rest_u32 =
             u32::try_from(rest).map_err(|_| WalkError::Io("block too large to spill".into()))?;
+        let written = 4 + rest as u64;
+        let padding = (SPILL_ALIGN - written % SPILL_ALIGN) % SPILL_ALIGN;
+        if let Some(budget) = &self.budget {
+            if !budget.reserve(written + padding) {
+                return Err(WalkError::SpillBudget {
+                    limit: budget.total,
+                });
+            }
+            self.reserved += written + padding;
+        }
         self.out.write_all(&rest_u32.to_le_bytes())?;
         self.out.write_all(&[c.len() as u8])?;
         self.out.write_all(&c)?;
         self.out.write_all(data)?;
-        let written = 4 + rest as u64;
-        let padding = (SPILL_ALIGN - written % SPILL_ALIGN) % SPILL_ALIGN;
         self.out.write_all(&[0u8; 8][..padding as usize])?;
         let mut entry = [0u8; 8];
         entry[..4].copy_from_slice(&digest_of(cid)[..4]);
@@ -430,7 +502,10 @@ impl RepoWalker {
             return Ok(());
         }
         if self.spill.is_none() {
-            self.spill = Some(Spill::create(self.limits.spill_dir.as_ref())?);
+            self.spill = Some(Spill::create(
+                self.limits.spill_dir.as_ref(),
+                self.limits.spill_budget.clone(),
+            )?);
         }
         match &mut self.spill {
             Some(s) => s.put(&cid, &data),

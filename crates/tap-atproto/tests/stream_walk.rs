@@ -174,3 +174,33 @@ fn chunk_sizes_do_not_change_the_result() {
         check(&out, &recs);
     }
 }
+
+#[test]
+fn walks_spill_within_a_shared_disk_budget_and_give_it_back() {
+    use tap_atproto::stream::SpillBudget;
+    let (pk, _) = common::k256_signer(3);
+    let (w, recs) = repo(1500, 0);
+    let mut order = Vec::new();
+    w.preorder_cids(&mut order).unwrap();
+    let car = w.export_in_order(&shuffled(&order, 7)).unwrap();
+    let limits = |budget: &SpillBudget| WalkLimits {
+        memory_budget: 0,
+        spill_budget: Some(budget.clone()),
+        ..WalkLimits::default()
+    };
+
+    // Room enough: the walk succeeds and, once done, the budget is whole again.
+    let roomy = SpillBudget::new(64 << 20);
+    let (_, out) = walk_car_bytes(&car, Some(did()), Some(pk.clone()), limits(&roomy)).unwrap();
+    check(&out, &recs);
+    assert_eq!(roomy.available(), 64 << 20);
+
+    // A budget smaller than what this order needs to spill: refused, and nothing kept.
+    let tight = SpillBudget::new(4 << 10);
+    let err = walk_car_bytes(&car, Some(did()), Some(pk), limits(&tight)).unwrap_err();
+    assert!(
+        matches!(err, WalkError::SpillBudget { limit } if limit == 4 << 10),
+        "{err:?}"
+    );
+    assert_eq!(tight.available(), 4 << 10);
+}

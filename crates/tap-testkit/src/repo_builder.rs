@@ -579,6 +579,29 @@ impl RepoBuilder {
         out
     }
 
+    /// A tree-order CAR preceded by `junk` bytes of well-formed blocks nothing references
+    /// (64 KiB each): a walker must hold them until the end shows they are unused.
+    ///
+    /// # Panics
+    /// If the repo has no commit yet.
+    #[must_use]
+    #[expect(clippy::expect_used, reason = "test helper")]
+    pub fn car_with_junk_ahead(&self, junk: usize) -> Vec<u8> {
+        let (root, _) = self.writer.head().expect("repo has a commit");
+        let mut out = Vec::new();
+        car::write_car_header(&mut out, &[*root]);
+        let mut filler = vec![0u8; 64 << 10];
+        for i in 0..junk.div_ceil(filler.len()) {
+            filler[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            let cid = tap_atproto::hash::cid_for(0x55, &filler);
+            car::write_car_block(&mut out, &cid, &filler);
+        }
+        for c in &self.preorder() {
+            car::write_car_block(&mut out, c, &self.writer.blocks()[c]);
+        }
+        out
+    }
+
     /// The next revision.
     pub fn next_rev(&mut self) -> Tid {
         self.records_gen.next_tid()

@@ -371,6 +371,7 @@ impl App {
                     parallelism: config.resync_parallelism,
                     fetch_timeout: config.repo_fetch_timeout,
                     max_repo_bytes: config.max_repo_bytes,
+                    spill_budget: tap_atproto::stream::SpillBudget::new(config.max_spill_bytes),
                     fetch_strategy: config.fetch_strategy,
                     in_memory_backfill: !config.durable_backfill_events,
                 },

@@ -585,3 +585,23 @@ async fn trickling_pdses_do_not_hold_every_worker() {
     );
     tap.stop().await;
 }
+
+/// A CAR whose unreferenced blocks ahead of the tree exceed the shared spill budget: the walk
+/// stops at the budget (this machine's limit, not a verdict: retried later) and the disk
+/// is given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_ahead_of_the_tree_spills_no_more_than_the_budget() {
+    let i = hostile_pds(
+        |r| RepoReply::Car(r.car_with_junk_ahead(12 << 20)),
+        |cfg| cfg.max_spill_bytes = 2 << 20,
+        "desynchronized",
+    )
+    .await;
+    assert!(
+        i["error"]
+            .as_str()
+            .unwrap()
+            .contains("spill disk budget of 2097152 bytes"),
+        "{i}"
+    );
+}

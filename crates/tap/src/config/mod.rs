@@ -156,6 +156,8 @@ pub struct Config {
     pub max_channel_sessions: usize,
     /// `--repo-fetch-min-rate`, bytes per second (0: none).
     pub repo_fetch_min_rate: u64,
+    /// `--max-spill-bytes`: disk shared by the resync workers' spill files.
+    pub max_spill_bytes: u64,
     /// `--cursor-save-interval`.
     pub cursor_save_interval: Duration,
     /// `--no-replay` (applies at start-up only).
@@ -574,6 +576,12 @@ impl Config {
                 header_timeout,
             },
             max_channel_sessions: count_of("max-channel-sessions")?,
+            max_spill_bytes: v.one("max-spill-bytes").parse::<u64>().map_err(|_| {
+                invalid(
+                    "max-spill-bytes",
+                    format!("{:?} is not a number of bytes", v.one("max-spill-bytes")),
+                )
+            })?,
             repo_fetch_min_rate: v.one("repo-fetch-min-rate").parse::<u64>().map_err(|_| {
                 invalid(
                     "repo-fetch-min-rate",

@@ -265,6 +265,16 @@ pub const SETTINGS: &[Setting] = &[
         ignored: false,
     },
     Setting {
+        flag: "max-spill-bytes",
+        flag_alias: "",
+        envs: &["TAP_MAX_SPILL_BYTES"],
+        default: "8589934592",
+        kind: Kind::Value,
+        help: "disk the resync workers' spill files may use together, in bytes; a walk that would spill beyond it is retried later (extension)",
+        extension: true,
+        ignored: false,
+    },
+    Setting {
         flag: "repo-fetch-min-rate",
         flag_alias: "",
         envs: &["TAP_REPO_FETCH_MIN_RATE"],

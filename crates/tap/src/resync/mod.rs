@@ -22,7 +22,7 @@ pub use worker::spawn;
 
 use std::time::Duration;
 
-use tap_atproto::stream::WalkError;
+use tap_atproto::stream::{SpillBudget, WalkError};
 
 use crate::config::FetchStrategy;
 use crate::identity::IdentityError;
@@ -49,6 +49,8 @@ pub struct ResyncSettings {
     pub fetch_timeout: Duration,
     /// Largest repo CAR accepted, in bytes.
     pub max_repo_bytes: u64,
+    /// Disk shared by every worker's spill file (`--max-spill-bytes`).
+    pub spill_budget: SpillBudget,
     /// `--fetch-strategy`.
     pub fetch_strategy: FetchStrategy,
     /// Deliver a first backfill's events from memory (see
@@ -113,7 +115,13 @@ impl From<IdentityError> for ResyncError {
 
 impl From<WalkError> for ResyncError {
     fn from(e: WalkError) -> Self {
-        Self::Failed(format!("repo verification failed: {e}"))
+        match e {
+            // This machine's disk, not the repo: retried later.
+            e @ (WalkError::Io(_) | WalkError::SpillBudget { .. }) => {
+                Self::Transient(e.to_string())
+            }
+            e => Self::Failed(format!("repo verification failed: {e}")),
+        }
     }
 }
 

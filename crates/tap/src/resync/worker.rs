@@ -299,6 +299,7 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
     let mut body = pds.get_repo(&pds_url, did).await?;
     let mut limits = WalkLimits {
         memory_budget: WALK_MEMORY_BUDGET,
+        spill_budget: Some(settings.spill_budget.clone()),
         ..WalkLimits::default()
     };
     limits.car.max_total_bytes = settings.max_repo_bytes;
