@@ -486,6 +486,15 @@ async fn slow_first_fetch(net: &Net, db: &TestDb, n: u32) -> (TestTap, Consumer,
     (tap, consumer, repo)
 }
 
+/// Waits until the PDS served `repo` twice and tap holds it active.
+async fn fetched_twice(net: &Net, tap: &TestTap, repo: &RepoBuilder) {
+    wait_for("the second fetch", || async {
+        let i = sync_support::info(tap, repo.did()).await;
+        (net.pds.served(Endpoint::GetRepo).requests == 2 && i["state"] == "active").then_some(())
+    })
+    .await;
+}
+
 async fn widened_mid_resync(db: TestDb) {
     let net = Net::start().await;
     let (tap, consumer, repo) = slow_first_fetch(&net, &db, 90).await;
@@ -512,11 +521,7 @@ async fn widened_mid_resync(db: TestDb) {
     assert_eq!(got, likes);
     // The fetch running at the widening may have seen the new filters for the records it
     // read after it, but not before: it is done again.
-    wait_for("the second fetch", || async {
-        let i = sync_support::info(&tap, repo.did()).await;
-        (net.pds.served(Endpoint::GetRepo).requests == 2 && i["state"] == "active").then_some(())
-    })
-    .await;
+    fetched_twice(&net, &tap, &repo).await;
     tap.stop().await;
 }
 on_both_backends!(
@@ -536,11 +541,7 @@ async fn forced_mid_resync(db: TestDb) {
     );
     net.pds
         .set_repo(repo.did().as_str(), RepoReply::Car(repo.car_tree_order()));
-    wait_for("the second fetch", || async {
-        let i = sync_support::info(&tap, repo.did()).await;
-        (net.pds.served(Endpoint::GetRepo).requests == 2 && i["state"] == "active").then_some(())
-    })
-    .await;
+    fetched_twice(&net, &tap, &repo).await;
     tap.stop().await;
 }
 on_both_backends!(
