@@ -15,6 +15,8 @@
 //! | [`commit`] | signed commits (v3) | [`commit::Commit`] (`decode`, `unsigned_bytes`, `verify_signature`) |
 //! | [`mst`] | MST codec, heights, walk, mutable partial tree, Sync 1.1 inversion, diffs | [`mst::Mst`], [`mst::invert_ops`], [`mst::walk_tree`], [`mst::diff_sorted`], [`mst::diff_trees`] |
 //! | [`firehose`] | `subscribeRepos` frames and commit verification | [`decode_frame`] → [`Frame`], [`verify_commit_frame`] → [`VerifiedCommit`], [`firehose::verify_sync_frame`] |
+//! | [`jetstream`] | Jetstream v1 JSON events (claims, not proofs) | [`jetstream::parse_event`] → [`jetstream::Positioned`] |
+//! | [`proof`] | `getRecord` proofs: one key's value (or absence) under a signed commit | [`proof::verify_record_proof`], [`proof::record_proof_blocks`] |
 //! | [`stream`] | bounded-memory whole-repo walk (`getRepo` CARs, any block order) | [`RepoWalker`], [`WalkLimits`], [`WalkedRecord`] |
 //! | [`writer`] | building repos, proof CARs and frames (tests, tools) | [`writer::RepoWriter`], [`writer::encode_commit_frame`] |
 //!
@@ -41,7 +43,9 @@ pub mod crypto;
 pub mod did_doc;
 pub mod firehose;
 pub mod hash;
+pub mod jetstream;
 pub mod mst;
+pub mod proof;
 pub mod stream;
 pub mod syntax;
 pub mod writer;
