@@ -2,7 +2,7 @@
 //! with hostile modes (an error status, a body that trickles, a body that never ends), and,
 //! for a repo given as a well-formed CAR, the calls of a sparse fetch answered from its
 //! blocks the way `@atproto/pds` answers them (`getLatestCommit`, `getBlocks`,
-//! `describeRepo`, and `getRepo?since=` over the CARs it was given before; see
+//! `describeRepo`, `getRecord` proofs, and `getRepo?since=` over the CARs it was given before; see
 //! research/sync-endpoints-as-served.md). It counts requests and the
 //! body bytes it sends, per endpoint, so tests can check tap's byte ledger against it.
 
@@ -58,6 +58,8 @@ pub enum Endpoint {
     GetBlocks,
     /// `com.atproto.repo.describeRepo`.
     DescribeRepo,
+    /// `com.atproto.sync.getRecord`.
+    GetRecord,
 }
 
 /// A repo's blocks, read from the CAR it was given.
@@ -176,6 +178,7 @@ impl FakePds {
             )
             .route("/xrpc/com.atproto.sync.getBlocks", get(get_blocks))
             .route("/xrpc/com.atproto.repo.describeRepo", get(describe_repo))
+            .route("/xrpc/com.atproto.sync.getRecord", get(get_record))
             .with_state(Arc::clone(&shared));
         let (addr, task) = crate::serve_loopback(app).await;
         Self { addr, shared, task }
@@ -419,6 +422,42 @@ async fn get_blocks(State(shared): State<Arc<Shared>>, RawQuery(q): RawQuery) ->
     }
     let mut out = Vec::new();
     write_car_header(&mut out, &[]);
+    shared.write_blocks(
+        &mut out,
+        cids.iter().filter_map(|c| p.blocks.get(c).map(|b| (c, b))),
+    );
+    shared.count(EP, out.len());
+    ([(header::CONTENT_TYPE, "application/vnd.ipld.car")], out).into_response()
+}
+
+/// `getRecord` as the reference PDS answers it: a CAR rooted at the head commit with the
+/// commit, the record when present, and the MST nodes on its path (a proof of absence
+/// when the record is not there). Withheld and corrupted blocks apply.
+async fn get_record(State(shared): State<Arc<Shared>>, RawQuery(q): RawQuery) -> Response {
+    const EP: Endpoint = Endpoint::GetRecord;
+    if let Some(r) = not_implemented(&shared, EP) {
+        return r;
+    }
+    let value = |name| query_values(q.as_deref(), name).pop().unwrap_or_default();
+    let did = value("did");
+    let Some(p) = shared.parsed(&did) else {
+        return repo_not_found(&shared, EP, &did);
+    };
+    let path = format!("{}/{}", value("collection"), value("rkey"));
+    let cids = match tap_atproto::proof::record_proof_blocks(&p.commit, &p.blocks, &path) {
+        Ok(cids) => cids,
+        Err(e) => {
+            return xrpc_error(
+                &shared,
+                EP,
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": "InvalidRequest", "message": e.to_string()})
+                    .to_string(),
+            );
+        }
+    };
+    let mut out = Vec::new();
+    write_car_header(&mut out, &[p.commit]);
     shared.write_blocks(
         &mut out,
         cids.iter().filter_map(|c| p.blocks.get(c).map(|b| (c, b))),

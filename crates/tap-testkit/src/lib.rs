@@ -1,5 +1,6 @@
 //! tap-testkit: loopback fakes, and a headless-browser driver for the status page.
 pub mod chromium;
+pub mod fake_jetstream;
 pub mod fake_pds;
 pub mod fake_plc;
 pub mod fake_relay;

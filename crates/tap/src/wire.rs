@@ -54,6 +54,9 @@ pub struct RecordEvent<'a> {
     pub cid: Option<&'a str>,
     /// The record as atproto JSON (already encoded), when it decoded. Omitted for deletes.
     pub record_json: Option<&'a str>,
+    /// The record was not checked against its repo (`--jetstream-verify none`): sent as
+    /// `"unverified": true`, and omitted otherwise (docs/differences.md).
+    pub unverified: bool,
 }
 
 /// Account status as carried by identity events.
@@ -129,6 +132,9 @@ impl RecordEvent<'_> {
                 push_json_str(&mut out, cid);
             }
         }
+        if self.unverified {
+            out.push_str(",\"unverified\":true");
+        }
         out.push_str("}}");
         out
     }
@@ -190,6 +196,7 @@ mod tests {
             action: Action::Create,
             cid: Some("bafyreig"),
             record_json: Some(r#"{"$type":"app.bsky.feed.post","text":"Hello \"world\""}"#),
+            unverified: false,
         }
         .payload();
         assert_eq!(
@@ -213,6 +220,7 @@ mod tests {
             action: Action::Delete,
             cid: Some("ignored"),
             record_json: Some("{}"),
+            unverified: false,
         }
         .payload();
         let v = parse(&frame(EventId(1), &payload));
@@ -236,11 +244,29 @@ mod tests {
             action: Action::Update,
             cid: Some("bafy"),
             record_json: None,
+            unverified: false,
         }
         .payload();
         let v = parse(&payload);
         assert_eq!(v["record"]["cid"], "bafy");
         assert!(v["record"].get("record").is_none());
+    }
+
+    #[test]
+    fn an_unverified_record_says_so_and_a_verified_one_has_no_such_field() {
+        let event = |unverified| RecordEvent {
+            live: true,
+            did: "did:plc:x",
+            rev: "r",
+            collection: "a.b.c",
+            rkey: "k",
+            action: Action::Create,
+            cid: Some("bafy"),
+            record_json: Some("{}"),
+            unverified,
+        };
+        assert_eq!(parse(&event(true).payload())["record"]["unverified"], true);
+        assert!(parse(&event(false).payload())["record"].get("unverified").is_none());
     }
 
     #[test]

@@ -74,6 +74,52 @@ pub enum TrackingScope {
     FullNetwork,
 }
 
+/// Where live events come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LiveSource {
+    /// The relay's `subscribeRepos` firehose (`--relay-url`).
+    Relay,
+    /// A Jetstream (`--jetstream-url`), asked only for the wanted collections.
+    Jetstream(JetstreamConfig),
+}
+
+/// `--jetstream-url`, `--jetstream-verify`, `--jetstream-proof-rate`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JetstreamConfig {
+    /// `ws(s)://host[:port]/subscribe`, without query; also the key of the stored cursor.
+    pub url: Url,
+    /// Whether each record is proven against its PDS before delivery.
+    pub verify: JetstreamVerify,
+    /// Most `getRecord` requests per second to one PDS host.
+    pub proof_rate: u32,
+}
+
+/// `--jetstream-verify`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JetstreamVerify {
+    /// Every record checked against a `getRecord` proof from its PDS.
+    Proof,
+    /// Delivered as Jetstream sends it, marked unverified.
+    None,
+}
+
+/// Turns a `--jetstream-url` (http, https, ws or wss; any path) into the `/subscribe`
+/// WebSocket URL.
+///
+/// # Errors
+/// Not a URL, or another scheme.
+pub fn jetstream_subscribe_url(raw: &str) -> Result<Url, String> {
+    let url = Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL: {e}"))?;
+    let scheme = match url.scheme() {
+        "http" | "ws" => "ws",
+        "https" | "wss" => "wss",
+        _ => return Err(format!("{raw:?} must start with http, https, ws or wss")),
+    };
+    let authority = &url[url::Position::BeforeHost..url::Position::AfterPort];
+    Url::parse(&format!("{scheme}://{authority}/subscribe"))
+        .map_err(|e| format!("{raw:?} is not a URL: {e}"))
+}
+
 /// How resyncs download a repo (`--fetch-strategy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FetchStrategy {
@@ -158,6 +204,11 @@ pub struct Config {
     pub repo_fetch_min_rate: u64,
     /// `--max-spill-bytes`: disk shared by the resync workers' spill files.
     pub max_spill_bytes: u64,
+    /// `--jetstream-url` and its settings: where live events come from.
+    pub live_source: LiveSource,
+    /// `--light-rail-url`: where signal collections are enumerated, all in one listing;
+    /// `None`: the relay, one listing per collection.
+    pub light_rail_url: Option<Url>,
     /// `--cursor-save-interval`.
     pub cursor_save_interval: Duration,
     /// `--no-replay` (applies at start-up only).
@@ -489,6 +540,74 @@ impl Config {
                     .map_err(|e| invalid("signal-collection", format!("{s:?} is not an NSID: {e}")))
             })
             .collect::<Result<_, _>>()?;
+        let light_rail_signal: Vec<Nsid> = v
+            .many("light-rail-signal-collections")
+            .iter()
+            .map(|s| {
+                s.parse::<Nsid>().map_err(|e| {
+                    invalid(
+                        "light-rail-signal-collections",
+                        format!("{s:?} is not an NSID: {e}"),
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let light_rail_url = match v.one("light-rail-url") {
+            "" => None,
+            _ => Some(http_url_of("light-rail-url")?),
+        };
+        if !light_rail_signal.is_empty() {
+            if light_rail_url.is_none() {
+                return Err(invalid(
+                    "light-rail-signal-collections",
+                    "needs --light-rail-url (the service that lists them)",
+                ));
+            }
+            if full_network || !signal.is_empty() {
+                return Err(invalid(
+                    "light-rail-signal-collections",
+                    "cannot be combined with --signal-collection or --full-network (it is the signal collection list when enumerating from Lightrail)",
+                ));
+            }
+        }
+        let signal = if light_rail_signal.is_empty() {
+            signal
+        } else {
+            light_rail_signal
+        };
+        if light_rail_url.is_some() && signal.is_empty() {
+            return Err(invalid(
+                "light-rail-url",
+                "needs signal collections to enumerate (--light-rail-signal-collections or --signal-collection)",
+            ));
+        }
+        let live_source = match v.one("jetstream-url") {
+            "" => LiveSource::Relay,
+            raw => {
+                if full_network {
+                    return Err(invalid(
+                        "jetstream-url",
+                        "cannot be combined with --full-network: a full-network mirror follows the relay firehose, whose commits carry their own proofs (Jetstream's would cost a PDS request per record)",
+                    ));
+                }
+                let verify = match v.one("jetstream-verify") {
+                    "proof" => JetstreamVerify::Proof,
+                    "none" => JetstreamVerify::None,
+                    other => {
+                        return Err(invalid(
+                            "jetstream-verify",
+                            format!("{other:?} is not proof or none"),
+                        ));
+                    }
+                };
+                LiveSource::Jetstream(JetstreamConfig {
+                    url: jetstream_subscribe_url(raw).map_err(|m| invalid("jetstream-url", m))?,
+                    verify,
+                    proof_rate: u32::try_from(count_of("jetstream-proof-rate")?)
+                        .unwrap_or(u32::MAX),
+                })
+            }
+        };
         let scope = if full_network {
             TrackingScope::FullNetwork
         } else if signal.is_empty() {
@@ -591,6 +710,8 @@ impl Config {
                     ),
                 )
             })?,
+            live_source,
+            light_rail_url,
             cursor_save_interval,
             no_replay,
             repo_fetch_timeout,

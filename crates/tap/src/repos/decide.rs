@@ -56,14 +56,15 @@ pub enum CommitAction {
 
 /// Decides what to do with a verified commit. `prev_data` is the commit's `prevData`, which
 /// verification requires (Sync 1.1); a repo with no stored data root yet (never backfilled
-/// past its first commit) accepts any chain.
+/// past its first commit) accepts any chain, and a commit from Jetstream (`None`) has none
+/// to check.
 #[must_use]
-pub fn after_verification(repo: &RepoRow, prev_data: &str) -> CommitAction {
+pub fn after_verification(repo: &RepoRow, prev_data: Option<&str>) -> CommitAction {
     if repo.state == RepoState::Resyncing {
         return CommitAction::Buffer;
     }
-    match repo.prev_data.as_deref() {
-        Some(stored) if prev_data != stored => CommitAction::Desynchronize(format!(
+    match (repo.prev_data.as_deref(), prev_data) {
+        (Some(stored), Some(prev_data)) if prev_data != stored => CommitAction::Desynchronize(format!(
             "commit prevData {prev_data} does not match the stored data root {stored}"
         )),
         _ => CommitAction::Apply,
@@ -220,9 +221,13 @@ impl Cutover {
             Ok(Buffered::Commit(commit)) if commit.rev.as_str() <= self.rev.as_str() => {
                 CutoverStep::Drop
             }
-            Ok(Buffered::Commit(commit)) if commit.prev_data == self.data => {
+            Ok(Buffered::Commit(commit))
+                if commit.prev_data.as_ref().is_none_or(|p| *p == self.data) =>
+            {
                 self.rev.clone_from(&commit.rev);
-                self.data.clone_from(&commit.data);
+                if !commit.data.is_empty() {
+                    self.data.clone_from(&commit.data);
+                }
                 CutoverStep::Apply(commit)
             }
             Ok(Buffered::Commit(commit)) => {
@@ -321,23 +326,51 @@ mod tests {
     #[test]
     fn chained_commit_applies_and_broken_chain_desynchronizes() {
         let r = repo(RepoState::Active, Some("3kb"), Some("bafyA"));
-        assert_eq!(after_verification(&r, "bafyA"), CommitAction::Apply);
+        assert_eq!(after_verification(&r, Some("bafyA")), CommitAction::Apply);
         assert!(matches!(
-            after_verification(&r, "bafyB"),
+            after_verification(&r, Some("bafyB")),
             CommitAction::Desynchronize(_)
         ));
         let unrooted = repo(RepoState::Active, Some("3kb"), None);
         assert_eq!(
-            after_verification(&unrooted, "bafyB"),
+            after_verification(&unrooted, Some("bafyB")),
             CommitAction::Apply,
             "no stored data root to chain onto"
         );
     }
 
     #[test]
+    fn a_commit_without_prev_data_applies_over_any_stored_root() {
+        // Jetstream commits carry no prevData: their records were proven one by one.
+        let r = repo(RepoState::Active, Some("3kb"), Some("bafyA"));
+        assert_eq!(after_verification(&r, None), CommitAction::Apply);
+        let resyncing = repo(RepoState::Resyncing, None, None);
+        assert_eq!(after_verification(&resyncing, None), CommitAction::Buffer);
+    }
+
+    #[test]
+    fn the_cutover_applies_a_buffered_jetstream_commit_and_keeps_the_root_it_cannot_know() {
+        let mut plan = Cutover::new("3kb", "bafyA");
+        let unchained = |rev: &str, data: &str| {
+            Ok(Buffered::Commit(PreparedCommit {
+                rev: rev.into(),
+                data: data.into(),
+                prev_data: None,
+                ops: Vec::new(),
+                unverified: false,
+            }))
+        };
+        assert!(matches!(plan.step(unchained("3ka", "")), CutoverStep::Drop));
+        assert!(matches!(plan.step(unchained("3kc", "")), CutoverStep::Apply(_)));
+        assert!(matches!(plan.step(unchained("3kd", "bafyD")), CutoverStep::Apply(_)));
+        let (rev, data, again) = plan.finish();
+        assert_eq!((rev.as_str(), data.as_str(), again), ("3kd", "bafyD", None));
+    }
+
+    #[test]
     fn commits_during_resync_are_buffered() {
         let r = repo(RepoState::Resyncing, None, None);
-        assert_eq!(after_verification(&r, "x"), CommitAction::Buffer);
+        assert_eq!(after_verification(&r, Some("x")), CommitAction::Buffer);
     }
 
     #[test]
@@ -400,8 +433,9 @@ mod tests {
         Ok(Buffered::Commit(PreparedCommit {
             rev: rev.into(),
             data: data.into(),
-            prev_data: prev_data.into(),
+            prev_data: Some(prev_data.into()),
             ops: Vec::new(),
+            unverified: false,
         }))
     }
 

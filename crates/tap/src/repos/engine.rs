@@ -219,7 +219,7 @@ impl Engine {
             }
         }
         let prepared = PreparedCommit::from_verified(&verified, |c| scope.wants_collection(c));
-        match decide::after_verification(&repo, &prepared.prev_data) {
+        match decide::after_verification(&repo, prepared.prev_data.as_deref()) {
             CommitAction::Buffer => {
                 let rev = prepared.rev.clone();
                 self.buffer(did, &rev, &Buffered::Commit(prepared)).await

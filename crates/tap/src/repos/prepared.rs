@@ -106,12 +106,20 @@ impl From<PreparedOp> for StoredOp {
 pub struct PreparedCommit {
     /// The commit's rev.
     pub rev: String,
-    /// The MST root after the commit (the next `prevData`).
+    /// The MST root after the commit (the next `prevData`). For a commit learned from
+    /// Jetstream: the root its proofs were signed under when that is this rev's, otherwise
+    /// the repo's stored root, unchanged.
     pub data: String,
-    /// The MST root before the commit.
-    pub prev_data: String,
+    /// The MST root before the commit; `None` for a commit learned from Jetstream, which
+    /// carries no `prevData`: it is applied without a chain check, its records having
+    /// been proven one by one (or, with `--jetstream-verify none`, not at all).
+    pub prev_data: Option<String>,
     /// Ops that pass the collection filters, in commit order.
     pub ops: Vec<PreparedOp>,
+    /// The records were not checked against their repo (`--jetstream-verify none`); the
+    /// events say so.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unverified: bool,
 }
 
 impl PreparedCommit {
@@ -144,8 +152,9 @@ impl PreparedCommit {
         Self {
             rev: commit.rev.as_str().to_owned(),
             data: commit.data.to_string(),
-            prev_data: commit.prev_data.to_string(),
+            prev_data: Some(commit.prev_data.to_string()),
             ops,
+            unverified: false,
         }
     }
 
@@ -184,6 +193,7 @@ impl PreparedCommit {
                     action: op.change.action(),
                     cid: op.change.cid(),
                     record_json: op.record.as_deref(),
+                    unverified: self.unverified,
                 }
                 .payload(),
             })
@@ -218,7 +228,7 @@ mod tests {
         PreparedCommit {
             rev: "3kabc".into(),
             data: "bafyNew".into(),
-            prev_data: "bafyOld".into(),
+            prev_data: Some("bafyOld".into()),
             ops: vec![
                 PreparedOp {
                     collection: "app.bsky.feed.post".into(),
@@ -233,6 +243,7 @@ mod tests {
                     record: None,
                 },
             ],
+            unverified: false,
         }
     }
 

@@ -313,6 +313,7 @@ impl<'a> Snapshot<'a> {
             action,
             cid,
             record_json: json,
+            unverified: false,
         }
         .payload();
         self.write.events.push(NewEvent {
