@@ -106,6 +106,7 @@ fn post(did: &str, rkey: &str, live: bool, text: &str) -> NewEvent {
             action: Action::Create,
             cid: Some(&cid),
             record_json: Some(&record_json),
+            unverified: false,
         }
         .payload(),
     }
