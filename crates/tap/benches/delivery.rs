@@ -54,6 +54,7 @@ fn event(did: &str, i: usize) -> NewEvent {
             action: Action::Create,
             cid: Some(&cid),
             record_json: Some(&record_json),
+            unverified: false,
         }
         .payload(),
     }
