@@ -180,9 +180,14 @@ pub fn parse_event(text: &str) -> Result<Positioned, EventError> {
     }
     let event = match raw.kind {
         "commit" => {
-            let c = raw.commit.ok_or(EventError::Field("commit event without commit"))?;
+            let c = raw
+                .commit
+                .ok_or(EventError::Field("commit event without commit"))?;
             let cid = || -> Result<Cid, EventError> {
-                let text = c.cid.as_deref().ok_or(EventError::Field("commit without cid"))?;
+                let text = c
+                    .cid
+                    .as_deref()
+                    .ok_or(EventError::Field("commit without cid"))?;
                 Cid::try_from(text).map_err(|_| EventError::Cid(text.to_owned()))
             };
             let operation = match c.operation {

@@ -85,10 +85,7 @@ pub fn verify_record_proof(
     let record = match Mst::load(commit.data).get(path.as_bytes(), &car.blocks)? {
         None => None,
         Some(cid) => {
-            let bytes = car
-                .blocks
-                .get(&cid)
-                .ok_or(ProofError::MissingRecord(cid))?;
+            let bytes = car.blocks.get(&cid).ok_or(ProofError::MissingRecord(cid))?;
             Some((cid, bytes.clone()))
         }
     };

@@ -1,6 +1,11 @@
 //! `getRecord` proofs: a present record proves with its bytes, an absent key proves
 //! absent, and a proof missing a node or the record, signed by another key or for
 //! another repo is refused.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benches fail loudly on broken fixtures"
+)]
 
 use bytes::Bytes;
 use tap_atproto::Cid;
@@ -40,8 +45,7 @@ fn a_present_record_proves_with_its_bytes_and_an_absent_one_proves_absent() {
     for path in [&paths[0], &paths[150], &paths[299]] {
         let cids = record_proof_blocks(&head, writer.blocks(), path).unwrap();
         let proven =
-            verify_record_proof(&proof_car(writer, &cids, None), &did, path, &public)
-                .unwrap();
+            verify_record_proof(&proof_car(writer, &cids, None), &did, path, &public).unwrap();
         let (cid, bytes) = proven.record.expect("present");
         assert_eq!(tap_atproto::hash::cid_for_cbor(&bytes), cid);
     }
@@ -64,13 +68,8 @@ fn proofs_missing_a_block_or_signed_by_another_key_are_refused() {
     assert!(cids.len() >= 3, "commit, some nodes, the record: {cids:?}");
     // Without a path node the lookup cannot finish: never read as "absent".
     let node = cids[cids.len() - 2];
-    let error = verify_record_proof(
-        &proof_car(writer, &cids, Some(&node)),
-        &did,
-        path,
-        &public,
-    )
-    .unwrap_err();
+    let error = verify_record_proof(&proof_car(writer, &cids, Some(&node)), &did, path, &public)
+        .unwrap_err();
     assert!(matches!(error, ProofError::Mst(_)), "{error}");
     let record = cids[cids.len() - 1];
     let error = verify_record_proof(
@@ -82,12 +81,11 @@ fn proofs_missing_a_block_or_signed_by_another_key_are_refused() {
     .unwrap_err();
     assert!(matches!(error, ProofError::MissingRecord(_)), "{error}");
     let other = TestKey::k256(8).public_key();
-    let error = verify_record_proof(&proof_car(writer, &cids, None), &did, path, &other)
-        .unwrap_err();
+    let error =
+        verify_record_proof(&proof_car(writer, &cids, None), &did, path, &other).unwrap_err();
     assert!(error.is_signature(), "{error}");
     let stranger = Did::new("did:plc:someoneelse").unwrap();
     let error =
-        verify_record_proof(&proof_car(writer, &cids, None), &stranger, path, &public)
-            .unwrap_err();
+        verify_record_proof(&proof_car(writer, &cids, None), &stranger, path, &public).unwrap_err();
     assert!(matches!(error, ProofError::WrongRepo { .. }), "{error}");
 }

@@ -242,7 +242,8 @@ pub fn identity_event(did: &str, handle: &str) -> Value {
 /// An `account` event (without `time_us`).
 #[must_use]
 pub fn account_event(did: &str, active: bool, status: Option<&str>) -> Value {
-    let mut account = json!({"did": did, "active": active, "seq": 1, "time": "2026-12-07T00:00:00.000Z"});
+    let mut account =
+        json!({"did": did, "active": active, "seq": 1, "time": "2026-12-07T00:00:00.000Z"});
     if let Some(status) = status {
         account["status"] = json!(status);
     }
@@ -251,7 +252,11 @@ pub fn account_event(did: &str, active: bool, status: Option<&str>) -> Value {
 
 fn query_subscription(query: Option<&str>) -> Result<Subscription, String> {
     let mut sub = Subscription::default();
-    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         let value = value.replace("%2A", "*").replace("%3A", ":");
         match key {

@@ -12,12 +12,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AdminAuth, ApiState};
 use crate::config::{Config, DeliveryMode, listen_addr};
+use crate::config::{JetstreamVerify, LiveSource};
 use crate::crawler::{self, CrawlerSettings};
 use crate::delivery::{DeliveryHub, webhook};
 use crate::error::AppError;
 use crate::firehose::{self, FirehoseSettings};
 use crate::identity::{Identity, IdentityOptions};
+use crate::jetstream::{self, JetstreamSettings, prove::Prover};
 use crate::ledger::Ledger;
+use crate::live;
 use crate::outbox::capacity::{Capacity, PAYLOAD_BUDGET};
 use crate::outbox::{
     AckMode, Delivery, Finished, Input, Outbox, OutboxSettings, acks, loader, scheduler,
@@ -248,10 +251,13 @@ impl App {
                 what: "resync",
                 reason: e.to_string(),
             })?;
-            Some((
-                pds,
-                firehose::start_cursor(&firehose_settings, &store).await?,
-            ))
+            let start = match &config.live_source {
+                LiveSource::Relay => firehose::start_cursor(&firehose_settings, &store).await?,
+                LiveSource::Jetstream(js) => {
+                    live::start_cursor(&store, js.url.as_str(), config.no_replay).await?
+                }
+            };
+            Some((Arc::new(pds), start))
         };
 
         let shutdown = Shutdown::new();
@@ -375,7 +381,7 @@ impl App {
                     fetch_strategy: config.fetch_strategy,
                     in_memory_backfill: !config.durable_backfill_events,
                 },
-                pds,
+                Arc::clone(&pds),
                 engine.clone(),
                 store.clone(),
                 &progress,
@@ -387,6 +393,7 @@ impl App {
                 crawler::run_crawler(
                     CrawlerSettings {
                         relay_url: config.relay_url.clone(),
+                        light_rail_url: config.light_rail_url.clone(),
                         scope: filters.live().clone(),
                         ledger: ledger.clone(),
                         progress: Arc::clone(&progress),
@@ -395,15 +402,40 @@ impl App {
                     intake.clone(),
                 ),
             );
-            firehose_handle = Some(firehose::spawn(
-                firehose_settings,
-                start,
-                engine,
-                store.clone(),
-                Arc::clone(&progress),
-                &supervisor,
-                intake.clone(),
-            ));
+            firehose_handle = Some(match &config.live_source {
+                LiveSource::Relay => firehose::spawn(
+                    firehose_settings,
+                    start,
+                    engine,
+                    store.clone(),
+                    Arc::clone(&progress),
+                    &supervisor,
+                    intake.clone(),
+                ),
+                LiveSource::Jetstream(js) => {
+                    let prover = (js.verify == JetstreamVerify::Proof).then(|| {
+                        Arc::new(Prover::new(
+                            Arc::clone(&pds),
+                            identity.clone(),
+                            js.proof_rate,
+                        ))
+                    });
+                    jetstream::spawn(
+                        JetstreamSettings {
+                            config: js.clone(),
+                            parallelism: config.firehose_parallelism,
+                            cursor_save_interval: config.cursor_save_interval,
+                        },
+                        start,
+                        engine,
+                        prover,
+                        store.clone(),
+                        Arc::clone(&progress),
+                        &supervisor,
+                        intake.clone(),
+                    )
+                }
+            });
         }
 
         let board = Arc::new(StatusBoard::new(BoardSources {
@@ -411,7 +443,10 @@ impl App {
             progress: Arc::clone(&progress),
             ledger: ledger.clone(),
             failure: supervisor.subscribe(),
-            upstream: config.relay_url.to_string(),
+            upstream: match &config.live_source {
+                LiveSource::Relay => config.relay_url.to_string(),
+                LiveSource::Jetstream(js) => js.url.to_string(),
+            },
             follows_firehose: !config.outbox_only,
             delivery: config.delivery.name(),
             workers: config.resync_parallelism,
@@ -425,6 +460,11 @@ impl App {
             progress,
             board,
             relay_url: config.relay_url.to_string(),
+            light_rail_url: config.light_rail_url.as_ref().map(ToString::to_string),
+            live_cursor: match config.live_source {
+                LiveSource::Relay => "firehose",
+                LiveSource::Jetstream(_) => "jetstream",
+            },
             filters,
             channel,
             stop: delivery_stop.clone(),

@@ -1,6 +1,8 @@
 //! Discovering repos to track: in signal-collection mode, `listReposByCollection` on the
-//! relay for each signal collection; in full-network mode, `listRepos` (skipping inactive
-//! accounts). Found DIDs are added as `pending` (existing rows untouched).
+//! relay for each signal collection, or, with `--light-rail-url`, one listing of every
+//! signal collection at once from Lightrail (the `collection` parameter repeated); in
+//! full-network mode, `listRepos` (skipping inactive accounts). Found DIDs are added as
+//! `pending` (existing rows untouched).
 //!
 //! Cursors are saved after every page, so a restart resumes a pass. A finished pass clears
 //! its cursor, and passes repeat daily from the start, so repos created since are found
@@ -60,6 +62,8 @@ pub enum CrawlerError {
 pub struct CrawlerSettings {
     /// Relay base URL (also the cursor key).
     pub relay_url: Url,
+    /// `--light-rail-url`: where signal collections are listed instead, all at once.
+    pub light_rail_url: Option<Url>,
     /// The scope in force; the crawler walks nothing in dynamic mode.
     pub scope: LiveScope,
     /// Where listing pages' bytes are counted.
@@ -86,15 +90,41 @@ struct ListedRepo {
 /// Which listing a pass walks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Listing {
+    /// `listRepos` on the relay.
     All,
+    /// `listReposByCollection` on the relay, one collection.
     Collection(Nsid),
+    /// `listReposByCollection` on Lightrail, every collection in one call per page.
+    Collections(Vec<Nsid>),
+}
+
+impl Listing {
+    /// The name its cursor is saved under, and its progress is shown as.
+    fn name(&self) -> String {
+        match self {
+            Self::All => ALL_REPOS.to_owned(),
+            Self::Collection(c) => c.as_str().to_owned(),
+            Self::Collections(cs) => listing_name(cs),
+        }
+    }
+}
+
+/// The name of a Lightrail listing of `collections` (its cursor key).
+#[must_use]
+pub fn listing_name(collections: &[Nsid]) -> String {
+    collections
+        .iter()
+        .map(Nsid::as_str)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The listings a tracking scope walks.
-fn listings_of(tracking: &TrackingScope) -> Vec<Listing> {
+fn listings_of(tracking: &TrackingScope, light_rail: bool) -> Vec<Listing> {
     match tracking {
         TrackingScope::Dynamic => Vec::new(),
         TrackingScope::FullNetwork => vec![Listing::All],
+        TrackingScope::SignalCollections(c) if light_rail => vec![Listing::Collections(c.clone())],
         TrackingScope::SignalCollections(c) => c.iter().cloned().map(Listing::Collection).collect(),
     }
 }
@@ -116,10 +146,12 @@ pub async fn run_crawler(settings: CrawlerSettings, store: Store, stop: Cancella
     };
     let mut changes = settings.scope.subscribe();
     // When each listing of the scope is next due; a listing the scope gains is due at once.
-    let mut due: Vec<(Listing, Instant)> = listings_of(changes.borrow_and_update().tracking())
-        .into_iter()
-        .map(|l| (l, Instant::now()))
-        .collect();
+    let light_rail = settings.light_rail_url.is_some();
+    let mut due: Vec<(Listing, Instant)> =
+        listings_of(changes.borrow_and_update().tracking(), light_rail)
+            .into_iter()
+            .map(|l| (l, Instant::now()))
+            .collect();
     loop {
         for (listing, next) in &mut due {
             if *next > Instant::now() {
@@ -152,7 +184,7 @@ pub async fn run_crawler(settings: CrawlerSettings, store: Store, stop: Cancella
                     stop.cancelled().await;
                     return;
                 }
-                let now = listings_of(changes.borrow_and_update().tracking());
+                let now = listings_of(changes.borrow_and_update().tracking(), light_rail);
                 due = now
                     .into_iter()
                     .map(|l| {
@@ -176,27 +208,39 @@ async fn crawl(
     store: &Store,
     stop: &CancellationToken,
 ) -> Result<u64, CrawlerError> {
-    let relay = &settings.relay_url;
-    let key = relay.as_str();
+    let base = match (listing, &settings.light_rail_url) {
+        (Listing::Collections(_), Some(light_rail)) => light_rail,
+        _ => &settings.relay_url,
+    };
+    let key = base.as_str();
+    let name = listing.name();
     let mut cursor = match listing {
         Listing::All => store.list_repos_cursor(key).await?,
-        Listing::Collection(c) => store.collection_cursor(key, c.as_str()).await?,
+        _ => store.collection_cursor(key, &name).await?,
     }
     .filter(|c| !c.is_empty());
     let mut found = 0u64;
     loop {
         let mut url = match listing {
-            Listing::All => relay.join("/xrpc/com.atproto.sync.listRepos"),
-            Listing::Collection(_) => relay.join("/xrpc/com.atproto.sync.listReposByCollection"),
+            Listing::All => base.join("/xrpc/com.atproto.sync.listRepos"),
+            _ => base.join("/xrpc/com.atproto.sync.listReposByCollection"),
         }
         .map_err(|e| CrawlerError::Relay {
-            url: relay.to_string(),
+            url: base.to_string(),
             reason: e.to_string(),
         })?;
         {
             let mut q = url.query_pairs_mut();
-            if let Listing::Collection(c) = listing {
-                q.append_pair("collection", c.as_str());
+            match listing {
+                Listing::All => {}
+                Listing::Collection(c) => {
+                    q.append_pair("collection", c.as_str());
+                }
+                Listing::Collections(cs) => {
+                    for c in cs {
+                        q.append_pair("collection", c.as_str());
+                    }
+                }
             }
             q.append_pair("limit", &PAGE_LIMIT.to_string());
             if let Some(c) = &cursor {
@@ -221,11 +265,7 @@ async fn crawl(
             })
             .collect();
         found += dids.len() as u64;
-        let name = match listing {
-            Listing::All => ALL_REPOS,
-            Listing::Collection(c) => c.as_str(),
-        };
-        settings.progress.enumerated(name, &dids);
+        settings.progress.enumerated(&name, &dids);
         if !dids.is_empty() {
             let added = store.add_repos(&dids).await?;
             metrics::counter!(t::CRAWLER_REPOS_DISCOVERED).increment(added);
@@ -235,11 +275,7 @@ async fn crawl(
         let saved = next.clone().unwrap_or_default();
         match listing {
             Listing::All => store.save_list_repos_cursor(key, &saved).await?,
-            Listing::Collection(c) => {
-                store
-                    .save_collection_cursor(key, c.as_str(), &saved)
-                    .await?
-            }
+            _ => store.save_collection_cursor(key, &name, &saved).await?,
         }
         match next {
             Some(n) if cursor_advanced(&cursor, &n) => cursor = Some(n),

@@ -1,5 +1,5 @@
-//! The byte ledger: every byte tap downloads, attributed to where it came from (relay, each
-//! PDS call, PLC, handle resolution, relay listing pages), to the PDS host, and, for record
+//! The byte ledger: every byte tap downloads, attributed to where it came from (relay,
+//! Jetstream, each PDS call, PLC, handle resolution, relay listing pages), to the PDS host, and, for record
 //! bytes, to the collection and to whether the filters kept them.
 //!
 //! Counts are of HTTP bodies and WebSocket messages as tap reads them (after any transfer
@@ -25,6 +25,8 @@ pub const SHOWN: usize = 20;
 pub enum Source {
     /// The relay's firehose (`subscribeRepos`).
     Relay,
+    /// Jetstream (`--jetstream-url`).
+    Jetstream,
     /// The relay's repo listing (`listRepos`, `listReposByCollection`).
     RelayListing,
     /// A PDS call.
@@ -44,6 +46,8 @@ pub enum PdsCall {
     GetLatestCommit,
     /// `com.atproto.sync.getBlocks`.
     GetBlocks,
+    /// `com.atproto.sync.getRecord` (Jetstream proofs).
+    GetRecord,
 }
 
 impl PdsCall {
@@ -53,18 +57,21 @@ impl PdsCall {
         match method.rsplit('.').next() {
             Some("getLatestCommit") => Self::GetLatestCommit,
             Some("getBlocks") => Self::GetBlocks,
+            Some("getRecord") => Self::GetRecord,
             _ => Self::GetRepo,
         }
     }
 }
 
 impl Source {
-    const ALL: [Self; 7] = [
+    const ALL: [Self; 9] = [
         Self::Relay,
+        Self::Jetstream,
         Self::RelayListing,
         Self::Pds(PdsCall::GetRepo),
         Self::Pds(PdsCall::GetLatestCommit),
         Self::Pds(PdsCall::GetBlocks),
+        Self::Pds(PdsCall::GetRecord),
         Self::Plc,
         Self::WellKnown,
     ];
@@ -74,10 +81,12 @@ impl Source {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Relay => "relay.firehose",
+            Self::Jetstream => "jetstream",
             Self::RelayListing => "relay.listing",
             Self::Pds(PdsCall::GetRepo) => "pds.getRepo",
             Self::Pds(PdsCall::GetLatestCommit) => "pds.getLatestCommit",
             Self::Pds(PdsCall::GetBlocks) => "pds.getBlocks",
+            Self::Pds(PdsCall::GetRecord) => "pds.getRecord",
             Self::Plc => "plc",
             Self::WellKnown => "handle_resolution",
         }
@@ -126,7 +135,7 @@ struct Books {
 /// The ledger. Cheap to clone; all clones count into one.
 #[derive(Debug, Clone, Default)]
 pub struct Ledger {
-    sources: Arc<[AtomicU64; 7]>,
+    sources: Arc<[AtomicU64; Source::ALL.len()]>,
     books: Arc<Mutex<Books>>,
 }
 

@@ -3,7 +3,10 @@
 //! Module map (data flows top to bottom; docs/architecture.md has the diagram):
 //! - [`config`]: the command line and `TAP_*` environment, parsed once into types.
 //! - [`app`]: wiring of every stage, task and channel; the shutdown order.
-//! - [`firehose`]: the relay connection, per-DID dispatch and the cursor.
+//! - [`firehose`]: the relay's `subscribeRepos`, decoded into jobs for the live workers.
+//! - [`jetstream`]: or Jetstream, its per-operation claims grouped into commits and
+//!   proven against each PDS (`--jetstream-url`).
+//! - [`live`]: what both share: per-DID ordered workers and the cursor as a low-water mark.
 //! - [`repos`]: the tracked-repo state machine (pure decisions + one transaction each).
 //! - [`resync`]: whole-repo fetch, verification, diff and cutover.
 //! - [`crawler`]: discovering repos to track (signal collections, full network).
@@ -28,7 +31,9 @@ pub mod error;
 pub mod failpoint;
 pub mod firehose;
 pub mod identity;
+pub mod jetstream;
 pub mod ledger;
+pub mod live;
 pub mod netguard;
 pub mod outbox;
 pub mod remote;

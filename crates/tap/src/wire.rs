@@ -266,7 +266,11 @@ mod tests {
             unverified,
         };
         assert_eq!(parse(&event(true).payload())["record"]["unverified"], true);
-        assert!(parse(&event(false).payload())["record"].get("unverified").is_none());
+        assert!(
+            parse(&event(false).payload())["record"]
+                .get("unverified")
+                .is_none()
+        );
     }
 
     #[test]

@@ -48,6 +48,11 @@ pub struct ApiState {
     pub board: Arc<StatusBoard>,
     /// Relay URL as configured: the key of stored cursors.
     pub relay_url: String,
+    /// `--light-rail-url`, when signal collections are listed there (the key of their
+    /// enumeration cursor).
+    pub light_rail_url: Option<String>,
+    /// The name of the live cursor in `/stats/cursors`: `firehose` or `jetstream`.
+    pub live_cursor: &'static str,
     /// The collection filters and signal collections, readable and changeable at runtime
     /// (also picks which enumeration cursor `/stats/cursors` reports).
     pub filters: Arc<FilterControl>,

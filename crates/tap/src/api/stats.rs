@@ -53,13 +53,21 @@ pub(super) async fn resync_buffer(State(state): State<ApiState>) -> Result<Respo
     .await
 }
 
-/// `{"firehose": <last processed seq>, "list_repos": "<enumeration cursor>"}`.
+/// `{"firehose": <last processed seq>, "list_repos": "<enumeration cursor>"}`; with
+/// Jetstream, `"jetstream": <last processed time_us>` instead of `"firehose"` (as indigo
+/// PR 1398 reports it).
 pub(super) async fn cursors(State(state): State<ApiState>) -> Result<Response, ApiError> {
     let scope = state.filters.live().current();
-    let list_repos = match scope.tracking() {
-        TrackingScope::Dynamic => Ok(None),
-        TrackingScope::FullNetwork => state.store.list_repos_cursor(&state.relay_url).await,
-        TrackingScope::SignalCollections(collections) => match collections.first() {
+    let list_repos = match (scope.tracking(), &state.light_rail_url) {
+        (TrackingScope::Dynamic, _) => Ok(None),
+        (TrackingScope::FullNetwork, _) => state.store.list_repos_cursor(&state.relay_url).await,
+        (TrackingScope::SignalCollections(collections), Some(light_rail)) => {
+            state
+                .store
+                .collection_cursor(light_rail, &crate::crawler::listing_name(collections))
+                .await
+        }
+        (TrackingScope::SignalCollections(collections), None) => match collections.first() {
             Some(first) => {
                 state
                     .store
@@ -73,13 +81,13 @@ pub(super) async fn cursors(State(state): State<ApiState>) -> Result<Response, A
         tracing::error!(%error, "Failed to read the list repos cursor.");
         ApiError::internal("failed to get list repos cursor")
     })?;
-    Ok(json(
-        StatusCode::OK,
-        &json!({
-            "firehose": state.progress.firehose_seq(),
-            "list_repos": list_repos.unwrap_or_default(),
-        }),
-    ))
+    let mut body = serde_json::Map::new();
+    body.insert(
+        state.live_cursor.into(),
+        json!(state.progress.firehose_seq()),
+    );
+    body.insert("list_repos".into(), json!(list_repos.unwrap_or_default()));
+    Ok(json(StatusCode::OK, &body))
 }
 
 /// `GET /stats/bandwidth`: every downloaded byte by source, PDS host and collection

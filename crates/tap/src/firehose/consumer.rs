@@ -14,10 +14,11 @@ use tokio_tungstenite::tungstenite::{
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
-use super::cursor::SeqTracker;
-use super::dispatch::{Dispatcher, Work};
+use super::Work;
 use crate::backoff::Backoff;
 use crate::ledger::{Ledger, Source};
+use crate::live::cursor::SeqTracker;
+use crate::live::dispatch::Dispatcher;
 use crate::status::Progress;
 use crate::telemetry as t;
 
@@ -80,7 +81,7 @@ enum Ended {
 pub async fn run_consumer(
     relay: Url,
     start_cursor: Option<i64>,
-    dispatcher: Dispatcher,
+    dispatcher: Dispatcher<Work>,
     seqs: Arc<Mutex<SeqTracker>>,
     ledger: Ledger,
     progress: Arc<Progress>,
@@ -129,7 +130,7 @@ pub async fn run_consumer(
 async fn connect_and_read(
     url: &Url,
     limits: &FrameLimits,
-    dispatcher: &Dispatcher,
+    dispatcher: &Dispatcher<Work>,
     seqs: &Mutex<SeqTracker>,
     ledger: &Ledger,
     progress: &Progress,
@@ -239,7 +240,7 @@ async fn connect_and_read(
         }
         let dispatched = tokio::select! {
             () = stop.cancelled() => return Ended::Stopped,
-            ok = dispatcher.dispatch(&did, Work::Frame(frame)) => ok,
+            ok = dispatcher.dispatch(&did, Work::frame(frame)) => ok,
         };
         if !dispatched {
             return Ended::Stopped;
@@ -254,7 +255,7 @@ async fn connect_and_read(
 async fn refuse(
     data: &[u8],
     reason: &str,
-    dispatcher: &Dispatcher,
+    dispatcher: &Dispatcher<Work>,
     seqs: &Mutex<SeqTracker>,
     stop: &CancellationToken,
 ) -> bool {

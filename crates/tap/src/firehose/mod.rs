@@ -1,21 +1,22 @@
-//! The firehose stage: follow the relay's `subscribeRepos`, decode frames, dispatch them
-//! with strict per-DID order, and persist the cursor as a low-water mark.
+//! The relay firehose: follow `subscribeRepos`, decode frames, and hand them to the live
+//! workers ([`crate::live`]) as [`Work`], with strict per-DID order.
 
 pub mod consumer;
-pub mod cursor;
-pub mod dispatch;
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tap_atproto::firehose::Frame;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
-use crate::repos::engine::Engine;
+use crate::live::cursor::SeqTracker;
+use crate::live::dispatch::{Dispatcher, Handler, Job};
+use crate::live::{self, StageHandle};
+use crate::repos::engine::{Engine, EngineError, Outcome};
 use crate::shutdown::Supervisor;
 use crate::status::Progress;
 use crate::store::{Store, StoreError};
-use cursor::SeqTracker;
 
 /// Settings of the firehose stage.
 #[derive(Debug, Clone)]
@@ -30,20 +31,6 @@ pub struct FirehoseSettings {
     pub cursor_save_interval: Duration,
 }
 
-/// What the app keeps to stop the stage in order.
-pub struct FirehoseHandle {
-    saver: tokio::task::JoinHandle<()>,
-    saver_stop: CancellationToken,
-}
-
-impl FirehoseHandle {
-    /// After the reader and workers are done: saves the final cursor and stops the saver.
-    pub async fn flush(self) {
-        self.saver_stop.cancel();
-        let _ = self.saver.await;
-    }
-}
-
 /// Where the first connection starts: the stored cursor, unless `--no-replay`.
 ///
 /// # Errors
@@ -52,16 +39,93 @@ pub async fn start_cursor(
     settings: &FirehoseSettings,
     store: &Store,
 ) -> Result<Option<i64>, StoreError> {
-    let stored = store.firehose_cursor(settings.relay_url.as_str()).await?;
-    if settings.no_replay {
-        tracing::info!(stored = ?stored, "Ignoring the saved firehose cursor (--no-replay).");
-        return Ok(None);
+    live::start_cursor(store, settings.relay_url.as_str(), settings.no_replay).await
+}
+
+/// What a worker is handed: a decoded frame, or what could be read of one that failed to
+/// decode (its repo is resynced, in order with the repo's other events).
+#[derive(Debug)]
+pub enum Work {
+    /// A decoded frame, and its seq when it has one.
+    Frame(Frame, Option<i64>),
+    /// A frame refused by the decoder, about a repo whose DID could still be read.
+    Refused {
+        /// The frame's seq, if readable.
+        seq: Option<i64>,
+        /// The repo it was about.
+        did: String,
+        /// Why it was refused.
+        reason: String,
+    },
+}
+
+impl Work {
+    /// A decoded frame.
+    #[must_use]
+    pub fn frame(frame: Frame) -> Self {
+        let seq = frame.seq();
+        Self::Frame(frame, seq)
     }
-    Ok(stored)
+
+    fn seq(&self) -> &Option<i64> {
+        match self {
+            Self::Frame(_, seq) | Self::Refused { seq, .. } => seq,
+        }
+    }
+}
+
+impl Job for Work {
+    fn did(&self) -> Option<&str> {
+        match self {
+            Self::Frame(Frame::Commit(c), _) => Some(c.repo.as_str()),
+            Self::Frame(Frame::Sync(s), _) => Some(s.did.as_str()),
+            Self::Frame(Frame::Identity(i), _) => Some(i.did.as_str()),
+            Self::Frame(Frame::Account(a), _) => Some(a.did.as_str()),
+            Self::Frame(Frame::Info(_) | Frame::Error(_) | Frame::Unknown { .. }, _) => None,
+            Self::Refused { did, .. } => Some(did),
+        }
+    }
+
+    fn positions(&self) -> &[i64] {
+        self.seq().as_slice()
+    }
+
+    fn describe(&self) -> String {
+        format!("firehose event {:?}", self.seq())
+    }
+}
+
+/// Firehose frames go to the engine's handlers.
+#[derive(Clone)]
+struct FrameHandler(Engine);
+
+impl Handler for FrameHandler {
+    type Job = Work;
+
+    async fn handle(&self, work: &Work) -> Result<Outcome, EngineError> {
+        let engine = &self.0;
+        match work {
+            Work::Frame(Frame::Commit(c), _) => engine.handle_commit(c).await,
+            Work::Frame(Frame::Sync(s), _) => engine.handle_sync(s).await,
+            Work::Frame(Frame::Identity(i), _) => engine.handle_identity(i).await,
+            Work::Frame(Frame::Account(a), _) => engine.handle_account(a).await,
+            Work::Frame(Frame::Info(_) | Frame::Error(_) | Frame::Unknown { .. }, _) => {
+                Ok(Outcome::Skipped("not a repo event"))
+            }
+            Work::Refused { did, reason, seq } => {
+                let reason = format!("firehose event {seq:?} could not be decoded: {reason}");
+                engine.desynchronize(did, &reason).await
+            }
+        }
+    }
+
+    fn engine(&self) -> &Engine {
+        &self.0
+    }
 }
 
 /// Starts the reader and workers (stopped by `intake`) and the cursor saver (stopped by
-/// [`FirehoseHandle::flush`], after the workers, so its last save covers them), from
+/// [`StageHandle::flush`], after the workers, so its last save covers them), from
 /// `start` (see [`start_cursor`]).
 pub fn spawn(
     settings: FirehoseSettings,
@@ -71,17 +135,16 @@ pub fn spawn(
     progress: Arc<Progress>,
     supervisor: &Supervisor,
     intake: CancellationToken,
-) -> FirehoseHandle {
-    let key = settings.relay_url.to_string();
+) -> StageHandle {
     if let Some(seq) = start {
         progress.set_firehose_seq(seq);
     }
     // With --no-replay the tracker starts empty: the first frames set the mark.
     let seqs = Arc::new(Mutex::new(SeqTracker::resume(start)));
     let ledger = engine.ledger().clone();
-    let dispatcher = dispatch::Dispatcher::spawn(
+    let dispatcher = Dispatcher::spawn(
         settings.parallelism,
-        engine,
+        FrameHandler(engine),
         Arc::clone(&seqs),
         supervisor,
         intake.clone(),
@@ -98,60 +161,12 @@ pub fn spawn(
             intake,
         ),
     );
-    let saver_stop = CancellationToken::new();
-    let saver = tokio::spawn(supervisor.watch(
-        "firehose cursor saver",
-        true,
-        run_cursor_saver(
-            store,
-            key,
-            seqs,
-            progress,
-            settings.cursor_save_interval,
-            saver_stop.clone(),
-        ),
-    ));
-    FirehoseHandle { saver, saver_stop }
-}
-
-/// Persists the low-water mark every `interval` when it moved, and once more on stop.
-async fn run_cursor_saver(
-    store: Store,
-    key: String,
-    seqs: Arc<Mutex<SeqTracker>>,
-    progress: Arc<Progress>,
-    interval: Duration,
-    stop: CancellationToken,
-) {
-    let mut saved: Option<i64> = None;
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let stopping = tokio::select! {
-            () = stop.cancelled() => true,
-            _ = tick.tick() => false,
-        };
-        crate::failpoint::hit("cursor-saver-tick");
-        let mark = seqs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .low_water_mark();
-        if let Some(mark) = mark
-            && saved != Some(mark)
-        {
-            match store.save_firehose_cursor(&key, mark).await {
-                Ok(()) => {
-                    saved = Some(mark);
-                    progress.set_firehose_seq(mark);
-                }
-                Err(error) => tracing::warn!(%error, mark, "Failed to save the firehose cursor."),
-            }
-        }
-        if stopping {
-            if let Some(mark) = saved {
-                tracing::info!(cursor = mark, "Saved the firehose cursor.");
-            }
-            return;
-        }
-    }
+    live::spawn_saver(
+        store,
+        settings.relay_url.to_string(),
+        seqs,
+        progress,
+        settings.cursor_save_interval,
+        supervisor,
+    )
 }

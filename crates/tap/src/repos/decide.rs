@@ -64,9 +64,9 @@ pub fn after_verification(repo: &RepoRow, prev_data: Option<&str>) -> CommitActi
         return CommitAction::Buffer;
     }
     match (repo.prev_data.as_deref(), prev_data) {
-        (Some(stored), Some(prev_data)) if prev_data != stored => CommitAction::Desynchronize(format!(
-            "commit prevData {prev_data} does not match the stored data root {stored}"
-        )),
+        (Some(stored), Some(prev_data)) if prev_data != stored => CommitAction::Desynchronize(
+            format!("commit prevData {prev_data} does not match the stored data root {stored}"),
+        ),
         _ => CommitAction::Apply,
     }
 }
@@ -361,8 +361,14 @@ mod tests {
             }))
         };
         assert!(matches!(plan.step(unchained("3ka", "")), CutoverStep::Drop));
-        assert!(matches!(plan.step(unchained("3kc", "")), CutoverStep::Apply(_)));
-        assert!(matches!(plan.step(unchained("3kd", "bafyD")), CutoverStep::Apply(_)));
+        assert!(matches!(
+            plan.step(unchained("3kc", "")),
+            CutoverStep::Apply(_)
+        ));
+        assert!(matches!(
+            plan.step(unchained("3kd", "bafyD")),
+            CutoverStep::Apply(_)
+        ));
         let (rev, data, again) = plan.finish();
         assert_eq!((rev.as_str(), data.as_str(), again), ("3kd", "bafyD", None));
     }

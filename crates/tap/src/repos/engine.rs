@@ -44,6 +44,10 @@ pub enum EngineError {
     /// host timed out, failed or answered 5xx): no verdict on the event.
     #[error("identity unavailable: {0}")]
     Unavailable(IdentityError),
+    /// The PDS's proof of a Jetstream claim could not be had now (unreachable, timed
+    /// out, rate limiting, 5xx): no verdict on the event.
+    #[error("{0}")]
+    ProofUnavailable(String),
     /// A buffered entry could not be encoded or decoded.
     #[error("resync buffer entry for {did}: {reason}")]
     Buffer {
@@ -85,7 +89,9 @@ impl EngineError {
             Self::Store(e) | Self::Outbox(OutboxError::Store(e)) => e,
             Self::Outbox(OutboxError::Closed) => return FailureClass::Stopping,
             Self::Buffer { .. } => return FailureClass::Repo,
-            Self::Unavailable(_) => return FailureClass::Unavailable,
+            Self::Unavailable(_) | Self::ProofUnavailable(_) => {
+                return FailureClass::Unavailable;
+            }
         };
         if store.is_transient() {
             FailureClass::Transient
@@ -162,6 +168,12 @@ impl Engine {
         self.scope.current()
     }
 
+    /// The scope as it changes (runtime filters).
+    #[must_use]
+    pub fn live_scope(&self) -> &LiveScope {
+        &self.scope
+    }
+
     /// The outbox (resync workers append historical events through it).
     #[must_use]
     pub fn outbox(&self) -> &Outbox {
@@ -181,20 +193,15 @@ impl Engine {
     pub async fn handle_commit(&self, frame: &CommitFrame) -> Result<Outcome, EngineError> {
         let did = frame.repo.as_str();
         let _guard = self.locks.lock(did).await;
-        let repo = self.store.get_repo(did).await?;
         // One snapshot for the whole commit: a filter change lands between commits.
         let scope = self.scope();
-        let auto = repo.is_none()
-            && scope.tracks_on_commit(frame.ops.iter().map(|op| collection_of(&op.path)));
-        let repo = match decide::gate_commit(repo.as_ref(), frame.rev.as_str(), auto) {
-            CommitGate::Untracked { track: true } => return self.track(did).await,
-            CommitGate::Untracked { track: false } => return Ok(Outcome::Skipped("untracked")),
-            CommitGate::SkipNotSyncing(_) => return Ok(Outcome::Skipped("repo not syncing")),
-            CommitGate::SkipReplay => return Ok(Outcome::Skipped("replayed rev")),
-            CommitGate::Verify => match repo {
-                Some(repo) => repo,
-                None => return Ok(Outcome::Skipped("untracked")),
-            },
+        let collections = frame.ops.iter().map(|op| collection_of(&op.path));
+        let repo = match self
+            .admit_commit(did, frame.rev.as_str(), collections, &scope, false)
+            .await?
+        {
+            Ok(repo) => repo,
+            Err(outcome) => return Ok(outcome),
         };
         let verified = match self
             .verify_with_refresh(&frame.repo, |key| verify_commit_frame(frame, key))
@@ -219,15 +226,66 @@ impl Engine {
             }
         }
         let prepared = PreparedCommit::from_verified(&verified, |c| scope.wants_collection(c));
-        match decide::after_verification(&repo, prepared.prev_data.as_deref()) {
+        self.settle_commit(&frame.repo, &repo, prepared).await
+    }
+
+    /// Whether a commit of `did` at `rev`, touching `collections`, is for the repo as it is
+    /// stored: `Ok(repo)` to verify it, or `Err(outcome)` when it ends here (untracked,
+    /// newly tracked, not syncing, replayed). `same_rev` also admits a commit at the stored
+    /// rev (Jetstream may split one commit's operations). Call under the repo's lock.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn admit_commit<'a>(
+        &self,
+        did: &str,
+        rev: &str,
+        collections: impl Iterator<Item = &'a str>,
+        scope: &Scope,
+        same_rev: bool,
+    ) -> Result<Result<RepoRow, Outcome>, EngineError> {
+        let repo = self.store.get_repo(did).await?;
+        let auto = repo.is_none() && scope.tracks_on_commit(collections);
+        let gate = decide::gate_commit(repo.as_ref(), rev, auto);
+        let replay_at_stored_rev = same_rev
+            && repo
+                .as_ref()
+                .and_then(|r| r.rev.as_ref())
+                .is_some_and(|stored| stored.as_str() == rev);
+        Ok(match gate {
+            CommitGate::Untracked { track: true } => Err(self.track(did).await?),
+            CommitGate::Untracked { track: false } => Err(Outcome::Skipped("untracked")),
+            CommitGate::SkipNotSyncing(_) => Err(Outcome::Skipped("repo not syncing")),
+            CommitGate::SkipReplay if !replay_at_stored_rev => {
+                Err(Outcome::Skipped("replayed rev"))
+            }
+            CommitGate::SkipReplay | CommitGate::Verify => {
+                repo.ok_or(Outcome::Skipped("untracked"))
+            }
+        })
+    }
+
+    /// Applies, buffers or refuses a verified commit of `repo` (as read under the lock), as
+    /// [`decide::after_verification`] says.
+    ///
+    /// # Errors
+    /// Store or outbox failures.
+    pub async fn settle_commit(
+        &self,
+        did: &Did,
+        repo: &RepoRow,
+        prepared: PreparedCommit,
+    ) -> Result<Outcome, EngineError> {
+        match decide::after_verification(repo, prepared.prev_data.as_deref()) {
             CommitAction::Buffer => {
                 let rev = prepared.rev.clone();
-                self.buffer(did, &rev, &Buffered::Commit(prepared)).await
+                self.buffer(did.as_str(), &rev, &Buffered::Commit(prepared))
+                    .await
             }
-            CommitAction::Desynchronize(reason) => self.desynchronize(did, &reason).await,
+            CommitAction::Desynchronize(reason) => self.desynchronize(did.as_str(), &reason).await,
             CommitAction::Apply => {
                 self.apply_commit(
-                    &frame.repo,
+                    did,
                     &prepared,
                     WriteCondition::RepoInState(RepoState::Active),
                     Vec::new(),
@@ -354,15 +412,24 @@ impl Engine {
     /// # Errors
     /// Store or outbox failures.
     pub async fn handle_identity(&self, frame: &IdentityFrame) -> Result<Outcome, EngineError> {
-        let did = frame.did.as_str();
-        let _guard = self.locks.lock(did).await;
-        let Some(repo) = self.store.get_repo(did).await? else {
+        self.identity_changed(&frame.did).await
+    }
+
+    /// `did`'s identity may have changed (a firehose `#identity`, a Jetstream `identity`
+    /// event): re-resolves it and announces a changed handle. What the event itself says is
+    /// never taken: only what resolves.
+    ///
+    /// # Errors
+    /// Store or outbox failures.
+    pub async fn identity_changed(&self, did: &Did) -> Result<Outcome, EngineError> {
+        let _guard = self.locks.lock(did.as_str()).await;
+        let Some(repo) = self.store.get_repo(did.as_str()).await? else {
             if self.scope().tracks_on_other_events() {
-                return self.track(did).await;
+                return self.track(did.as_str()).await;
             }
             return Ok(Outcome::Skipped("untracked"));
         };
-        self.refresh_handle(&frame.did, &repo).await
+        self.refresh_handle(did, &repo).await
     }
 
     /// Checks `did`'s handle under the repo's lock, against the repo as stored now (an
@@ -438,13 +505,28 @@ impl Engine {
     /// # Errors
     /// Store or outbox failures.
     pub async fn handle_account(&self, frame: &AccountFrame) -> Result<Outcome, EngineError> {
-        let did = frame.did.as_str();
+        self.account_changed(&frame.did, frame.active, frame.status.as_deref())
+            .await
+    }
+
+    /// `did`'s hosting status is now `active` / `status` (a firehose `#account`, a
+    /// Jetstream `account` event).
+    ///
+    /// # Errors
+    /// Store or outbox failures.
+    pub async fn account_changed(
+        &self,
+        did_ref: &Did,
+        active: bool,
+        status: Option<&str>,
+    ) -> Result<Outcome, EngineError> {
+        let did = did_ref.as_str();
         let _guard = self.locks.lock(did).await;
         let repo = self.store.get_repo(did).await?;
         match decide::decide_account(
             repo.as_ref(),
-            frame.active,
-            frame.status.as_deref(),
+            active,
+            status,
             self.scope().tracks_on_other_events(),
         ) {
             AccountAction::Ignore => Ok(Outcome::Skipped("account status unchanged or ignored")),
@@ -457,14 +539,14 @@ impl Engine {
                 let event = IdentityEvent {
                     did,
                     handle: &handle,
-                    is_active: frame.active,
+                    is_active: active,
                     status,
                 };
                 let change = match decide::status_to_store(status) {
                     Some(s) => RepoChange::Status(s),
                     None => RepoChange::Delete,
                 };
-                self.emit_identity(&frame.did, &event, change).await
+                self.emit_identity(did_ref, &event, change).await
             }
         }
     }

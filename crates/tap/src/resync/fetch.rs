@@ -111,6 +111,11 @@ pub struct PdsClient {
 const GET_REPO: &str = "com.atproto.sync.getRepo";
 const GET_LATEST_COMMIT: &str = "com.atproto.sync.getLatestCommit";
 const GET_BLOCKS: &str = "com.atproto.sync.getBlocks";
+const GET_RECORD: &str = "com.atproto.sync.getRecord";
+
+/// Longest a `getRecord` proof may take, body included: a proof is a few kilobytes, and a
+/// live event waits on it.
+pub const PROOF_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A PDS's answer to `getLatestCommit`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -373,6 +378,35 @@ impl PdsClient {
         let query = [("did", did.as_str()), ("since", since.as_str())];
         self.car(pds, GET_REPO, PdsCall::GetRepo, &query, limit)
             .await
+    }
+
+    /// `com.atproto.sync.getRecord`: the proof CAR of one record (the signed head commit,
+    /// the MST nodes on its path, the record when present), at most `limit` bytes, within
+    /// [`PROOF_TIMEOUT`].
+    ///
+    /// # Errors
+    /// [`FetchError`], as for [`PdsClient::get_blocks`].
+    pub async fn get_record(
+        &self,
+        pds: &Url,
+        did: &Did,
+        collection: &str,
+        rkey: &str,
+        limit: u64,
+    ) -> Result<Small<Car>, FetchError> {
+        let query = [
+            ("did", did.as_str()),
+            ("collection", collection),
+            ("rkey", rkey),
+        ];
+        let call = self.car(pds, GET_RECORD, PdsCall::GetRecord, &query, limit);
+        tokio::time::timeout(PROOF_TIMEOUT, call)
+            .await
+            .map_err(|_| FetchError::Transport {
+                method: GET_RECORD,
+                host: host_of(pds),
+                reason: "no proof in time".into(),
+            })?
     }
 
     /// A CAR answer of at most `limit` bytes, read whole, every block hash-checked.

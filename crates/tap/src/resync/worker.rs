@@ -31,14 +31,13 @@ use crate::telemetry as t;
 /// in progress (the repo is reset at the next start).
 pub fn spawn(
     settings: &ResyncSettings,
-    pds: PdsClient,
+    pds: Arc<PdsClient>,
     engine: Engine,
     store: Store,
     progress: &Arc<Progress>,
     supervisor: &Supervisor,
     intake: CancellationToken,
 ) {
-    let pds = Arc::new(pds);
     let handles = HandleChecks::spawn(&engine, supervisor, &intake);
     for _ in 0..settings.parallelism.max(1) {
         supervisor.spawn(

@@ -61,6 +61,9 @@ pub struct Store {
     /// Repos whose forced resync was asked while a worker held them (this process's
     /// workers pick it up when that resync ends; see [`Store::take_forced`]).
     forced: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Bumped when this process adds or removes tracked repos (Jetstream's `wantedDids`
+    /// follows it).
+    repo_set: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 #[derive(Clone)]
@@ -104,6 +107,7 @@ impl Store {
             backend,
             resync_wanted: Arc::new(tokio::sync::Notify::new()),
             forced: Arc::default(),
+            repo_set: Arc::new(tokio::sync::watch::Sender::new(0)),
         })
     }
 
@@ -131,8 +135,15 @@ impl Store {
         let added = dispatch!(self.add_repos(dids.to_vec()))?;
         if added > 0 {
             self.resync_wanted.notify_waiters();
+            self.repo_set.send_modify(|v| *v += 1);
         }
         Ok(added)
+    }
+
+    /// Changes whenever this process adds or removes tracked repos.
+    #[must_use]
+    pub fn repo_set_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.repo_set.subscribe()
     }
 
     /// Untracks `dids`: deletes their repo rows, record index and resync buffer in one
@@ -142,7 +153,11 @@ impl Store {
     /// # Errors
     /// Database errors; nothing is deleted then.
     pub async fn remove_repos(&self, dids: &[String]) -> Result<u64, StoreError> {
-        dispatch!(self.remove_repos(dids.to_vec()))
+        let removed = dispatch!(self.remove_repos(dids.to_vec()))?;
+        if removed > 0 {
+            self.repo_set.send_modify(|v| *v += 1);
+        }
+        Ok(removed)
     }
 
     /// The repo row of `did`, if tracked.
@@ -289,6 +304,17 @@ impl Store {
         dispatch!(self.mark_desynchronized(did.to_owned(), reason.to_owned()))?;
         self.resync_wanted.notify_waiters();
         Ok(())
+    }
+
+    /// Marks every active or resyncing repo `desynchronized` with `reason` (live events
+    /// were missed for all of them). Returns how many.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn desynchronize_syncing(&self, reason: &str) -> Result<u64, StoreError> {
+        let n = dispatch!(self.desynchronize_syncing(reason.to_owned()))?;
+        self.resync_wanted.notify_waiters();
+        Ok(n)
     }
 
     /// Number of indexed records of `did`.

@@ -219,6 +219,19 @@ impl PgStore {
         Ok(())
     }
 
+    pub(super) async fn desynchronize_syncing(&self, reason: String) -> Result<u64, StoreError> {
+        const OP: &str = "desynchronize_syncing";
+        let client = self.client(OP).await?;
+        client
+            .execute(
+                "UPDATE repos SET state = 'desynchronized', error_msg = $1, retry_after = 0 \
+                 WHERE state IN ('active', 'resyncing')",
+                &[&reason],
+            )
+            .await
+            .map_err(pg(OP))
+    }
+
     pub(super) async fn list_repos(
         &self,
         state: Option<RepoState>,

@@ -229,6 +229,20 @@ impl SqliteStore {
         .await
     }
 
+    pub(super) async fn desynchronize_syncing(&self, reason: String) -> Result<u64, StoreError> {
+        self.write(move |conn| {
+            let n = conn
+                .prepare_cached(
+                    "UPDATE repos SET state = 'desynchronized', error_msg = ?1, retry_after = 0 \
+                     WHERE state IN ('active', 'resyncing')",
+                )
+                .and_then(|mut stmt| stmt.execute(params![reason]))
+                .map_err(sq("desynchronize_syncing"))?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
     pub(super) async fn list_repos(
         &self,
         state: Option<RepoState>,

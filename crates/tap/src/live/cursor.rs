@@ -1,7 +1,7 @@
-//! The firehose cursor as a low-water mark (decisions.md row 3): the persisted seq never
-//! passes an event whose effects are not committed. Events are processed in parallel and
-//! finish out of order; [`SeqTracker`] reports the highest seq below which everything
-//! has finished.
+//! The live cursor (firehose seq, Jetstream `time_us`) as a low-water mark (decisions.md
+//! row 3): the persisted position never passes an event whose effects are not committed.
+//! Events are processed in parallel and finish out of order; [`SeqTracker`] reports the
+//! highest position below which everything has finished.
 
 use std::collections::BTreeSet;
 

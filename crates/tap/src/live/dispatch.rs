@@ -1,17 +1,20 @@
-//! Parallel processing with strict per-DID order: frames are sharded by DID over N
-//! workers, each with a bounded queue. A DID always lands on the same worker, so its
-//! events run one at a time in stream order; different DIDs run concurrently. When a
-//! worker's queue is full the reader waits, which pushes back on the relay connection.
+//! Parallel processing with strict per-DID order: jobs are sharded by DID over N workers,
+//! each with a bounded queue. A DID always lands on the same worker, so its events run one
+//! at a time in stream order; different DIDs run concurrently. When a worker's queue is
+//! full the reader waits, which pushes back on the upstream connection.
 //!
 //! Sharding by hash (instead of a free-worker pool with per-DID queues, as the Go tap
 //! does) keeps every queue bounded; the cost is that a slow event delays the other DIDs
 //! of its shard. With the default 10 workers that is a tenth of the stream, briefly.
+//!
+//! The same workers serve the relay firehose and Jetstream: each source says what its
+//! jobs are ([`Job`]) and how one is handled ([`Handler`]); the retry rules are here.
 
+use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tap_atproto::firehose::Frame;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -20,53 +23,47 @@ use crate::repos::engine::{Engine, EngineError, FailureClass, Outcome};
 use crate::shutdown::Supervisor;
 use crate::telemetry as t;
 
-/// Frames queued per worker.
+/// Jobs queued per worker.
 pub const WORKER_QUEUE: usize = 64;
 /// Backoff between retries of an event that failed on a transient error.
 const RETRY_DELAY: Duration = Duration::from_millis(500);
-/// Tries of an event whose identity lookup keeps failing before its repo is left to a
-/// resync: with the doubling delay (1, 2, 4, 8, 16 s) about 30 s plus the lookups' own
-/// timeouts, enough for a PLC blip, short enough that an outage does not hold a shard of
-/// the stream for long.
+/// Tries of an event whose identity (or proof) lookup keeps failing before its repo is
+/// left to a resync: with the doubling delay (1, 2, 4, 8, 16 s) about 30 s plus the
+/// lookups' own timeouts, enough for a PLC blip, short enough that an outage does not hold
+/// a shard of the stream for long.
 const UNAVAILABLE_ATTEMPTS: u32 = 6;
 
-/// What a worker is handed: a decoded frame, or what could be read of one that failed to
-/// decode (its repo is resynced, in order with that repo's other events).
-#[derive(Debug)]
-pub enum Work {
-    /// A decoded frame.
-    Frame(Frame),
-    /// A frame refused by the decoder, about a repo whose DID could still be read.
-    Refused {
-        /// The frame's seq, if readable.
-        seq: Option<i64>,
-        /// The repo it was about.
-        did: String,
-        /// Why it was refused.
-        reason: String,
-    },
+/// One unit of live work, about at most one repo.
+pub trait Job: Send + Sync + 'static {
+    /// The repo it is about; `None` for stream notices, which cannot fail.
+    fn did(&self) -> Option<&str>;
+    /// The stream positions it covers (started by the reader; finished once it is done).
+    fn positions(&self) -> &[i64];
+    /// How logs and desync reasons name it (`firehose event Some(42)`).
+    fn describe(&self) -> String;
 }
 
-impl Work {
-    fn seq(&self) -> Option<i64> {
-        match self {
-            Self::Frame(f) => f.seq(),
-            Self::Refused { seq, .. } => *seq,
-        }
-    }
+/// How a source's jobs are handled.
+pub trait Handler: Clone + Send + Sync + 'static {
+    /// The source's job.
+    type Job: Job;
+    /// Handles one job (the engine's verdict, or why there is none yet).
+    fn handle(&self, job: &Self::Job) -> impl Future<Output = Result<Outcome, EngineError>> + Send;
+    /// The engine, to mark a repo for a resync when a job cannot be handled.
+    fn engine(&self) -> &Engine;
 }
 
 /// The sending side: one bounded queue per worker.
-pub struct Dispatcher {
-    workers: Vec<mpsc::Sender<Work>>,
+pub struct Dispatcher<J> {
+    workers: Vec<mpsc::Sender<J>>,
 }
 
-impl Dispatcher {
+impl<J: Job> Dispatcher<J> {
     /// Spawns `parallelism` workers.
     #[must_use]
-    pub fn spawn(
+    pub fn spawn<H: Handler<Job = J>>(
         parallelism: usize,
-        engine: Engine,
+        handler: H,
         seqs: Arc<Mutex<SeqTracker>>,
         supervisor: &Supervisor,
         stop: CancellationToken,
@@ -75,8 +72,8 @@ impl Dispatcher {
             .map(|_| {
                 let (tx, rx) = mpsc::channel(WORKER_QUEUE);
                 supervisor.spawn(
-                    "firehose worker",
-                    run_worker(rx, engine.clone(), Arc::clone(&seqs), stop.clone()),
+                    "live event worker",
+                    run_worker(rx, handler.clone(), Arc::clone(&seqs), stop.clone()),
                 );
                 tx
             })
@@ -84,54 +81,44 @@ impl Dispatcher {
         Self { workers }
     }
 
-    /// Queues work on its DID's worker; waits while that worker is full. Returns `false`
+    /// Queues a job on its DID's worker; waits while that worker is full. Returns `false`
     /// when the workers are gone (shutdown).
-    pub async fn dispatch(&self, did: &str, work: Work) -> bool {
+    pub async fn dispatch(&self, did: &str, job: J) -> bool {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         did.hash(&mut hasher);
         let index = usize::try_from(hasher.finish() % self.workers.len() as u64).unwrap_or(0);
-        t::send_measured("firehose_dispatch", &self.workers[index], work)
+        t::send_measured("firehose_dispatch", &self.workers[index], job)
             .await
             .is_ok()
     }
 }
 
-async fn run_worker(
-    mut queue: mpsc::Receiver<Work>,
-    engine: Engine,
+async fn run_worker<H: Handler>(
+    mut queue: mpsc::Receiver<H::Job>,
+    handler: H,
     seqs: Arc<Mutex<SeqTracker>>,
     stop: CancellationToken,
 ) {
-    while let Some(work) = queue.recv().await {
-        let seq = work.seq();
-        if !process(&engine, &work, &stop).await {
+    while let Some(job) = queue.recv().await {
+        if !process(&handler, &job, &stop).await {
             // Not finished: the cursor stays below this event, and the next run (or
             // reconnect) reads it again.
             return;
         }
         crate::failpoint::hit("firehose-event-committed");
-        if let Some(seq) = seq {
-            seqs.lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .finish(seq);
+        let mut seqs = seqs.lock().unwrap_or_else(PoisonError::into_inner);
+        for position in job.positions() {
+            seqs.finish(*position);
         }
     }
 }
 
-/// Handles one frame until it is done: applied, buffered, skipped by rule, or its repo
+/// Handles one job until it is done: applied, buffered, skipped by rule, or its repo
 /// marked for a resync that will bring in its effects. `false` when tap stops first.
-async fn process(engine: &Engine, work: &Work, stop: &CancellationToken) -> bool {
-    let seq = work.seq();
-    let frame = match work {
-        Work::Frame(frame) => frame,
-        Work::Refused { did, reason, .. } => {
-            let reason = format!("firehose event {seq:?} could not be decoded: {reason}");
-            return desynchronize(engine, did, &reason, stop).await;
-        }
-    };
+async fn process<H: Handler>(handler: &H, job: &H::Job, stop: &CancellationToken) -> bool {
     let mut unavailable = 0u32;
     loop {
-        let error = match handle(engine, frame).await {
+        let error = match handler.handle(job).await {
             Ok(outcome) => {
                 record(&outcome);
                 return true;
@@ -142,26 +129,26 @@ async fn process(engine: &Engine, work: &Work, stop: &CancellationToken) -> bool
         match error.class() {
             FailureClass::Stopping => return false,
             FailureClass::Transient => {
-                tracing::warn!(%error, ?seq, "Firehose event failed; retrying.");
+                tracing::warn!(%error, job = job.describe(), "Live event failed; retrying.");
             }
             FailureClass::Unavailable if unavailable + 1 < UNAVAILABLE_ATTEMPTS => {
                 unavailable += 1;
                 delay = RETRY_DELAY * (1 << unavailable);
-                tracing::info!(%error, ?seq, attempt = unavailable, ?delay, "Firehose event waits for its identity; retrying.");
+                tracing::info!(%error, job = job.describe(), attempt = unavailable, ?delay, "Live event waits for its identity or proof; retrying.");
             }
             FailureClass::Unavailable => {
-                let Some(did) = frame_did(frame) else {
+                let Some(did) = job.did() else {
                     return true;
                 };
-                let reason = format!("firehose event {seq:?} could not be verified: {error}");
-                return desynchronize(engine, did, &reason, stop).await;
+                let reason = format!("{} could not be verified: {error}", job.describe());
+                return desynchronize(handler.engine(), did, &reason, stop).await;
             }
             FailureClass::Repo => {
-                let Some(did) = frame_did(frame) else {
+                let Some(did) = job.did() else {
                     return true; // only repo events can fail
                 };
-                let reason = format!("firehose event {seq:?} could not be applied: {error}");
-                return desynchronize(engine, did, &reason, stop).await;
+                let reason = format!("{} could not be applied: {error}", job.describe());
+                return desynchronize(handler.engine(), did, &reason, stop).await;
             }
         }
         if !pause(stop, delay).await {
@@ -179,7 +166,7 @@ async fn desynchronize(engine: &Engine, did: &str, reason: &str, stop: &Cancella
                 tracing::warn!(
                     did,
                     reason,
-                    "Firehose event dropped; its repo will be resynced."
+                    "Live event dropped; its repo will be resynced."
                 );
                 record(&outcome);
                 return true;
@@ -200,29 +187,6 @@ async fn pause(stop: &CancellationToken, delay: Duration) -> bool {
     tokio::select! {
         () = stop.cancelled() => false,
         () = tokio::time::sleep(delay) => true,
-    }
-}
-
-/// The repo a frame is about, if it is a repo event.
-fn frame_did(frame: &Frame) -> Option<&str> {
-    match frame {
-        Frame::Commit(c) => Some(c.repo.as_str()),
-        Frame::Sync(s) => Some(s.did.as_str()),
-        Frame::Identity(i) => Some(i.did.as_str()),
-        Frame::Account(a) => Some(a.did.as_str()),
-        Frame::Info(_) | Frame::Error(_) | Frame::Unknown { .. } => None,
-    }
-}
-
-async fn handle(engine: &Engine, frame: &Frame) -> Result<Outcome, EngineError> {
-    match frame {
-        Frame::Commit(c) => engine.handle_commit(c).await,
-        Frame::Sync(s) => engine.handle_sync(s).await,
-        Frame::Identity(i) => engine.handle_identity(i).await,
-        Frame::Account(a) => engine.handle_account(a).await,
-        Frame::Info(_) | Frame::Error(_) | Frame::Unknown { .. } => {
-            Ok(Outcome::Skipped("not a repo event"))
-        }
     }
 }
 
