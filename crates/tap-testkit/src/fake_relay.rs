@@ -127,8 +127,9 @@ impl FakeRelay {
         lock(&self.shared.cursors).clone()
     }
 
-    /// Sets the pages of `listRepos` (`collection = None`) or `listReposByCollection`:
-    /// page `i` answers cursor `"i"` (no cursor = page 0); the last page has no cursor.
+    /// Sets the pages of `listRepos` (`collection = None`) or `listReposByCollection`
+    /// (several collections asked at once: joined by commas): page `i` answers cursor
+    /// `"i"` (no cursor = page 0); the last page has no cursor.
     pub fn set_pages(&self, collection: Option<&str>, pages: Vec<Vec<Value>>) {
         let n = pages.len();
         let bodies = pages
@@ -222,12 +223,23 @@ async fn list_repos(
     page(&shared, "", &q)
 }
 
+/// `listReposByCollection`; a `collection` given several times (as Lightrail takes it)
+/// answers the pages set for the collections joined by commas.
 async fn list_by_collection(
     State(shared): State<Arc<Shared>>,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    let collection = q.get("collection").cloned().unwrap_or_default();
-    page(&shared, &collection, &q)
+    let collections: Vec<&str> = raw
+        .as_deref()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|pair| pair.strip_prefix("collection="))
+        .collect();
+    let mut q = q;
+    let key = collections.join(",");
+    q.insert("collection".into(), key.clone());
+    page(&shared, &key, &q)
 }
 
 fn page(shared: &Shared, key: &str, q: &HashMap<String, String>) -> Response {

@@ -92,6 +92,9 @@ pub struct JetstreamConfig {
     pub verify: JetstreamVerify,
     /// Most `getRecord` requests per second to one PDS host.
     pub proof_rate: u32,
+    /// A connection silent this long is replaced: [`crate::jetstream::reader::WATCHDOG`]
+    /// (not a flag; tests shorten it).
+    pub watchdog: Duration,
 }
 
 /// `--jetstream-verify`.
@@ -605,6 +608,7 @@ impl Config {
                     verify,
                     proof_rate: u32::try_from(count_of("jetstream-proof-rate")?)
                         .unwrap_or(u32::MAX),
+                    watchdog: crate::jetstream::reader::WATCHDOG,
                 })
             }
         };

@@ -83,6 +83,7 @@ pub fn spawn(
         reader::run_reader(
             reader::Reader {
                 url: settings.config.url.clone(),
+                watchdog: settings.config.watchdog,
                 dispatcher,
                 seqs: Arc::clone(&seqs),
                 ledger,

@@ -29,8 +29,9 @@ use crate::status::Progress;
 use crate::store::Store;
 use crate::telemetry as t;
 
-/// A connection that says nothing for this long is replaced (Jetstream sends events
-/// continuously on the real network; a narrow subscription still gets account events).
+/// A connection that sends no event for this long is replaced. On the real network a
+/// stalled Jetstream looks like this; a narrow subscription may also be quiet this long,
+/// and then costs one reconnect (resumed from the cursor) a minute.
 pub const WATCHDOG: Duration = Duration::from_secs(60);
 /// How long an open group waits for more operations of its commit once the stream pauses.
 pub const GROUP_PAUSE: Duration = Duration::from_millis(50);
@@ -39,6 +40,8 @@ pub const GROUP_PAUSE: Duration = Duration::from_millis(50);
 pub struct Reader {
     /// `ws(s)://host/subscribe`.
     pub url: Url,
+    /// A connection silent this long is replaced.
+    pub watchdog: Duration,
     /// The live workers.
     pub dispatcher: Dispatcher<Job>,
     /// Positions started and finished.
@@ -216,7 +219,7 @@ async fn connect_and_read(
     let connect = tokio_tungstenite::connect_async_with_config(request, Some(config), false);
     let (socket, _) = tokio::select! {
         () = stop.cancelled() => return Ended::Stopped,
-        r = tokio::time::timeout(WATCHDOG, connect) => match r {
+        r = tokio::time::timeout(reader.watchdog, connect) => match r {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return failed(0, e.to_string()),
             Err(_) => return failed(0, "connect timed out".into()),
@@ -233,7 +236,7 @@ async fn connect_and_read(
         return failed(0, "could not send the wanted DIDs".into());
     }
     reader.progress.set_firehose_connected(true);
-    let mut ping = tokio::time::interval(PING_INTERVAL);
+    let mut ping = tokio::time::interval(PING_INTERVAL.min(reader.watchdog / 2));
     ping.tick().await;
     let mut events = 0u64;
     let mut last_heard = Instant::now();
@@ -242,14 +245,14 @@ async fn connect_and_read(
     let ended = loop {
         // While a group is open, a pause in the stream closes it.
         let pause = if grouper.is_empty() {
-            WATCHDOG
+            reader.watchdog
         } else {
             GROUP_PAUSE
         };
         let msg = tokio::select! {
             () = stop.cancelled() => break Ended::Stopped,
             _ = ping.tick() => {
-                if last_heard.elapsed() > WATCHDOG {
+                if last_heard.elapsed() > reader.watchdog {
                     break failed(events, "Jetstream silent too long".into());
                 }
                 if sink.send(Message::Ping(Bytes::new())).await.is_err() {
@@ -288,10 +291,10 @@ async fn connect_and_read(
                 }
             },
         };
-        last_heard = Instant::now();
         let text = match msg {
             Some(Ok(Message::Text(text))) => text,
             Some(Ok(Message::Binary(data))) => {
+                last_heard = Instant::now();
                 reader
                     .ledger
                     .downloaded(Source::Jetstream, host.as_deref(), data.len() as u64);
