@@ -67,7 +67,8 @@ impl JetNet {
 
 fn hosted(net: &JetNet, n: u32, records: usize) -> RepoBuilder {
     let repo = RepoBuilder::with_records(did(n), TestKey::k256(n.into()), n.into(), records);
-    net.net.host(&repo, &format!("user{n}.test"), repo.car_tree_order());
+    net.net
+        .host(&repo, &format!("user{n}.test"), repo.car_tree_order());
     repo
 }
 
@@ -221,7 +222,13 @@ async fn jetstream_lies_and_garbage_are_not_delivered_and_the_repo_is_resynced()
 
     // 1. A record the PDS does not have, claimed beside a real create in one commit.
     let (path, record) = repo.generator().next_record();
-    let out = net.commit(&mut repo, &[WriteOp::Create { path: path.clone(), record }]);
+    let out = net.commit(
+        &mut repo,
+        &[WriteOp::Create {
+            path: path.clone(),
+            record,
+        }],
+    );
     let mut events = commit_events(&repo, &out);
     let mut invented = events[0].clone();
     let (invented_path, _) = repo.generator().next_record();
@@ -264,7 +271,8 @@ async fn jetstream_lies_and_garbage_are_not_delivered_and_the_repo_is_resynced()
     // 3. Garbage: not JSON at all, and an event of a tracked repo that does not read.
     net.jet.push_raw("\u{1}not json");
     let before = fetches(&net);
-    net.jet.publish(json!({"did": did_text, "kind": "commit", "commit": {"rev": "nope"}}));
+    net.jet
+        .publish(json!({"did": did_text, "kind": "commit", "commit": {"rev": "nope"}}));
     wait_resynced(&net, &tap, &repo, before).await;
 
     // 4. A handle change Jetstream reports but the DID document does not confirm.
@@ -283,7 +291,13 @@ async fn jetstream_lies_and_garbage_are_not_delivered_and_the_repo_is_resynced()
 
     // Still running and delivering: a later honest commit arrives live.
     let (path, record) = repo.generator().next_record();
-    let out = net.commit(&mut repo, &[WriteOp::Create { path: path.clone(), record }]);
+    let out = net.commit(
+        &mut repo,
+        &[WriteOp::Create {
+            path: path.clone(),
+            record,
+        }],
+    );
     net.jet.publish_commit(&repo, &out);
     wait_for("the honest commit, live", || async {
         consumer
@@ -304,7 +318,9 @@ async fn jetstream_lies_and_garbage_are_not_delivered_and_the_repo_is_resynced()
     let records = consumer.records();
     assert!(!records.iter().any(|r| record_path(r) == invented_path));
     assert!(
-        !records.iter().any(|r| r["cid"] == wrong && record_path(r) == target),
+        !records
+            .iter()
+            .any(|r| r["cid"] == wrong && record_path(r) == target),
         "the lying CID is never delivered"
     );
     // The copy tap holds equals the repo.
@@ -318,7 +334,8 @@ async fn the_subscription_asks_only_for_wanted_collections_and_follows_runtime_f
     let db = TestDb::new(Backend::Sqlite).await.unwrap();
     let net = JetNet::start().await;
     let mut cfg = net.config(&db, JetstreamVerify::Proof);
-    cfg.scope = TrackingScope::SignalCollections(vec!["app.bsky.graph.starterpack".parse().unwrap()]);
+    cfg.scope =
+        TrackingScope::SignalCollections(vec!["app.bsky.graph.starterpack".parse().unwrap()]);
     cfg.collection_filters = vec![
         "app.bsky.graph.starterpack".parse().unwrap(),
         "app.bsky.actor.profile".parse().unwrap(),
@@ -358,7 +375,11 @@ async fn the_subscription_asks_only_for_wanted_collections_and_follows_runtime_f
             .then_some(())
     })
     .await;
-    assert_eq!(net.jet.connections(), 1, "updated in place, not reconnected");
+    assert_eq!(
+        net.jet.connections(),
+        1,
+        "updated in place, not reconnected"
+    );
     tap.stop().await;
 }
 
@@ -396,7 +417,10 @@ async fn dropped_and_silent_connections_resume_from_the_cursor_without_loss_or_r
     create(&net, &mut repo);
     net.jet.set_silent(false);
     consumer.wait_records(n + 4).await;
-    assert!(net.jet.connections() >= 3, "one more after the cut and after the silence");
+    assert!(
+        net.jet.connections() >= 3,
+        "one more after the cut and after the silence"
+    );
     let resumed: Vec<Option<i64>> = net
         .jet
         .subscriptions()
@@ -446,10 +470,18 @@ async fn a_cursor_older_than_jetstream_keeps_resyncs_every_syncing_repo() {
     let tap = TestTap::start(cfg).await;
     wait_resynced(&net, &tap, &repo, before).await;
     let sub = wait_for("a subscription", || async {
-        net.jet.subscriptions().last().cloned().filter(|s| s.cursor.is_some())
+        net.jet
+            .subscriptions()
+            .last()
+            .cloned()
+            .filter(|s| s.cursor.is_some())
     })
     .await;
-    assert_eq!(sub.cursor, Some(stale + 1), "still replays what Jetstream has");
+    assert_eq!(
+        sub.cursor,
+        Some(stale + 1),
+        "still replays what Jetstream has"
+    );
     tap.stop().await;
 }
 

@@ -503,6 +503,55 @@ async fn signal_collection_mode_enumerates_every_page_then_clears_its_cursor() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lightrail_lists_every_signal_collection_in_one_call_per_page() {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    let net = Net::start().await;
+    // A second fake relay plays Lightrail; the relay itself is never asked.
+    let lightrail = tap_testkit::fake_relay::FakeRelay::start().await;
+    lightrail.set_pages(
+        Some("app.bsky.graph.starterpack,app.bsky.graph.list"),
+        vec![
+            vec![
+                json!({"did": did(30).as_str()}),
+                json!({"did": did(31).as_str()}),
+            ],
+            vec![json!({"did": did(32).as_str()})],
+        ],
+    );
+    let mut cfg = net.config(&db);
+    cfg.light_rail_url = Some(url::Url::parse(&lightrail.url()).unwrap());
+    cfg.scope = tap::config::TrackingScope::SignalCollections(vec![
+        "app.bsky.graph.starterpack".parse().unwrap(),
+        "app.bsky.graph.list".parse().unwrap(),
+    ]);
+    let tap = TestTap::start(cfg).await;
+    wait_for("three repos discovered", || async {
+        (tap.store.repo_count().await.ok()? == 3).then_some(())
+    })
+    .await;
+    let requests = lightrail.list_requests();
+    assert_eq!(requests.len(), 2, "one call per page: {requests:?}");
+    assert!(
+        requests
+            .iter()
+            .all(|q| q.contains("collection=app.bsky.graph.starterpack,app.bsky.graph.list")),
+        "{requests:?}"
+    );
+    assert!(net.relay.list_requests().is_empty());
+    let cursors: Value = reqwest::get(tap.url("/stats/cursors"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        cursors["list_repos"], "",
+        "the finished pass cleared its cursor"
+    );
+    tap.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_network_mode_skips_inactive_accounts() {
     let db = TestDb::new(Backend::Sqlite).await.unwrap();
     let net = Net::start().await;

@@ -351,3 +351,123 @@ fn listen_addr_maps_bare_port_to_every_interface() {
     assert_eq!(listen_addr(":2480"), "0.0.0.0:2480");
     assert_eq!(listen_addr("127.0.0.1:0"), "127.0.0.1:0");
 }
+
+#[test]
+fn jetstream_urls_of_any_scheme_become_the_subscribe_socket() {
+    let cfg = run(
+        &[],
+        &[(
+            "TAP_JETSTREAM_URL",
+            "https://jetstream2.us-east.bsky.network",
+        )],
+    )
+    .unwrap();
+    let LiveSource::Jetstream(js) = cfg.live_source else {
+        panic!("expected Jetstream")
+    };
+    assert_eq!(
+        js.url.as_str(),
+        "wss://jetstream2.us-east.bsky.network/subscribe"
+    );
+    assert_eq!((js.verify, js.proof_rate), (JetstreamVerify::Proof, 10));
+    for (given, expected) in [
+        (
+            "ws://127.0.0.1:6008/subscribe?x=1",
+            "ws://127.0.0.1:6008/subscribe",
+        ),
+        ("http://127.0.0.1:6008", "ws://127.0.0.1:6008/subscribe"),
+        ("wss://js.example/other/path", "wss://js.example/subscribe"),
+    ] {
+        assert_eq!(jetstream_subscribe_url(given).unwrap().as_str(), expected);
+    }
+    assert_eq!(
+        invalid_flag(&["--jetstream-url=ftp://x"], &[]).flag,
+        "jetstream-url"
+    );
+    let cfg = run(
+        &["--jetstream-url=ws://h:1", "--jetstream-verify=none"],
+        &[],
+    )
+    .unwrap();
+    assert!(matches!(
+        cfg.live_source,
+        LiveSource::Jetstream(JetstreamConfig {
+            verify: JetstreamVerify::None,
+            ..
+        })
+    ));
+    assert_eq!(
+        invalid_flag(
+            &["--jetstream-url=ws://h:1", "--jetstream-verify=maybe"],
+            &[]
+        )
+        .flag,
+        "jetstream-verify"
+    );
+    assert_eq!(run(&[], &[]).unwrap().live_source, LiveSource::Relay);
+}
+
+#[test]
+fn jetstream_is_refused_for_a_full_network_mirror_in_one_line() {
+    let e = invalid_flag(&["--jetstream-url=ws://h:1", "--full-network"], &[]);
+    assert_eq!(e.flag, "jetstream-url");
+    let line = e.to_string();
+    assert!(
+        line.contains("--full-network") && !line.contains('\n'),
+        "{line}"
+    );
+}
+
+#[test]
+fn light_rail_lists_its_own_signal_collections_and_nothing_else_combines_with_them() {
+    let cfg = run(
+        &[
+            "--light-rail-url=http://lightrail:1",
+            "--light-rail-signal-collections=app.bsky.graph.starterpack,app.bsky.graph.list",
+        ],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(cfg.light_rail_url.unwrap().as_str(), "http://lightrail:1/");
+    assert_eq!(
+        cfg.scope,
+        TrackingScope::SignalCollections(vec![
+            "app.bsky.graph.starterpack".parse().unwrap(),
+            "app.bsky.graph.list".parse().unwrap()
+        ])
+    );
+    let cfg = run(
+        &[],
+        &[
+            ("TAP_LIGHT_RAIL_URL", "http://lightrail:1"),
+            ("TAP_SIGNAL_COLLECTION", "app.bsky.graph.starterpack"),
+        ],
+    )
+    .unwrap();
+    assert!(cfg.light_rail_url.is_some());
+    for (args, flag) in [
+        (
+            vec!["--light-rail-signal-collections=a.b.c"],
+            "light-rail-signal-collections",
+        ),
+        (
+            vec![
+                "--light-rail-url=http://l:1",
+                "--light-rail-signal-collections=a.b.c",
+                "--signal-collection=d.e.f",
+            ],
+            "light-rail-signal-collections",
+        ),
+        (
+            vec![
+                "--light-rail-url=http://l:1",
+                "--light-rail-signal-collections=a.b.c",
+                "--full-network",
+            ],
+            "light-rail-signal-collections",
+        ),
+        (vec!["--light-rail-url=http://l:1"], "light-rail-url"),
+    ] {
+        assert_eq!(invalid_flag(&args, &[]).flag, flag, "{args:?}");
+    }
+}
