@@ -465,6 +465,10 @@ impl App {
                 LiveSource::Relay => "firehose",
                 LiveSource::Jetstream(_) => "jetstream",
             },
+            live_unverified: matches!(
+                &config.live_source,
+                LiveSource::Jetstream(js) if js.verify == JetstreamVerify::None
+            ),
             filters,
             channel,
             stop: delivery_stop.clone(),

@@ -161,6 +161,12 @@ async fn proven_multi_operation_commits(db: TestDb) {
     assert!(live[0]["record"].get("forged").is_none(), "{}", live[0]);
     assert_eq!(live[0]["cid"], repo.records()[&created].to_string());
     assert!(live.iter().all(|r| r.get("unverified").is_none()));
+    assert!(
+        sync_support::info(&tap, repo.did())
+            .await
+            .get("unverified")
+            .is_none()
+    );
 
     // A second repo added at runtime joins the subscription.
     let other = hosted(&net, 2, 5);
@@ -505,5 +511,9 @@ async fn without_verification_records_arrive_as_jetstream_sends_them_marked_unve
     assert!(live.iter().all(|r| r["unverified"] == true), "{live:?}");
     assert_eq!(live[0]["record"]["jetstream"], "said so");
     assert_eq!(net.net.pds.served(Endpoint::GetRecord).requests, 0);
+    assert_eq!(
+        sync_support::info(&tap, repo.did()).await["unverified"],
+        true
+    );
     tap.stop().await;
 }

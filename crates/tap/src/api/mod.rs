@@ -53,6 +53,8 @@ pub struct ApiState {
     pub light_rail_url: Option<String>,
     /// The name of the live cursor in `/stats/cursors`: `firehose` or `jetstream`.
     pub live_cursor: &'static str,
+    /// Live records are delivered unchecked (`--jetstream-verify none`): `/info` says so.
+    pub live_unverified: bool,
     /// The collection filters and signal collections, readable and changeable at runtime
     /// (also picks which enumeration cursor `/stats/cursors` reports).
     pub filters: Arc<FilterControl>,

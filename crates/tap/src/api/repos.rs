@@ -195,7 +195,12 @@ pub(super) async fn info(
         .count_records_for(did.as_str())
         .await
         .map_err(failed)?;
-    Ok(json(StatusCode::OK, &repo_json(repo, records)))
+    let mut info = repo_json(repo, records);
+    if state.live_unverified {
+        // `--jetstream-verify none`: what arrives live is Jetstream's word.
+        info["unverified"] = serde_json::Value::Bool(true);
+    }
+    Ok(json(StatusCode::OK, &info))
 }
 
 /// One repo as `/info/{did}` and `GET /repos` show it.
