@@ -114,24 +114,33 @@ impl FakeJetstream {
 
     /// Publishes an event (its `time_us` is set here: now in microseconds, and always
     /// after the previous event's) and returns its `time_us`.
-    pub fn publish(&self, mut event: Value) -> i64 {
-        let mut inner = lock(&self.shared.inner);
-        let now = i64::try_from(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_micros()),
-        )
-        .unwrap_or(i64::MAX);
-        let time_us = now.max(inner.last_time_us + 1);
-        inner.last_time_us = time_us;
-        event["time_us"] = json!(time_us);
-        let text = Arc::new(event.to_string());
-        inner.log.push((time_us, Arc::clone(&text)));
-        drop(inner);
-        if !self.shared.silent.load(Ordering::SeqCst) {
-            let _ = self.shared.live.send(Push::Event(time_us, text));
-        }
-        time_us
+    pub fn publish(&self, event: Value) -> i64 {
+        self.shared.publish(event)
+    }
+
+    /// Follows a real `subscribeRepos` firehose (a PDS's) and republishes it the way
+    /// Jetstream does: one event per operation with the record as JSON, and `identity` and
+    /// `account` events. Abort the task to stop it.
+    #[must_use]
+    pub fn follow_firehose(&self, subscribe_url: String) -> tokio::task::JoinHandle<()> {
+        let shared = Arc::clone(&self.shared);
+        tokio::spawn(async move {
+            let Ok((mut socket, _)) = tokio_tungstenite::connect_async(subscribe_url).await else {
+                return;
+            };
+            while let Some(Ok(message)) = futures_util::StreamExt::next(&mut socket).await {
+                let tokio_tungstenite::tungstenite::Message::Binary(data) = message else {
+                    continue;
+                };
+                let limits = tap_atproto::firehose::FrameLimits::default();
+                let Ok(frame) = tap_atproto::firehose::decode_frame(&data, &limits) else {
+                    continue;
+                };
+                for event in jetstream_events(&frame) {
+                    shared.publish(event);
+                }
+            }
+        })
     }
 
     /// Publishes every operation of a commit the builder just made, one event each, all
@@ -186,6 +195,69 @@ impl FakeJetstream {
     #[must_use]
     pub fn bytes_sent(&self) -> u64 {
         self.shared.bytes.load(Ordering::SeqCst)
+    }
+}
+
+impl Shared {
+    fn publish(&self, mut event: Value) -> i64 {
+        let mut inner = lock(&self.inner);
+        let now = i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros()),
+        )
+        .unwrap_or(i64::MAX);
+        let time_us = now.max(inner.last_time_us + 1);
+        inner.last_time_us = time_us;
+        event["time_us"] = json!(time_us);
+        let text = Arc::new(event.to_string());
+        inner.log.push((time_us, Arc::clone(&text)));
+        drop(inner);
+        if !self.silent.load(Ordering::SeqCst) {
+            let _ = self.live.send(Push::Event(time_us, text));
+        }
+        time_us
+    }
+}
+
+/// What Jetstream makes of a firehose frame (without `time_us`).
+fn jetstream_events(frame: &tap_atproto::firehose::Frame) -> Vec<Value> {
+    use tap_atproto::firehose::{Frame, OpKind};
+    match frame {
+        Frame::Commit(c) => {
+            let blocks = tap_atproto::car::read_car(
+                c.blocks.clone(),
+                tap_atproto::car::CarLimits::default(),
+            )
+            .map(|car| car.blocks)
+            .unwrap_or_default();
+            c.ops
+                .iter()
+                .map(|op| {
+                    let (collection, rkey) = op.path.split_once('/').unwrap_or((&op.path, ""));
+                    let operation = match op.action {
+                        OpKind::Create => "create",
+                        OpKind::Update => "update",
+                        OpKind::Delete => "delete",
+                    };
+                    let mut body = json!({"rev": c.rev.as_str(), "operation": operation,
+                        "collection": collection, "rkey": rkey});
+                    if let Some(cid) = op.cid.filter(|_| op.action != OpKind::Delete) {
+                        let mut text = Vec::new();
+                        if let Some(bytes) = blocks.get(&cid)
+                            && tap_atproto::record_to_json(bytes, &mut text).is_ok()
+                        {
+                            body["record"] = serde_json::from_slice(&text).unwrap_or_default();
+                        }
+                        body["cid"] = json!(cid.to_string());
+                    }
+                    json!({"did": c.repo.as_str(), "kind": "commit", "commit": body})
+                })
+                .collect()
+        }
+        Frame::Identity(i) => vec![identity_event(i.did.as_str(), "")],
+        Frame::Account(a) => vec![account_event(a.did.as_str(), a.active, a.status.as_deref())],
+        _ => Vec::new(),
     }
 }
 

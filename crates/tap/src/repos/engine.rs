@@ -168,6 +168,12 @@ impl Engine {
         self.scope.current()
     }
 
+    /// The state store.
+    #[must_use]
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// The scope as it changes (runtime filters).
     #[must_use]
     pub fn live_scope(&self) -> &LiveScope {

@@ -558,6 +558,19 @@ impl Store {
         dispatch!(self.mark_resync_failed(did.to_owned(), failure, now_unix, jitter_ms))
     }
 
+    /// The CID the record index holds for `collection/rkey` of `did`, if any.
+    ///
+    /// # Errors
+    /// Database errors, or a corrupt index chunk.
+    pub async fn record_cid(
+        &self,
+        did: &str,
+        collection: &str,
+        rkey: &str,
+    ) -> Result<Option<String>, StoreError> {
+        dispatch!(self.record_cid(did.to_owned(), collection.to_owned(), rkey.to_owned()))
+    }
+
     /// Up to `limit` index rows of `did` after the key `after` (exclusive; from the start if
     /// `None`), ordered by (`collection`, `rkey`) in byte order — the MST key order — so a
     /// huge repo can be diffed page by page.

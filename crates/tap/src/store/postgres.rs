@@ -946,6 +946,19 @@ impl PgStore {
         tx.commit().await.map_err(pg(OP))
     }
 
+    pub(super) async fn record_cid(
+        &self,
+        did: String,
+        collection: String,
+        rkey: String,
+    ) -> Result<Option<String>, StoreError> {
+        let client = self.client("record_cid").await?;
+        match chunk_at_or_before(&**client, &did, &collection, &rkey).await? {
+            Some(found) => Ok(record_index::find(&found.text, &rkey)?),
+            None => Ok(None),
+        }
+    }
+
     pub(super) async fn records_page(
         &self,
         did: String,

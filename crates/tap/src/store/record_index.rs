@@ -120,6 +120,17 @@ pub fn decode(text: &str) -> Result<Vec<(&str, &str)>, CorruptChunk> {
     Ok(entries)
 }
 
+/// The CID the chunk `text` holds for `rkey`, if any.
+///
+/// # Errors
+/// The chunk does not decode.
+pub fn find(text: &str, rkey: &str) -> Result<Option<String>, CorruptChunk> {
+    Ok(decode(text)?
+        .into_iter()
+        .find(|(k, _)| *k == rkey)
+        .map(|(_, cid)| cid.to_owned()))
+}
+
 /// A chunk ready to insert.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PackedChunk {

@@ -761,6 +761,22 @@ impl SqliteStore {
         .await
     }
 
+    pub(super) async fn record_cid(
+        &self,
+        did: String,
+        collection: String,
+        rkey: String,
+    ) -> Result<Option<String>, StoreError> {
+        const OP: &str = "record_cid";
+        self.read(OP, move |conn| {
+            match apply::chunk_at_or_before(conn, &did, &collection, &rkey, OP)? {
+                Some(found) => Ok(record_index::find(&found.text, &rkey)?),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
     pub(super) async fn records_page(
         &self,
         did: String,
