@@ -2,7 +2,7 @@
 //! with hostile modes (an error status, a body that trickles, a body that never ends), and,
 //! for a repo given as a well-formed CAR, the calls of a sparse fetch answered from its
 //! blocks the way `@atproto/pds` answers them (`getLatestCommit`, `getBlocks`,
-//! `describeRepo`, `getRecord` proofs, and `getRepo?since=` over the CARs it was given before; see
+//! `describeRepo`, `getRecord` proofs, `getRepoStatus`, and `getRepo?since=` over the CARs it was given before; see
 //! research/sync-endpoints-as-served.md). It counts requests and the
 //! body bytes it sends, per endpoint, so tests can check tap's byte ledger against it.
 
@@ -60,6 +60,8 @@ pub enum Endpoint {
     DescribeRepo,
     /// `com.atproto.sync.getRecord`.
     GetRecord,
+    /// `com.atproto.sync.getRepoStatus`.
+    GetRepoStatus,
 }
 
 /// A repo's blocks, read from the CAR it was given.
@@ -102,6 +104,8 @@ struct Shared {
     /// that do not hash).
     corrupted: Mutex<HashSet<Cid>>,
     served: Mutex<HashMap<Endpoint, Served>>,
+    /// `getRepoStatus` answers for accounts that are not active: DID → status.
+    inactive: Mutex<HashMap<String, String>>,
     requests: AtomicUsize,
     /// Every CAR served for a DID, oldest first, for `getRepo?since=`.
     history: Mutex<HashMap<String, Vec<Bytes>>>,
@@ -179,6 +183,7 @@ impl FakePds {
             .route("/xrpc/com.atproto.sync.getBlocks", get(get_blocks))
             .route("/xrpc/com.atproto.repo.describeRepo", get(describe_repo))
             .route("/xrpc/com.atproto.sync.getRecord", get(get_record))
+            .route("/xrpc/com.atproto.sync.getRepoStatus", get(get_repo_status))
             .with_state(Arc::clone(&shared));
         let (addr, task) = crate::serve_loopback(app).await;
         Self { addr, shared, task }
@@ -206,6 +211,15 @@ impl FakePds {
         };
         lock(&self.shared.replies).insert(did.to_owned(), serving);
         lock(&self.shared.parsed).remove(did);
+    }
+
+    /// `getRepoStatus` says `did` is not active, for `status` (`None`: active again).
+    pub fn set_account_status(&self, did: &str, status: Option<&str>) {
+        let mut inactive = lock(&self.shared.inactive);
+        match status {
+            Some(s) => inactive.insert(did.to_owned(), s.to_owned()),
+            None => inactive.remove(did),
+        };
     }
 
     /// Answers `endpoint` with 501 `MethodNotImplemented` from now on.
@@ -428,6 +442,21 @@ async fn get_blocks(State(shared): State<Arc<Shared>>, RawQuery(q): RawQuery) ->
     );
     shared.count(EP, out.len());
     ([(header::CONTENT_TYPE, "application/vnd.ipld.car")], out).into_response()
+}
+
+/// `getRepoStatus`: `{did, active, status?, rev}` for a repo it serves.
+async fn get_repo_status(State(shared): State<Arc<Shared>>, RawQuery(q): RawQuery) -> Response {
+    const EP: Endpoint = Endpoint::GetRepoStatus;
+    let did = query_values(q.as_deref(), "did").pop().unwrap_or_default();
+    let Some(p) = shared.parsed(&did) else {
+        return repo_not_found(&shared, EP, &did);
+    };
+    let inactive = lock(&shared.inactive).get(&did).cloned();
+    let mut body = serde_json::json!({"did": did, "active": inactive.is_none(), "rev": p.rev});
+    if let Some(status) = inactive {
+        body["status"] = serde_json::json!(status);
+    }
+    json_reply(&shared, EP, &body)
 }
 
 /// `getRecord` as the reference PDS answers it: a CAR rooted at the head commit with the

@@ -48,6 +48,8 @@ pub enum PdsCall {
     GetBlocks,
     /// `com.atproto.sync.getRecord` (Jetstream proofs).
     GetRecord,
+    /// `com.atproto.sync.getRepoStatus` (Jetstream account events, confirmed).
+    GetRepoStatus,
 }
 
 impl PdsCall {
@@ -58,13 +60,14 @@ impl PdsCall {
             Some("getLatestCommit") => Self::GetLatestCommit,
             Some("getBlocks") => Self::GetBlocks,
             Some("getRecord") => Self::GetRecord,
+            Some("getRepoStatus") => Self::GetRepoStatus,
             _ => Self::GetRepo,
         }
     }
 }
 
 impl Source {
-    const ALL: [Self; 9] = [
+    const ALL: [Self; 10] = [
         Self::Relay,
         Self::Jetstream,
         Self::RelayListing,
@@ -72,6 +75,7 @@ impl Source {
         Self::Pds(PdsCall::GetLatestCommit),
         Self::Pds(PdsCall::GetBlocks),
         Self::Pds(PdsCall::GetRecord),
+        Self::Pds(PdsCall::GetRepoStatus),
         Self::Plc,
         Self::WellKnown,
     ];
@@ -87,6 +91,7 @@ impl Source {
             Self::Pds(PdsCall::GetLatestCommit) => "pds.getLatestCommit",
             Self::Pds(PdsCall::GetBlocks) => "pds.getBlocks",
             Self::Pds(PdsCall::GetRecord) => "pds.getRecord",
+            Self::Pds(PdsCall::GetRepoStatus) => "pds.getRepoStatus",
             Self::Plc => "plc",
             Self::WellKnown => "handle_resolution",
         }

@@ -295,6 +295,44 @@ async fn jetstream_lies_and_garbage_are_not_delivered_and_the_repo_is_resynced()
     })
     .await;
 
+    // 5. An account event Jetstream reports but the PDS does not confirm, then a real one.
+    net.jet.publish(tap_testkit::fake_jetstream::account_event(
+        &did_text,
+        false,
+        Some("takendown"),
+    ));
+    net.net
+        .pds
+        .set_account_status(&did_text, Some("deactivated"));
+    net.jet.publish(tap_testkit::fake_jetstream::account_event(
+        &did_text,
+        false,
+        Some("suspended"),
+    ));
+    wait_for("the confirmed account status", || async {
+        consumer
+            .events()
+            .iter()
+            .any(|e| e["identity"]["status"] == "deactivated")
+            .then_some(())
+    })
+    .await;
+    net.net.pds.set_account_status(&did_text, None);
+    net.jet.publish(tap_testkit::fake_jetstream::account_event(
+        &did_text, true, None,
+    ));
+    wait_state(&tap, repo.did(), "active").await;
+    wait_for("the account active again", || async {
+        consumer
+            .events()
+            .iter()
+            .rev()
+            .find(|e| e["type"] == "identity")
+            .filter(|e| e["identity"]["status"] == "active")
+            .map(|_| ())
+    })
+    .await;
+
     // Still running and delivering: a later honest commit arrives live.
     let (path, record) = repo.generator().next_record();
     let out = net.commit(
@@ -320,6 +358,12 @@ async fn jetstream_lies_and_garbage_are_not_delivered_and_the_repo_is_resynced()
             .iter()
             .any(|e| e["identity"]["handle"] == "evil.test"),
         "an unconfirmed handle is never delivered"
+    );
+    assert!(
+        !events.iter().any(|e| {
+            ["takendown", "suspended"].contains(&e["identity"]["status"].as_str().unwrap_or(""))
+        }),
+        "unconfirmed account statuses are never delivered"
     );
     let records = consumer.records();
     assert!(!records.iter().any(|r| record_path(r) == invented_path));

@@ -1,4 +1,5 @@
-//! `getRecord` answers verified against a fixed repo, key and path: whatever the bytes, a
+//! `getRecord` answers verified against a fixed repo, key and path (the seeds are real
+//! proofs, present and absent, signed by tap-testkit's `TestKey::k256(1)`): whatever the bytes, a
 //! proof is refused or verified, never a panic; a verified present record hashes to its
 //! CID.
 #![no_main]
@@ -14,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let (Ok(did), Ok(key)) = (
         Did::new("did:plc:fuzzfuzzfuzzfuzz"),
-        PublicKey::from_did_key("did:key:zQ3shqwJEJyMBsBXCWyCBpUBMqxcon9oHB7mCvx4sSpMdLJwc"),
+        PublicKey::from_did_key("did:key:zQ3shhNJ4w2BdUSYJ37Mn1oTXDAgXbmYNRmRVMkYVKyhcvq1F"),
     ) else {
         return;
     };

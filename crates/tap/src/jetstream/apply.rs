@@ -181,11 +181,32 @@ impl Handler for JetstreamHandler {
         match &job.kind {
             JobKind::Commit { rev, ops } => self.commit(&job.did, rev, ops).await,
             JobKind::Identity => self.engine.identity_changed(&job.did).await,
-            JobKind::Account { active, status } => {
-                self.engine
-                    .account_changed(&job.did, *active, status.as_deref())
-                    .await
-            }
+            JobKind::Account { active, status } => match &self.prover {
+                None => {
+                    self.engine
+                        .account_changed(&job.did, *active, status.as_deref())
+                        .await
+                }
+                // Jetstream's word on an account is a claim like any other: its PDS decides.
+                Some(prover) => match prover.account_status(&job.did).await {
+                    Ok(confirmed) => {
+                        self.engine
+                            .account_changed(
+                                &job.did,
+                                confirmed.active,
+                                confirmed.status.as_deref(),
+                            )
+                            .await
+                    }
+                    Err(ProveError::Unavailable(reason)) => {
+                        Err(EngineError::ProofUnavailable(reason))
+                    }
+                    Err(ProveError::Refuted(reason)) => {
+                        tracing::info!(did = %job.did, reason, "Jetstream account event not confirmed; ignored.");
+                        Ok(Outcome::Skipped("account status not confirmed by the PDS"))
+                    }
+                },
+            },
             JobKind::Refused { reason } => {
                 let reason = format!("a Jetstream event could not be read: {reason}");
                 self.engine.desynchronize(job.did.as_str(), &reason).await

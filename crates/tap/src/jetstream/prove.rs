@@ -24,7 +24,7 @@ use tap_atproto::syntax::{Did, Tid};
 use tokio::time::Instant;
 
 use crate::identity::{Identity, IdentityError};
-use crate::resync::fetch::{FetchError, PdsClient, host_of};
+use crate::resync::fetch::{FetchError, PdsClient, RepoStatus, host_of};
 
 /// Largest proof accepted: a commit, a path of MST nodes and one record (records are at
 /// most about 1 MiB).
@@ -199,6 +199,32 @@ impl Prover {
             ops: proven,
             data: data.filter(|_| same_commit),
         })
+    }
+}
+
+impl Prover {
+    /// What `did`'s PDS says of the account (`getRepoStatus`), after looking the identity
+    /// up afresh (account changes often come with a move to another PDS). A PDS that has no
+    /// such repo says it is deleted.
+    ///
+    /// # Errors
+    /// [`ProveError::Unavailable`] when no answer could be had; [`ProveError::Refuted`]
+    /// when the identity or the answer cannot be used.
+    pub async fn account_status(&self, did: &Did) -> Result<RepoStatus, ProveError> {
+        let ident = self.identity.refresh_repo(did).await?;
+        let pds = ident.require_pds()?;
+        match self.pds.repo_status(pds, did).await {
+            Ok(status) => Ok(status),
+            Err(FetchError::Status {
+                status: 400,
+                detail,
+                ..
+            }) if detail.contains("RepoNotFound") => Ok(RepoStatus {
+                active: false,
+                status: Some("deleted".into()),
+            }),
+            Err(e) => Err(fetch_verdict(e)),
+        }
     }
 }
 

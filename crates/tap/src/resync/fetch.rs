@@ -112,6 +112,7 @@ const GET_REPO: &str = "com.atproto.sync.getRepo";
 const GET_LATEST_COMMIT: &str = "com.atproto.sync.getLatestCommit";
 const GET_BLOCKS: &str = "com.atproto.sync.getBlocks";
 const GET_RECORD: &str = "com.atproto.sync.getRecord";
+const GET_REPO_STATUS: &str = "com.atproto.sync.getRepoStatus";
 
 /// Longest a `getRecord` proof may take, body included: a proof is a few kilobytes, and a
 /// live event waits on it.
@@ -124,6 +125,15 @@ pub struct LatestCommit {
     pub cid: Cid,
     /// Its rev.
     pub rev: Tid,
+}
+
+/// A PDS's answer to `getRepoStatus`: the account's hosting status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepoStatus {
+    /// Whether the account is active.
+    pub active: bool,
+    /// Why not, when not (`takendown`, `suspended`, `deactivated`, …).
+    pub status: Option<String>,
 }
 
 /// A small answer and the bytes it cost.
@@ -378,6 +388,39 @@ impl PdsClient {
         let query = [("did", did.as_str()), ("since", since.as_str())];
         self.car(pds, GET_REPO, PdsCall::GetRepo, &query, limit)
             .await
+    }
+
+    /// `com.atproto.sync.getRepoStatus`: the account's hosting status as its PDS says.
+    ///
+    /// # Errors
+    /// [`FetchError`]; `Status` 400 with `RepoNotFound` when the PDS has no such repo.
+    pub async fn repo_status(&self, pds: &Url, did: &Did) -> Result<RepoStatus, FetchError> {
+        let query = [("did", did.as_str())];
+        let (body, host) = self
+            .small(
+                pds,
+                GET_REPO_STATUS,
+                &query,
+                "application/json",
+                PdsCall::GetRepoStatus,
+                4096,
+            )
+            .await?;
+        #[derive(serde::Deserialize)]
+        struct Raw {
+            active: bool,
+            #[serde(default)]
+            status: Option<String>,
+        }
+        let raw: Raw = serde_json::from_slice(&body).map_err(|e| FetchError::Malformed {
+            method: GET_REPO_STATUS,
+            host,
+            reason: e.to_string(),
+        })?;
+        Ok(RepoStatus {
+            active: raw.active,
+            status: raw.status,
+        })
     }
 
     /// `com.atproto.sync.getRecord`: the proof CAR of one record (the signed head commit,
