@@ -561,3 +561,51 @@ async fn without_verification_records_arrive_as_jetstream_sends_them_marked_unve
     );
     tap.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_published_while_tap_is_stopped_arrive_once_after_a_restart() {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    let net = JetNet::start().await;
+    let mut repo = hosted(&net, 7, 10);
+    let cfg = net.config(&db, JetstreamVerify::Proof);
+    let tap = TestTap::start(cfg.clone()).await;
+    let consumer = Consumer::connect(&tap).await;
+    backfill(&tap, &consumer, &repo).await;
+    let n = repo.records().len();
+    let create = |repo: &mut RepoBuilder| {
+        let (path, record) = repo.generator().next_record();
+        let out = net.commit(
+            repo,
+            &[WriteOp::Create {
+                path: path.clone(),
+                record,
+            }],
+        );
+        net.jet.publish_commit(repo, &out);
+        path
+    };
+    let before = create(&mut repo);
+    consumer.wait_records(n + 1).await;
+    drop(consumer);
+    tap.stop().await;
+
+    let while_down = [create(&mut repo), create(&mut repo)];
+    let tap = TestTap::start(cfg).await;
+    let consumer = Consumer::connect(&tap).await;
+    let live = wait_for("the commits made while tap was down", || async {
+        let live: Vec<String> = consumer
+            .records()
+            .iter()
+            .filter(|r| r["live"] == true)
+            .map(record_path)
+            .collect();
+        (live.len() >= 2).then_some(live)
+    })
+    .await;
+    assert_eq!(live, while_down, "each once, in order");
+    assert!(
+        !live.contains(&before),
+        "the commit delivered before the stop is not replayed"
+    );
+    tap.stop().await;
+}

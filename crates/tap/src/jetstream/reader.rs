@@ -102,7 +102,9 @@ pub async fn run_reader(
     stop: CancellationToken,
 ) {
     let mut failures = 0u32;
-    let mut checked_retention = false;
+    // The stale mark every syncing repo was already resynced for (a long outage is checked
+    // at every reconnect, but answered once).
+    let mut gap_handled: Option<i64> = None;
     loop {
         // Nothing to follow until the wanted set is known and names at least one repo.
         let current = loop {
@@ -122,10 +124,11 @@ pub async fn run_reader(
             .unwrap_or_else(PoisonError::into_inner)
             .low_water_mark()
             .or(start);
-        if !checked_retention {
-            checked_retention = true;
-            if !check_retention(&reader.store, mark).await {
-                return;
+        if mark.is_some() && mark != gap_handled {
+            match check_retention(&reader.store, mark).await {
+                None => return,
+                Some(true) => gap_handled = mark,
+                Some(false) => {}
             }
         }
         // Jetstream replays from `time_us ≥ cursor`; the mark itself is done.
@@ -160,9 +163,12 @@ pub async fn run_reader(
 }
 
 /// A cursor older than Jetstream keeps cannot be replayed whole: every syncing repo may
-/// have missed events, so all of them are resynced. `false` when tap stops first.
-async fn check_retention(store: &Store, mark: Option<i64>) -> bool {
-    let Some(mark) = mark else { return true };
+/// have missed events, so all of them are resynced. `Some(true)` when that was done,
+/// `Some(false)` when the cursor is recent enough, `None` when tap stops first.
+async fn check_retention(store: &Store, mark: Option<i64>) -> Option<bool> {
+    let Some(mark) = mark else {
+        return Some(false);
+    };
     let now_us = i64::try_from(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -171,7 +177,7 @@ async fn check_retention(store: &Store, mark: Option<i64>) -> bool {
     .unwrap_or(i64::MAX);
     let age = Duration::from_micros(u64::try_from(now_us.saturating_sub(mark)).unwrap_or(0));
     if age <= super::RETENTION {
-        return true;
+        return Some(false);
     }
     let reason = format!(
         "the Jetstream cursor is {} h old, past what Jetstream keeps: live events may be missing",
@@ -189,9 +195,9 @@ async fn check_retention(store: &Store, mark: Option<i64>) -> bool {
                     repos = n,
                     "Repos marked for a resync after a Jetstream gap."
                 );
-                return true;
+                return Some(true);
             }
-            Err(e) if e.is_closed() => return false,
+            Err(e) if e.is_closed() => return None,
             Err(error) => tracing::warn!(%error, "Cannot mark repos for a resync; retrying."),
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
