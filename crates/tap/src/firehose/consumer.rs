@@ -8,15 +8,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tap_atproto::firehose::{Frame, FrameLimits, decode_frame, salvage_frame};
-use tokio_tungstenite::tungstenite::{
-    Message, client::IntoClientRequest, protocol::WebSocketConfig,
-};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use super::Work;
 use crate::backoff::Backoff;
 use crate::ledger::{Ledger, Source};
+use crate::live::Opened;
 use crate::live::cursor::SeqTracker;
 use crate::live::dispatch::Dispatcher;
 use crate::status::Progress;
@@ -137,24 +136,10 @@ async fn connect_and_read(
     stop: &CancellationToken,
 ) -> Ended {
     let failed = |frames: u64, reason: String| Ended::Failed { frames, reason };
-    let mut request = match url.as_str().into_client_request() {
-        Ok(r) => r,
-        Err(e) => return failed(0, e.to_string()),
-    };
-    if let Ok(ua) = concat!("tap/", env!("CARGO_PKG_VERSION")).parse() {
-        request.headers_mut().insert("user-agent", ua);
-    }
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(MAX_MESSAGE_BYTES))
-        .max_frame_size(Some(MAX_MESSAGE_BYTES));
-    let connect = tokio_tungstenite::connect_async_with_config(request, Some(config), false);
-    let (socket, _) = tokio::select! {
-        () = stop.cancelled() => return Ended::Stopped,
-        r = tokio::time::timeout(READ_TIMEOUT, connect) => match r {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return failed(0, e.to_string()),
-            Err(_) => return failed(0, "connect timed out".into()),
-        },
+    let socket = match crate::live::open_socket(url, MAX_MESSAGE_BYTES, READ_TIMEOUT, stop).await {
+        Opened::Socket(socket) => socket,
+        Opened::Stopped => return Ended::Stopped,
+        Opened::Failed(reason) => return failed(0, reason),
     };
     progress.set_firehose_connected(true);
     let (mut sink, mut stream) = socket.split();

@@ -13,9 +13,7 @@ use serde_json::{Value, json};
 use tap_atproto::jetstream::{Event, MAX_EVENT_BYTES, parse_event};
 use tap_atproto::syntax::Did;
 use tokio::sync::watch;
-use tokio_tungstenite::tungstenite::{
-    Message, client::IntoClientRequest, protocol::WebSocketConfig,
-};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
@@ -25,6 +23,7 @@ use crate::firehose::consumer::{PING_INTERVAL, backoff};
 use crate::ledger::{Ledger, Source};
 use crate::live::cursor::SeqTracker;
 use crate::live::dispatch::Dispatcher;
+use crate::live::{Opened, open_socket};
 use crate::status::Progress;
 use crate::store::Store;
 use crate::telemetry as t;
@@ -212,24 +211,10 @@ async fn connect_and_read(
     stop: &CancellationToken,
 ) -> Ended {
     let failed = |events: u64, reason: String| Ended::Failed { events, reason };
-    let mut request = match url.as_str().into_client_request() {
-        Ok(r) => r,
-        Err(e) => return failed(0, e.to_string()),
-    };
-    if let Ok(ua) = concat!("tap/", env!("CARGO_PKG_VERSION")).parse() {
-        request.headers_mut().insert("user-agent", ua);
-    }
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(MAX_EVENT_BYTES))
-        .max_frame_size(Some(MAX_EVENT_BYTES));
-    let connect = tokio_tungstenite::connect_async_with_config(request, Some(config), false);
-    let (socket, _) = tokio::select! {
-        () = stop.cancelled() => return Ended::Stopped,
-        r = tokio::time::timeout(reader.watchdog, connect) => match r {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return failed(0, e.to_string()),
-            Err(_) => return failed(0, "connect timed out".into()),
-        },
+    let socket = match open_socket(url, MAX_EVENT_BYTES, reader.watchdog, stop).await {
+        Opened::Socket(socket) => socket,
+        Opened::Stopped => return Ended::Stopped,
+        Opened::Failed(reason) => return failed(0, reason),
     };
     let host = reader.url.host_str().map(str::to_owned);
     let (mut sink, mut stream) = socket.split();

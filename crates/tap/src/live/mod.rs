@@ -9,12 +9,58 @@ pub mod dispatch;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
+use url::Url;
 
 use crate::shutdown::Supervisor;
 use crate::status::Progress;
 use crate::store::{Store, StoreError};
 use cursor::SeqTracker;
+
+/// An upstream WebSocket.
+pub type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// How opening an upstream socket ended.
+pub enum Opened {
+    /// Connected.
+    Socket(Box<Socket>),
+    /// Tap is stopping.
+    Stopped,
+    /// It failed, for this reason.
+    Failed(String),
+}
+
+/// Opens an upstream WebSocket (the relay's or Jetstream's) with tap's user agent, messages
+/// capped at `max_message` bytes, within `timeout`, unless `stop` comes first.
+pub async fn open_socket(
+    url: &Url,
+    max_message: usize,
+    timeout: Duration,
+    stop: &CancellationToken,
+) -> Opened {
+    let mut request = match url.as_str().into_client_request() {
+        Ok(r) => r,
+        Err(e) => return Opened::Failed(e.to_string()),
+    };
+    if let Ok(ua) = concat!("tap/", env!("CARGO_PKG_VERSION")).parse() {
+        request.headers_mut().insert("user-agent", ua);
+    }
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message));
+    let connect = tokio_tungstenite::connect_async_with_config(request, Some(config), false);
+    tokio::select! {
+        () = stop.cancelled() => Opened::Stopped,
+        r = tokio::time::timeout(timeout, connect) => match r {
+            Ok(Ok((socket, _))) => Opened::Socket(Box::new(socket)),
+            Ok(Err(e)) => Opened::Failed(e.to_string()),
+            Err(_) => Opened::Failed("connect timed out".into()),
+        },
+    }
+}
 
 /// What the app keeps to stop a live stage in order.
 pub struct StageHandle {
