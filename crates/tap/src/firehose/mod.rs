@@ -162,6 +162,7 @@ pub fn spawn(
         ),
     );
     live::spawn_saver(
+        "firehose cursor saver",
         store,
         settings.relay_url.to_string(),
         seqs,

@@ -96,6 +96,7 @@ pub fn spawn(
         ),
     );
     live::spawn_saver(
+        "jetstream cursor saver",
         store,
         settings.config.url.to_string(),
         seqs,

@@ -94,10 +94,11 @@ pub async fn start_cursor(
     Ok(stored)
 }
 
-/// Starts the cursor saver of a stage whose cursor is stored under `key`: it persists the
+/// Starts the cursor saver (the task `name`) of a stage whose cursor is stored under `key`: it persists the
 /// low-water mark of `seqs` every `interval` when it moved, and once more when the handle
 /// is flushed (after the workers, so its last save covers them).
 pub fn spawn_saver(
+    name: &'static str,
     store: Store,
     key: String,
     seqs: Arc<Mutex<SeqTracker>>,
@@ -107,7 +108,7 @@ pub fn spawn_saver(
 ) -> StageHandle {
     let saver_stop = CancellationToken::new();
     let saver = tokio::spawn(supervisor.watch(
-        "cursor saver",
+        name,
         true,
         run_cursor_saver(store, key, seqs, progress, interval, saver_stop.clone()),
     ));
