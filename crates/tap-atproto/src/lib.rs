@@ -17,6 +17,7 @@
 //! | [`firehose`] | `subscribeRepos` frames and commit verification | [`decode_frame`] → [`Frame`], [`verify_commit_frame`] → [`VerifiedCommit`], [`firehose::verify_sync_frame`] |
 //! | [`jetstream`] | Jetstream v1 JSON events (claims, not proofs) | [`jetstream::parse_event`] → [`jetstream::Positioned`] |
 //! | [`proof`] | `getRecord` proofs: one key's value (or absence) under a signed commit | [`proof::verify_record_proof`], [`proof::record_proof_blocks`] |
+//! | [`resolution`] | handle resolution answers: well-known bodies, `_atproto` TXT texts | [`resolution::did_from_well_known`], [`resolution::did_from_txt`] |
 //! | [`stream`] | bounded-memory whole-repo walk (`getRepo` CARs, any block order) | [`RepoWalker`], [`WalkLimits`], [`WalkedRecord`] |
 //! | [`writer`] | building repos, proof CARs and frames (tests, tools) | [`writer::RepoWriter`], [`writer::encode_commit_frame`] |
 //!
@@ -46,6 +47,7 @@ pub mod hash;
 pub mod jetstream;
 pub mod mst;
 pub mod proof;
+pub mod resolution;
 pub mod stream;
 pub mod syntax;
 pub mod writer;

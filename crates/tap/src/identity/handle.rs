@@ -8,14 +8,13 @@ use std::time::Duration;
 use hickory_resolver::TokioResolver;
 use hickory_resolver::proto::rr::RData;
 use serde::Deserialize;
+use tap_atproto::resolution;
 use tap_atproto::syntax::{Did, Handle};
 use url::Url;
 
 use super::did::has_disallowed_tld;
 use super::fetch::{Http, Reply};
 
-/// Largest `/.well-known/atproto-did` body accepted (it holds one DID).
-const MAX_WELL_KNOWN_BYTES: usize = 2048;
 /// Largest `resolveHandle` answer accepted.
 const MAX_XRPC_BYTES: usize = 64 * 1024;
 /// Handles under this suffix are served by Bluesky's HTTPS endpoint, never DNS.
@@ -100,16 +99,13 @@ impl HandleResolver {
             .get_https(
                 handle.as_str(),
                 "/.well-known/atproto-did",
-                MAX_WELL_KNOWN_BYTES,
+                resolution::MAX_WELL_KNOWN_BYTES,
             )
             .await
         {
-            Ok(Reply::Ok(body)) => match std::str::from_utf8(&body)
-                .ok()
-                .and_then(|s| Did::new(s.trim()).ok())
-            {
-                Some(did) => HandleLookup::Did(did),
-                None => HandleLookup::Failed("well-known body is not a DID".into()),
+            Ok(Reply::Ok(body)) => match resolution::did_from_well_known(&body) {
+                Ok(did) => HandleLookup::Did(did),
+                Err(e) => HandleLookup::Failed(e.to_string()),
             },
             Ok(Reply::Status(404)) => HandleLookup::NotFound,
             Ok(Reply::Status(status)) => {
@@ -195,24 +191,13 @@ async fn resolve_dns(dns: &TokioResolver, handle: &Handle) -> HandleLookup {
     did_from_txt(texts)
 }
 
-/// Picks the DID out of TXT record texts (`did=<did>`).
+/// What the TXT texts name ([`resolution::did_from_txt`]), as a lookup result.
 fn did_from_txt(texts: impl Iterator<Item = String>) -> HandleLookup {
-    let mut found: Option<Did> = None;
-    for text in texts {
-        let Some(value) = text.strip_prefix("did=") else {
-            continue;
-        };
-        let Ok(did) = Did::new(value.trim()) else {
-            return HandleLookup::Failed(format!("DNS: {text:?} is not a DID"));
-        };
-        match &found {
-            Some(existing) if *existing != did => {
-                return HandleLookup::Failed("DNS: several different DIDs".into());
-            }
-            _ => found = Some(did),
-        }
+    match resolution::did_from_txt(texts) {
+        Ok(Some(did)) => HandleLookup::Did(did),
+        Ok(None) => HandleLookup::NotFound,
+        Err(e) => HandleLookup::Failed(e.to_string()),
     }
-    found.map_or(HandleLookup::NotFound, HandleLookup::Did)
 }
 
 #[cfg(test)]
