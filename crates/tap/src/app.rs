@@ -120,6 +120,7 @@ impl App {
             &config.database,
             StoreOptions {
                 max_pg_conns: config.max_db_conns,
+                ..StoreOptions::default()
             },
         )
         .await?;

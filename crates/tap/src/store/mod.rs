@@ -42,11 +42,21 @@ pub struct StoreOptions {
     /// Postgres: size of the connection pool (`--max-db-conn`, default 32). Ignored for SQLite,
     /// which always has one writer connection plus a fixed small reader pool.
     pub max_pg_conns: usize,
+    /// Postgres: how long a statement may run before the server cancels it (a transient
+    /// error, retried), unless the URL's `options` set `statement_timeout` themselves.
+    pub pg_statement_timeout: std::time::Duration,
+    /// Postgres: how long an operation waits for a free pooled connection before it fails
+    /// (transient, retried), so a hung database surfaces as errors instead of a stall.
+    pub pg_pool_wait: std::time::Duration,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { max_pg_conns: 32 }
+        Self {
+            max_pg_conns: 32,
+            pg_statement_timeout: std::time::Duration::from_secs(60),
+            pg_pool_wait: std::time::Duration::from_secs(30),
+        }
     }
 }
 
@@ -100,7 +110,7 @@ impl Store {
                 Backend::Sqlite(Arc::new(sqlite::SqliteStore::open(path.clone()).await?))
             }
             DatabaseUrl::Postgres(url) => {
-                Backend::Postgres(postgres::PgStore::open(url, opts.max_pg_conns).await?)
+                Backend::Postgres(postgres::PgStore::open(url, &opts).await?)
             }
         };
         Ok(Self {

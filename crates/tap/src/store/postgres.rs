@@ -89,12 +89,20 @@ pub(super) struct PgStore {
 }
 
 impl PgStore {
-    pub(super) async fn open(url: &str, max_conns: usize) -> Result<Self, StoreError> {
+    pub(super) async fn open(url: &str, opts: &super::StoreOptions) -> Result<Self, StoreError> {
+        let max_conns = opts.max_pg_conns;
         let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|source| StoreError::InvalidPostgresUrl { source })?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        // A statement that hangs (a lock held elsewhere, a stuck server) is cancelled by the
+        // server and retried as a transient error, unless the URL sets its own timeout.
+        let options = config.get_options().unwrap_or_default().to_owned();
+        if !options.contains("statement_timeout") {
+            let ms = opts.pg_statement_timeout.as_millis().max(1);
+            config.options(format!("{options} -c statement_timeout={ms}").trim());
         }
         let target = describe(&config);
         let manager = Manager::from_config(
@@ -108,6 +116,7 @@ impl PgStore {
             .max_size(max_conns.max(1))
             .runtime(Runtime::Tokio1)
             .create_timeout(Some(CONNECT_TIMEOUT))
+            .wait_timeout(Some(opts.pg_pool_wait))
             .build()
             .map_err(|err| StoreError::Worker {
                 op: "open",

@@ -64,9 +64,15 @@ where
         return;
     };
     let url = DatabaseUrl::Postgres(db.url().to_owned());
-    let store = Store::open(&url, StoreOptions { max_pg_conns: 8 })
-        .await
-        .unwrap();
+    let store = Store::open(
+        &url,
+        StoreOptions {
+            max_pg_conns: 8,
+            ..StoreOptions::default()
+        },
+    )
+    .await
+    .unwrap();
     run_guarded(store, url, test).await;
 }
 
@@ -1549,6 +1555,69 @@ async fn postgres_refuses_a_database_made_by_another_program() {
     drop(db);
     let err = result.err().expect("open must fail");
     assert!(matches!(err, StoreError::ForeignSchema { .. }), "{err}");
+}
+
+/// A hung database (here: a lock another session holds) surfaces as transient errors
+/// within the statement and pool-wait timeouts, not as a stall; the store works again once
+/// the lock is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_held_lock_surfaces_as_transient_errors_within_the_timeouts() {
+    let Some(db) = TestPostgres::create().await else {
+        return;
+    };
+    let store = Store::open(
+        &DatabaseUrl::Postgres(db.url().to_owned()),
+        StoreOptions {
+            max_pg_conns: 1,
+            pg_statement_timeout: Duration::from_millis(500),
+            pg_pool_wait: Duration::from_millis(300),
+        },
+    )
+    .await
+    .unwrap();
+    let (holder, connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    holder
+        .batch_execute("BEGIN; LOCK TABLE repos IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let blocked = tokio::spawn({
+        let store = store.clone();
+        async move { store.add_repos(&dids(&["held"])).await }
+    });
+    // While the one pooled connection waits on the lock, another operation waits for it.
+    tap_testkit::wait::poll_until(
+        "the insert waiting on the lock",
+        Duration::from_secs(10),
+        || async {
+            let row = holder
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+                    &[],
+                )
+                .await
+                .ok()?;
+            (row.get::<_, i64>(0) > 0).then_some(())
+        },
+    )
+    .await;
+    let waiting = store.repo_count().await.unwrap_err();
+    assert!(
+        matches!(waiting, StoreError::PostgresPool { .. }) && waiting.is_transient(),
+        "{waiting}"
+    );
+    let cancelled = blocked.await.unwrap().unwrap_err();
+    assert!(cancelled.is_transient(), "{cancelled}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "surfaced within the timeouts, not after a stall"
+    );
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(store.add_repos(&dids(&["held"])).await.unwrap(), 1);
+    store.close().await;
 }
 
 #[test]
