@@ -1216,6 +1216,11 @@ fn found_chunk(row: &tokio_postgres::Row) -> Result<FoundChunk, StoreError> {
 async fn migrate(client: &mut Object, target: &str) -> Result<(), StoreError> {
     const OP: &str = "migrate";
     let tx = client.transaction().await.map_err(pg(OP))?;
+    // Migrating a large database (or waiting for another process's migration) may take
+    // longer than the statement timeout that guards normal operation.
+    tx.batch_execute("SET LOCAL statement_timeout = 0")
+        .await
+        .map_err(pg(OP))?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
         .map_err(pg(OP))?;
