@@ -9,7 +9,7 @@ use tap_atproto::jetstream::{CommitOp, Operation};
 use tap_atproto::syntax::{Did, Tid};
 
 use super::group::{Job, JobKind};
-use super::prove::{ProveError, Prover};
+use super::prove::{ProveError, ProvenCommit, Prover};
 use crate::live::dispatch::{Handler, Job as LiveJob};
 use crate::repos::engine::{Engine, EngineError, Outcome};
 use crate::repos::prepared::{OpChange, PreparedCommit, PreparedOp};
@@ -69,20 +69,7 @@ impl JetstreamHandler {
             .filter(|op| scope.wants_collection(op.collection.as_str()))
             .collect();
         if repo.rev.as_ref() == Some(rev) {
-            // At the rev tap holds: a replay after a reconnect or restart, the rest of a
-            // split commit, or a commit a resync's snapshot already brought in. What the
-            // record index already holds was delivered.
-            let mut fresh = Vec::with_capacity(wanted.len());
-            for op in wanted {
-                let held = engine
-                    .store()
-                    .record_cid(did.as_str(), op.collection.as_str(), op.rkey.as_str())
-                    .await?;
-                if held.as_deref() != op.operation.cid().map(ToString::to_string).as_deref() {
-                    fresh.push(op);
-                }
-            }
-            wanted = fresh;
+            wanted = self.not_yet_applied(did, wanted).await?;
         }
         if wanted.is_empty() {
             return Ok(Outcome::Skipped("no wanted operations not yet applied"));
@@ -100,39 +87,7 @@ impl JetstreamHandler {
             Some(prover) => match prover.prove(did, rev, &wanted).await {
                 Ok(proven) => {
                     metrics::counter!(t::COMMITS_VERIFIED).increment(1);
-                    let ops = wanted
-                        .iter()
-                        .zip(proven.ops)
-                        .map(|(op, proven)| {
-                            let record = proven.record.as_ref().and_then(|(_, bytes)| {
-                                engine.ledger().record(
-                                    op.collection.as_str(),
-                                    bytes.len() as u64,
-                                    true,
-                                );
-                                let mut json = Vec::with_capacity(bytes.len() * 2);
-                                tap_atproto::record_to_json(bytes, &mut json).ok()?;
-                                String::from_utf8(json).ok()
-                            });
-                            PreparedOp {
-                                collection: op.collection.as_str().to_owned(),
-                                rkey: op.rkey.as_str().to_owned(),
-                                change: change_of(&op.operation),
-                                record,
-                            }
-                        })
-                        .collect();
-                    PreparedCommit {
-                        rev: rev.as_str().to_owned(),
-                        data: proven
-                            .data
-                            .map(|c| c.to_string())
-                            .or_else(|| repo.prev_data.clone())
-                            .unwrap_or_default(),
-                        prev_data: None,
-                        ops,
-                        unverified: false,
-                    }
+                    self.proven_commit(rev, &wanted, proven, repo.prev_data.clone())
                 }
                 Err(ProveError::Unavailable(reason)) => {
                     return Err(EngineError::ProofUnavailable(reason));
@@ -144,6 +99,73 @@ impl JetstreamHandler {
             },
         };
         engine.settle_commit(did, &repo, prepared).await
+    }
+}
+
+impl JetstreamHandler {
+    /// At the rev tap holds: a replay after a reconnect or restart, the rest of a split
+    /// commit, or a commit a resync's snapshot already brought in. What the record index
+    /// already holds was delivered; the rest is returned.
+    async fn not_yet_applied<'a>(
+        &self,
+        did: &Did,
+        ops: Vec<&'a CommitOp>,
+    ) -> Result<Vec<&'a CommitOp>, EngineError> {
+        let mut fresh = Vec::with_capacity(ops.len());
+        for op in ops {
+            let held = self
+                .engine
+                .store()
+                .record_cid(did.as_str(), op.collection.as_str(), op.rkey.as_str())
+                .await?;
+            if held.as_deref() != op.operation.cid().map(ToString::to_string).as_deref() {
+                fresh.push(op);
+            }
+        }
+        Ok(fresh)
+    }
+
+    /// The commit to settle from proven operations: the proven records (never Jetstream's
+    /// JSON), and the MST root the proofs hang from when it is this rev's (otherwise the
+    /// stored one, unchanged).
+    fn proven_commit(
+        &self,
+        rev: &Tid,
+        ops: &[&CommitOp],
+        proven: ProvenCommit,
+        stored_data: Option<String>,
+    ) -> PreparedCommit {
+        let ops = ops
+            .iter()
+            .zip(proven.ops)
+            .map(|(op, proven)| {
+                let record = proven.record.as_ref().and_then(|(_, bytes)| {
+                    self.engine
+                        .ledger()
+                        .record(op.collection.as_str(), bytes.len() as u64, true);
+                    let mut json = Vec::with_capacity(bytes.len() * 2);
+                    tap_atproto::record_to_json(bytes, &mut json).ok()?;
+                    String::from_utf8(json).ok()
+                });
+                PreparedOp {
+                    collection: op.collection.as_str().to_owned(),
+                    rkey: op.rkey.as_str().to_owned(),
+                    change: change_of(&op.operation),
+                    record,
+                }
+            })
+            .collect();
+        PreparedCommit {
+            rev: rev.as_str().to_owned(),
+            data: proven
+                .data
+                .map(|c| c.to_string())
+                .or(stored_data)
+                .unwrap_or_default(),
+            prev_data: None,
+            ops,
+            unverified: false,
+        }
     }
 }
 
