@@ -12,7 +12,7 @@ use super::group::{Job, JobKind};
 use super::prove::{ProveError, ProvenCommit, Prover};
 use crate::live::dispatch::{Handler, Job as LiveJob};
 use crate::repos::engine::{Engine, EngineError, Outcome};
-use crate::repos::prepared::{OpChange, PreparedCommit, PreparedOp};
+use crate::repos::prepared::{OpChange, PreparedCommit, PreparedOp, record_json};
 use crate::telemetry as t;
 
 impl LiveJob for Job {
@@ -143,9 +143,7 @@ impl JetstreamHandler {
                     self.engine
                         .ledger()
                         .record(op.collection.as_str(), bytes.len() as u64, true);
-                    let mut json = Vec::with_capacity(bytes.len() * 2);
-                    tap_atproto::record_to_json(bytes, &mut json).ok()?;
-                    String::from_utf8(json).ok()
+                    record_json(bytes)
                 });
                 PreparedOp {
                     collection: op.collection.as_str().to_owned(),

@@ -101,6 +101,15 @@ impl From<PreparedOp> for StoredOp {
     }
 }
 
+/// A record's DAG-CBOR as atproto JSON; `None` when it does not transcode (the event then
+/// keeps the CID and goes without a body, as in Go).
+#[must_use]
+pub fn record_json(bytes: &[u8]) -> Option<String> {
+    let mut json = Vec::with_capacity(bytes.len() * 2);
+    tap_atproto::record_to_json(bytes, &mut json).ok()?;
+    String::from_utf8(json).ok()
+}
+
 /// A commit ready to apply (or to buffer until a resync's cutover).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PreparedCommit {
@@ -136,11 +145,7 @@ impl PreparedCommit {
                     OpAction::Update { cid, .. } => OpChange::Update(cid.to_string()),
                     OpAction::Delete { .. } => OpChange::Delete,
                 };
-                let record = op.record.as_ref().and_then(|bytes| {
-                    let mut json = Vec::with_capacity(bytes.len() * 2);
-                    tap_atproto::record_to_json(bytes, &mut json).ok()?;
-                    String::from_utf8(json).ok()
-                });
+                let record = op.record.as_deref().and_then(record_json);
                 PreparedOp {
                     collection: op.collection.as_str().to_owned(),
                     rkey: op.rkey.as_str().to_owned(),
