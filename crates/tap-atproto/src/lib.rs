@@ -16,6 +16,7 @@
 //! | [`mst`] | MST codec, heights, walk, mutable partial tree, Sync 1.1 inversion, diffs | [`mst::Mst`], [`mst::invert_ops`], [`mst::walk_tree`], [`mst::diff_sorted`], [`mst::diff_trees`] |
 //! | [`firehose`] | `subscribeRepos` frames and commit verification | [`decode_frame`] → [`Frame`], [`verify_commit_frame`] → [`VerifiedCommit`], [`firehose::verify_sync_frame`] |
 //! | [`jetstream`] | Jetstream v1 JSON events (claims, not proofs) | [`jetstream::parse_event`] → [`jetstream::Positioned`] |
+//! | [`record_filter`] | record-content rules (`--record-filters`): parse, order by reference, evaluate | [`record_filter::RuleSet`], [`record_filter::Rule`], [`record_filter::Facts`] |
 //! | [`proof`] | `getRecord` proofs: one key's value (or absence) under a signed commit | [`proof::verify_record_proof`], [`proof::record_proof_blocks`] |
 //! | [`resolution`] | handle resolution answers: well-known bodies, `_atproto` TXT texts | [`resolution::did_from_well_known`], [`resolution::did_from_txt`] |
 //! | [`stream`] | bounded-memory whole-repo walk (`getRepo` CARs, any block order) | [`RepoWalker`], [`WalkLimits`], [`WalkedRecord`] |
@@ -47,6 +48,7 @@ pub mod hash;
 pub mod jetstream;
 pub mod mst;
 pub mod proof;
+pub mod record_filter;
 pub mod resolution;
 pub mod stream;
 pub mod syntax;
