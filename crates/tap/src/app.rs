@@ -148,7 +148,8 @@ impl App {
         let filters = Arc::new(
             FilterControl::load(
                 store.clone(),
-                &Scope::new(config.scope.clone(), config.collection_filters.clone()),
+                &Scope::new(config.scope.clone(), config.collection_filters.clone())
+                    .with_rules(config.record_filters.clone()),
             )
             .await?,
         );

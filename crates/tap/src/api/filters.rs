@@ -1,6 +1,7 @@
 //! `GET`/`PUT /collection-filters` and `GET`/`PUT /signal-collections`, with the shape of
 //! indigo PR 1338: bodies `{"collections": ["nsid", …]}`. A `PUT` is validated whole
-//! before anything changes; its answer is the value now in force.
+//! before anything changes; its answer is the value now in force. `GET`/`PUT
+//! /record-filters` (an extension) takes `{"rules": ["<collection>: <expression>", …]}`.
 
 use axum::{
     body::Body,
@@ -62,6 +63,41 @@ pub(super) async fn put_collection_filters(
     Ok(json(
         StatusCode::OK,
         &json!({ "collections": collections, "resyncing": refetch }),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rules {
+    rules: Vec<String>,
+}
+
+pub(super) async fn get_record_filters(State(state): State<ApiState>) -> Response {
+    json(
+        StatusCode::OK,
+        &json!({ "rules": state.filters.record_filters() }),
+    )
+}
+
+pub(super) async fn put_record_filters(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let bytes = read_json_body(&headers, body).await?;
+    let parsed: Rules = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::bad_request(format!(
+            "invalid body: {e}; expected {{\"rules\": [\"<collection>: <expression>\", …]}}"
+        ))
+    })?;
+    let (rules, refetch) = state
+        .filters
+        .set_record_filters(&parsed.rules)
+        .await
+        .map_err(refused)?;
+    Ok(json(
+        StatusCode::OK,
+        &json!({ "rules": rules, "resyncing": refetch }),
     ))
 }
 

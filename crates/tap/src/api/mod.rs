@@ -100,6 +100,10 @@ pub fn router(state: ApiState, auth: Option<AdminAuth>) -> Router {
             get(filters::get_collection_filters).put(filters::put_collection_filters),
         )
         .route(
+            "/record-filters",
+            get(filters::get_record_filters).put(filters::put_record_filters),
+        )
+        .route(
             "/signal-collections",
             get(filters::get_signal_collections).put(filters::put_signal_collections),
         )

@@ -14,6 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use clap::{Arg, ArgAction, ArgMatches, Command, parser::ValueSource};
+use tap_atproto::record_filter::RuleSet;
 use tap_atproto::syntax::{CollectionFilter, Nsid};
 use url::Url;
 
@@ -229,6 +230,8 @@ pub struct Config {
     pub scope: TrackingScope,
     /// `--collection-filters`; empty means every collection.
     pub collection_filters: Vec<CollectionFilter>,
+    /// `--record-filters`: the record-content rules.
+    pub record_filters: RuleSet,
     /// `--webhook-url` / `--disable-acks`.
     pub delivery: DeliveryMode,
     /// `--max-repo-bytes`: largest repo CAR accepted from a PDS.
@@ -392,6 +395,7 @@ fn arg_for(s: &'static Setting) -> Arg {
             .default_missing_value("true")
             .action(ArgAction::Set),
         Kind::List => arg.value_name("VALUE").action(ArgAction::Append),
+        Kind::Rules => arg.value_name("RULES").action(ArgAction::Append),
     }
 }
 
@@ -448,15 +452,19 @@ impl ResolvedValues {
                 } else {
                     split_default(s)
                 };
-                let raw = if s.kind == Kind::List {
+                let raw = match s.kind {
                     // Both `--f a,b` and `TAP_F=a,b` split on commas; no trimming, like Go.
-                    raw.iter()
+                    Kind::List => raw
+                        .iter()
                         .flat_map(|v| v.split(','))
                         .filter(|v| !v.is_empty())
                         .map(str::to_owned)
-                        .collect()
-                } else {
-                    raw
+                        .collect(),
+                    Kind::Rules => raw
+                        .iter()
+                        .flat_map(|v| tap_atproto::record_filter::split_rules(v))
+                        .collect(),
+                    Kind::Value | Kind::Bool => raw,
                 };
                 (s.flag, raw)
             })
@@ -629,6 +637,9 @@ impl Config {
             })
             .collect::<Result<Vec<_>, _>>()?;
 
+        let record_filters = RuleSet::parse(v.many("record-filters"))
+            .map_err(|e| invalid("record-filters", e.to_string()))?;
+
         // Parsed even when a webhook wins, so a typo never hides until the mode changes.
         let disable_acks = bool_of("disable-acks")?;
         let delivery = if !v.one("webhook-url").is_empty() {
@@ -728,6 +739,7 @@ impl Config {
             outbox_capacity: count_of("outbox-capacity")?,
             scope,
             collection_filters,
+            record_filters,
             delivery,
             allow_private_network: bool_of("allow-private-network")?,
             fetch_strategy: FetchStrategy::parse(v.one("fetch-strategy")).ok_or_else(|| {

@@ -13,6 +13,9 @@ pub enum Kind {
     Bool,
     /// Repeatable, and comma-separated both on the command line and in the environment.
     List,
+    /// Repeatable, and `;`-separated (outside quotes) both on the command line and in the
+    /// environment: record-content rules, whose own text holds commas.
+    Rules,
 }
 
 /// One `tap run` setting.
@@ -382,6 +385,16 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::List,
         help: "comma-separated collection filters; `*` only as a whole last segment (app.bsky.*)",
         extension: false,
+        ignored: false,
+    },
+    Setting {
+        flag: "record-filters",
+        flag_alias: "",
+        envs: &["TAP_RECORD_FILTERS"],
+        default: "",
+        kind: Kind::Rules,
+        help: "record-content rules, `;`-separated: `<collection>: <expression>`, e.g. `app.bsky.feed.like: $.subject.uri =~ \"feed.generator\"`; see the README (extension)",
+        extension: true,
         ignored: false,
     },
     boolean(

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tap_atproto::mst::KeyRange;
+use tap_atproto::record_filter::RuleSet;
 use tap_atproto::syntax::{CollectionFilter, Nsid};
 use tokio::sync::watch;
 
@@ -101,18 +102,45 @@ pub fn settle(stored: Option<Seeded>, flag: &[String]) -> (Seeded, bool) {
     }
 }
 
-/// Tracking scope and collection filters together.
+/// Tracking scope, collection filters and record-content rules together.
 #[derive(Debug, Clone)]
 pub struct Scope {
     tracking: TrackingScope,
     filters: Vec<CollectionFilter>,
+    rules: Arc<RuleSet>,
 }
 
 impl Scope {
-    /// From the configuration.
+    /// From the configuration, without record-content rules.
     #[must_use]
     pub fn new(tracking: TrackingScope, filters: Vec<CollectionFilter>) -> Self {
-        Self { tracking, filters }
+        Self {
+            tracking,
+            filters,
+            rules: Arc::default(),
+        }
+    }
+
+    /// The record-content rules (empty: every record of a wanted collection).
+    #[must_use]
+    pub fn rules(&self) -> &RuleSet {
+        &self.rules
+    }
+
+    /// This scope with other record-content rules.
+    #[must_use]
+    pub fn with_rules(&self, rules: RuleSet) -> Self {
+        Self {
+            rules: Arc::new(rules),
+            ..self.clone()
+        }
+    }
+
+    /// Whether records delivered under `self` must be fetched again to be right under
+    /// `new`: its filters want a collection `self`'s did not, or the rules changed.
+    #[must_use]
+    pub fn refetch_for(&self, new: &Self) -> bool {
+        widens(&self.filters, &new.filters) || self.rules.texts() != new.rules.texts()
     }
 
     /// The tracking scope.
@@ -140,8 +168,8 @@ impl Scope {
     #[must_use]
     pub fn with_filters(&self, filters: Vec<CollectionFilter>) -> Self {
         Self {
-            tracking: self.tracking.clone(),
             filters,
+            ..self.clone()
         }
     }
 
@@ -156,7 +184,7 @@ impl Scope {
         };
         Self {
             tracking,
-            filters: self.filters.clone(),
+            ..self.clone()
         }
     }
 
@@ -188,13 +216,19 @@ impl Scope {
     }
 
     /// The collection filters as one canonical string (sorted, comma-separated; empty for
-    /// none): what a repo's last fetch is compared against before it is skipped.
+    /// none), followed by the record-content rules when there are any: what a repo's last
+    /// fetch is compared against before it is skipped or its index trusted.
     #[must_use]
     pub fn fingerprint(&self) -> String {
         let mut filters: Vec<&str> = self.filters.iter().map(|f| f.as_str()).collect();
         filters.sort_unstable();
         filters.dedup();
-        filters.join(",")
+        let filters = filters.join(",");
+        if self.rules.is_empty() {
+            filters
+        } else {
+            format!("{filters}|rules:{}", self.rules.texts().join(";"))
+        }
     }
 
     /// The MST key ranges holding every wanted record; `None` when every collection is

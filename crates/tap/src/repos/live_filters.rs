@@ -4,6 +4,7 @@
 //! collection filters re-fetches the repos tap holds, in the same transaction that stores
 //! it; a narrowing takes effect with the next event.
 
+use tap_atproto::record_filter::RuleSet;
 use tap_atproto::syntax::{CollectionFilter, Nsid};
 
 use super::filter::{LiveScope, Scope, Seeded, settle, widens};
@@ -12,9 +13,13 @@ use crate::store::{Store, StoreError};
 /// The setting names in the store.
 const COLLECTION_FILTERS: &str = "collection_filters";
 const SIGNAL_COLLECTIONS: &str = "signal_collections";
+const RECORD_FILTERS: &str = "record_filters";
 
 /// Why the repos of a widening are fetched again (their `error` until they are).
 pub const WIDENED: &str = "collection filters widened: fetching the newly wanted records";
+
+/// Why the repos are fetched again after the record-content rules changed.
+pub const RULES_CHANGED: &str = "record filters changed: recomputing the delivered records";
 
 /// Why a change was refused.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +46,7 @@ pub struct FilterControl {
 struct Seeds {
     filters: Vec<String>,
     signals: Vec<String>,
+    rules: Vec<String>,
 }
 
 fn strings<T: AsRef<str>>(items: &[T]) -> Vec<String> {
@@ -71,9 +77,17 @@ impl FilterControl {
     pub async fn load(store: Store, flags: &Scope) -> Result<Self, StoreError> {
         let flag_filters = strings(flags.filters());
         let flag_signals = strings(flags.signal_collections());
+        let flag_rules = flags.rules().texts();
         let filters = Self::settle_one(&store, COLLECTION_FILTERS, &flag_filters).await?;
         let signals = Self::settle_one(&store, SIGNAL_COLLECTIONS, &flag_signals).await?;
+        let rules = Self::settle_one(&store, RECORD_FILTERS, &flag_rules).await?;
         let mut scope = flags.clone();
+        match RuleSet::parse(&rules) {
+            Ok(parsed) => scope = scope.with_rules(parsed),
+            Err(error) => {
+                tracing::warn!(%error, "Stored record filters unusable; the flag's apply.")
+            }
+        }
         match parse_all::<CollectionFilter>(&filters, "a collection filter") {
             Ok(parsed) => scope = scope.with_filters(parsed),
             Err(error) => {
@@ -92,6 +106,7 @@ impl FilterControl {
             seeds: tokio::sync::Mutex::new(Seeds {
                 filters: flag_filters,
                 signals: flag_signals,
+                rules: flag_rules,
             }),
         })
     }
@@ -185,6 +200,49 @@ impl FilterControl {
             }
         };
         tracing::info!(filters = ?stored.current, widened, refetch, "Collection filters changed.");
+        Ok((stored.current, refetch))
+    }
+
+    /// The record-content rules in force, as given.
+    #[must_use]
+    pub fn record_filters(&self) -> Vec<String> {
+        self.live.current().rules().texts()
+    }
+
+    /// Replaces the record-content rules (none: every record of a wanted collection);
+    /// returns them and how many repos will be fetched again to recompute what is
+    /// delivered (any change does: records may start or stop matching).
+    ///
+    /// # Errors
+    /// [`FilterError::Invalid`] naming the rule, column and reason, or the store's;
+    /// nothing changed then.
+    pub async fn set_record_filters(&self, raw: &[String]) -> Result<(Vec<String>, u64), FilterError> {
+        let rules = RuleSet::parse(raw).map_err(|e| FilterError::Invalid(e.to_string()))?;
+        let seeds = self.seeds.lock().await;
+        let old = self.live.current();
+        let changed = old.rules().texts() != rules.texts();
+        let stored = Seeded {
+            seed: seeds.rules.clone(),
+            current: rules.texts(),
+        };
+        // In force before the repos are marked, as for the collection filters.
+        self.live.replace(old.with_rules(rules));
+        let refetch = match self
+            .store
+            .save_setting(
+                RECORD_FILTERS,
+                &serde_json::to_string(&stored).unwrap_or_default(),
+                changed.then_some(RULES_CHANGED),
+            )
+            .await
+        {
+            Ok(n) => n,
+            Err(error) => {
+                self.live.replace((*old).clone());
+                return Err(error.into());
+            }
+        };
+        tracing::info!(rules = ?stored.current, refetch, "Record filters changed.");
         Ok((stored.current, refetch))
     }
 

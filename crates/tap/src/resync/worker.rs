@@ -19,7 +19,6 @@ use super::sparse::{self, Partial, SparseError, Start};
 use super::strategy::{self, Fetch};
 use super::{IDLE_POLL, ResyncError, ResyncSettings, WALK_MEMORY_BUDGET};
 use crate::repos::engine::Engine;
-use crate::repos::filter::widens;
 use crate::repos::handle_checks::HandleChecks;
 use crate::repos::live_filters::WIDENED;
 use crate::shutdown::Supervisor;
@@ -116,9 +115,10 @@ async fn run_worker(worker: Worker, stop: CancellationToken) {
             Ok(records) => {
                 metrics::counter!(t::RESYNCS_COMPLETED).increment(1);
                 worker.progress.resync_done(records);
-                // Filters widened while this fetch ran: it missed the new collections (the
-                // widening marked only repos at rest), so fetch again.
-                if widens(scope_at_start.filters(), worker.engine.scope().filters())
+                // Filters widened or rules changed while this fetch ran: it missed the new
+                // collections or judged by old rules (the change marked only repos at
+                // rest), so fetch again.
+                if scope_at_start.refetch_for(&worker.engine.scope())
                     && let Err(error) = worker
                         .store
                         .mark_desynchronized(did.as_str(), WIDENED)
