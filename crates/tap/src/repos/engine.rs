@@ -3,6 +3,7 @@
 //! transaction through the outbox. Firehose workers and resync workers share it, under
 //! the same per-DID lock.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tap_atproto::PublicKey;
@@ -17,6 +18,7 @@ use super::decide::{self, AccountAction, CommitAction, CommitGate, SyncAction};
 use super::filter::{LiveScope, Scope};
 use super::locks::DidLocks;
 use super::prepared::{Buffered, PreparedCommit};
+use super::rules;
 use crate::identity::{Identity, IdentityError};
 use crate::ledger::Ledger;
 use crate::outbox::{Outbox, OutboxError};
@@ -25,10 +27,70 @@ use crate::store::{
 };
 use crate::telemetry as t;
 use crate::wire::{IdentityEvent, IdentityStatus};
+use tap_atproto::record_filter::Subject;
 
 /// Most live events kept for one repo while it resyncs (bounds the buffer's rows and the
 /// cutover's work; the cutover reads it a page at a time).
 pub const RESYNC_BUFFER_LIMIT: u64 = 10_000;
+
+/// What [`Engine::apply_commit`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    /// The commit was written (`false`: its condition no longer held; nothing changed).
+    pub written: bool,
+    /// A change the record-content rules could not settle alone: the repo must be
+    /// resynced to recompute what is delivered ([`rules::REFILTER`]).
+    pub refilter: bool,
+}
+
+/// Whether a live record's bytes count as kept in the byte ledger: a rule that reads only
+/// the record decides here; one that reads other records is settled later, and its
+/// records count as kept.
+fn kept_by_content_rule(
+    scope: &Scope,
+    did: &str,
+    prepared: &PreparedCommit,
+    collection: &str,
+    rkey: &str,
+) -> bool {
+    let rules = scope.rules();
+    let Some(rule) = rules.rule(collection) else {
+        return true;
+    };
+    if rules.is_dependent(collection) {
+        return true;
+    }
+    let Some(op) = prepared
+        .ops
+        .iter()
+        .find(|op| op.collection == collection && op.rkey == rkey)
+    else {
+        return true;
+    };
+    let record = rules::record_value(op.record.as_deref());
+    let uri = rules::record_uri(did, collection, rkey);
+    let subject = Subject {
+        uri: &uri,
+        rkey,
+        record: &record,
+    };
+    rule.holds(&subject, &NoFacts)
+}
+
+/// Facts for a rule that reads no other record: it never asks.
+struct NoFacts;
+
+impl tap_atproto::record_filter::Facts for NoFacts {
+    fn kept(&self, _: &tap_atproto::syntax::Nsid, _: &str) -> bool {
+        false
+    }
+    fn any_kept(&self, _: &tap_atproto::syntax::Nsid) -> bool {
+        false
+    }
+    fn referenced(&self, _: usize, _: &str) -> bool {
+        false
+    }
+}
 
 /// Failures that stop an event from being handled; the firehose retries transient ones
 /// (the cursor does not pass the event meanwhile).
@@ -221,17 +283,15 @@ impl Engine {
             }
         };
         metrics::counter!(t::COMMITS_VERIFIED).increment(1);
+        let prepared = PreparedCommit::from_verified(&verified, |c| scope.wants_collection(c));
         for op in &verified.ops {
             if let Some(record) = &op.record {
                 let collection = op.collection.as_str();
-                self.ledger.record(
-                    collection,
-                    record.len() as u64,
-                    scope.wants_collection(collection),
-                );
+                let kept = scope.wants_collection(collection)
+                    && kept_by_content_rule(&scope, did, &prepared, collection, op.rkey.as_str());
+                self.ledger.record(collection, record.len() as u64, kept);
             }
         }
-        let prepared = PreparedCommit::from_verified(&verified, |c| scope.wants_collection(c));
         self.settle_commit(&frame.repo, &repo, prepared).await
     }
 
@@ -290,20 +350,25 @@ impl Engine {
             }
             CommitAction::Desynchronize(reason) => self.desynchronize(did.as_str(), &reason).await,
             CommitAction::Apply => {
-                self.apply_commit(
-                    did,
-                    &prepared,
-                    WriteCondition::RepoInState(RepoState::Active),
-                    Vec::new(),
-                )
-                .await?;
+                let applied = self
+                    .apply_commit(
+                        did,
+                        &prepared,
+                        WriteCondition::RepoInState(RepoState::Active),
+                        Vec::new(),
+                    )
+                    .await?;
+                if applied.refilter {
+                    return self.desynchronize(did.as_str(), rules::REFILTER).await;
+                }
                 Ok(Outcome::Applied)
             }
         }
     }
 
-    /// Applies a prepared commit as live events in one transaction; a write refused by its
-    /// condition (the repo was removed or changed state meanwhile) is a no-op.
+    /// Applies a prepared commit as live events in one transaction, its ops judged by the
+    /// record-content rules in force; a write refused by its condition (the repo was
+    /// removed or changed state meanwhile) is a no-op.
     ///
     /// # Errors
     /// Store or outbox failures.
@@ -313,12 +378,14 @@ impl Engine {
         commit: &PreparedCommit,
         condition: WriteCondition,
         consumed_buffer: Vec<i64>,
-    ) -> Result<bool, EngineError> {
+    ) -> Result<Applied, EngineError> {
         // Always a TID for a verified commit; only a damaged buffered entry can fail here.
         let rev = Tid::new(&commit.rev).map_err(|e| EngineError::Buffer {
             did: did.to_string(),
             reason: format!("rev {:?}: {e}", commit.rev),
         })?;
+        let (judged, refilter) = self.judge_commit(did.as_str(), commit).await?;
+        let commit = judged.as_ref().unwrap_or(commit);
         let write = RepoWrite {
             did: did.clone(),
             condition,
@@ -333,10 +400,75 @@ impl Engine {
             fetch: None,
         };
         match self.outbox.append(write).await {
-            Ok(_) => Ok(true),
-            Err(OutboxError::Store(e)) if e.is_condition_not_met() => Ok(false),
+            Ok(_) => Ok(Applied {
+                written: true,
+                refilter,
+            }),
+            Err(OutboxError::Store(e)) if e.is_condition_not_met() => Ok(Applied {
+                written: false,
+                refilter: false,
+            }),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The commit as the record-content rules let it through (`None`: unchanged, no rule
+    /// concerns it), and whether the repo must be resynced for the rules to be right
+    /// ([`rules::judge_op`]).
+    async fn judge_commit(
+        &self,
+        did: &str,
+        commit: &PreparedCommit,
+    ) -> Result<(Option<PreparedCommit>, bool), EngineError> {
+        let scope = self.scope();
+        let rules = scope.rules();
+        let concerned = |c: &str| rules.rule(c).is_some() || rules.is_referenced(c);
+        if !commit.ops.iter().any(|op| concerned(&op.collection)) {
+            return Ok((None, false));
+        }
+        // The view after each earlier op of this commit, which the index does not hold yet.
+        let mut overlay: HashMap<(String, String), bool> = HashMap::new();
+        let mut ops = Vec::with_capacity(commit.ops.len());
+        let mut refilter = false;
+        for op in &commit.ops {
+            let key = (op.collection.clone(), op.rkey.clone());
+            let referenced = rules.is_referenced(&op.collection);
+            let Some(rule) = rules.rule(&op.collection) else {
+                refilter |= referenced;
+                overlay.insert(key, op.change.cid().is_some());
+                ops.push(op.clone());
+                continue;
+            };
+            let was = match overlay.get(&key) {
+                Some(in_view) => *in_view,
+                None => self
+                    .store
+                    .record_cid(did, &op.collection, &op.rkey)
+                    .await?
+                    .is_some(),
+            };
+            let holds = if op.change.cid().is_none() || rules.needs_referrers(&op.collection) {
+                None
+            } else {
+                let record = rules::record_value(op.record.as_deref());
+                let uri = rules::record_uri(did, &op.collection, &op.rkey);
+                let subject = Subject {
+                    uri: &uri,
+                    rkey: &op.rkey,
+                    record: &record,
+                };
+                Some(rules::decide_live(&self.store, did, rule, &subject, &overlay).await?)
+            };
+            let judged = rules::judge_op(op, was, holds, referenced);
+            refilter |= judged.refilter;
+            overlay.insert(key, judged.in_view);
+            ops.extend(judged.op);
+        }
+        let judged = PreparedCommit {
+            ops,
+            ..commit.clone()
+        };
+        Ok((Some(judged), refilter))
     }
 
     /// Handles a `#sync`.

@@ -216,7 +216,10 @@ impl FilterControl {
     /// # Errors
     /// [`FilterError::Invalid`] naming the rule, column and reason, or the store's;
     /// nothing changed then.
-    pub async fn set_record_filters(&self, raw: &[String]) -> Result<(Vec<String>, u64), FilterError> {
+    pub async fn set_record_filters(
+        &self,
+        raw: &[String],
+    ) -> Result<(Vec<String>, u64), FilterError> {
         let rules = RuleSet::parse(raw).map_err(|e| FilterError::Invalid(e.to_string()))?;
         let seeds = self.seeds.lock().await;
         let old = self.live.current();

@@ -8,3 +8,4 @@ pub mod handle_checks;
 pub mod live_filters;
 pub mod locks;
 pub mod prepared;
+pub mod rules;

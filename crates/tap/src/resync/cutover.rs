@@ -30,6 +30,9 @@ pub(super) async fn cut_over(
     let mut plan = Cutover::new(snapshot_rev, snapshot_data);
     let mut done_with = Vec::new();
     let mut after = 0;
+    // A buffered commit changed what other records' rules read: the snapshot's view is
+    // stale for them, so the repo is resynced again rather than activated.
+    let mut refilter = false;
     loop {
         let page = store
             .buffered_commits(did.as_str(), after, CUTOVER_PAGE)
@@ -52,9 +55,10 @@ pub(super) async fn cut_over(
                             vec![entry.id],
                         )
                         .await?;
-                    if !applied {
+                    if !applied.written {
                         return Err(ResyncError::Abandoned);
                     }
+                    refilter |= applied.refilter;
                     crate::failpoint::hit("cutover-buffered-applied");
                 }
                 CutoverStep::Drop => done_with.push(entry.id),
@@ -65,6 +69,8 @@ pub(super) async fn cut_over(
         }
     }
     let (rev, data, resync_again) = plan.finish();
+    let resync_again =
+        resync_again.or_else(|| refilter.then(|| crate::repos::rules::REFILTER.to_owned()));
     let rev =
         Tid::new(&rev).map_err(|e| ResyncError::Failed(format!("cutover rev {rev:?}: {e}")))?;
     let stale = resync_again.is_some();

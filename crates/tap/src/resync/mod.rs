@@ -11,6 +11,7 @@
 //! the live commits buffered meanwhile and marks the repo active in the same breath.
 
 mod cutover;
+mod deferred;
 pub mod diff;
 pub mod fetch;
 mod snapshot;

@@ -1,13 +1,21 @@
 //! The walked snapshot against the stored record index: index changes and historical
 //! events, written in batches each guarded by "the repo is still resyncing".
 
+use std::sync::Arc;
+
+use serde_json::Value;
 use tap_atproto::Cid;
+use tap_atproto::record_filter::Subject;
 use tap_atproto::stream::RepoWalker;
 use tap_atproto::syntax::{Did, Tid};
 
+use super::deferred::Deferred;
 use super::diff::{Change, CollectionMerge};
 use super::{BATCH, ResyncError};
 use crate::repos::engine::Engine;
+use crate::repos::filter::Scope;
+use crate::repos::prepared::record_json;
+use crate::repos::rules::{self, SnapshotFacts};
 use crate::store::{
     EventStorage, NewEvent, RecordChange, RepoState, RepoWrite, Store, WriteCondition,
 };
@@ -33,25 +41,38 @@ pub(super) struct Snapshot<'a> {
     replay: bool,
     write: RepoWrite,
     /// Record bytes of the current run of one collection, not yet in the ledger
-    /// (`collection`, bytes, wanted): records come in key order, so the ledger is told once
-    /// per collection instead of once per record.
-    tally: Option<(String, u64, bool)>,
+    /// (`collection`, bytes kept, bytes discarded): records come in key order, so the
+    /// ledger is told once per collection instead of once per record.
+    tally: Option<(String, u64, u64)>,
+    /// The filters and rules this snapshot is judged by, taken once at its start.
+    scope: Arc<Scope>,
+    /// The delivered records other rules read, as they are decided.
+    facts: SnapshotFacts,
+    /// Records of collections whose rules read other records, kept on disk until what
+    /// they read is decided (the repo's key order may bring them first).
+    deferred: Deferred,
 }
 
 impl<'a> Snapshot<'a> {
     /// A snapshot of `did` to merge against what is stored. `replay`: emit unchanged
     /// records too (the rerun of a backfill whose events may not all have been delivered).
+    /// `scope`: the filters and rules to judge by; `defer_cap`: most bytes of records kept
+    /// on disk for their rules (the repo's size cap).
     pub(super) fn new(
         engine: &'a Engine,
-        store: &'a Store,
         did: &'a Did,
         stored_rev: Option<Tid>,
         storage: EventStorage,
         replay: bool,
+        scope: Arc<Scope>,
+        defer_cap: u64,
     ) -> Self {
         Self {
+            facts: SnapshotFacts::new(did.as_str(), scope.rules()),
+            deferred: Deferred::new(defer_cap),
+            scope,
             engine,
-            store,
+            store: engine.store(),
             did,
             stored_rev,
             rev: None,
@@ -64,20 +85,31 @@ impl<'a> Snapshot<'a> {
         }
     }
 
-    /// Counts a downloaded record's bytes towards the byte ledger.
-    fn tally(&mut self, collection: &str, bytes: u64, wanted: bool) {
+    /// Counts a downloaded record's bytes towards the byte ledger, as kept or discarded
+    /// (by the collection filters or a rule).
+    fn tally(&mut self, collection: &str, bytes: u64, kept: bool) {
+        let (k, d) = if kept { (bytes, 0) } else { (0, bytes) };
         match &mut self.tally {
-            Some((c, n, _)) if c == collection => *n += bytes,
+            Some((c, kept, dropped)) if c == collection => {
+                *kept += k;
+                *dropped += d;
+            }
             _ => {
                 self.settle_tally();
-                self.tally = Some((collection.to_owned(), bytes, wanted));
+                self.tally = Some((collection.to_owned(), k, d));
             }
         }
     }
 
     fn settle_tally(&mut self) {
-        if let Some((collection, bytes, wanted)) = self.tally.take() {
-            self.engine.ledger().record(&collection, bytes, wanted);
+        if let Some((collection, kept, dropped)) = self.tally.take() {
+            let ledger = self.engine.ledger();
+            if kept > 0 {
+                ledger.record(&collection, kept, true);
+            }
+            if dropped > 0 {
+                ledger.record(&collection, dropped, false);
+            }
         }
     }
 
@@ -136,19 +168,86 @@ impl<'a> Snapshot<'a> {
         let Some((collection, rkey)) = path.split_once('/') else {
             return Ok(()); // not a record path; the Go tap skips these too
         };
-        let wanted = self.engine.scope().wants_collection(collection);
-        if let Some(bytes) = bytes {
-            self.tally(collection, bytes.len() as u64, wanted);
-        }
-        if !wanted {
+        if !self.scope.wants_collection(collection) {
+            if let Some(bytes) = bytes {
+                self.tally(collection, bytes.len() as u64, false);
+            }
             return Ok(());
         }
-        if self.is_first_backfill() {
+        if self.scope.rules().is_dependent(collection) {
+            // Judged once what its rule reads is decided: after the walk.
             let Some(bytes) = bytes else {
                 return Err(unfetched(path));
             };
+            return self
+                .deferred
+                .push(collection, rkey, cid, bytes)
+                .map_err(|e| ResyncError::Transient(format!("record filters: {e}")));
+        }
+        self.judge(collection, rkey, cid, bytes).await
+    }
+
+    /// Applies the collection's rule to a wanted record and merges it if it is delivered;
+    /// one that is not counts as absent, so the merge deletes it if it was delivered before.
+    /// `bytes` is `None` for a record the index proved unchanged: it was delivered, and a
+    /// rule that reads only the record says the same of the same record.
+    async fn judge(
+        &mut self,
+        collection: &str,
+        rkey: &str,
+        cid: &Cid,
+        bytes: Option<&[u8]>,
+    ) -> Result<(), ResyncError> {
+        let scope = Arc::clone(&self.scope);
+        let rules = scope.rules();
+        let json = bytes.map(record_json);
+        let rule = rules.rule(collection);
+        let value = match (&json, rule.is_some() || rules.is_referenced(collection)) {
+            (Some(json), true) => rules::record_value(json.as_deref()),
+            _ => Value::Null,
+        };
+        let kept = match (rule, &json) {
+            (Some(rule), Some(_)) => {
+                let uri = rules::record_uri(self.did.as_str(), collection, rkey);
+                let subject = Subject {
+                    uri: &uri,
+                    rkey,
+                    record: &value,
+                };
+                rule.holds(&subject, &self.facts)
+            }
+            _ => true,
+        };
+        if let Some(bytes) = bytes {
+            self.tally(collection, bytes.len() as u64, kept);
+        }
+        if !kept {
+            return Ok(());
+        }
+        if !self.facts.note(rules, collection, rkey, &value) {
+            return Err(ResyncError::Failed(format!(
+                "record filters: more than {} referenced records in one repo",
+                rules::MAX_FACTS
+            )));
+        }
+        self.merge(collection, rkey, cid, json).await
+    }
+
+    /// Merges a delivered record with the index. `json`: `None` when the record was not
+    /// downloaded (proved unchanged), `Some(None)` when it has no readable body.
+    async fn merge(
+        &mut self,
+        collection: &str,
+        rkey: &str,
+        cid: &Cid,
+        json: Option<Option<String>>,
+    ) -> Result<(), ResyncError> {
+        let path = || format!("{collection}/{rkey}");
+        if self.is_first_backfill() {
+            let Some(json) = json else {
+                return Err(unfetched(&path()));
+            };
             let cid = cid.to_string();
-            let json = record_json(bytes);
             let create = Change::Create {
                 rkey: rkey.to_owned(),
             };
@@ -181,16 +280,37 @@ impl<'a> Snapshot<'a> {
                 rkey: rkey.to_owned(),
             });
         }
-        let json = match bytes {
-            Some(bytes) => record_json(bytes),
+        let json = match json {
+            Some(json) => json,
             // The index changed under the fetch that trusted it: no verdict on the repo,
             // the next attempt fetches again.
-            None if announced => return Err(unfetched(path)),
+            None if announced => return Err(unfetched(&path())),
             None => None,
         };
         for change in changes {
             self.add(collection, change, Some((&cid, json.as_deref())))
                 .await?;
+        }
+        Ok(())
+    }
+
+    /// Judges the deferred records, each collection after every collection its rule reads.
+    async fn judge_deferred(&mut self) -> Result<(), ResyncError> {
+        let scope = Arc::clone(&self.scope);
+        let disk = |e: std::io::Error| ResyncError::Transient(format!("record filters: {e}"));
+        for collection in scope.rules().dependent_order() {
+            let Some(mut reader) = self.deferred.reader(collection.as_str()).map_err(disk)? else {
+                continue;
+            };
+            while let Some(entry) = reader.next().map_err(disk)? {
+                self.judge(
+                    collection.as_str(),
+                    &entry.rkey,
+                    &entry.cid,
+                    Some(&entry.bytes),
+                )
+                .await?;
+            }
         }
         Ok(())
     }
@@ -249,7 +369,7 @@ impl<'a> Snapshot<'a> {
         let mut vanished = self.store.record_collections(self.did.as_str()).await?;
         vanished.retain(|c| !self.seen.contains(c));
         for collection in vanished {
-            let wanted = self.engine.scope().wants_collection(&collection);
+            let wanted = self.scope.wants_collection(&collection);
             let mut last_rkey = String::new();
             loop {
                 let page = self
@@ -348,6 +468,7 @@ impl<'a> Snapshot<'a> {
     }
 
     pub(super) async fn finish(mut self) -> Result<(), ResyncError> {
+        self.judge_deferred().await?;
         if !self.is_first_backfill() {
             self.finish_collection().await?;
             self.delete_vanished_collections().await?;
@@ -368,13 +489,4 @@ impl Drop for Snapshot<'_> {
 /// attempt fetches again.
 fn unfetched(path: &str) -> ResyncError {
     ResyncError::Transient(format!("{path} differs from the index the fetch relied on"))
-}
-
-/// The record as atproto JSON; `None` if it cannot be transcoded (the event then carries
-/// no record body, as for a record tap cannot read).
-fn record_json(cbor: &[u8]) -> Option<String> {
-    let mut out = Vec::with_capacity(cbor.len() * 2);
-    tap_atproto::record_to_json(cbor, &mut out)
-        .ok()
-        .and_then(|()| String::from_utf8(out).ok())
 }

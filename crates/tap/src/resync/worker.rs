@@ -19,8 +19,10 @@ use super::sparse::{self, Partial, SparseError, Start};
 use super::strategy::{self, Fetch};
 use super::{IDLE_POLL, ResyncError, ResyncSettings, WALK_MEMORY_BUDGET};
 use crate::repos::engine::Engine;
+use crate::repos::filter::Scope;
 use crate::repos::handle_checks::HandleChecks;
 use crate::repos::live_filters::WIDENED;
+use crate::repos::rules::{self, REFILTER};
 use crate::shutdown::Supervisor;
 use crate::status::Progress;
 use crate::store::{EventStorage, FetchKind, LastFetch, RepoRow, ResyncFailure, Store};
@@ -217,10 +219,15 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
     // any record, and may hold ones deleted since. Re-emit every record, delete the rest.
     let replay = indexed && repo.rev.is_none();
 
-    let filters = engine.scope().fingerprint();
+    // One scope for the whole resync: the worker fetches again if it changes meanwhile.
+    let scope = engine.scope();
+    let filters = scope.fingerprint();
+    // A live change the rules could not settle: the head may not have moved, but what is
+    // delivered must be recomputed.
+    let refilter = repo.error == REFILTER;
     let plan = strategy::plan(
         settings.fetch_strategy,
-        engine.scope().key_ranges(),
+        scope.key_ranges(),
         pds.lacks_sparse(&pds_url),
         strategy::holds_verified_copy(repo, replay, &filters),
     );
@@ -246,6 +253,7 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
         None
     };
     if let (Some(head), Some(data)) = (&head, &repo.prev_data)
+        && !refilter
         && strategy::unchanged(repo, replay, head, &filters)
     {
         // Buffered live commits still go through the cutover's checks.
@@ -254,8 +262,16 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
         return Ok(0);
     }
 
-    let mut sink = Snapshot::new(engine, store, did, repo.rev, storage, replay);
-    if let Some((partial, kind)) = partial_fetch(store, repo, head, plan.fetch).await? {
+    let mut sink = Snapshot::new(
+        engine,
+        did,
+        repo.rev,
+        storage,
+        replay,
+        Arc::clone(&scope),
+        settings.max_repo_bytes.saturating_mul(2),
+    );
+    if let Some((partial, kind)) = partial_fetch(store, repo, head, plan.fetch, &scope).await? {
         let mut cost = sparse::Cost::within(settings.max_repo_bytes);
         // One budget for the whole fetch, as for a full one: many slow calls must not hold
         // a worker longer than one slow `getRepo` could.
@@ -332,6 +348,7 @@ async fn partial_fetch(
     repo: &RepoRow,
     head: Option<LatestCommit>,
     fetch: Fetch,
+    scope: &Scope,
 ) -> Result<Option<(Partial, FetchKind)>, ResyncError> {
     let Some(head) = head else {
         return Ok(None);
@@ -349,7 +366,10 @@ async fn partial_fetch(
         }
     };
     let known = if reuse {
-        known_keys(store, &repo.did, &ranges).await?
+        known_keys(store, &repo.did, &ranges, |c| {
+            !rules::must_download(scope.rules(), c)
+        })
+        .await?
     } else {
         None
     };
@@ -364,13 +384,16 @@ async fn partial_fetch(
     Ok(Some((partial, kind)))
 }
 
-/// The record index of `did` inside `ranges`, for an incremental fetch to rely on; `None`
-/// when it holds more than [`MAX_KNOWN_KEYS`] records (those repos are fetched without it)
-/// or a CID that does not parse.
+/// The record index of `did` inside `ranges`, for an incremental fetch to rely on, left
+/// out the collections `reuse` refuses (their records are downloaded whatever the index
+/// says: the record-content rules must read them); `None` when it holds more than
+/// [`MAX_KNOWN_KEYS`] records (those repos are fetched without it) or a CID that does
+/// not parse.
 async fn known_keys(
     store: &Store,
     did: &Did,
     ranges: &[KeyRange],
+    reuse: impl Fn(&str) -> bool,
 ) -> Result<Option<KnownKeys>, ResyncError> {
     let mut entries = Vec::new();
     let mut after = None;
@@ -381,7 +404,7 @@ async fn known_keys(
         let last = page.len() < KNOWN_PAGE;
         for row in page {
             let path = format!("{}/{}", row.collection, row.rkey).into_bytes();
-            if ranges.iter().any(|r| r.contains(&path)) {
+            if reuse(&row.collection) && ranges.iter().any(|r| r.contains(&path)) {
                 let Ok(cid) = Cid::try_from(row.cid.as_str()) else {
                     return Ok(None);
                 };
