@@ -967,3 +967,133 @@ on_both_backends!(
     an_incremental_filtered_resync_equals_what_the_pds_lists,
     an_incremental_filtered_resync_equals_what_the_pds_lists
 );
+
+/// The seed blog's starter-pack slice from the reference PDS: with rules for lists,
+/// list items and profiles, exactly the starter pack, the list it names, that list's
+/// members and the owner's profile arrive — nothing of a moderation list or a curation
+/// list with members of their own, nor their items — and deleting the starter pack
+/// deletes the rest. Records are written through the PDS, so they pass its lexicon
+/// validation: these are the shapes real accounts hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_filters_deliver_the_starter_pack_slice_from_the_real_pds() {
+    const RULES: &str = "app.bsky.graph.list: $uri in refs(app.bsky.graph.starterpack, $.list); \
+         app.bsky.graph.listitem: $.list in kept(app.bsky.graph.list); \
+         app.bsky.actor.profile: kept(app.bsky.graph.starterpack)";
+    let db = TestDb::new(common::Backend::Sqlite).await.unwrap();
+    let Some(mut net) = LocalNet::start(3, 1).await else {
+        return;
+    };
+    let did = net.did(0);
+    // Graph record keys must be TIDs.
+    let tid = |n: usize| {
+        const B32: &[u8] = b"234567abcdefghijklmnopqrstuvwxyz";
+        format!("3lzzzzzzzzz{}{}", B32[n / 32] as char, B32[n % 32] as char)
+    };
+    let lists = [("pack", tid(0)), ("mod", tid(1)), ("curate", tid(2))];
+    let members = [net.did(1), net.did(2)];
+    let at = "2026-12-07T00:00:00.000Z";
+    let list = |purpose: &str, name: &str| {
+        json!({"$type": "app.bsky.graph.list", "purpose": format!("app.bsky.graph.defs#{purpose}"),
+               "name": name, "createdAt": at})
+    };
+    let mut writes = Vec::new();
+    for ((name, rkey), purpose) in lists.iter().zip(["referencelist", "modlist", "curatelist"]) {
+        writes.push(json!({"action": "create", "collection": "app.bsky.graph.list",
+                           "rkey": rkey, "value": list(purpose, name)}));
+    }
+    let mut item_keys = Vec::new();
+    for (l, (_, list_rkey)) in lists.iter().enumerate() {
+        for (i, member) in members.iter().enumerate() {
+            let rkey = tid(10 + 2 * l + i);
+            item_keys.push(rkey.clone());
+            writes.push(json!({"action": "create", "collection": "app.bsky.graph.listitem",
+                "rkey": rkey,
+                "value": {"$type": "app.bsky.graph.listitem", "subject": member,
+                          "list": format!("at://{did}/app.bsky.graph.list/{list_rkey}"), "createdAt": at}}));
+        }
+    }
+    let pack = tid(30);
+    writes.push(json!({"action": "create", "collection": "app.bsky.graph.starterpack", "rkey": pack,
+        "value": {"$type": "app.bsky.graph.starterpack", "name": "welcome",
+                  "list": format!("at://{did}/app.bsky.graph.list/{}", lists[0].1), "createdAt": at}}));
+    net.command(json!({"cmd": "applyWrites", "did": did, "writes": writes}))
+        .await;
+    let all = net.records(&did).await;
+    let slice = [
+        "app.bsky.actor.profile/self".to_owned(),
+        format!("app.bsky.graph.starterpack/{pack}"),
+        format!("app.bsky.graph.list/{}", lists[0].1),
+        format!("app.bsky.graph.listitem/{}", item_keys[0]),
+        format!("app.bsky.graph.listitem/{}", item_keys[1]),
+    ];
+    let expected: BTreeMap<String, String> = all
+        .iter()
+        .filter(|(p, _)| slice.contains(p))
+        .map(|(p, c)| (p.clone(), c.clone()))
+        .collect();
+    assert_eq!(expected.len(), 5, "the PDS holds the fixture: {all:?}");
+
+    let mut config = net.tap_config(&db);
+    config.collection_filters = [
+        "app.bsky.actor.profile",
+        "app.bsky.graph.list",
+        "app.bsky.graph.listitem",
+        "app.bsky.graph.starterpack",
+    ]
+    .iter()
+    .map(|f| f.parse().unwrap())
+    .collect();
+    config.record_filters = tap_atproto::record_filter::RuleSet::parse(
+        &tap_atproto::record_filter::split_rules(RULES),
+    )
+    .unwrap();
+    let tap = TestTap::start(config).await;
+    let url = tap.url("");
+    let mut channel = Channel::connect(tap.addr, &[]).await;
+    add_repos(&url, &[&did]).await;
+    let events = await_backfill(&tap, &mut channel, &did, &expected).await;
+    assert_eq!(replay(&events), expected);
+    assert_eq!(
+        events.iter().filter(|e| e.is_record()).count(),
+        expected.len(),
+        "nothing else was sent"
+    );
+
+    // The starter pack goes: the list, its members and the profile go with it.
+    net.command(json!({"cmd": "deleteRecord", "did": did,
+                       "collection": "app.bsky.graph.starterpack", "rkey": pack}))
+        .await;
+    channel
+        .until("the slice deleted with the starter pack", |seen| {
+            replay(
+                &seen
+                    .iter()
+                    .filter(|e| e.did() == did)
+                    .cloned()
+                    .collect::<Vec<_>>(),
+            )
+            .is_empty()
+        })
+        .await;
+    let deletes: Vec<String> = channel.of(&did)[events.len()..]
+        .iter()
+        .filter(|e| e.is_record())
+        .map(|e| {
+            assert_eq!(e.action(), "delete", "{:?}", e.0);
+            e.path()
+        })
+        .collect();
+    let mut sorted = deletes.clone();
+    sorted.sort();
+    assert_eq!(sorted, expected.keys().cloned().collect::<Vec<_>>());
+    assert_eq!(
+        deletes[0], slice[1],
+        "the pack's own delete comes first, live"
+    );
+    wait_info(&url, &did, "an empty view, active", |i| {
+        i.is_some_and(|i| i["records"] == 0 && i["state"] == "active")
+    })
+    .await;
+    tap.stop().await;
+    net.stop().await;
+}
