@@ -998,8 +998,10 @@ async fn record_filters_deliver_the_starter_pack_slice_from_the_real_pds() {
     };
     let mut writes = Vec::new();
     for ((name, rkey), purpose) in lists.iter().zip(["referencelist", "modlist", "curatelist"]) {
-        writes.push(json!({"action": "create", "collection": "app.bsky.graph.list",
-                           "rkey": rkey, "value": list(purpose, name)}));
+        writes.push(
+            json!({"action": "create", "collection": "app.bsky.graph.list",
+                           "rkey": rkey, "value": list(purpose, name)}),
+        );
     }
     let mut item_keys = Vec::new();
     for (l, (_, list_rkey)) in lists.iter().enumerate() {
@@ -1043,10 +1045,9 @@ async fn record_filters_deliver_the_starter_pack_slice_from_the_real_pds() {
     .iter()
     .map(|f| f.parse().unwrap())
     .collect();
-    config.record_filters = tap_atproto::record_filter::RuleSet::parse(
-        &tap_atproto::record_filter::split_rules(RULES),
-    )
-    .unwrap();
+    config.record_filters =
+        tap_atproto::record_filter::RuleSet::parse(&tap_atproto::record_filter::split_rules(RULES))
+            .unwrap();
     let tap = TestTap::start(config).await;
     let url = tap.url("");
     let mut channel = Channel::connect(tap.addr, &[]).await;

@@ -358,8 +358,8 @@ impl Engine {
                         Vec::new(),
                     )
                     .await?;
-                if applied.refilter {
-                    return self.desynchronize(did.as_str(), rules::REFILTER).await;
+                if applied.written && applied.refilter {
+                    return Ok(Outcome::Desynchronized(rules::REFILTER.to_owned()));
                 }
                 Ok(Outcome::Applied)
             }
@@ -386,13 +386,26 @@ impl Engine {
         })?;
         let (judged, refilter) = self.judge_commit(did.as_str(), commit).await?;
         let commit = judged.as_ref().unwrap_or(commit);
+        // A live commit the rules could not settle sends the repo to resync in the same
+        // transaction: a crash in between would leave it active with a stale view. (At a
+        // cutover the cutover's own last write does it, the repo being mid-resync.)
+        let refilter_now = refilter && condition == WriteCondition::RepoInState(RepoState::Active);
+        let repo = if refilter_now {
+            RepoChange::ResyncStale {
+                rev,
+                prev_data: commit.data.clone(),
+                reason: rules::REFILTER.to_owned(),
+            }
+        } else {
+            RepoChange::Commit {
+                rev,
+                prev_data: commit.data.clone(),
+            }
+        };
         let write = RepoWrite {
             did: did.clone(),
             condition,
-            repo: RepoChange::Commit {
-                rev,
-                prev_data: commit.data.clone(),
-            },
+            repo,
             records: commit.record_changes(),
             events: commit.events(did.as_str()),
             resync_buffer_delete: consumed_buffer,
@@ -400,10 +413,16 @@ impl Engine {
             fetch: None,
         };
         match self.outbox.append(write).await {
-            Ok(_) => Ok(Applied {
-                written: true,
-                refilter,
-            }),
+            Ok(_) => {
+                if refilter_now {
+                    tracing::info!(%did, "Record filters need the whole repo; resyncing it.");
+                    self.store.resync_wanted().notify_waiters();
+                }
+                Ok(Applied {
+                    written: true,
+                    refilter,
+                })
+            }
             Err(OutboxError::Store(e)) if e.is_condition_not_met() => Ok(Applied {
                 written: false,
                 refilter: false,
