@@ -5,7 +5,9 @@
 //! Parameters (environment): `BACKFILL_REPOS` (default 20), `BACKFILL_RECORDS` per repo
 //! (default 5000), `BACKFILL_RUNS` (default 3), `BACKFILL_RESYNC_PARALLELISM` (default:
 //! tap's), `BACKFILL_DURABLE_EVENTS` (set: store
-//! every historical event, `--durable-backfill-events`), `BACKFILL_NAIVE_CONSUMER` (set:
+//! every historical event, `--durable-backfill-events`), `BACKFILL_RULES` (set: a
+//! record-content rule on every collection, `<collection>: $["$type"] == "<collection>"`,
+//! which every record passes: the cost of judging), `BACKFILL_NAIVE_CONSUMER` (set:
 //! parse every event into a JSON tree and flush every ack alone), `BACKFILL_TRACE` (set: print
 //! written/delivered counts every 100 ms). Run: `cargo bench -p tap --bench backfill`.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -58,6 +60,21 @@ async fn run_once(repos: &[RepoBuilder], cars: &[Vec<u8>]) -> (f64, usize) {
     cfg.resync_parallelism = env_usize("BACKFILL_RESYNC_PARALLELISM", cfg.resync_parallelism);
     // The other design, for comparison: every historical event stored as an outbox row.
     cfg.durable_backfill_events = std::env::var("BACKFILL_DURABLE_EVENTS").is_ok();
+    if std::env::var_os("BACKFILL_RULES").is_some() {
+        let rules: Vec<String> = [
+            "app.bsky.feed.like",
+            "app.bsky.feed.repost",
+            "app.bsky.graph.follow",
+            "app.bsky.graph.block",
+            "app.bsky.feed.post",
+            "app.bsky.graph.listitem",
+            "app.bsky.actor.profile",
+        ]
+        .iter()
+        .map(|c| format!(r#"{c}: $["$type"] == "{c}""#))
+        .collect();
+        cfg.record_filters = tap_atproto::record_filter::RuleSet::parse(&rules).unwrap();
+    }
     let app = tap::App::bind(cfg).await.unwrap();
     let addr = app.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

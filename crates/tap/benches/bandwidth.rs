@@ -12,6 +12,12 @@
 //! Then a resync of a repo tap holds after a few new records (unfiltered), with `full` and
 //! with `auto` (`getRepo?since=`): the PDS bytes of each.
 //!
+//! Last, the record-content rules on the same slice, with the graph records beside each
+//! starter pack: the list it names with 30 members, and in some repos a moderation list (500
+//! members, one repo in four) and a curation list (40 members, every other repo). Synced with
+//! `--collection-filters` for profiles, lists, list items and starter packs, once alone and
+//! once with the starter-pack rules: records delivered, record bytes delivered and discarded.
+//!
 //! Parameters (environment): `BANDWIDTH_REPOS` (tracked repos, default 200),
 //! `BANDWIDTH_RECORDS` per repo (default 2000), `RESYNC_RECORDS` (default 10,000) and
 //! `RESYNC_NEW` (default 10). Run: `cargo bench -p tap --bench bandwidth`.
@@ -66,6 +72,117 @@ fn build_repo(n: usize, records: usize) -> (RepoBuilder, usize) {
         .collect();
     repo.commit(&ops).unwrap();
     (repo, packs + 1)
+}
+
+const LIST: &str = "app.bsky.graph.list";
+const ITEM: &str = "app.bsky.graph.listitem";
+const PROFILE: &str = "app.bsky.actor.profile";
+/// The seed blog's slice as rules: see the README's "Record-content filters".
+const RULES: &str = "app.bsky.graph.list: $uri in refs(app.bsky.graph.starterpack, $.list); \
+     app.bsky.graph.listitem: $.list in kept(app.bsky.graph.list); \
+     app.bsky.actor.profile: kept(app.bsky.graph.starterpack)";
+
+/// A repo of the realistic mix plus a starter pack, the list it names (30 members), and
+/// per `n` a moderation list (500 members) and a curation list (40 members). Returns it,
+/// the records the collection filters alone deliver, and those the rules deliver.
+fn build_graph_repo(n: usize, records: usize) -> (RepoBuilder, usize, usize) {
+    let did: Did = format!("did:plc:{:0>24}", format!("gr{n}"))
+        .parse()
+        .unwrap();
+    let mut repo = RepoBuilder::with_records(did, TestKey::k256(n as u64 + 1), n as u64, records);
+    let at = "2026-12-01T00:00:00.000Z";
+    let mut ops = Vec::new();
+    let mut create = |repo: &mut RepoBuilder, collection: &str, value: Value| {
+        let rkey = repo.generator().next_tid();
+        ops.push(WriteOp::Create {
+            path: format!("{collection}/{rkey}"),
+            record: tap_atproto::atjson::json_to_cbor(&value).unwrap(),
+        });
+        format!("at://{}/{collection}/{rkey}", repo.did())
+    };
+    let mut lists = vec![("referencelist", 30)];
+    if n % 4 == 0 {
+        lists.push(("modlist", 500));
+    }
+    if n % 2 == 0 {
+        lists.push(("curatelist", 40));
+    }
+    let mut pack_list = String::new();
+    let mut all = 0;
+    for (purpose, members) in &lists {
+        let list = create(
+            &mut repo,
+            LIST,
+            json!({"$type": LIST, "purpose": format!("app.bsky.graph.defs#{purpose}"),
+                   "name": purpose, "createdAt": at}),
+        );
+        for m in 0..*members {
+            create(
+                &mut repo,
+                ITEM,
+                json!({"$type": ITEM, "list": list, "createdAt": at,
+                       "subject": format!("did:plc:{:0>24}", format!("member{m}"))}),
+            );
+        }
+        all += 1 + members;
+        if pack_list.is_empty() {
+            pack_list = list;
+        }
+    }
+    create(
+        &mut repo,
+        STARTER_PACK,
+        json!({"$type": STARTER_PACK, "name": "Rust people", "list": pack_list, "createdAt": at}),
+    );
+    repo.commit(&ops).unwrap();
+    // Profile + starter pack, then the lists and items; the rules keep the first list's.
+    (repo, 2 + all, 2 + 1 + lists[0].1)
+}
+
+/// Syncs `repos` with the graph collection filters, with the rules or without. Returns
+/// the records delivered and the ledger's record bytes (delivered, discarded).
+async fn run_graph(
+    repos: &[RepoBuilder],
+    cars: &[Vec<u8>],
+    wanted: usize,
+    rules: bool,
+) -> (usize, u64, u64, f64) {
+    let fakes = Fakes::start().await;
+    let mut listed = Vec::new();
+    for (i, repo) in repos.iter().enumerate() {
+        fakes.host(i, repo, cars[i].clone());
+        listed.push(json!({"did": repo.did().as_str()}));
+    }
+    fakes.relay.set_pages(Some(STARTER_PACK), vec![listed]);
+    let started = Instant::now();
+    let mut tap = Running::start(&fakes, |cfg| {
+        cfg.scope = TrackingScope::SignalCollections(vec![STARTER_PACK.parse().unwrap()]);
+        cfg.collection_filters = [STARTER_PACK, PROFILE, LIST, ITEM]
+            .iter()
+            .map(|c| c.parse().unwrap())
+            .collect();
+        if rules {
+            cfg.record_filters = tap_atproto::record_filter::RuleSet::parse(
+                &tap_atproto::record_filter::split_rules(RULES),
+            )
+            .unwrap();
+        }
+    })
+    .await;
+    tap.records(wanted).await;
+    let seconds = started.elapsed().as_secs_f64();
+    // Nothing beyond the wanted records: every repo active, with that many indexed.
+    let count = tap.get("/stats/record-count").await["record_count"]
+        .as_u64()
+        .unwrap();
+    let bw = tap.get("/stats/bandwidth").await;
+    tap.stop().await;
+    (
+        usize::try_from(count).unwrap(),
+        bw["records"]["delivered"].as_u64().unwrap(),
+        bw["records"]["discarded"].as_u64().unwrap(),
+        seconds,
+    )
 }
 
 struct Outcome {
@@ -339,4 +456,22 @@ fn main() {
         "auto/full resync bytes: {:.4}",
         resync[1] as f64 / resync[0] as f64
     );
+
+    let graph: Vec<(RepoBuilder, usize, usize)> =
+        (0..n).map(|i| build_graph_repo(i, per_repo)).collect();
+    let by_filters: usize = graph.iter().map(|(_, f, _)| f).sum();
+    let by_rules: usize = graph.iter().map(|(_, _, r)| r).sum();
+    let repos: Vec<RepoBuilder> = graph.into_iter().map(|(r, _, _)| r).collect();
+    let cars: Vec<Vec<u8>> = repos.iter().map(|r| r.car_shuffled(1)).collect();
+    println!("record filters: {n} repos x {per_repo} records + graph records");
+    for (name, rules, wanted) in [
+        ("collection filters alone", false, by_filters),
+        ("with the rules", true, by_rules),
+    ] {
+        let (indexed, delivered, discarded, seconds) =
+            rt.block_on(run_graph(&repos, &cars, wanted, rules));
+        println!(
+            "{name}: {wanted} records delivered ({indexed} indexed), record bytes delivered {delivered}, discarded {discarded}, {seconds:.1} s"
+        );
+    }
 }
