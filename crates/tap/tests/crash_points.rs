@@ -262,6 +262,112 @@ on_both_backends!(
     after_outbox_commit_before_cursor_save
 );
 
+/// The consumer's view of `did` from every record event received: paths created and not
+/// deleted since, in delivery order.
+fn view_of(seen: &Seen, did: &str) -> std::collections::BTreeSet<String> {
+    let mut view = std::collections::BTreeSet::new();
+    for r in records_of(seen).iter().filter(|r| r["did"] == did) {
+        let path = format!(
+            "{}/{}",
+            r["collection"].as_str().unwrap(),
+            r["rkey"].as_str().unwrap()
+        );
+        if r["action"] == "delete" {
+            view.remove(&path);
+        } else {
+            view.insert(path);
+        }
+    }
+    view
+}
+
+/// Killed right after the live commit that deletes a starter pack: the records that
+/// depended on it (its list, the list's items, the profile) must still be deleted after the
+/// restart, because the resync they need was recorded in the commit's own transaction.
+async fn rules_refilter(db: TestDb) {
+    const RULES: &str = "--record-filters=app.bsky.graph.list: $uri in refs(app.bsky.graph.starterpack, $.list); \
+        app.bsky.graph.listitem: $.list in kept(app.bsky.graph.list); \
+        app.bsky.actor.profile: kept(app.bsky.graph.starterpack)";
+    const FILTERS: &str = "--collection-filters=app.bsky.actor.profile,app.bsky.graph.list,app.bsky.graph.listitem,app.bsky.graph.starterpack";
+    let net = Net::start().await;
+    let mut repo = RepoBuilder::new(did(48), TestKey::k256(48), 48);
+    let list_uri = format!("at://{}/app.bsky.graph.list/3kpack", repo.did());
+    let cbor = |v: Value| tap_atproto::atjson::json_to_cbor(&v).unwrap();
+    let at = "2026-12-07T00:00:00Z";
+    let mut ops = vec![
+        WriteOp::Create {
+            path: "app.bsky.actor.profile/self".into(),
+            record: cbor(json!({"$type": "app.bsky.actor.profile", "displayName": "p"})),
+        },
+        WriteOp::Create {
+            path: "app.bsky.graph.list/3kpack".into(),
+            record: cbor(json!({"$type": "app.bsky.graph.list", "name": "pack",
+                "purpose": "app.bsky.graph.defs#referencelist", "createdAt": at})),
+        },
+        WriteOp::Create {
+            path: "app.bsky.graph.starterpack/3kp".into(),
+            record: cbor(json!({"$type": "app.bsky.graph.starterpack", "name": "p",
+                "list": list_uri, "createdAt": at})),
+        },
+    ];
+    for n in 0..3 {
+        ops.push(WriteOp::Create {
+            path: format!("app.bsky.graph.listitem/3ki{n}"),
+            record: cbor(json!({"$type": "app.bsky.graph.listitem", "list": list_uri,
+                "subject": did(900 + n).as_str(), "createdAt": at})),
+        });
+    }
+    repo.commit(&ops).unwrap();
+    hosted(&net, std::slice::from_ref(&repo));
+    let seen: Seen = Arc::default();
+    let mut tap = start(&db, &net, None, &[FILTERS, RULES]).await;
+    let consumer = Recorder::connect(tap.addr, 0, &seen).await;
+    add(&tap, &[&repo]).await;
+    wait_for("the starter-pack slice backfilled", || async {
+        (view_of(&seen, repo.did().as_str()).len() == 6 && state_of(&tap, &repo).await == "active")
+            .then_some(())
+    })
+    .await;
+    drop(consumer);
+    tap.terminate().await;
+
+    repo.set_next_seq(1);
+    let frame = repo
+        .commit_frame(&[WriteOp::Delete {
+            path: "app.bsky.graph.starterpack/3kp".into(),
+        }])
+        .unwrap();
+    net.pds
+        .set_repo(repo.did().as_str(), RepoReply::Car(repo.car_tree_order()));
+    net.relay.push_frame(1, frame);
+    let mut tap = start(&db, &net, Some("commit-applied=kill@1"), &[FILTERS, RULES]).await;
+    let _consumer = Recorder::connect(tap.addr, 1, &seen).await;
+    killed(&mut tap).await;
+
+    let mut tap = start(&db, &net, None, &[FILTERS, RULES]).await;
+    let _consumer = Recorder::connect(tap.addr, 2, &seen).await;
+    wait_for("every dependent record deleted after the crash", || async {
+        (view_of(&seen, repo.did().as_str()).is_empty() && state_of(&tap, &repo).await == "active")
+            .then_some(())
+    })
+    .await;
+    let info: Value = reqwest::get(tap.url(&format!("/info/{}", repo.did())))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        info["records"], 0,
+        "the index holds the (empty) view: {info}"
+    );
+    tap.terminate().await;
+}
+on_both_backends!(
+    a_crash_right_after_a_change_others_depend_on_still_recomputes_them,
+    rules_refilter
+);
+
 /// Killed between two batches of a first backfill.
 async fn mid_resync(db: TestDb) {
     let net = Net::start().await;

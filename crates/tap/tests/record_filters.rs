@@ -3,6 +3,7 @@
 //! the owner's profile, and nothing of the moderation or curation lists beside them — in
 //! backfill and live; updates that cross a rule; a referenced record vanishing; a rule
 //! changed at runtime.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[macro_use]
 mod common;

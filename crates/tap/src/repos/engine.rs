@@ -414,6 +414,7 @@ impl Engine {
         };
         match self.outbox.append(write).await {
             Ok(_) => {
+                crate::failpoint::hit("commit-applied");
                 if refilter_now {
                     tracing::info!(%did, "Record filters need the whole repo; resyncing it.");
                     self.store.resync_wanted().notify_waiters();
