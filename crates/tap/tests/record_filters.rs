@@ -143,7 +143,7 @@ async fn starter_packs(db: TestDb) {
         .map(|c| c.parse().unwrap())
         .collect();
     cfg.record_filters = RuleSet::parse(&split_rules(STARTER_PACK_RULES)).unwrap();
-    let tap = TestTap::start(cfg).await;
+    let tap = TestTap::start(cfg.clone()).await;
     let consumer = Consumer::connect(&tap).await;
     sync_support::add(&tap, repo.did()).await;
 
@@ -292,6 +292,17 @@ async fn starter_packs(db: TestDb) {
         "app.bsky.graph.listitem/3ki8",
     ]);
     wait_view(&consumer, &want, "the moderation list and its members").await;
+    tap.stop().await;
+
+    // The rules set through the API survive a restart with the same flag.
+    let tap = TestTap::start(cfg).await;
+    let rules_now = reqwest::get(tap.url("/record-filters"))
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(rules_now, json!({"rules": [modlists, items]}));
     tap.stop().await;
 }
 on_both_backends!(

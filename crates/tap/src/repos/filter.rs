@@ -136,6 +136,30 @@ impl Scope {
         }
     }
 
+    /// What in the rules cannot take effect under the collection filters: a rule for a
+    /// collection they leave out delivers nothing, and `kept(..)`/`refs(..)` of such a
+    /// collection never hold (only delivered records count). Logged as warnings.
+    #[must_use]
+    pub fn rule_warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for rule in self.rules.rules() {
+            let c = rule.collection().as_str();
+            if !self.wants_collection(c) {
+                warnings.push(format!(
+                    "the rule for {c} has no effect: the collection filters leave {c} out"
+                ));
+            }
+            for d in rule.depends_on() {
+                if !self.wants_collection(d.as_str()) {
+                    warnings.push(format!(
+                        "the rule for {c} reads {d}, which the collection filters leave out: nothing of it is delivered, so kept({d}) and refs({d}, ..) never hold"
+                    ));
+                }
+            }
+        }
+        warnings
+    }
+
     /// Whether records delivered under `self` must be fetched again to be right under
     /// `new`: its filters want a collection `self`'s did not, or the rules changed.
     #[must_use]
@@ -259,6 +283,39 @@ mod tests {
 
     fn filters(list: &[&str]) -> Vec<CollectionFilter> {
         list.iter().map(|f| f.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn rules_the_collection_filters_defeat_are_named_and_a_rule_change_needs_a_refetch() {
+        let rules = RuleSet::parse(&[
+            "app.bsky.graph.listitem: $.list in kept(app.bsky.graph.list)",
+            "app.bsky.feed.like: $.subject.uri exists",
+        ])
+        .unwrap();
+        let scope = Scope::new(
+            TrackingScope::Dynamic,
+            filters(&["app.bsky.graph.listitem", "app.bsky.feed.post"]),
+        )
+        .with_rules(rules.clone());
+        let warnings = scope.rule_warnings();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].contains("app.bsky.feed.like has no effect"));
+        assert!(warnings[1].contains("reads app.bsky.graph.list"));
+        let everything = Scope::new(TrackingScope::Dynamic, Vec::new()).with_rules(rules);
+        assert!(everything.rule_warnings().is_empty());
+        // The fingerprint tells a fetch under other rules apart; any rule change refetches.
+        assert_ne!(
+            everything.fingerprint(),
+            Scope::new(TrackingScope::Dynamic, Vec::new()).fingerprint()
+        );
+        assert_eq!(
+            Scope::new(TrackingScope::Dynamic, Vec::new()).fingerprint(),
+            ""
+        );
+        let plain = Scope::new(TrackingScope::Dynamic, Vec::new());
+        assert!(plain.refetch_for(&everything));
+        assert!(everything.refetch_for(&plain));
+        assert!(!everything.refetch_for(&everything.clone()));
     }
 
     #[test]

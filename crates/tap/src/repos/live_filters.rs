@@ -68,6 +68,13 @@ where
         .collect()
 }
 
+/// Logs what in the rules cannot take effect under the collection filters.
+fn warn_rules(scope: &Scope) {
+    for warning in scope.rule_warnings() {
+        tracing::warn!("Record filters: {warning}.");
+    }
+}
+
 impl FilterControl {
     /// Settles the stored values against the flags' (`flags`) at start-up, by
     /// [`settle`]'s rule, and stores the outcome.
@@ -100,6 +107,7 @@ impl FilterControl {
                 tracing::warn!(%error, "Stored signal collections unusable; the flag's apply.")
             }
         }
+        warn_rules(&scope);
         Ok(Self {
             store,
             live: LiveScope::new(scope),
@@ -200,6 +208,7 @@ impl FilterControl {
             }
         };
         tracing::info!(filters = ?stored.current, widened, refetch, "Collection filters changed.");
+        warn_rules(&self.live.current());
         Ok((stored.current, refetch))
     }
 
@@ -246,6 +255,7 @@ impl FilterControl {
             }
         };
         tracing::info!(rules = ?stored.current, refetch, "Record filters changed.");
+        warn_rules(&self.live.current());
         Ok((stored.current, refetch))
     }
 
