@@ -155,13 +155,7 @@ async fn run_graph(
     wanted: usize,
     rules: bool,
 ) -> (usize, u64, u64, f64) {
-    let fakes = Fakes::start().await;
-    let mut listed = Vec::new();
-    for (i, repo) in repos.iter().enumerate() {
-        fakes.host(i, repo, cars[i].clone());
-        listed.push(json!({"did": repo.did().as_str()}));
-    }
-    fakes.relay.set_pages(Some(STARTER_PACK), vec![listed]);
+    let fakes = Fakes::starter_packs(repos, cars).await;
     let started = Instant::now();
     let mut tap = Running::start(&fakes, |cfg| {
         cfg.scope = TrackingScope::SignalCollections(vec![STARTER_PACK.parse().unwrap()]);
@@ -214,6 +208,18 @@ impl Fakes {
             pds: FakePds::start().await,
             plc: FakePlc::start().await,
         }
+    }
+
+    /// Fakes hosting `repos` (as `cars`), all listed by the relay as holding starter packs.
+    async fn starter_packs(repos: &[RepoBuilder], cars: &[Vec<u8>]) -> Self {
+        let fakes = Self::start().await;
+        let mut listed = Vec::new();
+        for (i, repo) in repos.iter().enumerate() {
+            fakes.host(i, repo, cars[i].clone());
+            listed.push(json!({"did": repo.did().as_str()}));
+        }
+        fakes.relay.set_pages(Some(STARTER_PACK), vec![listed]);
+        fakes
     }
 
     fn host(&self, i: usize, repo: &RepoBuilder, car: Vec<u8>) {
@@ -330,13 +336,7 @@ async fn run(
     cars: &[Vec<u8>],
     wanted: usize,
 ) -> Outcome {
-    let fakes = Fakes::start().await;
-    let mut listed = Vec::new();
-    for (i, repo) in repos.iter().enumerate() {
-        fakes.host(i, repo, cars[i].clone());
-        listed.push(json!({"did": repo.did().as_str()}));
-    }
-    fakes.relay.set_pages(Some(STARTER_PACK), vec![listed]);
+    let fakes = Fakes::starter_packs(repos, cars).await;
     let started = Instant::now();
     let mut tap = Running::start(&fakes, |cfg| {
         cfg.scope = TrackingScope::SignalCollections(vec![STARTER_PACK.parse().unwrap()]);

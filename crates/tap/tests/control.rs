@@ -14,7 +14,7 @@ use tap_atproto::writer::WriteOp;
 use tap_testkit::fake_pds::{Endpoint, RepoReply};
 use tap_testkit::repo_builder::{RepoBuilder, TestKey};
 
-use sync_support::{Consumer, Net, did, expected, paths_and_cids, wait_for};
+use sync_support::{Consumer, Net, did, expected, get_json, paths_and_cids, wait_for};
 
 async fn a_forced_resync(db: TestDb) {
     let net = Net::start().await;
@@ -184,15 +184,6 @@ async fn put(tap: &TestTap, path: &str, body: &str) -> (u16, Value) {
         .unwrap();
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or(Value::Null))
-}
-
-async fn get_json(tap: &TestTap, path: &str) -> Value {
-    reqwest::get(tap.url(path))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
 }
 
 /// A fresh record of `collection` from the builder's generator.

@@ -130,14 +130,20 @@ async fn add(tap: &TapProcess, repos: &[&RepoBuilder]) {
     assert_eq!(resp.status(), 200);
 }
 
-async fn state_of(tap: &TapProcess, repo: &RepoBuilder) -> String {
-    let info: Value = reqwest::get(tap.url(&format!("/info/{}", repo.did())))
+async fn info_of(tap: &TapProcess, repo: &RepoBuilder) -> Value {
+    reqwest::get(tap.url(&format!("/info/{}", repo.did())))
         .await
         .unwrap()
         .json()
         .await
-        .unwrap();
-    info["state"].as_str().unwrap_or_default().to_owned()
+        .unwrap()
+}
+
+async fn state_of(tap: &TapProcess, repo: &RepoBuilder) -> String {
+    info_of(tap, repo).await["state"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// Waits for the failpoint to kill the process, and checks it died of SIGKILL.
@@ -351,12 +357,7 @@ async fn rules_refilter(db: TestDb) {
             .then_some(())
     })
     .await;
-    let info: Value = reqwest::get(tap.url(&format!("/info/{}", repo.did())))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info = info_of(&tap, &repo).await;
     assert_eq!(
         info["records"], 0,
         "the index holds the (empty) view: {info}"

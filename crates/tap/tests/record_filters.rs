@@ -19,7 +19,7 @@ use tap_atproto::writer::WriteOp;
 use tap_testkit::fake_pds::RepoReply;
 use tap_testkit::repo_builder::{RepoBuilder, TestKey};
 
-use sync_support::{Consumer, Net, did, wait_for};
+use sync_support::{Consumer, Net, did, get_json, wait_for};
 
 const PROFILE: &str = "app.bsky.actor.profile";
 const LIST: &str = "app.bsky.graph.list";
@@ -166,12 +166,7 @@ async fn starter_packs(db: TestDb) {
     );
     let info = sync_support::info(&tap, repo.did()).await;
     assert_eq!(info["records"], 6, "the index holds the view: {info}");
-    let bandwidth: Value = reqwest::get(tap.url("/stats/bandwidth"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let bandwidth = get_json(&tap, "/stats/bandwidth").await;
     assert!(
         bandwidth["by_collection"]["top"][ITEM]["discarded"]
             .as_u64()
@@ -267,12 +262,7 @@ async fn starter_packs(db: TestDb) {
     );
     let (status, answer) = put(json!({"rules": "not a list"})).await;
     assert_eq!(status, 400, "{answer}");
-    let rules_now = reqwest::get(tap.url("/record-filters"))
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .unwrap();
+    let rules_now = get_json(&tap, "/record-filters").await;
     assert_eq!(
         rules_now["rules"].as_array().unwrap().len(),
         3,
@@ -296,12 +286,7 @@ async fn starter_packs(db: TestDb) {
 
     // The rules set through the API survive a restart with the same flag.
     let tap = TestTap::start(cfg).await;
-    let rules_now = reqwest::get(tap.url("/record-filters"))
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .unwrap();
+    let rules_now = get_json(&tap, "/record-filters").await;
     assert_eq!(rules_now, json!({"rules": [modlists, items]}));
     tap.stop().await;
 }

@@ -184,6 +184,16 @@ pub async fn info(tap: &TestTap, did: &Did) -> Value {
         .unwrap()
 }
 
+/// A JSON answer of tap's API.
+pub async fn get_json(tap: &TestTap, path: &str) -> Value {
+    reqwest::get(tap.url(path))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// The byte ledger's total (`/stats/bandwidth`).
 pub async fn bandwidth_total(tap: &TestTap) -> Value {
     let bw: Value = reqwest::get(tap.url("/stats/bandwidth"))
