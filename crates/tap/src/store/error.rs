@@ -38,7 +38,7 @@ pub enum StoreError {
         source: rusqlite::Error,
     },
     /// Postgres could not be reached or refused the connection.
-    #[error("cannot connect to Postgres at {target}: {source}")]
+    #[error("cannot connect to Postgres at {target}: {}", with_causes(source))]
     PostgresConnect {
         /// `host:port/dbname` (no credentials).
         target: String,
@@ -164,4 +164,20 @@ impl StoreError {
     pub fn is_condition_not_met(&self) -> bool {
         matches!(self, Self::ConditionNotMet { .. })
     }
+}
+
+/// An error and its causes, `: `-separated: the pool's "db error" alone hides the server's
+/// reason (a `pg_hba.conf` refusal, a certificate the TLS check refused).
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        let part = c.to_string();
+        if !text.ends_with(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = c.source();
+    }
+    text
 }

@@ -12,6 +12,7 @@
 //!   transaction. See `postgres.rs`.
 
 mod error;
+mod pg_tls;
 mod postgres;
 pub mod record_index;
 mod retry;

@@ -1,14 +1,13 @@
 //! Postgres backend: a `deadpool-postgres` pool sized by `--max-db-conn`. Every write is its
 //! own transaction; row locks (`FOR UPDATE`, `FOR UPDATE SKIP LOCKED`) serialize what the
-//! SQLite writer thread serializes by construction. Connections use no TLS (`NoTls`): run
-//! Postgres on the same host or a private network.
+//! SQLite writer thread serializes by construction. TLS as the URL's `sslmode` says
+//! (`pg_tls`, libpq's meanings; `prefer` by default).
 
 use std::time::Duration;
 
 use deadpool_postgres::{
     Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
 };
-use tokio_postgres::NoTls;
 use tokio_postgres::config::Host;
 
 use super::record_index::{self, FoundChunk, IndexStep, IndexWriter};
@@ -91,9 +90,14 @@ pub(super) struct PgStore {
 impl PgStore {
     pub(super) async fn open(url: &str, opts: &super::StoreOptions) -> Result<Self, StoreError> {
         let max_conns = opts.max_pg_conns;
+        let (url, tls) = super::pg_tls::split_url(url)
+            .map_err(|detail| StoreError::Worker { op: "open", detail })?;
         let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|source| StoreError::InvalidPostgresUrl { source })?;
+        config.ssl_mode(tls.mode);
+        let connector = super::pg_tls::connector(&tls)
+            .map_err(|detail| StoreError::Worker { op: "open", detail })?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -107,7 +111,7 @@ impl PgStore {
         let target = describe(&config);
         let manager = Manager::from_config(
             config,
-            NoTls,
+            connector,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },

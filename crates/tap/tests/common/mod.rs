@@ -27,6 +27,16 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// A PostgreSQL database the test manages itself (its own cluster).
+    pub fn external_postgres(url: String) -> Self {
+        Self {
+            url: DatabaseUrl::Postgres(url),
+            backend: Backend::Postgres,
+            _dir: None,
+            _pg: None,
+        }
+    }
+
     /// Which backend this database is on.
     pub fn backend(&self) -> Backend {
         self.backend
