@@ -20,8 +20,9 @@ use super::strategy::{self, Fetch};
 use super::{IDLE_POLL, ResyncError, ResyncSettings, WALK_MEMORY_BUDGET};
 use crate::repos::engine::Engine;
 use crate::repos::filter::Scope;
+use crate::repos::filter::widens;
 use crate::repos::handle_checks::HandleChecks;
-use crate::repos::live_filters::WIDENED;
+use crate::repos::live_filters::{RULES_CHANGED, WIDENED};
 use crate::repos::rules::{self, REFILTER};
 use crate::shutdown::Supervisor;
 use crate::status::Progress;
@@ -120,13 +121,16 @@ async fn run_worker(worker: Worker, stop: CancellationToken) {
                 // Filters widened or rules changed while this fetch ran: it missed the new
                 // collections or judged by old rules (the change marked only repos at
                 // rest), so fetch again.
-                if scope_at_start.refetch_for(&worker.engine.scope())
-                    && let Err(error) = worker
-                        .store
-                        .mark_desynchronized(did.as_str(), WIDENED)
-                        .await
+                let now = worker.engine.scope();
+                let reason = if widens(scope_at_start.filters(), now.filters()) {
+                    WIDENED
+                } else {
+                    RULES_CHANGED
+                };
+                if scope_at_start.refetch_for(&now)
+                    && let Err(error) = worker.store.mark_desynchronized(did.as_str(), reason).await
                 {
-                    tracing::warn!(%error, %did, "Failed to queue a re-fetch for widened filters.");
+                    tracing::warn!(%error, %did, reason, "Failed to queue a re-fetch for changed filters.");
                 }
                 tracing::info!(%did, records, elapsed = ?started.elapsed(), "Resync complete.");
                 requeue_if_forced(store, &did).await;
