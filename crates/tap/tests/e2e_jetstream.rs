@@ -53,9 +53,12 @@ async fn records_proven_against_the_real_pds_equal_what_it_lists() {
         i.is_some_and(|i| i["state"] == "active" && i["records"] == n)
     })
     .await;
+    // The identity event is announced apart from the fetch, so it may come after the
+    // records: wait for both, or a late one would pass for a live event below.
     channel
         .until("the backfill", |seen| {
             seen.iter().filter(|e| e.is_record()).count() >= expected.len()
+                && seen.iter().any(|e| e.is_identity())
         })
         .await;
     let backfilled = channel.of(&did).len();
