@@ -15,22 +15,7 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use serde_json::{Value, json};
-use tap_atproto::record_filter::{Facts, RuleSet, Subject};
-use tap_atproto::syntax::Nsid;
-
-struct NoFacts;
-
-impl Facts for NoFacts {
-    fn kept(&self, _: &Nsid, _: &str) -> bool {
-        false
-    }
-    fn any_kept(&self, _: &Nsid) -> bool {
-        false
-    }
-    fn referenced(&self, _: usize, _: &str) -> bool {
-        false
-    }
-}
+use tap_atproto::record_filter::{NoFacts, RuleSet, Subject};
 
 fn bench_rule(c: &mut Criterion, name: &str, rule: &str, record: &Value) {
     let rules = RuleSet::parse(&[rule]).unwrap();

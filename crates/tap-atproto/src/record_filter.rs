@@ -195,6 +195,23 @@ pub trait Facts {
     fn referenced(&self, source: usize, value: &str) -> bool;
 }
 
+/// Facts for a rule that reads no other record (or a caller that has none to give):
+/// nothing is kept, nothing referenced.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoFacts;
+
+impl Facts for NoFacts {
+    fn kept(&self, _: &Nsid, _: &str) -> bool {
+        false
+    }
+    fn any_kept(&self, _: &Nsid) -> bool {
+        false
+    }
+    fn referenced(&self, _: usize, _: &str) -> bool {
+        false
+    }
+}
+
 /// A rule: the collection it governs and its expression.
 #[derive(Debug, Clone)]
 pub struct Rule {
@@ -268,6 +285,8 @@ pub struct RuleSet {
     ref_sources: Vec<(Nsid, Path)>,
     /// Collections with rules that reference others, each after what it depends on.
     order: Vec<Nsid>,
+    /// Collections some rule reads (asked per record, so kept rather than searched).
+    referenced: BTreeSet<String>,
 }
 
 impl RuleSet {
@@ -307,6 +326,11 @@ impl RuleSet {
             set.rules.insert(rule.collection.as_str().to_owned(), rule);
         }
         set.order = set.dependency_order()?;
+        set.referenced = set
+            .rules
+            .values()
+            .flat_map(|r| r.depends_on.iter().map(|d| d.as_str().to_owned()))
+            .collect();
         Ok(set)
     }
 
@@ -343,9 +367,15 @@ impl RuleSet {
     /// Whether some rule reads the delivered records of `collection`.
     #[must_use]
     pub fn is_referenced(&self, collection: &str) -> bool {
-        self.rules
-            .values()
-            .any(|r| r.depends_on.iter().any(|d| d.as_str() == collection))
+        self.referenced.contains(collection)
+    }
+
+    /// Whether some `refs(..)` reads values inside `collection`'s records.
+    #[must_use]
+    pub fn is_ref_source(&self, collection: &str) -> bool {
+        self.ref_sources
+            .iter()
+            .any(|(c, _)| c.as_str() == collection)
     }
 
     /// Whether `collection`'s rule references other collections.
@@ -790,28 +820,29 @@ impl<'a> Parser<'a> {
     }
 
     fn or(&mut self) -> Result<Expr, Fail> {
-        let mut parts = vec![self.and()?];
-        while self.is_word("or") {
-            self.next();
-            parts.push(self.and()?);
-        }
-        Ok(if parts.len() == 1 {
-            parts.remove(0)
-        } else {
-            Expr::Or(parts)
-        })
+        self.joined("or", Self::and, Expr::Or)
     }
 
     fn and(&mut self) -> Result<Expr, Fail> {
-        let mut parts = vec![self.factor()?];
-        while self.is_word("and") {
+        self.joined("and", Self::factor, Expr::And)
+    }
+
+    /// `part (word part)*`: one part alone, or all of them under `join`.
+    fn joined(
+        &mut self,
+        word: &str,
+        part: fn(&mut Self) -> Result<Expr, Fail>,
+        join: fn(Vec<Expr>) -> Expr,
+    ) -> Result<Expr, Fail> {
+        let mut parts = vec![part(self)?];
+        while self.is_word(word) {
             self.next();
-            parts.push(self.factor()?);
+            parts.push(part(self)?);
         }
         Ok(if parts.len() == 1 {
             parts.remove(0)
         } else {
-            Expr::And(parts)
+            join(parts)
         })
     }
 

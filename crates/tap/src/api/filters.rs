@@ -32,13 +32,19 @@ fn refused(error: FilterError) -> ApiError {
     }
 }
 
-async fn read_collections(headers: &HeaderMap, body: Body) -> Result<Vec<String>, ApiError> {
+/// A JSON body of type `T`; a malformed one is a `400` naming the `expected` shape.
+async fn read_body<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Body,
+    expected: &str,
+) -> Result<T, ApiError> {
     let bytes = read_json_body(headers, body).await?;
-    let parsed: Collections = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::bad_request(format!(
-            "invalid body: {e}; expected {{\"collections\": [\"nsid\", …]}}"
-        ))
-    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("invalid body: {e}; expected {expected}")))
+}
+
+async fn read_collections(headers: &HeaderMap, body: Body) -> Result<Vec<String>, ApiError> {
+    let parsed: Collections = read_body(headers, body, r#"{"collections": ["nsid", …]}"#).await?;
     Ok(parsed.collections)
 }
 
@@ -84,12 +90,12 @@ pub(super) async fn put_record_filters(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let bytes = read_json_body(&headers, body).await?;
-    let parsed: Rules = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::bad_request(format!(
-            "invalid body: {e}; expected {{\"rules\": [\"<collection>: <expression>\", …]}}"
-        ))
-    })?;
+    let parsed: Rules = read_body(
+        &headers,
+        body,
+        r#"{"rules": ["<collection>: <expression>", …]}"#,
+    )
+    .await?;
     let (rules, refetch) = state
         .filters
         .set_record_filters(&parsed.rules)

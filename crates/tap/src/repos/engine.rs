@@ -27,7 +27,7 @@ use crate::store::{
 };
 use crate::telemetry as t;
 use crate::wire::{IdentityEvent, IdentityStatus};
-use tap_atproto::record_filter::Subject;
+use tap_atproto::record_filter::NoFacts;
 
 /// Most live events kept for one repo while it resyncs (bounds the buffer's rows and the
 /// cutover's work; the cutover reads it a page at a time).
@@ -68,28 +68,7 @@ fn kept_by_content_rule(
         return true;
     };
     let record = rules::record_value(op.record.as_deref());
-    let uri = rules::record_uri(did, collection, rkey);
-    let subject = Subject {
-        uri: &uri,
-        rkey,
-        record: &record,
-    };
-    rule.holds(&subject, &NoFacts)
-}
-
-/// Facts for a rule that reads no other record: it never asks.
-struct NoFacts;
-
-impl tap_atproto::record_filter::Facts for NoFacts {
-    fn kept(&self, _: &tap_atproto::syntax::Nsid, _: &str) -> bool {
-        false
-    }
-    fn any_kept(&self, _: &tap_atproto::syntax::Nsid) -> bool {
-        false
-    }
-    fn referenced(&self, _: usize, _: &str) -> bool {
-        false
-    }
+    rules::holds(rule, did, collection, rkey, &record, &NoFacts)
 }
 
 /// Failures that stop an event from being handled; the firehose retries transient ones
@@ -471,13 +450,8 @@ impl Engine {
                 None
             } else {
                 let record = rules::record_value(op.record.as_deref());
-                let uri = rules::record_uri(did, &op.collection, &op.rkey);
-                let subject = Subject {
-                    uri: &uri,
-                    rkey: &op.rkey,
-                    record: &record,
-                };
-                Some(rules::decide_live(&self.store, did, rule, &subject, &overlay).await?)
+                let target = (op.collection.as_str(), op.rkey.as_str(), &record);
+                Some(rules::decide_live(&self.store, did, rule, target, &overlay).await?)
             };
             let judged = rules::judge_op(op, was, holds, referenced);
             refilter |= judged.refilter;

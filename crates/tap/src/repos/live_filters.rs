@@ -188,28 +188,52 @@ impl FilterControl {
             seed: seeds.filters.clone(),
             current: strings(&filters),
         };
-        // In force before the repos are marked: a resync finishing in between sees the new
-        // filters and fetches again (resync::worker), and none starting after the marking
-        // can use the old ones. Put back if the store refuses.
-        self.live.replace(old.with_filters(filters));
-        let refetch = match self
-            .store
-            .save_setting(
+        let refetch = self
+            .put_in_force(
+                &old,
+                old.with_filters(filters),
                 COLLECTION_FILTERS,
-                &serde_json::to_string(&stored).unwrap_or_default(),
+                &stored,
                 widened.then_some(WIDENED),
             )
-            .await
-        {
-            Ok(n) => n,
-            Err(error) => {
-                self.live.replace((*old).clone());
-                return Err(error.into());
-            }
-        };
+            .await?;
         tracing::info!(filters = ?stored.current, widened, refetch, "Collection filters changed.");
-        warn_rules(&self.live.current());
         Ok((stored.current, refetch))
+    }
+
+    /// Puts `new` in force and stores `stored` under `name`, marking every active repo for
+    /// a re-fetch with `refetch` (a reason) in the same transaction; returns how many were
+    /// marked. In force before the repos are marked: a resync finishing in between sees the
+    /// new scope and fetches again (resync::worker), and none starting after the marking
+    /// can use the old one. `old` is put back if the store refuses. Call with the seeds
+    /// lock held.
+    async fn put_in_force(
+        &self,
+        old: &Scope,
+        new: Scope,
+        name: &str,
+        stored: &Seeded,
+        refetch: Option<&str>,
+    ) -> Result<u64, FilterError> {
+        self.live.replace(new);
+        let marked = self
+            .store
+            .save_setting(
+                name,
+                &serde_json::to_string(stored).unwrap_or_default(),
+                refetch,
+            )
+            .await;
+        match marked {
+            Ok(n) => {
+                warn_rules(&self.live.current());
+                Ok(n)
+            }
+            Err(error) => {
+                self.live.replace(old.clone());
+                Err(error.into())
+            }
+        }
     }
 
     /// The record-content rules in force, as given.
@@ -237,25 +261,16 @@ impl FilterControl {
             seed: seeds.rules.clone(),
             current: rules.texts(),
         };
-        // In force before the repos are marked, as for the collection filters.
-        self.live.replace(old.with_rules(rules));
-        let refetch = match self
-            .store
-            .save_setting(
+        let refetch = self
+            .put_in_force(
+                &old,
+                old.with_rules(rules),
                 RECORD_FILTERS,
-                &serde_json::to_string(&stored).unwrap_or_default(),
+                &stored,
                 changed.then_some(RULES_CHANGED),
             )
-            .await
-        {
-            Ok(n) => n,
-            Err(error) => {
-                self.live.replace((*old).clone());
-                return Err(error.into());
-            }
-        };
+            .await?;
         tracing::info!(rules = ?stored.current, refetch, "Record filters changed.");
-        warn_rules(&self.live.current());
         Ok((stored.current, refetch))
     }
 

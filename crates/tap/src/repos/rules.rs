@@ -36,11 +36,7 @@ pub const MAX_FACTS: usize = 1_000_000;
 /// rules read values inside its records.
 #[must_use]
 pub fn must_download(rules: &RuleSet, collection: &str) -> bool {
-    rules.is_dependent(collection)
-        || rules
-            .ref_sources()
-            .iter()
-            .any(|(c, _)| c.as_str() == collection)
+    rules.is_dependent(collection) || rules.is_ref_source(collection)
 }
 
 /// The record's JSON as a value for a rule (`Null` when it has no readable body).
@@ -65,6 +61,26 @@ fn local_key<'u>(did: &str, uri: &'u str) -> Option<(&'u str, &'u str)> {
 #[must_use]
 pub fn record_uri(did: &str, collection: &str, rkey: &str) -> String {
     format!("at://{did}/{collection}/{rkey}")
+}
+
+/// `rule`'s verdict on the record `collection/rkey` of `did` holding `record`.
+pub fn holds(
+    rule: &Rule,
+    did: &str,
+    collection: &str,
+    rkey: &str,
+    record: &Value,
+    facts: &dyn Facts,
+) -> bool {
+    let uri = record_uri(did, collection, rkey);
+    rule.holds(
+        &Subject {
+            uri: &uri,
+            rkey,
+            record,
+        },
+        facts,
+    )
 }
 
 /// What a live op does to the consumer's view.
@@ -170,7 +186,7 @@ pub async fn decide_live(
     store: &Store,
     did: &str,
     rule: &Rule,
-    subject: &Subject<'_>,
+    (collection, rkey, record): (&str, &str, &Value),
     overlay: &HashMap<(String, String), bool>,
 ) -> Result<bool, StoreError> {
     let mut known: HashMap<Query, bool> = HashMap::new();
@@ -180,7 +196,7 @@ pub async fn decide_live(
             known: &known,
             misses: RefCell::new(Vec::new()),
         };
-        let verdict = rule.holds(subject, &probe);
+        let verdict = holds(rule, did, collection, rkey, record, &probe);
         let misses = probe.misses.into_inner();
         if misses.is_empty() {
             return Ok(verdict);

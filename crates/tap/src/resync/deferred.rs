@@ -11,6 +11,7 @@ use tap_atproto::Cid;
 /// The deferred records of one snapshot.
 pub(super) struct Deferred {
     file: Option<BufWriter<File>>,
+    /// Bytes written so far (where a reader stops).
     bytes: u64,
     cap: u64,
     /// Collections with a deferred record, in the order they came.
@@ -44,6 +45,7 @@ impl Deferred {
         record: &[u8],
     ) -> io::Result<()> {
         let cid = cid.to_bytes();
+        // Exactly what is written: four parts, each after its 4-byte length.
         let size = (collection.len() + rkey.len() + cid.len() + record.len() + 16) as u64;
         if self.bytes + size > self.cap {
             return Err(io::Error::other(format!(
@@ -81,16 +83,9 @@ impl Deferred {
         Ok(Some(Reader {
             file: BufReader::new(read),
             collection: collection.to_owned(),
-            end: self.bytes_written(),
+            end: self.bytes,
             at: 0,
         }))
-    }
-
-    fn bytes_written(&self) -> u64 {
-        self.file
-            .as_ref()
-            .and_then(|f| f.get_ref().metadata().ok())
-            .map_or(0, |m| m.len())
     }
 }
 

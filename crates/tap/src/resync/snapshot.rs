@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use serde_json::Value;
 use tap_atproto::Cid;
-use tap_atproto::record_filter::Subject;
 use tap_atproto::stream::RepoWalker;
 use tap_atproto::syntax::{Did, Tid};
 
@@ -182,7 +181,7 @@ impl<'a> Snapshot<'a> {
             return self
                 .deferred
                 .push(collection, rkey, cid, bytes)
-                .map_err(|e| ResyncError::Transient(format!("record filters: {e}")));
+                .map_err(deferral_failed);
         }
         self.judge(collection, rkey, cid, bytes).await
     }
@@ -207,15 +206,14 @@ impl<'a> Snapshot<'a> {
             _ => Value::Null,
         };
         let kept = match (rule, &json) {
-            (Some(rule), Some(_)) => {
-                let uri = rules::record_uri(self.did.as_str(), collection, rkey);
-                let subject = Subject {
-                    uri: &uri,
-                    rkey,
-                    record: &value,
-                };
-                rule.holds(&subject, &self.facts)
-            }
+            (Some(rule), Some(_)) => rules::holds(
+                rule,
+                self.did.as_str(),
+                collection,
+                rkey,
+                &value,
+                &self.facts,
+            ),
             _ => true,
         };
         if let Some(bytes) = bytes {
@@ -297,12 +295,15 @@ impl<'a> Snapshot<'a> {
     /// Judges the deferred records, each collection after every collection its rule reads.
     async fn judge_deferred(&mut self) -> Result<(), ResyncError> {
         let scope = Arc::clone(&self.scope);
-        let disk = |e: std::io::Error| ResyncError::Transient(format!("record filters: {e}"));
         for collection in scope.rules().dependent_order() {
-            let Some(mut reader) = self.deferred.reader(collection.as_str()).map_err(disk)? else {
+            let Some(mut reader) = self
+                .deferred
+                .reader(collection.as_str())
+                .map_err(deferral_failed)?
+            else {
                 continue;
             };
-            while let Some(entry) = reader.next().map_err(disk)? {
+            while let Some(entry) = reader.next().map_err(deferral_failed)? {
                 self.judge(
                     collection.as_str(),
                     &entry.rkey,
@@ -482,6 +483,12 @@ impl Drop for Snapshot<'_> {
     fn drop(&mut self) {
         self.settle_tally();
     }
+}
+
+/// The deferred-records file failed (this machine's disk, or its cap): no verdict on the
+/// repo, retried later.
+fn deferral_failed(e: std::io::Error) -> ResyncError {
+    ResyncError::Transient(format!("record filters: {e}"))
 }
 
 /// A record left unfetched because the index held it, which the index does not hold after
