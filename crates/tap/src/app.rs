@@ -377,6 +377,7 @@ impl App {
             resync::spawn(
                 &ResyncSettings {
                     parallelism: config.resync_parallelism,
+                    per_host: config.resync_parallelism_per_host,
                     fetch_timeout: config.repo_fetch_timeout,
                     max_repo_bytes: config.max_repo_bytes,
                     spill_budget: tap_atproto::stream::SpillBudget::new(config.max_spill_bytes),

@@ -65,6 +65,8 @@ pub const RESYNCS_STARTED: &str = "tap_resyncs_started_total";
 pub const RESYNCS_COMPLETED: &str = "tap_resyncs_completed_total";
 /// Resyncs failed (rate limits included).
 pub const RESYNCS_FAILED: &str = "tap_resyncs_failed_total";
+/// Resyncs put off because their PDS host had its share already (not counted as started).
+pub const RESYNCS_HOST_BUSY: &str = "tap_resyncs_host_busy_total";
 /// Resync durations.
 pub const RESYNC_DURATION_SECONDS: &str = "tap_resync_duration_seconds";
 
@@ -221,6 +223,10 @@ fn describe() {
     metrics::describe_counter!(RESYNCS_STARTED, "Resyncs started.");
     metrics::describe_counter!(RESYNCS_COMPLETED, "Resyncs completed.");
     metrics::describe_counter!(RESYNCS_FAILED, "Resyncs failed, rate limits included.");
+    metrics::describe_counter!(
+        RESYNCS_HOST_BUSY,
+        "Resyncs put off because their PDS host had --resync-parallelism-per-host already."
+    );
     metrics::describe_histogram!(RESYNC_DURATION_SECONDS, "Resync durations.");
     metrics::describe_histogram!(
         CHANNEL_SEND_WAIT_SECONDS,

@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tap::Config;
 use tap_atproto::writer::WriteOp;
-use tap_testkit::fake_pds::RepoReply;
+use tap_testkit::fake_pds::{FakePds, RepoReply};
 use tap_testkit::repo_builder::{RepoBuilder, TestKey};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -597,12 +597,16 @@ async fn trickling_pdses_do_not_hold_every_worker() {
             )
         })
         .collect();
+    // Five hosts: one host alone could hold only its share of the workers.
+    let mut hosts = Vec::new();
     for (i, repo) in slow.iter().enumerate() {
-        net.publish(repo, &format!("slow{i}.test"));
-        net.pds.set_repo(
+        let host = FakePds::start().await;
+        net.plc.publish(repo, &format!("slow{i}.test"), &host.url());
+        host.set_repo(
             repo.did().as_str(),
             RepoReply::Trickle(repo.car_tree_order(), Duration::from_millis(10)),
         );
+        hosts.push(host);
     }
     let normal = RepoBuilder::with_records(did(110), TestKey::k256(110), 110, 20);
     net.host(&normal, "normal.test", normal.car_tree_order());
@@ -632,6 +636,84 @@ async fn trickling_pdses_do_not_hold_every_worker() {
             .contains("--repo-fetch-min-rate"),
         "{cut}"
     );
+    tap.stop().await;
+}
+
+/// One PDS host trickling six repos (each slowly but above any minimum rate) may hold only
+/// `--resync-parallelism-per-host` workers: a repo on another host is synced at once
+/// instead of waiting the whole fetch timeout for a free worker, and the slow host's
+/// repos wait their turn without a failure counted against them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_slow_host_holds_only_its_share_of_the_workers() {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    let net = Net::start().await;
+    let slow: Vec<RepoBuilder> = (0..6u32)
+        .map(|i| {
+            RepoBuilder::with_records(
+                did(120 + i),
+                TestKey::k256(120 + u64::from(i)),
+                120 + u64::from(i),
+                20,
+            )
+        })
+        .collect();
+    for (i, repo) in slow.iter().enumerate() {
+        net.publish(repo, &format!("slow{i}.test"));
+        net.pds.set_repo(
+            repo.did().as_str(),
+            RepoReply::Trickle(repo.car_tree_order(), Duration::from_millis(10)),
+        );
+    }
+    // The normal repo lives on its own PDS host.
+    let other = FakePds::start().await;
+    let normal = RepoBuilder::with_records(did(130), TestKey::k256(130), 130, 20);
+    net.plc.publish(&normal, "normal.test", &other.url());
+    other.set_repo(
+        normal.did().as_str(),
+        RepoReply::Car(normal.car_tree_order()),
+    );
+    let mut cfg = net.config(&db);
+    cfg.resync_parallelism = 3;
+    cfg.resync_parallelism_per_host = 2;
+    // Only the per-host share protects the other host here.
+    cfg.repo_fetch_min_rate = 0;
+    let tap = TestTap::start(cfg).await;
+    for repo in &slow {
+        add(&tap, repo.did()).await;
+    }
+    tap_testkit::wait::poll_until(
+        "the slow host at its share",
+        Duration::from_secs(20),
+        || async {
+            let mut resyncing = 0;
+            for repo in &slow {
+                resyncing +=
+                    usize::from(sync_support::info(&tap, repo.did()).await["state"] == "resyncing");
+            }
+            (resyncing == 2).then_some(())
+        },
+    )
+    .await;
+    add(&tap, normal.did()).await;
+    tap_testkit::wait::poll_until(
+        "the other host's repo synced",
+        Duration::from_secs(20),
+        || async {
+            (sync_support::info(&tap, normal.did()).await["state"] == "active").then_some(())
+        },
+    )
+    .await;
+    let mut resyncing = 0;
+    for repo in &slow {
+        let info = sync_support::info(&tap, repo.did()).await;
+        assert_ne!(info["state"], "error", "{info}");
+        assert_eq!(
+            info["retries"], 0,
+            "waiting for a host is no failure: {info}"
+        );
+        resyncing += usize::from(info["state"] == "resyncing");
+    }
+    assert!(resyncing <= 2, "{resyncing} resyncs on one host");
     tap.stop().await;
 }
 

@@ -200,6 +200,8 @@ pub struct Config {
     pub firehose_parallelism: usize,
     /// `--resync-parallelism`.
     pub resync_parallelism: usize,
+    /// `--resync-parallelism-per-host`.
+    pub resync_parallelism_per_host: usize,
     /// `--max-connections`, `--http-header-timeout`: inbound limits of the HTTP servers.
     pub http_limits: crate::api::server::HttpLimits,
     /// `--max-channel-sessions`.
@@ -705,6 +707,7 @@ impl Config {
             relay_url: http_url_of("relay-url")?,
             firehose_parallelism: count_of("firehose-parallelism")?,
             resync_parallelism: count_of("resync-parallelism")?,
+            resync_parallelism_per_host: count_of("resync-parallelism-per-host")?,
             http_limits: crate::api::server::HttpLimits {
                 max_connections: count_of("max-connections")?,
                 header_timeout,

@@ -328,6 +328,16 @@ pub const SETTINGS: &[Setting] = &[
         ignored: false,
     },
     Setting {
+        flag: "resync-parallelism-per-host",
+        flag_alias: "",
+        envs: &["TAP_RESYNC_PARALLELISM_PER_HOST"],
+        default: "4",
+        kind: Kind::Value,
+        help: "most resyncs fetching from one PDS host at once; a repo whose host is full waits a few seconds while other hosts' repos go ahead, so one slow host cannot hold every worker (extension)",
+        extension: true,
+        ignored: false,
+    },
+    Setting {
         flag: "repo-fetch-min-rate",
         flag_alias: "",
         envs: &["TAP_REPO_FETCH_MIN_RATE"],

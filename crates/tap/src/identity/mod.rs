@@ -479,6 +479,13 @@ impl Identity {
         slot.result
     }
 
+    /// The PDS the cache holds for `did`, without fetching anything: a
+    /// hint (where a resync would probably go), never a basis for trusting data.
+    pub async fn cached_pds(&self, did: &Did) -> Option<Url> {
+        let slot = self.inner.repos.get(did).await?;
+        slot.result.ok()?.pds.clone()
+    }
+
     async fn load_repo(&self, did: &Did) -> Slot<RepoIdentity> {
         let result = did::fetch_document(&self.inner.http, &self.inner.plc_url, did)
             .await

@@ -46,6 +46,8 @@ pub const WALK_MEMORY_BUDGET: usize = 4 << 20;
 pub struct ResyncSettings {
     /// Workers (`--resync-parallelism`).
     pub parallelism: usize,
+    /// Most of them on one PDS host at once (`--resync-parallelism-per-host`).
+    pub per_host: usize,
     /// Whole-request timeout of `getRepo` (`--repo-fetch-timeout`).
     pub fetch_timeout: Duration,
     /// Largest repo CAR accepted, in bytes.
@@ -73,6 +75,10 @@ pub enum ResyncError {
     /// A verdict: the repo does not verify, its identity or PDS refuses it: error state.
     #[error("{0}")]
     Failed(String),
+    /// The repo's PDS host already has its share of resyncs: not tried, its turn comes
+    /// again in seconds.
+    #[error("its PDS host {0} is busy with other resyncs")]
+    HostBusy(String),
     /// The repo was removed or re-added while resyncing: stop quietly.
     #[error("repo removed during resync")]
     Abandoned,

@@ -107,13 +107,16 @@ async fn run_worker(worker: Worker, stop: CancellationToken) {
         };
         let did = repo.did.clone();
         let scope_at_start = worker.engine.scope();
-        metrics::counter!(t::RESYNCS_STARTED).increment(1);
         let started = std::time::Instant::now();
         let result = tokio::select! {
             () = stop.cancelled() => Err(ResyncError::Stopped),
             r = resync_repo(&worker, &repo) => r,
         };
-        metrics::histogram!(t::RESYNC_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
+        // A repo put off for its busy host was not an attempt.
+        if !matches!(result, Err(ResyncError::HostBusy(_))) {
+            metrics::counter!(t::RESYNCS_STARTED).increment(1);
+            metrics::histogram!(t::RESYNC_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
+        }
         let failure = match result {
             Ok(records) => {
                 metrics::counter!(t::RESYNCS_COMPLETED).increment(1);
@@ -141,6 +144,22 @@ async fn run_worker(worker: Worker, stop: CancellationToken) {
                 tracing::info!(%did, "Repo removed during its resync; stopped.");
                 continue;
             }
+            Err(ResyncError::HostBusy(host)) => {
+                // The repo waits a few seconds, and this worker until some host has room
+                // (or a poll passes), so a queue of one busy host's repos is not claimed and
+                // put back in a tight loop.
+                metrics::counter!(t::RESYNCS_HOST_BUSY).increment(1);
+                tracing::debug!(%did, %host, "PDS host full; the repo waits its turn.");
+                if !record_failure(store, &did, &ResyncFailure::HostBusy, &stop).await {
+                    return;
+                }
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = worker.progress.host_freed() => {}
+                    () = tokio::time::sleep(IDLE_POLL) => {}
+                }
+                continue;
+            }
             Err(ResyncError::RateLimited) => ResyncFailure::RateLimited,
             Err(ResyncError::Transient(reason)) => ResyncFailure::Transient(reason),
             Err(ResyncError::Failed(reason)) => ResyncFailure::Failed(reason),
@@ -152,31 +171,43 @@ async fn run_worker(worker: Worker, stop: CancellationToken) {
         };
         metrics::counter!(t::RESYNCS_FAILED).increment(1);
         tracing::info!(%did, ?failure, "Resync failed.");
-        // Until it is recorded the repo stays `resyncing`, which nothing else claims: keep
-        // trying rather than leave it stuck until a restart.
-        loop {
-            match store
-                .mark_resync_failed(
-                    did.as_str(),
-                    failure.clone(),
-                    now_unix(),
-                    rand::random::<u64>() % 60_000,
-                )
-                .await
-            {
-                Ok(()) => {
-                    requeue_if_forced(store, &did).await;
-                    break;
-                }
-                Err(error) if error.is_closed() => return,
-                Err(error) => {
-                    tracing::warn!(%did, %error, "Failed to record a resync failure; retrying.");
-                }
+        if !record_failure(store, &did, &failure, &stop).await {
+            return;
+        }
+    }
+}
+
+/// Records `failure` for `did`. Until it is recorded the repo stays `resyncing`, which
+/// nothing else claims: keeps trying rather than leave it stuck until a restart. `false`
+/// when tap is stopping.
+async fn record_failure(
+    store: &Store,
+    did: &Did,
+    failure: &ResyncFailure,
+    stop: &CancellationToken,
+) -> bool {
+    loop {
+        match store
+            .mark_resync_failed(
+                did.as_str(),
+                failure.clone(),
+                now_unix(),
+                rand::random::<u64>() % 60_000,
+            )
+            .await
+        {
+            Ok(()) => {
+                requeue_if_forced(store, did).await;
+                return true;
             }
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = tokio::time::sleep(IDLE_POLL) => {}
+            Err(error) if error.is_closed() => return false,
+            Err(error) => {
+                tracing::warn!(%did, %error, "Failed to record a resync failure; retrying.");
             }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return false,
+            () = tokio::time::sleep(IDLE_POLL) => {}
         }
     }
 }
@@ -202,13 +233,25 @@ async fn resync_repo(worker: &Worker, repo: &RepoRow) -> Result<u64, ResyncError
         progress,
     } = worker;
     let did = &repo.did;
+    let per_host = u32::try_from(settings.per_host).unwrap_or(u32::MAX);
+    // A repo bounced off a full host keeps its identity cached: look before fetching the
+    // DID document again, so waiting for a busy host costs no PLC request.
+    if let Some(pds) = engine.identity().cached_pds(did).await {
+        let host = super::fetch::host_of(&pds);
+        if progress.host_full(&host, per_host) {
+            return Err(ResyncError::HostBusy(host));
+        }
+    }
     // Key and PDS fetched now, from the DID document alone (a rotated key or a moved PDS
     // takes effect here); the handle is checked apart and announced when it is known.
     let ident = engine.identity().refresh_repo(did).await?;
-    handles.submit(did.clone()).await;
     let key = ident.require_signing_key()?.clone();
     let pds_url = ident.require_pds()?.clone();
-    let _busy = progress.resync_on(&super::fetch::host_of(&pds_url));
+    let host = super::fetch::host_of(&pds_url);
+    let Some(_busy) = progress.try_resync_on(&host, per_host) else {
+        return Err(ResyncError::HostBusy(host));
+    };
+    handles.submit(did.clone()).await;
     // With nothing indexed, every record is a create that the repo itself can produce
     // again, so the events need not be stored one by one (decisions in
     // docs/architecture.md, "Write volume").

@@ -48,6 +48,8 @@ pub struct Progress {
     resyncs_done: AtomicU64,
     records_synced: AtomicU64,
     busy_hosts: Mutex<BTreeMap<String, u32>>,
+    /// Signalled whenever a resync leaves a host, for workers waiting for room on one.
+    host_freed: tokio::sync::Notify,
     enumeration: Mutex<Option<Enumeration>>,
 }
 
@@ -101,6 +103,7 @@ impl Default for Progress {
             resyncs_done: AtomicU64::new(0),
             records_synced: AtomicU64::new(0),
             busy_hosts: Mutex::default(),
+            host_freed: tokio::sync::Notify::new(),
             enumeration: Mutex::default(),
         }
     }
@@ -165,6 +168,8 @@ impl Drop for BusyHost {
                 hosts.remove(&self.host);
             }
         }
+        drop(hosts);
+        self.progress.host_freed.notify_waiters();
     }
 }
 
@@ -242,14 +247,32 @@ impl Progress {
         self.records_synced.fetch_add(records, Ordering::Relaxed);
     }
 
-    /// A resync is fetching from `host` until the guard drops.
+    /// A resync takes a place on `host` until the guard drops, if fewer than `limit`
+    /// hold one (`--resync-parallelism-per-host`); `None` when the host is full. Checked and
+    /// taken under one lock, so two workers cannot both take the last place.
     #[must_use]
-    pub fn resync_on(self: &Arc<Self>, host: &str) -> BusyHost {
-        *self.hosts().entry(host.to_owned()).or_insert(0) += 1;
-        BusyHost {
+    pub fn try_resync_on(self: &Arc<Self>, host: &str, limit: u32) -> Option<BusyHost> {
+        let mut hosts = self.hosts();
+        let held = hosts.entry(host.to_owned()).or_insert(0);
+        if *held >= limit.max(1) {
+            return None;
+        }
+        *held += 1;
+        Some(BusyHost {
             progress: Arc::clone(self),
             host: host.to_owned(),
-        }
+        })
+    }
+
+    /// Whether `host` has `limit` resyncs already (a look, not a reservation).
+    #[must_use]
+    pub fn host_full(&self, host: &str, limit: u32) -> bool {
+        self.hosts().get(host).is_some_and(|n| *n >= limit.max(1))
+    }
+
+    /// Resolves when a resync next leaves a host.
+    pub async fn host_freed(&self) {
+        self.host_freed.notified().await;
     }
 
     /// An enumeration page of `listing` listed `dids` (in the relay's order).

@@ -934,7 +934,8 @@ impl PgStore {
         let tx = client.transaction().await.map_err(pg(OP))?;
         let row = tx
             .query_opt(
-                "SELECT retry_count FROM repos WHERE did = $1 AND state = 'resyncing' FOR UPDATE",
+                "SELECT retry_count, error_msg FROM repos \
+                 WHERE did = $1 AND state = 'resyncing' FOR UPDATE",
                 &[&did],
             )
             .await
@@ -942,7 +943,13 @@ impl PgStore {
         let Some(row) = row else {
             return Ok(()); // removed (or re-added) mid-resync: nothing to record
         };
-        let update = failure.row_update(row.try_get(0).map_err(pg(OP))?, now_unix, jitter_ms);
+        let message: String = row.try_get(1).map_err(pg(OP))?;
+        let update = failure.row_update(
+            row.try_get(0).map_err(pg(OP))?,
+            &message,
+            now_unix,
+            jitter_ms,
+        );
         tx.execute(
             "UPDATE repos SET state = $2, error_msg = $3, retry_count = $4, retry_after = $5 \
              WHERE did = $1",

@@ -17,7 +17,15 @@ pub enum ResyncFailure {
     /// A verdict on the repo (it does not verify, the PDS does not have it…): `error`, with
     /// this message, retried after the long backoff.
     Failed(String),
+    /// Not a failure: the repo's PDS host already had its share of resyncs
+    /// (`--resync-parallelism-per-host`), so the repo waits its turn. Back to
+    /// `desynchronized` for a few seconds with its count and its message untouched (the
+    /// message may be why it was queued, which the next attempt reads).
+    HostBusy,
 }
+
+/// How long a repo whose host was full waits before it is claimed again, at least.
+const HOST_BUSY_WAIT: Duration = Duration::from_secs(2);
 
 /// The repo row's new values after a failed resync: what both backends write.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,47 +37,44 @@ pub(super) struct FailedResync<'a> {
 }
 
 impl ResyncFailure {
-    /// The row update for a repo whose stored retry count is `stored_count`.
-    pub(super) fn row_update(
-        &self,
+    /// The row update for a repo whose stored retry count is `stored_count` and stored
+    /// message `stored_message`.
+    pub(super) fn row_update<'a>(
+        &'a self,
         stored_count: i64,
+        stored_message: &'a str,
         now_unix: i64,
         jitter_ms: u64,
-    ) -> FailedResync<'_> {
+    ) -> FailedResync<'a> {
         let count = schema::clamp_retry_count(stored_count);
-        let (state, message, retry_after) = self.next_attempt(now_unix, count, jitter_ms);
-        FailedResync {
+        let failed = |state, message, retry_after| FailedResync {
             state,
             message,
             retry_count: i64::from(count.saturating_add(1)),
             retry_after,
-        }
-    }
-
-    /// Where the repo goes: its state, error message and the unix time of the next try,
-    /// given the failures counted before this one.
-    fn next_attempt(
-        &self,
-        now_unix: i64,
-        retry_count_before: u32,
-        jitter_ms: u64,
-    ) -> (RepoState, &str, i64) {
+        };
         match self {
-            Self::RateLimited => (
+            Self::RateLimited => failed(
                 RepoState::Desynchronized,
                 "",
-                resync_retry_after(now_unix, retry_count_before, jitter_ms),
+                resync_retry_after(now_unix, count, jitter_ms),
             ),
-            Self::Transient(message) => (
+            Self::Transient(message) => failed(
                 RepoState::Desynchronized,
                 message,
-                transient_retry_after(now_unix, retry_count_before, jitter_ms),
+                transient_retry_after(now_unix, count, jitter_ms),
             ),
-            Self::Failed(message) => (
+            Self::Failed(message) => failed(
                 RepoState::Error,
                 message,
-                resync_retry_after(now_unix, retry_count_before, jitter_ms),
+                resync_retry_after(now_unix, count, jitter_ms),
             ),
+            Self::HostBusy => FailedResync {
+                state: RepoState::Desynchronized,
+                message: stored_message,
+                retry_count: i64::from(count),
+                retry_after: after(now_unix, HOST_BUSY_WAIT, (jitter_ms % 3000).div_ceil(1000)),
+            },
         }
     }
 }
@@ -136,25 +141,43 @@ mod tests {
             i64::MAX
         );
         let transient = ResyncFailure::Transient("PDS timed out".into());
+        let at = |f: &ResyncFailure, count| {
+            let u = f.row_update(count, "", now, 0);
+            (u.state, u.message.to_owned(), u.retry_after)
+        };
         assert_eq!(
-            transient.next_attempt(now, 0, 0),
-            (RepoState::Desynchronized, "PDS timed out", now + 15)
+            at(&transient, 0),
+            (RepoState::Desynchronized, "PDS timed out".into(), now + 15)
         );
         let verdict = ResyncFailure::Failed("bad signature".into());
         assert_eq!(
-            verdict.next_attempt(now, 0, 0),
-            (RepoState::Error, "bad signature", now + 60)
+            at(&verdict, 0),
+            (RepoState::Error, "bad signature".into(), now + 60)
         );
         assert_eq!(
-            ResyncFailure::RateLimited.next_attempt(now, 1, 0),
-            (RepoState::Desynchronized, "", now + 120)
+            at(&ResyncFailure::RateLimited, 1),
+            (RepoState::Desynchronized, String::new(), now + 120)
+        );
+    }
+
+    #[test]
+    fn a_repo_whose_host_is_full_waits_seconds_and_keeps_its_count_and_reason() {
+        let update = ResyncFailure::HostBusy.row_update(3, "filters widened", 1_000, 2_500);
+        assert_eq!(
+            update,
+            FailedResync {
+                state: RepoState::Desynchronized,
+                message: "filters widened",
+                retry_count: 3,
+                retry_after: 1_000 + 2 + 3,
+            }
         );
     }
 
     #[test]
     fn a_failed_resync_counts_one_more_failure_from_the_stored_count() {
         let verdict = ResyncFailure::Failed("bad signature".into());
-        let update = verdict.row_update(2, 1_000, 0);
+        let update = verdict.row_update(2, "", 1_000, 0);
         assert_eq!(
             update,
             FailedResync {
@@ -164,9 +187,13 @@ mod tests {
                 retry_after: 1_000 + 240,
             }
         );
-        assert_eq!(verdict.row_update(-5, 0, 0).retry_count, 1, "corrupt count");
         assert_eq!(
-            verdict.row_update(i64::MAX, 0, 0).retry_count,
+            verdict.row_update(-5, "", 0, 0).retry_count,
+            1,
+            "corrupt count"
+        );
+        assert_eq!(
+            verdict.row_update(i64::MAX, "", 0, 0).retry_count,
             i64::from(u32::MAX),
             "saturates"
         );

@@ -785,6 +785,36 @@ test_each_store!(
 );
 
 test_each_store!(
+    a_repo_put_off_for_a_busy_host_keeps_its_failures_and_reason,
+    |store, _url| {
+        store.add_repos(&dids(&["a"])).await.unwrap();
+        claim(&store, NOW).await;
+        store
+            .mark_resync_failed(
+                "did:plc:a",
+                ResyncFailure::Transient("timeout".into()),
+                NOW,
+                0,
+            )
+            .await
+            .unwrap();
+        let failed = store.get_repo("did:plc:a").await.unwrap().unwrap();
+        let later = failed.retry_after + 1;
+        claim(&store, later).await;
+        store
+            .mark_resync_failed("did:plc:a", ResyncFailure::HostBusy, later, 0)
+            .await
+            .unwrap();
+        let waiting = store.get_repo("did:plc:a").await.unwrap().unwrap();
+        assert_eq!(
+            (waiting.state, waiting.error.as_str(), waiting.retry_count),
+            (RepoState::Desynchronized, "timeout", 1)
+        );
+        assert_eq!(waiting.retry_after, later + 2);
+    }
+);
+
+test_each_store!(
     mark_resync_failed_on_a_removed_repo_is_a_noop,
     |store, _url| {
         store.add_repos(&dids(&["a"])).await.unwrap();

@@ -732,16 +732,20 @@ impl SqliteStore {
     ) -> Result<(), StoreError> {
         self.write(move |conn| {
             const OP: &str = "mark_resync_failed";
-            let count: Option<i64> = conn
+            let stored: Option<(i64, String)> = conn
                 .prepare_cached(
-                    "SELECT retry_count FROM repos WHERE did = ?1 AND state = 'resyncing'",
+                    "SELECT retry_count, error_msg FROM repos \
+                     WHERE did = ?1 AND state = 'resyncing'",
                 )
-                .and_then(|mut stmt| stmt.query_row([&did], |row| row.get(0)).optional())
+                .and_then(|mut stmt| {
+                    stmt.query_row([&did], |row| Ok((row.get(0)?, row.get(1)?)))
+                        .optional()
+                })
                 .map_err(sq(OP))?;
-            let Some(count) = count else {
+            let Some((count, message)) = stored else {
                 return Ok(()); // removed (or re-added) mid-resync: nothing to record
             };
-            let update = failure.row_update(count, now_unix, jitter_ms);
+            let update = failure.row_update(count, &message, now_unix, jitter_ms);
             conn.prepare_cached(
                 "UPDATE repos SET state = ?2, error_msg = ?3, retry_count = ?4, retry_after = ?5 \
                  WHERE did = ?1",
