@@ -37,6 +37,14 @@ pub enum RepoReply {
     Status(u16),
     /// The CAR, one byte per interval.
     Trickle(Vec<u8>, Duration),
+    /// `car` with `junk` bytes of distinct unreferenced blocks between its header and its
+    /// blocks, generated while they are sent: a gigabyte of it costs no memory here.
+    JunkAhead {
+        /// A whole CAR (header and blocks).
+        car: Vec<u8>,
+        /// Bytes of junk blocks to put after its header, rounded up to whole blocks.
+        junk: u64,
+    },
     /// A body that never ends: `prefix` once, then `chunk` forever (e.g. a CAR header
     /// followed by one well-formed block repeated without end).
     Endless {
@@ -328,6 +336,23 @@ async fn get_repo(
             });
             (car, Body::from_stream(stream)).into_response()
         }
+        Some(RepoReply::JunkAhead { car: whole, junk }) => {
+            use futures_util::StreamExt as _;
+            let (header, blocks) = split_car_header(whole);
+            let count = junk.div_ceil(crate::repo_builder::JUNK_BLOCK as u64);
+            shared.count(
+                Endpoint::GetRepo,
+                header.len() + blocks.len() + usize::try_from(junk).unwrap_or(usize::MAX),
+            );
+            let junk = futures_util::stream::iter(0..count)
+                .map(|i| Ok::<_, Infallible>(Bytes::from(crate::repo_builder::junk_block(i))));
+            let body = futures_util::stream::once(async move { Ok(Bytes::from(header)) })
+                .chain(junk)
+                .chain(futures_util::stream::once(async move {
+                    Ok(Bytes::from(blocks))
+                }));
+            (car, Body::from_stream(body)).into_response()
+        }
         Some(RepoReply::Endless { prefix, chunk }) => {
             let chunk = Bytes::from(chunk);
             let first =
@@ -343,6 +368,21 @@ async fn get_repo(
                 .into_response()
         }
     }
+}
+
+/// A CAR's header (its length varint included) and the blocks after it.
+fn split_car_header(mut car: Vec<u8>) -> (Vec<u8>, Vec<u8>) {
+    let mut len = 0usize;
+    let mut at = 0;
+    for (i, byte) in car.iter().enumerate() {
+        len |= usize::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            at = i + 1;
+            break;
+        }
+    }
+    let blocks = car.split_off((at + len).min(car.len()));
+    (car, blocks)
 }
 
 /// An XRPC error answer, counted like any other body.

@@ -48,6 +48,10 @@ pub enum Reply {
     Text(String),
     /// This status with a small JSON error body.
     Status(u16),
+    /// 200 with this JSON document grown to about this many bytes by `alsoKnownAs`
+    /// entries, made for each request: a thousand large documents cost no memory while
+    /// they are set.
+    Padded(Value, usize),
     /// 200 with a body of this many bytes, streamed in 64 KiB chunks without a
     /// `Content-Length` (so only a streaming cap can stop it).
     Oversized(usize),
@@ -309,6 +313,15 @@ fn json_body(status: StatusCode, value: &Value) -> (Response, u64) {
 fn render(reply: Reply) -> (Response, u64) {
     match reply {
         Reply::Json(value) => json_body(StatusCode::OK, &value),
+        Reply::Padded(mut doc, size) => {
+            // Aliases of 106 bytes each as JSON (a label of 90), numbered so none repeats.
+            let room = size.saturating_sub(doc.to_string().len());
+            let aliases = (0..room / 106)
+                .map(|i| json!(format!("at://{i:0>90}.example")))
+                .collect();
+            doc["alsoKnownAs"] = Value::Array(aliases);
+            json_body(StatusCode::OK, &doc)
+        }
         Reply::Text(text) => {
             let len = text.len() as u64;
             (text.into_response(), len)

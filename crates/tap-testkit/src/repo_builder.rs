@@ -590,11 +590,8 @@ impl RepoBuilder {
         let (root, _) = self.writer.head().expect("repo has a commit");
         let mut out = Vec::new();
         car::write_car_header(&mut out, &[*root]);
-        let mut filler = vec![0u8; 64 << 10];
-        for i in 0..junk.div_ceil(filler.len()) {
-            filler[..8].copy_from_slice(&(i as u64).to_le_bytes());
-            let cid = tap_atproto::hash::cid_for(0x55, &filler);
-            car::write_car_block(&mut out, &cid, &filler);
+        for i in 0..junk.div_ceil(JUNK_BLOCK) {
+            out.extend_from_slice(&junk_block(i as u64));
         }
         for c in &self.preorder() {
             car::write_car_block(&mut out, c, &self.writer.blocks()[c]);
@@ -787,6 +784,21 @@ pub fn write_repo_car(path: &std::path::Path, n: usize, seed: u64) -> std::io::R
     let b = RepoBuilder::with_records(did, key.clone(), seed, n);
     std::fs::write(path, b.car_tree_order())?;
     Ok(key.did_key())
+}
+
+/// Payload bytes of one [`junk_block`].
+pub const JUNK_BLOCK: usize = 64 << 10;
+
+/// The `i`th of a sequence of distinct raw blocks nothing references, CAR-encoded (64 KiB
+/// each): what a hostile PDS may put ahead of a repo's tree.
+#[must_use]
+pub fn junk_block(i: u64) -> Vec<u8> {
+    let mut filler = vec![0u8; JUNK_BLOCK];
+    filler[..8].copy_from_slice(&i.to_le_bytes());
+    let cid = tap_atproto::hash::cid_for(0x55, &filler);
+    let mut out = Vec::with_capacity(JUNK_BLOCK + 64);
+    car::write_car_block(&mut out, &cid, &filler);
+    out
 }
 
 #[cfg(test)]

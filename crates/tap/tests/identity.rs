@@ -569,3 +569,63 @@ async fn a_large_document_weighs_in_the_cache_by_its_size() {
         "a ~200 KiB document weighs ~200 entries: {with_big}"
     );
 }
+
+/// 2,000 distinct did:web documents of ~1 MB each (2 GB in all, as hostile hosts could
+/// serve) pass through a cache of 64 MiB worth of entries: the process's resident memory
+/// grows by less than 256 MiB, where a cache bounded by count alone would hold them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_one_megabyte_did_web_documents_leave_memory_bounded() {
+    use futures_util::StreamExt as _;
+    const DOCS: usize = 2000;
+    const BOUND: u64 = 256 << 20;
+    let plc = FakePlc::start().await;
+    let key = p256_key(4);
+    for i in 0..DOCS {
+        let host = format!("h{i}.example.org");
+        let web = format!("did:web:{host}");
+        plc.set(
+            Route::WebDoc(host),
+            Reply::Padded(
+                did_doc(&web, None, Some((&key, KeyForm::Multikey)), Some(PDS)),
+                1_000_000,
+            ),
+        );
+    }
+    let (mut options, _clock) = options(&plc);
+    options.cache_capacity = 64 << 10;
+    let identity = Identity::new(options).unwrap();
+    let before = resident_bytes();
+    let mut peak = before;
+    let mut resolved = futures_util::stream::iter(0..DOCS)
+        .map(|i| {
+            let identity = identity.clone();
+            async move {
+                identity
+                    .resolve(&did(&format!("did:web:h{i}.example.org")))
+                    .await
+            }
+        })
+        .buffer_unordered(8);
+    let mut count = 0;
+    while let Some(ident) = resolved.next().await {
+        let ident = ident.unwrap();
+        assert_eq!(ident.repo.require_signing_key().unwrap(), &key.public);
+        count += 1;
+        peak = peak.max(resident_bytes());
+    }
+    assert_eq!(count, DOCS);
+    assert!(
+        plc.bytes_served() > 1_900_000_000,
+        "{} bytes served",
+        plc.bytes_served()
+    );
+    let grown = peak.saturating_sub(before);
+    assert!(grown < BOUND, "resident memory grew by {grown} bytes");
+}
+
+/// This process's resident set, from `/proc/self/statm` (pages of 4 KiB).
+fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}

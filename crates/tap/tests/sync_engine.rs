@@ -717,22 +717,77 @@ async fn one_slow_host_holds_only_its_share_of_the_workers() {
     tap.stop().await;
 }
 
-/// A CAR whose unreferenced blocks ahead of the tree exceed the shared spill budget: the walk
-/// stops at the budget (this machine's limit, not a verdict: retried later) and the disk
-/// is given back.
+/// A 1 GiB CAR whose unreferenced blocks all come ahead of the tree: the walk must hold
+/// them somewhere until it knows they are junk. It spills at most the shared budget to
+/// disk (measured on the spill files themselves), stops there (this machine's limit, not
+/// a verdict: retried later), gives the disk back, and downloads little beyond the budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn junk_ahead_of_the_tree_spills_no_more_than_the_budget() {
-    let i = hostile_pds(
-        |r| RepoReply::Car(r.car_with_junk_ahead(12 << 20)),
-        |cfg| cfg.max_spill_bytes = 2 << 20,
-        "desynchronized",
-    )
-    .await;
+async fn a_gigabyte_of_junk_ahead_of_the_tree_spills_no_more_than_the_budget() {
+    const BUDGET: u64 = 32 << 20;
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    let net = Net::start().await;
+    let repo = RepoBuilder::with_records(did(4), TestKey::k256(4), 14, 20);
+    net.publish(&repo, "dave.test");
+    net.pds.set_repo(
+        repo.did().as_str(),
+        RepoReply::JunkAhead {
+            car: repo.car_tree_order(),
+            junk: 1 << 30,
+        },
+    );
+    let mut cfg = net.config(&db);
+    cfg.max_spill_bytes = BUDGET;
+    let tap = TestTap::start(cfg).await;
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = tokio::task::spawn_blocking({
+        let sampling = std::sync::Arc::clone(&sampling);
+        move || {
+            let mut peak = 0;
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(deleted_file_bytes());
+                std::thread::yield_now();
+            }
+            peak
+        }
+    });
+    add(&tap, repo.did()).await;
+    let info = wait_state(&tap, repo.did(), "desynchronized").await;
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.await.unwrap();
     assert!(
-        i["error"]
+        info["error"]
             .as_str()
             .unwrap()
-            .contains("spill disk budget of 2097152 bytes"),
-        "{i}"
+            .contains("spill disk budget of 33554432 bytes"),
+        "{info}"
     );
+    assert!(peak > 0, "the walk spilled");
+    assert!(peak <= BUDGET, "spill files reached {peak} bytes");
+    let downloaded = sync_support::bandwidth_total(&tap).await.as_u64().unwrap();
+    assert!(
+        downloaded < BUDGET + (32 << 20),
+        "{downloaded} bytes downloaded of a 1 GiB answer"
+    );
+    tap_testkit::wait::poll_until("the spill disk given back", WAIT, || async {
+        (deleted_file_bytes() == 0).then_some(())
+    })
+    .await;
+    tap.stop().await;
+}
+
+/// Bytes held by files this process has open but which have no name any more: the walk's
+/// spill files (unlinked as soon as they are made).
+fn deleted_file_bytes() -> u64 {
+    let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
+        return 0;
+    };
+    fds.flatten()
+        .filter(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|target| target.to_string_lossy().ends_with(" (deleted)"))
+        })
+        .filter_map(|fd| std::fs::metadata(fd.path()).ok())
+        .filter(std::fs::Metadata::is_file)
+        .map(|m| m.len())
+        .sum()
 }
