@@ -9,17 +9,10 @@ use axum::{
     http::{HeaderMap, StatusCode},
     response::Response,
 };
-use serde::Deserialize;
 use serde_json::json;
 
-use super::{ApiError, ApiState, json, read_json_body};
+use super::{ApiError, ApiState, json, read_body};
 use crate::repos::live_filters::FilterError;
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Collections {
-    collections: Vec<String>,
-}
 
 fn refused(error: FilterError) -> ApiError {
     match error {
@@ -30,22 +23,6 @@ fn refused(error: FilterError) -> ApiError {
             ApiError::internal("failed to store the change; nothing changed")
         }
     }
-}
-
-/// A JSON body of type `T`; a malformed one is a `400` naming the `expected` shape.
-async fn read_body<T: serde::de::DeserializeOwned>(
-    headers: &HeaderMap,
-    body: Body,
-    expected: &str,
-) -> Result<T, ApiError> {
-    let bytes = read_json_body(headers, body).await?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request(format!("invalid body: {e}; expected {expected}")))
-}
-
-async fn read_collections(headers: &HeaderMap, body: Body) -> Result<Vec<String>, ApiError> {
-    let parsed: Collections = read_body(headers, body, r#"{"collections": ["nsid", …]}"#).await?;
-    Ok(parsed.collections)
 }
 
 pub(super) async fn get_collection_filters(State(state): State<ApiState>) -> Response {
@@ -60,7 +37,7 @@ pub(super) async fn put_collection_filters(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let raw = read_collections(&headers, body).await?;
+    let raw = read_body(&headers, body, tap_api::collections).await?;
     let (collections, refetch) = state
         .filters
         .set_collection_filters(&raw)
@@ -70,12 +47,6 @@ pub(super) async fn put_collection_filters(
         StatusCode::OK,
         &json!({ "collections": collections, "resyncing": refetch }),
     ))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Rules {
-    rules: Vec<String>,
 }
 
 pub(super) async fn get_record_filters(State(state): State<ApiState>) -> Response {
@@ -90,15 +61,10 @@ pub(super) async fn put_record_filters(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let parsed: Rules = read_body(
-        &headers,
-        body,
-        r#"{"rules": ["<collection>: <expression>", …]}"#,
-    )
-    .await?;
+    let raw = read_body(&headers, body, tap_api::rules).await?;
     let (rules, refetch) = state
         .filters
-        .set_record_filters(&parsed.rules)
+        .set_record_filters(&raw)
         .await
         .map_err(refused)?;
     Ok(json(
@@ -119,7 +85,7 @@ pub(super) async fn put_signal_collections(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let raw = read_collections(&headers, body).await?;
+    let raw = read_body(&headers, body, tap_api::collections).await?;
     let collections = state
         .filters
         .set_signal_collections(&raw)

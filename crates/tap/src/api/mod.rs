@@ -150,12 +150,20 @@ async fn method_not_allowed() -> Response {
 /// A slow client gets this long to send its whole body.
 const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Reads a request body meant to be JSON: within a deadline (else 408), at most
-/// [`MAX_BODY_BYTES`] (413), and, when not empty, with a JSON content type (415).
-pub(crate) async fn read_json_body(
+/// A body decoded by `decode` (one of `tap_api`'s) after the rules of [`read_json_body`];
+/// what `decode` refuses is a `400` with its message.
+pub(crate) async fn read_body<T>(
     headers: &HeaderMap,
     body: Body,
-) -> Result<axum::body::Bytes, ApiError> {
+    decode: fn(&[u8]) -> Result<T, tap_api::BodyError>,
+) -> Result<T, ApiError> {
+    let bytes = read_json_body(headers, body).await?;
+    decode(&bytes).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+/// Reads a request body meant to be JSON: within a deadline (else 408), at most
+/// [`MAX_BODY_BYTES`] (413), and, when not empty, with a JSON content type (415).
+async fn read_json_body(headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes, ApiError> {
     let bytes =
         match tokio::time::timeout(BODY_DEADLINE, axum::body::to_bytes(body, MAX_BODY_BYTES)).await
         {

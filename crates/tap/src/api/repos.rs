@@ -14,37 +14,7 @@ use tap_atproto::syntax::{Did, Tid};
 
 use crate::store::{RepoRow, RepoState};
 
-use super::{ApiError, ApiState, json, read_json_body};
-
-#[derive(Debug, Deserialize)]
-struct DidList {
-    #[serde(default)]
-    dids: Option<Vec<String>>,
-}
-
-/// Reads and validates `{"dids": [...]}`: the body rules of [`read_json_body`], well-formed
-/// JSON (400), at least one DID (400), every DID valid (400).
-async fn read_did_list(headers: &HeaderMap, body: Body) -> Result<Vec<Did>, ApiError> {
-    let bytes = read_json_body(headers, body).await?;
-    let dids = if bytes.is_empty() {
-        Vec::new()
-    } else {
-        let list: DidList = serde_json::from_slice(&bytes)
-            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
-        list.dids.unwrap_or_default()
-    };
-    if dids.is_empty() {
-        return Err(ApiError::bad_request(
-            "no DIDs given: expected {\"dids\": [\"did:…\", …]}",
-        ));
-    }
-    dids.iter()
-        .map(|raw| {
-            raw.parse::<Did>()
-                .map_err(|e| ApiError::bad_request(format!("invalid DID {raw:?}: {e}")))
-        })
-        .collect()
-}
+use super::{ApiError, ApiState, json, read_body};
 
 fn as_strings(dids: &[Did]) -> Vec<String> {
     dids.iter().map(|d| d.as_str().to_owned()).collect()
@@ -55,7 +25,7 @@ pub(super) async fn add(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let dids = read_did_list(&headers, body).await?;
+    let dids = read_body(&headers, body, tap_api::did_list).await?;
     let added = state
         .store
         .add_repos(&as_strings(&dids))
@@ -73,7 +43,7 @@ pub(super) async fn remove(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let dids = read_did_list(&headers, body).await?;
+    let dids = read_body(&headers, body, tap_api::did_list).await?;
     let removed = state
         .store
         .remove_repos(&as_strings(&dids))
@@ -148,7 +118,7 @@ pub(super) async fn resync(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let dids = read_did_list(&headers, body).await?;
+    let dids = read_body(&headers, body, tap_api::did_list).await?;
     let request = state
         .store
         .request_resync(&as_strings(&dids))

@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket};
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use serde::Deserialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -29,17 +28,6 @@ use crate::telemetry as t;
 pub const MAX_CLIENT_FRAME: usize = 64 * 1024;
 /// Frames written before one flush.
 const WRITE_BATCH: usize = 256;
-
-/// A client frame. Like the Go tap, absent fields take zero values and unknown keys are
-/// ignored; anything that is not an object with a string `type` and an unsigned `id` is
-/// malformed.
-#[derive(Debug, Deserialize)]
-struct ClientFrame {
-    #[serde(default, rename = "type")]
-    kind: String,
-    #[serde(default)]
-    id: u64,
-}
 
 /// Client frames read without waiting and reported as one batch of acks, at most.
 const ACK_BURST: usize = 1024;
@@ -64,12 +52,12 @@ fn read_one(
     if ack_mode != AckMode::ClientAck {
         return Ok(()); // fire-and-forget: client messages are read and ignored
     }
-    match serde_json::from_slice::<ClientFrame>(bytes) {
-        Ok(frame) if frame.kind == "ack" => {
-            acks.push(EventId(frame.id));
+    match tap_api::client_frame(bytes) {
+        Ok(tap_api::ClientFrame::Ack(id)) => {
+            acks.push(EventId(id));
             Ok(())
         }
-        Ok(_) => Ok(()),
+        Ok(tap_api::ClientFrame::Other) => Ok(()),
         Err(error) => {
             tracing::info!(%error, "Dropping /channel client after a malformed frame.");
             Err(End::Malformed)
