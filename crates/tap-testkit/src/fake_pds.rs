@@ -48,6 +48,8 @@ pub enum RepoReply {
     /// A body that never ends: `prefix` once, then `chunk` forever (e.g. a CAR header
     /// followed by one well-formed block repeated without end).
     Endless {
+        /// The status answered (200, or an error status whose body never ends).
+        status: u16,
         /// Sent first.
         prefix: Vec<u8>,
         /// Repeated forever.
@@ -353,7 +355,11 @@ async fn get_repo(
                 }));
             (car, Body::from_stream(body)).into_response()
         }
-        Some(RepoReply::Endless { prefix, chunk }) => {
+        Some(RepoReply::Endless {
+            status,
+            prefix,
+            chunk,
+        }) => {
             let chunk = Bytes::from(chunk);
             let first =
                 futures_util::stream::once(async move { Ok::<_, Infallible>(Bytes::from(prefix)) });
@@ -362,6 +368,7 @@ async fn get_repo(
                 Some((Ok::<_, Infallible>(chunk.clone()), chunk))
             });
             (
+                StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
                 car,
                 Body::from_stream(futures_util::StreamExt::chain(first, rest)),
             )

@@ -335,7 +335,7 @@ async fn hostile_pds(
     reply: impl FnOnce(&RepoBuilder) -> RepoReply,
     tweak: impl FnOnce(&mut Config),
     state: &str,
-) -> Value {
+) -> (Value, u64) {
     let db = TestDb::new(Backend::Sqlite).await.unwrap();
     let net = Net::start().await;
     let repo = RepoBuilder::with_records(did(4), TestKey::k256(4), 14, 20);
@@ -355,13 +355,14 @@ async fn hostile_pds(
         reqwest::get(tap.url("/health")).await.unwrap().status(),
         200
     );
+    let downloaded = sync_support::bandwidth_total(&tap).await.as_u64().unwrap();
     tap.stop().await;
-    i
+    (i, downloaded)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lying_block_puts_the_repo_in_error_with_a_reason() {
-    let i = hostile_pds(|r| RepoReply::Car(r.car_lying_block()), |_| {}, "error").await;
+    let (i, _) = hostile_pds(|r| RepoReply::Car(r.car_lying_block()), |_| {}, "error").await;
     assert!(
         i["error"].as_str().unwrap().contains("verification failed"),
         "{i}"
@@ -370,7 +371,7 @@ async fn a_lying_block_puts_the_repo_in_error_with_a_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_mst_node_puts_the_repo_in_error_with_a_reason() {
-    let i = hostile_pds(|r| RepoReply::Car(r.car_missing_node()), |_| {}, "error").await;
+    let (i, _) = hostile_pds(|r| RepoReply::Car(r.car_missing_node()), |_| {}, "error").await;
     assert!(
         i["error"].as_str().unwrap().contains("verification failed"),
         "{i}"
@@ -379,14 +380,14 @@ async fn a_missing_mst_node_puts_the_repo_in_error_with_a_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_limiting_pds_leaves_the_repo_desynchronized_not_in_error() {
-    let i = hostile_pds(|_| RepoReply::Status(429), |_| {}, "desynchronized").await;
+    let (i, _) = hostile_pds(|_| RepoReply::Status(429), |_| {}, "desynchronized").await;
     assert_eq!(i["error"], "");
     assert!(i["retries"].as_u64().unwrap() >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickling_body_hits_the_fetch_timeout() {
-    let i = hostile_pds(
+    let (i, _) = hostile_pds(
         |r| RepoReply::Trickle(r.car_tree_order(), Duration::from_millis(200)),
         |cfg| cfg.repo_fetch_timeout = Duration::from_secs(2),
         "desynchronized",
@@ -401,10 +402,11 @@ async fn a_trickling_body_hits_the_fetch_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_never_ends_is_cut_at_the_size_cap() {
-    let i = hostile_pds(
+    let (i, _) = hostile_pds(
         |r| {
             let car = r.car_tree_order();
             RepoReply::Endless {
+                status: 200,
                 prefix: car.clone(),
                 chunk: car[car.len() - 200..].to_vec(),
             }
@@ -417,6 +419,26 @@ async fn a_body_that_never_ends_is_cut_at_the_size_cap() {
         i["error"].as_str().unwrap().contains("verification failed"),
         "{i}"
     );
+}
+
+/// A PDS answering 500 with a body that never ends: tap reads at most 4 KiB of an error
+/// body (looking for the XRPC error name), so the answer costs kilobytes, the repo is
+/// retried later, and tap stays healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_answer_with_an_endless_body_is_read_no_further_than_4_kib() {
+    let (i, downloaded) = hostile_pds(
+        |_| RepoReply::Endless {
+            status: 500,
+            prefix: br#"{"error":"InternalServerError","message":""#.to_vec(),
+            chunk: vec![b'x'; 64 << 10],
+        },
+        |_| {},
+        "desynchronized",
+    )
+    .await;
+    assert!(i["error"].as_str().unwrap().contains("answered 500"), "{i}");
+    // The 4 KiB read, plus what one chunk brings and what PLC served.
+    assert!(downloaded < 256 << 10, "{downloaded} bytes downloaded");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
