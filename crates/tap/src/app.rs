@@ -344,10 +344,12 @@ impl App {
             (DeliveryMode::Webhook { url }, Some(client)) => {
                 let settings = webhook::WebhookSettings {
                     url: url.clone(),
-                    authorization: config
-                        .admin_password
-                        .as_ref()
-                        .map(|p| api::basic_header("admin", p)),
+                    // The signature proves the sender; with a secret, the password that
+                    // opens tap's API is not handed to the receiver too.
+                    authorization: match (&config.webhook_secret, &config.admin_password) {
+                        (None, Some(p)) => Some(api::basic_header("admin", p)),
+                        _ => None,
+                    },
                     secret: config.webhook_secret.clone(),
                     parallelism: config.webhook_parallelism,
                 };

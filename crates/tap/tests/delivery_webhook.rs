@@ -68,7 +68,7 @@ fn assert_signature_verifies(secret: &str, req: &RecordedRequest) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn webhook_posts_the_event_json_with_basic_auth_and_a_verifiable_signature() {
+async fn with_a_secret_the_webhook_gets_a_verifiable_signature_and_not_the_admin_password() {
     let sink = WebhookSink::start().await.unwrap();
     let (tap, _db) = webhook_tap(&sink, |c| {
         c.admin_password = Some("s3cret".into());
@@ -92,8 +92,8 @@ async fn webhook_posts_the_event_json_with_basic_auth_and_a_verifiable_signature
         assert_eq!(req.header("content-type"), Some("application/json"));
         let ua = req.header("user-agent").unwrap();
         assert!(ua.starts_with("tap/"), "user agent {ua}");
-        // base64("admin:s3cret")
-        assert_eq!(req.header("authorization"), Some("Basic YWRtaW46czNjcmV0"));
+        // The signature proves the sender; the password that opens tap's API stays home.
+        assert_eq!(req.header("authorization"), None);
         assert_signature_verifies("hook-key", req);
         let body = req.json();
         let id = body["id"].as_u64().unwrap();
@@ -107,6 +107,24 @@ async fn webhook_posts_the_event_json_with_basic_auth_and_a_verifiable_signature
         seen,
         HashSet::from(["h1".into(), "identity:alice.test".into()])
     );
+    tap.wait_outbox_len(0).await;
+    tap.stop().await;
+}
+
+/// As the Go tap: without a secret, the admin password authenticates tap to the receiver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_secret_the_webhook_gets_the_admin_password_as_basic_auth() {
+    let sink = WebhookSink::start().await.unwrap();
+    let (tap, _db) = webhook_tap(&sink, |c| c.admin_password = Some("s3cret".into())).await;
+    let a = did(1);
+    tap.append(&a, vec![record(&a, "h1", false)]).await;
+    let requests = wait_requests(&sink, 1).await;
+    // base64("admin:s3cret")
+    assert_eq!(
+        requests[0].header("authorization"),
+        Some("Basic YWRtaW46czNjcmV0")
+    );
+    assert_eq!(requests[0].header("x-tap-signature"), None);
     tap.wait_outbox_len(0).await;
     tap.stop().await;
 }

@@ -303,7 +303,7 @@ pub const SETTINGS: &[Setting] = &[
         envs: &["TAP_WEBHOOK_SECRET"],
         default: "",
         kind: Kind::Value,
-        help: "sign webhook bodies with HMAC-SHA256 in the x-tap-signature header (extension)",
+        help: "sign webhook bodies with HMAC-SHA256 in the x-tap-signature header, and send the admin password no more (extension)",
         extension: true,
         ignored: false,
     },
