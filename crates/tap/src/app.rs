@@ -14,7 +14,7 @@ use crate::api::{self, AdminAuth, ApiState};
 use crate::config::{Config, DeliveryMode, listen_addr};
 use crate::config::{JetstreamVerify, LiveSource};
 use crate::crawler::{self, CrawlerSettings};
-use crate::delivery::{DeliveryHub, webhook};
+use crate::delivery::{DeliveryHub, nats, webhook};
 use crate::error::AppError;
 use crate::firehose::{self, FirehoseSettings};
 use crate::identity::{Identity, IdentityOptions};
@@ -61,7 +61,7 @@ impl OutboxParts {
         let ack_mode = match config.delivery {
             DeliveryMode::WebSocketAck => AckMode::ClientAck,
             DeliveryMode::FireAndForget => AckMode::OnWrite,
-            DeliveryMode::Webhook { .. } => AckMode::Webhook,
+            DeliveryMode::Webhook { .. } | DeliveryMode::Nats(_) => AckMode::Sink,
         };
         let settings = OutboxSettings {
             capacity: config.outbox_capacity,
@@ -234,6 +234,10 @@ impl App {
             }
             _ => None,
         };
+        let nats_sink = match &config.delivery {
+            DeliveryMode::Nats(target) => Some((nats::connect(target).await?, target)),
+            _ => None,
+        };
         let firehose_settings = FirehoseSettings {
             relay_url: config.relay_url.clone(),
             no_replay: config.no_replay,
@@ -362,6 +366,12 @@ impl App {
                 );
                 None
             }
+            (DeliveryMode::Nats(_), _) => {
+                if let Some((context, target)) = &nats_sink {
+                    nats::spawn(context, target, &hub, &delivery_supervisor, &delivery_stop);
+                }
+                None
+            }
             _ => Some(hub),
         };
 
@@ -384,7 +394,10 @@ impl App {
                     max_repo_bytes: config.max_repo_bytes,
                     spill_budget: tap_atproto::stream::SpillBudget::new(config.max_spill_bytes),
                     fetch_strategy: config.fetch_strategy,
-                    in_memory_backfill: !config.durable_backfill_events,
+                    // JetStream drops a republished event by its id, so in NATS mode
+                    // every event is stored first and keeps its id across a crash.
+                    in_memory_backfill: !config.durable_backfill_events
+                        && !matches!(config.delivery, DeliveryMode::Nats(_)),
                 },
                 Arc::clone(&pds),
                 engine.clone(),

@@ -30,6 +30,9 @@ pub enum AppError {
     /// The identity resolver could not be built (TLS, system configuration).
     #[error("cannot start identity resolution: {0}")]
     Identity(#[from] crate::identity::IdentityError),
+    /// NATS delivery could not start (server unreachable, stream unusable).
+    #[error(transparent)]
+    Nats(#[from] crate::delivery::nats::NatsError),
     /// A long-running task panicked or stopped on its own.
     #[error("{0}")]
     Task(crate::shutdown::TaskFailure),

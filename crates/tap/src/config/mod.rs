@@ -48,6 +48,24 @@ pub enum DeliveryMode {
         /// Receiver URL (http or https).
         url: Url,
     },
+    /// Published into a NATS JetStream stream; an event is done when JetStream acknowledges
+    /// it (`--nats-url`).
+    Nats(NatsTarget),
+}
+
+/// Where and how events are published in NATS mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsTarget {
+    /// `--nats-url`.
+    pub url: String,
+    /// `--nats-stream`.
+    pub stream: String,
+    /// `--nats-subject-prefix`.
+    pub subject_prefix: String,
+    /// `--nats-max-age` (zero: kept until deleted), for a stream tap creates.
+    pub max_age: Duration,
+    /// `--nats-duplicate-window`, for a stream tap creates.
+    pub duplicate_window: Duration,
 }
 
 impl DeliveryMode {
@@ -58,6 +76,7 @@ impl DeliveryMode {
             Self::WebSocketAck => "websocket-ack",
             Self::FireAndForget => "fire-and-forget",
             Self::Webhook { .. } => "webhook",
+            Self::Nats(_) => "nats",
         }
     }
 }
@@ -644,7 +663,23 @@ impl Config {
 
         // Parsed even when a webhook wins, so a typo never hides until the mode changes.
         let disable_acks = bool_of("disable-acks")?;
-        let delivery = if !v.one("webhook-url").is_empty() {
+        let delivery = if !v.one("nats-url").is_empty() {
+            if !v.one("webhook-url").is_empty() || disable_acks {
+                return Err(invalid(
+                    "nats-url",
+                    "NATS delivery replaces the webhook and /channel: drop --webhook-url and --disable-acks",
+                ));
+            }
+            DeliveryMode::Nats(NatsTarget {
+                url: nats_url_of(v.one("nats-url")).map_err(|m| invalid("nats-url", m))?,
+                stream: nats_name_of(v.one("nats-stream"), false)
+                    .map_err(|m| invalid("nats-stream", m))?,
+                subject_prefix: nats_name_of(v.one("nats-subject-prefix"), true)
+                    .map_err(|m| invalid("nats-subject-prefix", m))?,
+                max_age: duration_of("nats-max-age")?,
+                duplicate_window: duration_of("nats-duplicate-window")?,
+            })
+        } else if !v.one("webhook-url").is_empty() {
             DeliveryMode::Webhook {
                 url: http_url_of("webhook-url")?,
             }
@@ -796,6 +831,42 @@ pub fn listen_addr(addr: &str) -> String {
         format!("0.0.0.0{addr}")
     } else {
         addr.to_owned()
+    }
+}
+
+/// A `nats://` (or `tls://`) server URL, as given.
+fn nats_url_of(raw: &str) -> Result<String, String> {
+    let url = Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL: {e}"))?;
+    match url.scheme() {
+        "nats" | "tls" if url.host_str().is_some() => Ok(raw.to_owned()),
+        _ => Err(format!("{raw:?} is not a nats:// or tls:// server URL")),
+    }
+}
+
+/// A stream name (one token) or a subject prefix (tokens joined by dots): letters, digits,
+/// `-` and `_`, so nothing in it is a NATS wildcard or separator by accident.
+fn nats_name_of(raw: &str, dotted: bool) -> Result<String, String> {
+    let token_ok = |t: &str| {
+        !t.is_empty()
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    let ok = if dotted {
+        raw.split('.').all(token_ok)
+    } else {
+        token_ok(raw)
+    };
+    if ok {
+        Ok(raw.to_owned())
+    } else {
+        Err(format!(
+            "{raw:?}: only letters, digits, '-' and '_'{}",
+            if dotted {
+                " in dot-separated tokens"
+            } else {
+                ""
+            }
+        ))
     }
 }
 

@@ -219,6 +219,39 @@ fn delivery_mode_precedence_is_webhook_then_disable_acks() {
 }
 
 #[test]
+fn nats_delivery_is_refused_beside_a_webhook_or_disable_acks_and_checks_its_names() {
+    let cfg = run(&[], &[("TAP_NATS_URL", "nats://127.0.0.1:4222")]).unwrap();
+    assert_eq!(
+        cfg.delivery,
+        DeliveryMode::Nats(crate::config::NatsTarget {
+            url: "nats://127.0.0.1:4222".into(),
+            stream: "tap".into(),
+            subject_prefix: "tap".into(),
+            max_age: std::time::Duration::from_secs(168 * 3600),
+            duplicate_window: std::time::Duration::from_secs(600),
+        })
+    );
+    for other in ["--webhook-url=http://127.0.0.1:9/hook", "--disable-acks"] {
+        let err = run(&["--nats-url=nats://127.0.0.1:4222", other], &[]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("replaces the webhook and /channel"),
+            "{err}"
+        );
+    }
+    let bad = [
+        ("--nats-url=http://127.0.0.1:4222", "nats-url"),
+        ("--nats-stream=a.b", "nats-stream"),
+        ("--nats-subject-prefix=tap.>", "nats-subject-prefix"),
+        ("--nats-subject-prefix=tap..x", "nats-subject-prefix"),
+    ];
+    for (flag, named) in bad {
+        let err = run(&["--nats-url=nats://127.0.0.1:4222", flag], &[]).unwrap_err();
+        assert!(err.to_string().contains(named), "{flag}: {err}");
+    }
+}
+
+#[test]
 fn collection_filters_split_on_commas_from_env_and_repeated_flags() {
     let cfg = run(
         &[],

@@ -13,7 +13,6 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use super::DeliveryHub;
-use crate::backoff::Backoff;
 use crate::outbox::{Delivery, Input};
 use crate::shutdown::Supervisor;
 use crate::telemetry as t;
@@ -22,8 +21,6 @@ use crate::telemetry as t;
 pub const SIGNATURE_HEADER: &str = "x-tap-signature";
 /// Per-request timeout (as the Go tap).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// Backoff cap (as the Go tap: 1, 2, 4, 8, 10, 10 … seconds).
-pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Webhook settings.
 #[derive(Clone)]
@@ -51,17 +48,6 @@ pub fn signature(secret: &str, unix_time: u64, body: &[u8]) -> String {
     let tag = ctx.sign();
     let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
     format!("t={unix_time},sha256={hex}")
-}
-
-/// Delay before retry `attempt` (1-based): `min(2^(attempt-1) s, 10 s)` plus up to 1 s of
-/// jitter, so receivers coming back are not hit by every worker at once.
-#[must_use]
-pub fn backoff(attempt: u32, jitter_ms: u64) -> Duration {
-    let doubling = Backoff {
-        first: Duration::from_secs(1),
-        max: MAX_BACKOFF,
-    };
-    doubling.with_jitter(attempt.saturating_sub(1), jitter_ms, Duration::from_secs(1))
 }
 
 /// The HTTP client of the webhook workers.
@@ -171,7 +157,7 @@ async fn deliver(
         };
         metrics::counter!(t::WEBHOOK_REQUESTS, "status" => kind).increment(1);
         metrics::counter!(t::WEBHOOK_RETRIES, "kind" => kind).increment(1);
-        let delay = backoff(attempt, rand::random::<u64>());
+        let delay = super::retry_delay(attempt, rand::random::<u64>());
         tokio::select! {
             () = stop.cancelled() => return false,
             () = tokio::time::sleep(delay) => {}
@@ -182,14 +168,6 @@ async fn deliver(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_to_ten_seconds_with_under_a_second_of_jitter() {
-        let secs: Vec<u64> = (1..=8).map(|a| backoff(a, 0).as_secs()).collect();
-        assert_eq!(secs, [1, 2, 4, 8, 10, 10, 10, 10]);
-        assert_eq!(backoff(u32::MAX, 0), MAX_BACKOFF, "no overflow");
-        assert!(backoff(1, 999_999) < Duration::from_secs(2));
-    }
 
     #[test]
     fn signature_is_hmac_sha256_over_time_dot_body() {

@@ -40,8 +40,9 @@ pub enum AckMode {
     ClientAck,
     /// Done once written to a connection.
     OnWrite,
-    /// Done on a 2xx from the webhook; retried by the webhook sender itself.
-    Webhook,
+    /// Done when the sink confirms it (a webhook's 2xx, JetStream's publish ack); the sink
+    /// retries by itself.
+    Sink,
 }
 
 /// Settings of the outbox stage.
