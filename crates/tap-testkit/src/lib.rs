@@ -4,6 +4,7 @@ pub mod fake_jetstream;
 pub mod fake_pds;
 pub mod fake_plc;
 pub mod fake_relay;
+pub mod nats;
 pub mod postgres;
 pub mod repo_builder;
 pub mod wait;

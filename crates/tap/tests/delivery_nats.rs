@@ -16,6 +16,7 @@ use futures_util::StreamExt;
 use serde_json::Value;
 use tap::config::{DeliveryMode, NatsTarget};
 use tap_atproto::writer::WriteOp;
+use tap_testkit::nats::NatsServer;
 use tap_testkit::repo_builder::{RepoBuilder, TestKey};
 
 use sync_support::{Net, add, did, wait_state};
@@ -228,4 +229,60 @@ async fn every_backfilled_and_live_event_lands_in_the_stream_once_in_repo_order(
     }
     tap.stop().await;
     js.delete_stream(&name).await.unwrap();
+}
+
+/// NATS killed while tap publishes a backfill, and started again: tap waits (each event
+/// held and retried), then resumes, and the stream holds every event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_restart_mid_run_loses_nothing() {
+    let mut server = NatsServer::start().await.unwrap();
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    let net = Net::start().await;
+    let first = RepoBuilder::with_records(did(320), TestKey::k256(320), 320, 25);
+    let second = RepoBuilder::with_records(did(321), TestKey::k256(321), 321, 40);
+    net.host(&first, "before.test", first.car_tree_order());
+    net.host(&second, "during.test", second.car_tree_order());
+    let name = unique("restart");
+    let mut cfg = net.config(&db);
+    cfg.delivery = DeliveryMode::Nats(target(&server.url(), &name));
+    let tap = TestTap::start(cfg).await;
+    add(&tap, first.did()).await;
+    wait_state(&tap, first.did(), "active").await;
+
+    server.kill().await;
+    add(&tap, second.did()).await;
+    // The second repo is synced and its events are waiting in the outbox for NATS.
+    wait_state(&tap, second.did(), "active").await;
+    assert!(
+        tap.store.outbox_count().await.unwrap() > 0,
+        "events held while NATS is down"
+    );
+    server.start_again().await.unwrap();
+
+    sync_support::wait_for("every event published after the restart", || async {
+        (tap.store.outbox_count().await.ok()? == 0).then_some(())
+    })
+    .await;
+    let js = jetstream_at(&server.url()).await;
+    let total = first.records().len() + second.records().len();
+    let msgs = read_all(&js, &name, "after", total + 2).await;
+    let mut paths: HashSet<(String, String)> = HashSet::new();
+    for m in msgs.iter().filter(|m| m.event["type"] == "record") {
+        paths.insert((
+            did_of(&m.event),
+            sync_support::record_path(&m.event["record"]),
+        ));
+    }
+    let expected: HashSet<(String, String)> = [&first, &second]
+        .iter()
+        .flat_map(|r| r.records().keys().map(|p| (r.did().to_string(), p.clone())))
+        .collect();
+    assert_eq!(paths, expected, "every record of both repos");
+    let ids: HashSet<&str> = msgs.iter().map(|m| m.msg_id.as_str()).collect();
+    assert_eq!(
+        ids.len(),
+        msgs.len(),
+        "a republished event is not stored twice"
+    );
+    tap.stop().await;
 }
