@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
+mod delivery_support;
 mod sync_support;
 
 use std::collections::HashSet;
@@ -285,4 +286,81 @@ async fn a_nats_restart_mid_run_loses_nothing() {
         "a republished event is not stored twice"
     );
     tap.stop().await;
+}
+
+/// The real binary killed with SIGKILL while it publishes 12,000 stored events: after a
+/// restart on the same database the stream holds every event exactly once. Events that
+/// were published but not yet marked done go out again with the same `Nats-Msg-Id`, and
+/// JetStream's duplicate window drops them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkill_mid_publish_leaves_every_event_in_the_stream_exactly_once() {
+    const DIDS: usize = 40;
+    const PER_DID: usize = 300;
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    let store = tap::store::Store::open(&db.url, tap::store::StoreOptions::default())
+        .await
+        .unwrap();
+    for d in 0..DIDS {
+        let owner = delivery_support::did(1000 + d);
+        let events = (0..PER_DID)
+            .map(|i| delivery_support::record(&owner, &format!("r{i}"), false))
+            .collect();
+        delivery_support::store_events(&store, &owner, events).await;
+    }
+    store.close().await;
+    let total = DIDS * PER_DID;
+
+    let name = unique("kill");
+    let url = nats_url();
+    let flags = [
+        format!("--nats-url={url}"),
+        format!("--nats-stream={name}"),
+        format!("--nats-subject-prefix={name}"),
+        "--outbox-only".to_owned(),
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let js = jetstream_at(&url).await;
+    let mut tap = delivery_support::TapProcess::spawn(&db.url, "127.0.0.1:0", &flags).await;
+    let messages = |js: jetstream::Context, name: String| async move {
+        js.get_stream(&name)
+            .await
+            .ok()?
+            .info()
+            .await
+            .ok()?
+            .state
+            .messages
+            .try_into()
+            .ok()
+    };
+    let published: usize = tap_testkit::wait::poll_until(
+        "the first events published",
+        Duration::from_secs(30),
+        || async {
+            messages(js.clone(), name.clone())
+                .await
+                .filter(|n: &usize| *n > 0)
+        },
+    )
+    .await;
+    tap.kill9();
+    assert!(
+        published < total,
+        "killed mid-publish ({published} of {total})"
+    );
+
+    let tap = delivery_support::TapProcess::spawn(&db.url, "127.0.0.1:0", &flags).await;
+    let store = tap::store::Store::open(&db.url, tap::store::StoreOptions::default())
+        .await
+        .unwrap();
+    tap_testkit::wait::poll_until("every event done", Duration::from_secs(60), || async {
+        (store.outbox_count().await.ok()? == 0).then_some(())
+    })
+    .await;
+    let msgs = read_all(&js, &name, "check", total).await;
+    let ids: HashSet<&str> = msgs.iter().map(|m| m.msg_id.as_str()).collect();
+    assert_eq!(ids.len(), total, "every event");
+    assert_eq!(msgs.len(), total, "none twice");
+    drop(tap);
+    js.delete_stream(&name).await.unwrap();
 }
