@@ -1,5 +1,7 @@
 //! Delivery throughput: events/s delivered over `/channel` and acked, from a pre-filled
-//! outbox to an empty one (rows deleted), with 1 and 4 WebSocket consumers.
+//! outbox to an empty one (rows deleted), with 1 and 4 WebSocket consumers, and published
+//! into a NATS JetStream stream (`TAP_TEST_NATS_URL`, default nats://127.0.0.1:4222) and
+//! acknowledged by it.
 //!
 //! Each run: a fresh SQLite database is filled with `TAP_BENCH_EVENTS` historical events
 //! (default 200 000; ~540-byte payloads, 1 000 DIDs) before tap starts; the clock starts
@@ -126,14 +128,37 @@ struct Run {
     events: usize,
 }
 
-async fn run_delivery(n: usize, consumers: usize) -> Run {
+/// Where the events go: `/channel` with this many consumers, or a JetStream stream.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sink {
+    Channel(usize),
+    Nats,
+}
+
+async fn run_delivery(n: usize, sink: Sink) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let url = DatabaseUrl::Sqlite(dir.path().join("tap.db").to_string_lossy().into_owned());
     let store = Store::open(&url, StoreOptions::default()).await.unwrap();
     prefill(&store, n).await;
     store.close().await;
 
+    let consumers = match sink {
+        Sink::Channel(c) => c,
+        Sink::Nats => 0,
+    };
+    let stream = format!("bench_{}_{}", std::process::id(), rand_suffix());
+    let nats_url =
+        std::env::var("TAP_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
     let mut cfg = Config::defaults();
+    if sink == Sink::Nats {
+        cfg.delivery = tap::config::DeliveryMode::Nats(tap::config::NatsTarget {
+            url: nats_url.clone(),
+            stream: stream.clone(),
+            subject_prefix: stream.clone(),
+            max_age: Duration::from_secs(3600),
+            duplicate_window: Duration::from_secs(120),
+        });
+    }
     cfg.bind = "127.0.0.1:0".into();
     cfg.database = url;
     cfg.relay_url = url::Url::parse("http://127.0.0.1:1").unwrap();
@@ -167,10 +192,27 @@ async fn run_delivery(n: usize, consumers: usize) -> Run {
     for c in clients {
         acked += c.await.unwrap();
     }
-    assert!(acked >= n as u64, "{acked} acks for {n} events");
+    assert!(
+        acked >= (n * consumers.min(1)) as u64,
+        "{acked} acks for {n} events"
+    );
     let _ = stop_app.send(());
     app_task.await.unwrap().unwrap();
+    if sink == Sink::Nats {
+        let js = async_nats::jetstream::new(async_nats::connect(nats_url).await.unwrap());
+        let mut info = js.get_stream(&stream).await.unwrap();
+        assert_eq!(info.info().await.unwrap().state.messages, n as u64);
+        js.delete_stream(&stream).await.unwrap();
+    }
     Run { secs, events: n }
+}
+
+/// A few digits that differ between runs of one process.
+fn rand_suffix() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
 }
 
 async fn run_store_only(n: usize) -> Run {
@@ -218,7 +260,7 @@ fn main() {
             e.payload.len()
         };
         println!("delivery bench: {n} events of ~{bytes} B payload, {reps} runs each");
-        // TAP_BENCH_ONLY=store|1|4 runs one scenario (for profiling).
+        // TAP_BENCH_ONLY=store|1|4|nats runs one scenario (for profiling).
         let only = std::env::var("TAP_BENCH_ONLY").unwrap_or_default();
         let mut results = Vec::new();
         if only.is_empty() || only == "store" {
@@ -229,28 +271,34 @@ fn main() {
             }
             results.push(("baseline: store only (page in + delete)", median(rates)));
         }
-        for consumers in [1, 4] {
-            if !only.is_empty() && only != consumers.to_string() {
-                continue;
-            }
-            let mut rates = Vec::new();
-            for _ in 0..reps {
-                let r = run_delivery(n, consumers).await;
+        // The sinks alternate within each repetition, so a noisy minute hits them alike.
+        let sinks: Vec<(&str, &str, Sink)> = [
+            (
+                "1",
+                "delivered+acked, 1 /channel consumer",
+                Sink::Channel(1),
+            ),
+            (
+                "4",
+                "delivered+acked, 4 /channel consumers",
+                Sink::Channel(4),
+            ),
+            ("nats", "published+acked by JetStream", Sink::Nats),
+        ]
+        .into_iter()
+        .filter(|(key, _, _)| only.is_empty() || only == *key)
+        .collect();
+        let mut rates: Vec<Vec<f64>> = vec![Vec::new(); sinks.len()];
+        for _ in 0..reps {
+            for ((_, name, sink), rates) in sinks.iter().zip(&mut rates) {
+                let r = run_delivery(n, *sink).await;
                 let rate = r.events as f64 / r.secs;
-                println!(
-                    "  {consumers} consumer(s): {:.2} s, {rate:.0} events/s",
-                    r.secs
-                );
+                println!("  {name}: {:.2} s, {rate:.0} events/s", r.secs);
                 rates.push(rate);
             }
-            results.push((
-                if consumers == 1 {
-                    "delivered+acked, 1 consumer"
-                } else {
-                    "delivered+acked, 4 consumers"
-                },
-                median(rates),
-            ));
+        }
+        for ((_, name, _), rates) in sinks.iter().zip(rates) {
+            results.push((*name, median(rates)));
         }
         for (name, rate) in results {
             println!("{name:45} median {rate:>10.0} events/s");
