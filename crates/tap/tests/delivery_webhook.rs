@@ -65,6 +65,17 @@ fn assert_signature_verifies(secret: &str, req: &RecordedRequest) {
     );
     let wrong = hmac::Key::new(hmac::HMAC_SHA256, b"not the secret");
     assert_ne!(mac, hex(hmac::sign(&wrong, &signed).as_ref()));
+    // The Rust client's receiver helper accepts it, and only with the secret and body.
+    use tap_client::webhook::{SignatureError, verify};
+    assert_eq!(
+        verify(secret.as_bytes(), header, &req.body, now, 300),
+        Ok(())
+    );
+    assert_eq!(
+        verify(b"not the secret", header, &req.body, now, 300),
+        Err(SignatureError::Mismatch)
+    );
+    assert!(verify(secret.as_bytes(), header, &req.body, now + 3600, 300).is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,8 +3,9 @@
 //! `Nats-Msg-Id` = the event id, and is done when JetStream acknowledges the publish. An
 //! event published again after a crash carries the same id, so the server drops the repeat
 //! within the stream's duplicate window. Per-repo order comes from the outbox, which
-//! releases a repo's next event only once the one before is done; the publishers carry
-//! many repos' events at once. A failed publish (NATS down, restarting, no answer) is
+//! releases a repo's next live event only once everything before it is done; a few
+//! publishers each send a batch of released events back to back, then await their acks
+//! together and report the batch done in one message. A failed publish (NATS down, restarting, no answer) is
 //! retried with capped backoff while its event stays in flight: the client reconnects by
 //! itself, and nothing is lost meanwhile.
 
@@ -18,11 +19,15 @@ use super::DeliveryHub;
 use crate::config::NatsTarget;
 use crate::outbox::{Delivery, Input};
 use crate::shutdown::Supervisor;
+use crate::store::EventId;
 use crate::telemetry as t;
 
-/// Publishes in flight at once: enough to keep a loopback or LAN server busy while each
-/// waits for its ack; per-repo order does not depend on it.
-pub const PUBLISHERS: usize = 64;
+/// Publisher tasks. Each publishes a batch of released events back to back (pipelined),
+/// then waits for all their acks, and reports the batch to the outbox in one message: a
+/// round trip and an actor message per batch, not per event.
+pub const PUBLISHERS: usize = 4;
+/// Most events in one batch (what one publisher may have in flight).
+pub const BATCH: usize = 256;
 /// Longest wait for JetStream's ack of one publish before it is tried again.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -139,21 +144,64 @@ async fn run_publisher(
     hub: DeliveryHub,
     stop: CancellationToken,
 ) {
+    let mut batch = Vec::with_capacity(BATCH);
     loop {
-        let delivery = tokio::select! {
+        let first = tokio::select! {
             () = stop.cancelled() => return,
             d = hub.queue.recv() => match d { Ok(d) => d, Err(_) => return },
         };
-        let id = delivery.id;
-        if !publish(&context, &prefix, delivery, &stop).await {
-            // Shutting down mid-retry: the event stays in the outbox for the next run.
-            return;
+        batch.push(first);
+        while batch.len() < BATCH {
+            match hub.queue.try_recv() {
+                Ok(d) => batch.push(d),
+                Err(_) => break,
+            }
         }
-        hub.progress.delivered(1);
-        if hub.inputs.send(Input::Acked(vec![id])).await.is_err() {
+        let ids: Vec<EventId> = batch.iter().map(|d| d.id).collect();
+        // Every publish of the batch is sent before any ack is awaited.
+        let mut acks = Vec::with_capacity(batch.len());
+        for delivery in &batch {
+            let sent = context
+                .publish_with_headers(
+                    subject_for(&prefix, &delivery.text),
+                    msg_id(delivery),
+                    bytes::Bytes::copy_from_slice(delivery.text.as_bytes()),
+                )
+                .await;
+            acks.push(sent);
+        }
+        let mut failed = Vec::new();
+        for (sent, delivery) in acks.into_iter().zip(batch.drain(..)) {
+            let acked = match sent {
+                Ok(ack) => tokio::time::timeout(ACK_TIMEOUT, ack)
+                    .await
+                    .is_ok_and(|r| r.is_ok()),
+                Err(_) => false,
+            };
+            if !acked {
+                failed.push(delivery);
+            }
+        }
+        // What did not go through is published one by one, retried until it does.
+        for delivery in failed {
+            if !publish(&context, &prefix, delivery, &stop).await {
+                // Shutting down mid-retry: the events stay in the outbox for the next run.
+                return;
+            }
+        }
+        metrics::counter!(t::EVENTS_DELIVERED).increment(ids.len() as u64);
+        hub.progress.delivered(ids.len() as u64);
+        if hub.inputs.send(Input::Acked(ids)).await.is_err() {
             return;
         }
     }
+}
+
+/// `Nats-Msg-Id`: the event id, by which JetStream drops a republished event.
+fn msg_id(delivery: &Delivery) -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", delivery.id.0.to_string().as_str());
+    headers
 }
 
 /// Publishes until JetStream acknowledges; `false` if shutdown interrupted.
@@ -164,8 +212,7 @@ async fn publish(
     stop: &CancellationToken,
 ) -> bool {
     let subject = subject_for(prefix, &delivery.text);
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Nats-Msg-Id", delivery.id.0.to_string().as_str());
+    let headers = msg_id(&delivery);
     let payload = bytes::Bytes::from(delivery.text.into_bytes());
     let mut attempt = 0u32;
     loop {
@@ -186,7 +233,6 @@ async fn publish(
         };
         match outcome {
             Ok(ack) => {
-                metrics::counter!(t::EVENTS_DELIVERED).increment(1);
                 if ack.duplicate {
                     tracing::debug!(id = delivery.id.0, "JetStream already held this event.");
                 }
