@@ -49,6 +49,14 @@ pub fn retry_delay(attempt: u32, jitter_ms: u64) -> Duration {
     doubling.with_jitter(attempt.saturating_sub(1), jitter_ms, Duration::from_secs(1))
 }
 
+/// Sleeps [`retry_delay`] before a sink's retry `attempt`; `false` if `stop` came first.
+pub async fn wait_to_retry(attempt: u32, stop: &tokio_util::sync::CancellationToken) -> bool {
+    tokio::select! {
+        () = stop.cancelled() => false,
+        () = tokio::time::sleep(retry_delay(attempt, rand::random::<u64>())) => true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

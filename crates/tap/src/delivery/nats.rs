@@ -170,6 +170,9 @@ async fn run_publisher(
                 .await;
             acks.push(sent);
         }
+        // Out now: the client would otherwise hold the tail of the batch in its buffer
+        // for a while before writing it, and every ack would wait for it.
+        let _ = context.client().flush().await;
         let mut failed = Vec::new();
         for (sent, delivery) in acks.into_iter().zip(batch.drain(..)) {
             let acked = match sent {
@@ -242,10 +245,8 @@ async fn publish(
                 tracing::info!(id = delivery.id.0, %error, attempt, "Publishing to NATS failed; retrying.");
             }
         }
-        let delay = super::retry_delay(attempt, rand::random::<u64>());
-        tokio::select! {
-            () = stop.cancelled() => return false,
-            () = tokio::time::sleep(delay) => {}
+        if !super::wait_to_retry(attempt, stop).await {
+            return false;
         }
     }
 }
@@ -258,7 +259,7 @@ mod tests {
     fn records_go_under_their_collection_and_identities_under_identity() {
         let record = r#"{"id":7,"type":"record","record":{"live":true,"did":"did:plc:a","rev":"r","collection":"app.bsky.feed.post","rkey":"k","action":"create","cid":"c","record":{"text":"hi"}}}"#;
         assert_eq!(subject_for("tap", record), "tap.record.app.bsky.feed.post");
-        let identity = r#"{"id":8,"type":"identity","identity":{"did":"did:plc:a","handle":"a.test","isActive":true,"status":"active"}}"#;
+        let identity = r#"{"id":8,"type":"identity","identity":{"did":"did:plc:a","handle":"a.test","is_active":true,"status":"active"}}"#;
         assert_eq!(subject_for("x.y", identity), "x.y.identity");
         assert_eq!(subject_for("tap", r#"{"type":"a.b"}"#), "tap.other");
         assert_eq!(subject_for("tap", "not json"), "tap.other");

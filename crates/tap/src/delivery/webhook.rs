@@ -157,10 +157,8 @@ async fn deliver(
         };
         metrics::counter!(t::WEBHOOK_REQUESTS, "status" => kind).increment(1);
         metrics::counter!(t::WEBHOOK_RETRIES, "kind" => kind).increment(1);
-        let delay = super::retry_delay(attempt, rand::random::<u64>());
-        tokio::select! {
-            () = stop.cancelled() => return false,
-            () = tokio::time::sleep(delay) => {}
+        if !super::wait_to_retry(attempt, stop).await {
+            return false;
         }
     }
 }
