@@ -173,10 +173,13 @@ async fn run_publisher(
         // Out now: the client would otherwise hold the tail of the batch in its buffer
         // for a while before writing it, and every ack would wait for it.
         let _ = context.client().flush().await;
+        // One deadline for the whole batch: acks come in publish order, so the batch is
+        // held at most ACK_TIMEOUT, not that much per event.
+        let deadline = tokio::time::Instant::now() + ACK_TIMEOUT;
         let mut failed = Vec::new();
         for (sent, delivery) in acks.into_iter().zip(batch.drain(..)) {
             let acked = match sent {
-                Ok(ack) => tokio::time::timeout(ACK_TIMEOUT, ack)
+                Ok(ack) => tokio::time::timeout_at(deadline, ack)
                     .await
                     .is_ok_and(|r| r.is_ok()),
                 Err(_) => false,
